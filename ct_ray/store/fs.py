@@ -1,0 +1,67 @@
+"""fsspec helpers: every location is a URL (local path, file://, s3://...). Writes are atomic."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import uuid
+
+import fsspec
+
+from ..errors import StorageError
+
+COMMIT_MARKER = "_COMMITTED"
+
+
+def filesystem(url: str, **storage_options):
+    """(filesystem, path) for a URL. S3 endpoints come from `endpoint_url` or AWS_ENDPOINT_URL; credentials only
+    from the standard AWS chain (never from spec files)."""
+    url = str(url)
+    if url.startswith("s3://") and "endpoint_url" not in storage_options and os.environ.get("AWS_ENDPOINT_URL"):
+        storage_options["endpoint_url"] = os.environ["AWS_ENDPOINT_URL"]
+    if url.startswith("s3://") and "endpoint_url" in storage_options:
+        storage_options = {"client_kwargs": {"endpoint_url": storage_options.pop("endpoint_url")}, **storage_options}
+    try:
+        fs, path = fsspec.core.url_to_fs(url, **storage_options)
+    except (ImportError, ValueError) as e:
+        raise StorageError(f"cannot open storage {url!r}: {e}") from e
+    return fs, path.rstrip("/")
+
+
+def is_local(fs) -> bool:
+    return "file" in (fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,))
+
+
+@contextlib.contextmanager
+def atomic_dir(url: str, **storage_options):
+    """Yield (fs, tmp_path) to write a directory's files into; on success the directory appears at `url` at once.
+
+    Locally: write into a hidden sibling, then rename (replacing an older copy). On object storage (no rename):
+    write the files, then a commit marker last; readers treat a directory without the marker as absent."""
+    fs, path = filesystem(url, **storage_options)
+    if is_local(fs):
+        parent = os.path.dirname(path) or "."
+        os.makedirs(parent, exist_ok=True)
+        tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
+        os.makedirs(tmp)
+        try:
+            yield fs, tmp
+            with open(os.path.join(tmp, COMMIT_MARKER), "w") as f:
+                f.write("ok\n")
+            if os.path.exists(path):
+                old = f"{tmp}.old"
+                os.replace(path, old)
+                os.replace(tmp, path)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    else:
+        if fs.exists(f"{path}/{COMMIT_MARKER}"):
+            fs.rm(f"{path}/{COMMIT_MARKER}")
+        yield fs, path
+        with fs.open(f"{path}/{COMMIT_MARKER}", "w") as f:
+            f.write("ok\n")
