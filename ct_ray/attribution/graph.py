@@ -33,19 +33,19 @@ NODE_SCHEMA = pa.schema(
 )
 
 
-def node_ids(kind, layer, position, feature, token) -> list[str]:
-    """Ids in the circuit-tracer/Neuronpedia style; error nodes get an `E` layer prefix no feature can have and
-    embeddings an `E_` + token prefix, so no two nodes share an id."""
+def node_ids(kind, layer, position, feature, token, n_layers: int) -> list[str]:
+    """Node ids as circuit-tracer/Neuronpedia write them, with error nodes as `{layer}_-1_{pos}` (the
+    collision-free form adopted upstream; 0.5.0's `0_{layer}_{pos}` can equal a feature's id)."""
     out = []
     for k, l, p, f, t in zip(kind, layer, position, feature, token):
         if k == "feature":
             out.append(f"{l}_{f}_{p}")
         elif k == "error":
-            out.append(f"0_err{l}_{p}")  # placeholder replaced in export
+            out.append(f"{l}_-1_{p}")
         elif k == "embedding":
             out.append(f"E_{t}_{p}")
         else:
-            out.append(f"L_{t}_{p}")
+            out.append(f"{n_layers + 1}_{t}_{p}")
     return out
 
 
@@ -82,7 +82,7 @@ class Graph:
         nodes = pa.table(
             {
                 "node": pa.array(np.arange(len(kind), dtype=np.int32)),
-                "node_id": node_ids(kind, layer, position, feature, token),
+                "node_id": node_ids(kind, layer, position, feature, token, L),
                 "kind": kind,
                 "layer": pa.array(layer, pa.int32()),
                 "position": pa.array(position, pa.int32()),

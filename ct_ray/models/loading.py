@@ -153,7 +153,10 @@ def builtin_dir(name: str) -> Path:
 def load_model(name_or_path: str | Path = DEFAULT_MODEL, *, dtype=torch.float32, device: str = "cpu") -> LoadedModel:
     """Load a causal LM by built-in name, local directory or hub id; see `ct-ray models`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
     name = str(name_or_path)
     if name in BUILTIN_MODELS:
         path, label = builtin_dir(name), name

@@ -1,0 +1,138 @@
+"""The `ct-ray` command: a thin layer over the library. User errors print one line and exit non-zero."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+EXIT_USER_ERROR = 2
+
+
+def _cmd_models(args) -> int:
+    from .models import list_builtin
+
+    for m in list_builtin():
+        cached = "cached" if m["cached"] else "not converted yet"
+        print(f"{m['name']:<16} {m['description']}  [{m['package']}, {cached}]")
+    print("Any local HF model directory, or a hub id when online, loads too (llama/qwen2/qwen3/gemma2/gemma3/gpt2).")
+    return 0
+
+
+def _cmd_attribute(args) -> int:
+    import pyarrow.parquet as pq
+
+    from . import attribute, load_clt, load_model, random_clt
+    from .errors import CTRayError
+    from .specs import AttributionSpec, PruneSpec, parse
+
+    aspec = parse(AttributionSpec, {"max_n_logits": args.max_n_logits, "desired_logit_prob": args.desired_logit_prob,
+                                    "batch_size": args.batch_size, "max_feature_nodes": args.max_feature_nodes},
+                  "attribution options")
+    pspec = parse(PruneSpec, {"node_threshold": args.node_threshold, "edge_threshold": args.edge_threshold},
+                  "pruning options")
+    if not args.clt and not args.random_clt:
+        raise CTRayError("give --clt URL (a CLT directory) or --random-clt N (a seeded random CLT, for testing)")
+    model = load_model(args.model)
+    clt = load_clt(args.clt) if args.clt else random_clt(model, args.random_clt, seed=args.seed)
+    clt.check_model(model.n_layers, model.d_model)
+    graph = attribute(model, clt, args.prompt, verbose=not args.quiet, **aspec.model_dump())
+    pruned = graph.prune(**pspec.model_dump())
+    full_s, pr_s = graph.scores(), pruned.scores()
+
+    print(f"prompt tokens: {graph.meta['token_strs']}")
+    print("top logits:")
+    for tok, p in zip(graph.meta["logit_tokens"], graph.meta["logit_probs"]):
+        print(f"  {model.decode([tok])[0]!r:>16}  p={p:.4f}")
+    print(f"graph:  {graph.n_nodes} nodes ({graph.n_features} features), {graph.n_edges} edges   "
+          f"replacement={full_s['replacement_score']:.4f} completeness={full_s['completeness_score']:.4f}")
+    print(f"pruned: {pruned.n_nodes} nodes ({pruned.n_features} features), {pruned.n_edges} edges   "
+          f"replacement={pr_s['replacement_score']:.4f} completeness={pr_s['completeness_score']:.4f}")
+    print(f"time: {graph.meta['timings_s']['total']:.2f} s")
+    if args.out:
+        from .store.fs import filesystem
+
+        fs, out = filesystem(args.out)
+        fs.makedirs(out, exist_ok=True)
+        pruned.to_json(f"{args.out.rstrip('/')}/{args.slug}.json", slug=args.slug)
+        for name, table in (("nodes", graph.nodes), ("edges", graph.edges()), ("pruned_nodes", pruned.nodes),
+                            ("pruned_edges", pruned.edges())):
+            with fs.open(f"{out}/{name}.parquet", "wb") as f:
+                pq.write_table(table, f)
+        with fs.open(f"{out}/summary.json", "w") as f:
+            json.dump({"full": {**graph.summary()}, "pruned": {**pruned.summary()}, "meta": graph.meta}, f, indent=1)
+        print(f"wrote {args.out}/{args.slug}.json (graph viewer JSON) and nodes/edges Parquet files")
+    return 0
+
+
+def _cmd_clt_random(args) -> int:
+    from . import load_model, random_clt, save_clt
+
+    model = load_model(args.model)
+    clt = random_clt(model, args.features, seed=args.seed, span=args.span)
+    save_clt(clt, args.out, extra={"random": True, "seed": args.seed})
+    print(f"wrote a random CLT ({args.features} features/layer, {model.n_layers} layers) to {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ct-ray", description="Circuit tracing of language models on Ray.")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("models", help="list the built-in offline models")
+    s.set_defaults(fn=_cmd_models)
+
+    s = sub.add_parser("attribute", help="attribution graph of one prompt")
+    s.add_argument("prompt")
+    s.add_argument("--model", default="smollm2-135m", help="built-in name, local HF directory or hub id")
+    s.add_argument("--clt", help="CLT directory URL (circuit-tracer layout; local path or s3://)")
+    s.add_argument("--random-clt", type=int, metavar="N", help="use a seeded random CLT with N features per layer")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", help="directory for graph JSON + Parquet nodes/edges")
+    s.add_argument("--slug", default="graph")
+    s.add_argument("--max-n-logits", type=int, default=10)
+    s.add_argument("--desired-logit-prob", type=float, default=0.95)
+    s.add_argument("--batch-size", type=int, default=128)
+    s.add_argument("--max-feature-nodes", type=int, default=None)
+    s.add_argument("--node-threshold", type=float, default=0.8)
+    s.add_argument("--edge-threshold", type=float, default=0.98)
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(fn=_cmd_attribute)
+
+    s = sub.add_parser("clt", help="CLT utilities")
+    csub = s.add_subparsers(dest="clt_cmd", required=True)
+    r = csub.add_parser("random", help="write a seeded random CLT for a model (for tests and demos)")
+    r.add_argument("--model", default="smollm2-135m")
+    r.add_argument("--features", type=int, default=256)
+    r.add_argument("--span", type=int, default=None, help="layers each decoder writes (1 = per-layer transcoder)")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--out", required=True)
+    r.set_defaults(fn=_cmd_clt_random)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    from .errors import CTRayError
+
+    try:
+        return args.fn(args)
+    except CTRayError as e:
+        print(f"ct-ray: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("ct-ray: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug: keep it to one line unless --debug
+        if args.debug:
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"ct-ray: internal error: {type(e).__name__}: {msg} (rerun with --debug for details)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

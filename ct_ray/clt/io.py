@@ -1,0 +1,233 @@
+"""CLT files in the circuit-tracer layout, through fsspec, safetensors only (never pickle).
+
+Cross-layer transcoder (`model_kind: cross_layer_transcoder`):
+  config.yaml, W_enc_{l}.safetensors {W_enc_{l} [d_tc, d], b_enc_{l} [d_tc], b_dec_{l} [d], threshold_{l} [d_tc]},
+  W_dec_{l}.safetensors {W_dec_{l} [d_tc, span_l, d]}; span_l = n_layers - l for a full CLT, 1 per-layer.
+Per-layer transcoder set (`model_kind: transcoder_set`): config.yaml's `transcoders` lists one file per layer
+  (default `layer_{l}.safetensors`) holding W_enc [d_tc, d], W_dec [d_tc, d], b_enc [d_tc], b_dec [d] and
+  optionally `activation_function.threshold` [d_tc] (JumpReLU; ReLU without it).
+Sidecar `ct_ray.json`: training spec, metrics, data hash, anything else ct_ray knows.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+import yaml
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from ..errors import CLTError
+from ..store.fs import atomic_dir, filesystem
+from .transcoder import CrossLayerTranscoder
+
+HOOK_NAMES = {"resid_mid": "hook_resid_mid", "mlp_in": "ln2.hook_normalized"}
+HOOK_FROM_NAME = {
+    "hook_resid_mid": "resid_mid",
+    "resid_mid": "resid_mid",
+    "ln2.hook_normalized": "mlp_in",
+    "hook_mlp_in": "mlp_in",
+    "mlp_in": "mlp_in",
+}
+
+
+def save_clt(clt: CrossLayerTranscoder, url: str, extra: dict | None = None, **storage_options) -> None:
+    """Write `clt` to `url` (a directory) atomically."""
+    cfg = {
+        "model_name": clt.model_name,
+        "model_kind": "cross_layer_transcoder",
+        "feature_input_hook": HOOK_NAMES[clt.feature_input_hook],
+        "feature_output_hook": "hook_mlp_out",
+        "activation_function": clt.activation,
+    }
+    with atomic_dir(url, **storage_options) as (fs, tmp):
+        with fs.open(f"{tmp}/config.yaml", "w") as f:
+            yaml.safe_dump(cfg, f, sort_keys=False)
+        for l in range(clt.n_layers):
+            enc = {
+                f"W_enc_{l}": clt.W_enc[l].detach().contiguous(),
+                f"b_enc_{l}": clt.b_enc[l].detach().contiguous(),
+                f"b_dec_{l}": clt.b_dec[l].detach().contiguous(),
+            }
+            if clt.activation == "jumprelu":
+                enc[f"threshold_{l}"] = clt.threshold[l].detach().float().contiguous()
+            with fs.open(f"{tmp}/W_enc_{l}.safetensors", "wb") as f:
+                f.write(st_save(enc))
+            with fs.open(f"{tmp}/W_dec_{l}.safetensors", "wb") as f:
+                f.write(st_save({f"W_dec_{l}": clt.W_dec[l].detach().contiguous()}))
+        side = {"format": "ct_ray-clt", "version": 1, "n_layers": clt.n_layers, "d_model": clt.d_model,
+                "d_transcoder": clt.d_tc, "spans": clt.spans, **(extra or {})}
+        with fs.open(f"{tmp}/ct_ray.json", "w") as f:
+            json.dump(side, f, indent=1)
+
+
+def _read(fs, path: str, url: str) -> dict[str, torch.Tensor]:
+    try:
+        with fs.open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError as e:
+        raise CLTError(f"CLT file missing: {path.rsplit('/', 1)[-1]} in {url}") from e
+    try:
+        return st_load(data)
+    except (SafetensorError, ValueError, RuntimeError) as e:
+        raise CLTError(f"corrupt CLT file {path.rsplit('/', 1)[-1]} in {url}: {str(e).splitlines()[0]}") from e
+
+
+def _get(t: dict, key: str, fname: str) -> torch.Tensor:
+    if key not in t:
+        raise CLTError(f"{fname} has no tensor {key!r} (found: {', '.join(sorted(t)) or 'none'})")
+    return t[key]
+
+
+def load_clt(url: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
+             **storage_options) -> CrossLayerTranscoder:
+    """Load a CLT (circuit-tracer `cross_layer_transcoder` layout) or a per-layer `transcoder_set`."""
+    fs, path = filesystem(url, **storage_options)
+    try:
+        exists = fs.exists(path)
+    except Exception as e:  # unreachable storage
+        raise CLTError(f"cannot reach {url}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+    if not exists:
+        raise CLTError(f"no CLT at {url}")
+    try:
+        with fs.open(f"{path}/config.yaml") as f:
+            cfg = yaml.safe_load(f) or {}
+    except FileNotFoundError as e:
+        raise CLTError(f"{url} has no config.yaml: not a CLT directory") from e
+    except yaml.YAMLError as e:
+        raise CLTError(f"{url}/config.yaml is not valid YAML") from e
+    if not isinstance(cfg, dict):
+        raise CLTError(f"{url}/config.yaml is not a mapping")
+    kind = cfg.get("model_kind", "cross_layer_transcoder")
+    hook_name = cfg.get("feature_input_hook", "hook_resid_mid")
+    if hook_name not in HOOK_FROM_NAME:
+        raise CLTError(f"unsupported feature_input_hook {hook_name!r} (supported: {', '.join(HOOK_FROM_NAME)})")
+    hook = HOOK_FROM_NAME[hook_name]
+    if kind == "cross_layer_transcoder":
+        clt = _load_cross_layer(fs, path, url, cfg, hook, dtype)
+    elif kind == "transcoder_set":
+        clt = _load_transcoder_set(fs, path, url, cfg, hook, dtype)
+    else:
+        raise CLTError(f"unknown model_kind {kind!r} in {url}/config.yaml")
+    clt.source = str(url)
+    try:
+        with fs.open(f"{path}/ct_ray.json") as f:
+            clt.meta = json.load(f)
+    except (FileNotFoundError, json.JSONDecodeError):
+        clt.meta = {}
+    clt.requires_grad_(False)
+    return clt.to(device)
+
+
+def _count_layers(fs, path: str, prefix: str) -> int:
+    names = {p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)}
+    n = 0
+    while f"{prefix}_{n}.safetensors" in names:
+        n += 1
+    return n
+
+
+def _load_cross_layer(fs, path, url, cfg, hook, dtype) -> CrossLayerTranscoder:
+    L = _count_layers(fs, path, "W_enc")
+    if L == 0:
+        raise CLTError(f"{url} has no W_enc_0.safetensors")
+    encs, decs = [], []
+    for l in range(L):
+        fname = f"W_enc_{l}.safetensors"
+        t = _read(fs, f"{path}/{fname}", url)
+        W_enc = _get(t, f"W_enc_{l}", fname)
+        d_tc, d = W_enc.shape
+        b_enc, b_dec = _get(t, f"b_enc_{l}", fname), _get(t, f"b_dec_{l}", fname)
+        thr = t.get(f"threshold_{l}")
+        if thr is None and f"log_threshold_{l}" in t:
+            thr = t[f"log_threshold_{l}"].exp()
+        fname = f"W_dec_{l}.safetensors"
+        W_dec = _get(_read(fs, f"{path}/{fname}", url), f"W_dec_{l}", fname)
+        if W_dec.ndim == 2:  # a per-layer decoder stored flat
+            W_dec = W_dec[:, None]
+        if W_dec.shape[0] != d_tc or W_dec.shape[-1] != d or W_dec.shape[1] > L - l or b_enc.shape != (d_tc,):
+            raise CLTError(f"layer {l} of {url}: inconsistent shapes W_enc {tuple(W_enc.shape)}, "
+                           f"W_dec {tuple(W_dec.shape)}, b_enc {tuple(b_enc.shape)}")
+        encs.append((W_enc, b_enc, b_dec, thr))
+        decs.append(W_dec)
+    spans = [w.shape[1] for w in decs]
+    # as in circuit-tracer, layer 0 decides: thresholds everywhere (JumpReLU) or nowhere (ReLU)
+    act = "jumprelu" if encs[0][3] is not None else "relu"
+    if act == "jumprelu" and any(e[3] is None for e in encs):
+        missing = next(l for l, e in enumerate(encs) if e[3] is None)
+        raise CLTError(f"W_enc_{missing}.safetensors in {url} has no threshold_{missing} but layer 0 has one")
+    d = encs[0][0].shape[1]
+    clt = CrossLayerTranscoder(L, d, [e[0].shape[0] for e in encs], None, act, hook, cfg.get("model_name", ""), dtype)
+    clt.spans = spans
+    with torch.no_grad():
+        for l, ((W_enc, b_enc, b_dec, thr), W_dec) in enumerate(zip(encs, decs)):
+            clt.W_enc[l] = torch.nn.Parameter(W_enc.to(dtype))
+            clt.b_enc[l] = torch.nn.Parameter(b_enc.to(dtype))
+            clt.b_dec[l] = torch.nn.Parameter(b_dec.to(dtype))
+            clt.W_dec[l] = torch.nn.Parameter(W_dec.to(dtype))
+            if thr is not None:
+                clt.threshold[l] = torch.nn.Parameter(thr.float())
+    return clt
+
+
+def _load_transcoder_set(fs, path, url, cfg, hook, dtype) -> CrossLayerTranscoder:
+    entries = cfg.get("transcoders")
+    if entries is None:  # circuit-tracer's default file names
+        files = [f"layer_{l}.safetensors" for l in range(_count_layers(fs, path, "layer"))]
+    elif isinstance(entries, list) and all(isinstance(e, str) for e in entries):
+        files = entries  # list position = layer
+    else:
+        raise CLTError(f"{url}/config.yaml: 'transcoders' must be a list of file paths, one per layer")
+    if not files:
+        raise CLTError(f"{url} has no per-layer transcoder files (layer_0.safetensors, ...)")
+    tensors = []
+    for l, fp in enumerate(files):
+        full = fp if "://" in fp or fp.startswith("/") else f"{path}/{fp}"
+        fname = fp.rsplit("/", 1)[-1]
+        t = _read(fs, full, url)
+        if "W_skip" in t:
+            raise CLTError(f"{fname}: transcoders with a skip connection (W_skip) are not supported")
+        W_enc, W_dec = _get(t, "W_enc", fname), _get(t, "W_dec", fname)
+        b_enc, b_dec = _get(t, "b_enc", fname), _get(t, "b_dec", fname)
+        d_tc, d = b_enc.shape[0], b_dec.shape[0]
+        # circuit-tracer stores W_enc and W_dec as [d_tc, d]; accept the transposed (GemmaScope) orientation too
+        W_enc = W_enc.T if W_enc.shape == (d, d_tc) and d != d_tc else W_enc
+        W_dec = W_dec.T if W_dec.shape == (d, d_tc) and d != d_tc else W_dec
+        if W_enc.shape != (d_tc, d) or W_dec.shape != (d_tc, d):
+            raise CLTError(f"{fname}: inconsistent shapes W_enc {tuple(W_enc.shape)}, W_dec {tuple(W_dec.shape)}, "
+                           f"b_enc {tuple(b_enc.shape)}, b_dec {tuple(b_dec.shape)}")
+        thr = t.get("activation_function.threshold", t.get("threshold"))
+        tensors.append((W_enc, b_enc, b_dec, thr, W_dec))
+    act = "jumprelu" if all(x[3] is not None for x in tensors) else "relu"
+    d = tensors[0][0].shape[1]
+    L = len(tensors)
+    clt = CrossLayerTranscoder(L, d, [x[0].shape[0] for x in tensors], 1, act, hook, cfg.get("model_name", ""), dtype)
+    with torch.no_grad():
+        for l, (W_enc, b_enc, b_dec, thr, W_dec) in enumerate(tensors):
+            clt.W_enc[l].copy_(W_enc)
+            clt.b_enc[l].copy_(b_enc)
+            clt.b_dec[l].copy_(b_dec)
+            clt.W_dec[l].copy_(W_dec[:, None])
+            if thr is not None:
+                clt.threshold[l].copy_(thr.float())
+    return clt
+
+
+def save_transcoder_set(clt: CrossLayerTranscoder, url: str, **storage_options) -> None:
+    """Write a per-layer transcoder (span 1) in circuit-tracer's `transcoder_set` layout."""
+    if clt.is_cross_layer:
+        raise CLTError("only a per-layer transcoder (span 1) can be written as a transcoder_set")
+    cfg = {"model_name": clt.model_name, "model_kind": "transcoder_set",
+           "feature_input_hook": HOOK_NAMES[clt.feature_input_hook], "feature_output_hook": "hook_mlp_out",
+           "transcoders": [f"layer_{l}.safetensors" for l in range(clt.n_layers)]}
+    with atomic_dir(url, **storage_options) as (fs, tmp):
+        with fs.open(f"{tmp}/config.yaml", "w") as f:
+            yaml.safe_dump(cfg, f, sort_keys=False)
+        for l in range(clt.n_layers):
+            t = {"W_enc": clt.W_enc[l], "W_dec": clt.W_dec[l][:, 0], "b_enc": clt.b_enc[l], "b_dec": clt.b_dec[l]}
+            if clt.activation == "jumprelu":
+                t["activation_function.threshold"] = clt.threshold[l].float()
+            with fs.open(f"{tmp}/layer_{l}.safetensors", "wb") as f:
+                f.write(st_save({k: v.detach().contiguous() for k, v in t.items()}))
