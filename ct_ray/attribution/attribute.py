@@ -7,14 +7,14 @@ replacement model (see replacement.py): a target's row holds the direct effect o
 from __future__ import annotations
 
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from .capture import capture
 from .graph import Graph
-from .replacement import Replacement, Sources
+from .replacement import Replacement
 
 # bytes of per-batch gradient buffers ([B, P, L, d] floats) we allow before shrinking the target batch
 _BATCH_BYTES = 256 * 2**20
@@ -71,7 +71,7 @@ def attribute(
     f_layer, f_pos, f_idx, f_act = f_layer[selected], f_pos[selected], f_idx[selected], f_act[selected]
     nF = len(f_layer)
     N = nF + L * P + P + nL
-    err0, emb0, log0 = nF, nF + L * P, nF + L * P + P
+    emb0, log0 = nF + L * P, nF + L * P + P
 
     A = torch.zeros(N, N)
     targets = torch.full((N,), float("nan"))
@@ -166,7 +166,7 @@ def _feature_blocks(rep: Replacement, f_layer, f_pos, f_idx, f_act):
 
 def _rows(rep: Replacement, blocks, t_layer, t_pos, vecs, N: int, nF: int, emb0: int) -> torch.Tensor:
     """Adjacency rows of one batch of targets."""
-    B, L, d = len(t_layer), rep.L, rep.d
+    B, L = len(t_layer), rep.L
     P = int(t_pos.max()) + 1
     top = int(t_layer.max())
     b = torch.arange(B)
@@ -197,7 +197,7 @@ def _select_features(rep, f_layer, f_pos, f_idx, f_act, logit_tok, logit_p, max_
     the most influential not-yet-visited features, re-ranking by influence (as circuit-tracer does)."""
     from .prune import influence
 
-    L, P, d = rep.L, rep.P, rep.d
+    L, P = rep.L, rep.P
     n = len(f_layer)
     nL = len(logit_tok)
     blocks = _feature_blocks(rep, f_layer, f_pos, f_idx, f_act)

@@ -183,7 +183,7 @@ def _load_transcoder_set(fs, path, url, cfg, hook, dtype) -> CrossLayerTranscode
     if not files:
         raise CLTError(f"{url} has no per-layer transcoder files (layer_0.safetensors, ...)")
     tensors = []
-    for l, fp in enumerate(files):
+    for fp in files:
         full = fp if "://" in fp or fp.startswith("/") else f"{path}/{fp}"
         fname = fp.rsplit("/", 1)[-1]
         t = _read(fs, full, url)

@@ -103,7 +103,9 @@ def random_clt(model, n_features: int = 256, *, seed: int = 0, span: int | None 
     g = torch.Generator().manual_seed(seed)
     clt = CrossLayerTranscoder(ad.n_layers, ad.d_model, n_features, span, activation, feature_input_hook, model.name)
     text = calibration_text or "The quick brown fox jumps over the lazy dog. Paris is the capital of France, and"
-    cache = capture(model, model.encode(text))
+    limit = ad.max_positions or 10**9
+    ids = model.encode(text[: limit - 1])  # a character yields at least one token: fits the context
+    cache = capture(model, ids)
     z = torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(1.0 - firing_rate)).item()
     with torch.no_grad():
         for l in range(ad.n_layers):

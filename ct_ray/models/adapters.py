@@ -117,7 +117,7 @@ def _rms(mod: nn.Module, plus_one: bool = False) -> Norm:
     w = mod.weight.detach()
     if plus_one:
         w = 1.0 + w.float()
-    eps = getattr(mod, "variance_epsilon", None) or getattr(mod, "eps")
+    eps = getattr(mod, "variance_epsilon", None) or mod.eps
     return Norm("rms", w, None, float(eps))
 
 

@@ -58,7 +58,7 @@ def tiny_model(family: str = "llama", seed: int = 0, **kw) -> LoadedModel:
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.ndim == 1:  # norm gains and biases start at 0/1: make them generic
                 p.add_(0.1 * torch.randn(p.shape, generator=g))
             else:

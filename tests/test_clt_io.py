@@ -1,0 +1,113 @@
+import pytest
+import torch
+import yaml
+from safetensors.torch import save_file
+
+from ct_ray import load_clt, random_clt, save_clt, save_transcoder_set
+from ct_ray.attribution.capture import capture
+from ct_ray.errors import CLTError
+
+
+def _same_outputs(a, b, x):
+    for l in range(a.n_layers):
+        torch.testing.assert_close(a.encode(l, x), b.encode(l, x), rtol=0, atol=0)
+    acts = [a.encode(l, x) for l in range(a.n_layers)]
+    for ya, yb in zip(a.decode(acts), b.decode(acts)):
+        torch.testing.assert_close(ya, yb, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("span", [None, 1, 2])
+def test_roundtrip(tiny_models, tmp_path, span):
+    lm = tiny_models["llama"]
+    clt = random_clt(lm, 24, seed=5, span=span)
+    save_clt(clt, str(tmp_path / "clt"), extra={"note": "test"})
+    back = load_clt(str(tmp_path / "clt"))
+    assert back.spans == clt.spans and back.activation == "jumprelu"
+    assert back.meta["note"] == "test"
+    x = capture(lm, lm.encode("round trip")).resid_mid[0]
+    _same_outputs(clt, back, x)
+    cfg = yaml.safe_load((tmp_path / "clt" / "config.yaml").read_text())
+    assert cfg["model_kind"] == "cross_layer_transcoder" and cfg["feature_input_hook"] == "hook_resid_mid"
+
+
+def test_transcoder_set_roundtrip(tiny_models, tmp_path):
+    lm = tiny_models["gpt2"]
+    clt = random_clt(lm, 16, span=1)
+    save_transcoder_set(clt, str(tmp_path / "ts"))
+    back = load_clt(str(tmp_path / "ts"))
+    _same_outputs(clt, back, torch.randn(5, lm.d_model))
+
+
+def test_hand_written_circuit_tracer_clt(tmp_path):
+    """A CLT written by hand in circuit-tracer's layout: known weights give known outputs."""
+    L, d, F = 2, 4, 3
+    (tmp_path / "config.yaml").write_text(
+        "model_kind: cross_layer_transcoder\nfeature_input_hook: hook_resid_mid\nfeature_output_hook: hook_mlp_out\n"
+    )
+    for l in range(L):
+        W_enc = torch.zeros(F, d)
+        W_enc[0, 0] = 1.0  # feature 0 reads dim 0
+        W_enc[1, 1] = 2.0  # feature 1 reads 2 x dim 1
+        W_enc[2, 2] = 1.0
+        save_file({f"W_enc_{l}": W_enc, f"b_enc_{l}": torch.tensor([0.0, 0.0, -10.0]),
+                   f"b_dec_{l}": torch.full((d,), 0.5 * l), f"threshold_{l}": torch.tensor([0.5, 0.5, 0.5])},
+                  tmp_path / f"W_enc_{l}.safetensors")
+        W_dec = torch.zeros(F, L - l, d)
+        W_dec[0, :, 3] = 1.0  # feature 0 writes dim 3 of every later layer
+        W_dec[1, 0, 0] = -1.0
+        save_file({f"W_dec_{l}": W_dec}, tmp_path / f"W_dec_{l}.safetensors")
+    clt = load_clt(str(tmp_path))
+    assert clt.n_layers == L and clt.d_tc == [F, F] and clt.spans == [2, 1]
+    x = torch.tensor([[1.0, 0.2, 3.0, 0.0]])
+    a0 = clt.encode(0, x)
+    assert a0.tolist() == [[1.0, 0.0, 0.0]]  # 0.4 < threshold 0.5 for feature 1; feature 2 below by bias
+    y = clt.decode([a0, a0])
+    assert y[0].tolist() == [[0.0, 0.0, 0.0, 1.0]]
+    assert y[1].tolist() == [[0.5, 0.5, 0.5, 2.5]]  # b_dec 0.5 + layer-0 and layer-1 feature 0
+
+
+def test_hand_written_transcoder_set(tmp_path):
+    d, F = 3, 2
+    files = []
+    for l in range(2):
+        save_file({"W_enc": torch.eye(F, d), "W_dec": torch.ones(F, d) * (l + 1), "b_enc": torch.zeros(F),
+                   "b_dec": torch.zeros(d)}, tmp_path / f"layer_{l}.safetensors")
+        files.append(f"layer_{l}.safetensors")
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(
+        {"model_kind": "transcoder_set", "feature_input_hook": "hook_resid_mid", "feature_output_hook": "hook_mlp_out",
+         "transcoders": files}))
+    clt = load_clt(str(tmp_path))
+    assert clt.activation == "relu" and clt.spans == [1, 1]
+    a = clt.encode(1, torch.tensor([[2.0, -1.0, 5.0]]))
+    assert a.tolist() == [[2.0, 0.0]]
+    assert clt.decode([torch.zeros(1, F), a])[1].tolist() == [[4.0, 4.0, 4.0]]
+
+
+def test_errors(tiny_models, tmp_path):
+    lm = tiny_models["llama"]
+    clt = random_clt(lm, 8)
+    url = str(tmp_path / "clt")
+    save_clt(clt, url)
+    with pytest.raises(CLTError, match="no CLT at"):
+        load_clt(str(tmp_path / "missing"))
+    # truncated safetensors
+    f = tmp_path / "clt" / "W_dec_1.safetensors"
+    f.write_bytes(f.read_bytes()[:100])
+    with pytest.raises(CLTError, match="corrupt CLT file W_dec_1.safetensors"):
+        load_clt(url)
+    (tmp_path / "clt" / "W_dec_1.safetensors").unlink()
+    with pytest.raises(CLTError, match="missing: W_dec_1.safetensors"):
+        load_clt(url)
+    # shape mismatch against another model
+    with pytest.raises(CLTError, match="shape mismatch"):
+        random_clt(tiny_models["gpt2"], 8).check_model(lm.n_layers, lm.d_model + 1)
+
+
+def test_clt_for_another_model_rejected(tiny_models):
+    from ct_ray import attribute
+    from ct_ray.models.tiny import tiny_model
+
+    other = tiny_model("llama", n_layers=2)
+    clt = random_clt(other, 8)
+    with pytest.raises(CLTError, match="shape mismatch"):
+        attribute(tiny_models["llama"], clt, "hello")
