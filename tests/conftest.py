@@ -33,3 +33,30 @@ def tiny_dir(tmp_path_factory):
     from ct_ray.models.tiny import save_tiny
 
     return save_tiny("llama", tmp_path_factory.mktemp("tiny_llama"), n_layers=2, max_pos=32)
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """A real S3 endpoint: moto's standalone server on 127.0.0.1, with one bucket. Credentials are dummies."""
+    import logging
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="ct-ray-test")
+    yield {"endpoint": endpoint, "bucket": "ct-ray-test", "server": server}
+    server.stop()
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
