@@ -60,3 +60,16 @@ def s3():
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray instance for the whole session (remote code must live in the ct_ray package)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=4, include_dashboard=False, object_store_memory=256 * 2**20,
+                 log_to_driver=False, runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled",
+                                                                "TOKENIZERS_PARALLELISM": "false"}})
+    yield ray
+    ray.shutdown()

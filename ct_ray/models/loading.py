@@ -94,14 +94,14 @@ class LoadedModel:
         return [self.tokenizer.decode([int(i)]) for i in ids]
 
 
-def _finalise(model, tokenizer, name: str, source: str, dtype) -> LoadedModel:
+def _finalise(model, tokenizer, name: str, source: str, dtype, attn: str = "eager") -> LoadedModel:
     model = model.to(dtype).eval()
     model.requires_grad_(False)
-    # eager attention returns the pattern, which attribution freezes
+    # eager attention returns the pattern, which attribution freezes; harvesting may use "sdpa"
     if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation("eager")
+        model.set_attn_implementation(attn)
     else:  # pragma: no cover - older transformers
-        model.config._attn_implementation = "eager"
+        model.config._attn_implementation = attn
     return LoadedModel(model, tokenizer, adapter_for(model), name, source)
 
 
@@ -150,7 +150,8 @@ def builtin_dir(name: str) -> Path:
     return target
 
 
-def load_model(name_or_path: str | Path = DEFAULT_MODEL, *, dtype=torch.float32, device: str = "cpu") -> LoadedModel:
+def load_model(name_or_path: str | Path = DEFAULT_MODEL, *, dtype=torch.float32, device: str = "cpu",
+               attn: str = "eager") -> LoadedModel:
     """Load a causal LM by built-in name, local directory or hub id; see `ct-ray models`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -179,7 +180,7 @@ def load_model(name_or_path: str | Path = DEFAULT_MODEL, *, dtype=torch.float32,
         tok = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, KeyError, TypeError):
         tok = None
-    loaded = _finalise(model.to(device), tok, label, str(path), dtype)
+    loaded = _finalise(model.to(device), tok, label, str(path), dtype, attn)
     return loaded
 
 
