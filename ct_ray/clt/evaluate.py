@@ -1,0 +1,72 @@
+"""How well a CLT replaces the MLPs: the model run with every MLP output replaced by the CLT's reconstruction
+("spliced"), compared with the real model on held-out tokens."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+from .transcoder import CrossLayerTranscoder
+
+
+@contextlib.contextmanager
+def spliced(model, clt: CrossLayerTranscoder):
+    """Within the context, `model.model` runs with CLT reconstructions in place of every MLP output
+    (cross-layer decoders accumulate from earlier layers, as in the replacement model; no error terms)."""
+    ad = model.adapter
+    acts: dict[int, torch.Tensor] = {}
+    handles = []
+
+    def read(mod, args, l):
+        x = args[0]
+        if clt.feature_input_hook == "mlp_in":
+            return
+        acts[l] = clt.encode(l, x)
+
+    def read_out(mod, args, out, l):
+        if clt.feature_input_hook == "mlp_in":
+            acts[l] = clt.encode(l, out)
+
+    def write(mod, args, out, l):
+        y = clt.b_dec[l].expand_as(out if not isinstance(out, tuple) else out[0]).clone()
+        for ls in range(l + 1):
+            k = l - ls
+            if k < clt.spans[ls] and ls in acts:
+                y = y + acts[ls] @ clt.W_dec[ls][:, k]
+        return y.to(out.dtype) if not isinstance(out, tuple) else (y, *out[1:])
+
+    for l in range(ad.n_layers):
+        handles.append(ad.mlp_norm_module(l).register_forward_pre_hook(lambda m, a, l=l: read(m, a, l)))
+        handles.append(ad.mlp_norm_module(l).register_forward_hook(lambda m, a, o, l=l: read_out(m, a, o, l)))
+        handles.append(ad.mlp_out_module(l).register_forward_hook(lambda m, a, o, l=l: write(m, a, o, l)))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        acts.clear()
+
+
+@torch.no_grad()
+def replacement_metrics(model, clt: CrossLayerTranscoder, tokens: torch.Tensor, batch: int = 8) -> dict:
+    """tokens [n, T] (BOS first). Top-1 agreement, KL(real || spliced), and next-token cross-entropy of both,
+    over positions 1.. (the BOS position is skipped)."""
+    agree = kl = ce_real = ce_spliced = 0.0
+    count = 0
+    for i in range(0, len(tokens), batch):
+        t = tokens[i : i + batch]
+        real = model.model(t, use_cache=False).logits[:, 1:].float()
+        with spliced(model, clt):
+            rep = model.model(t, use_cache=False).logits[:, 1:].float()
+        lp_real, lp_rep = real.log_softmax(-1), rep.log_softmax(-1)
+        agree += float((real.argmax(-1) == rep.argmax(-1)).float().sum())
+        kl += float((lp_real.exp() * (lp_real - lp_rep)).sum(-1).sum())
+        nxt = t[:, 2:]
+        ce_real += float(F.nll_loss(lp_real[:, :-1].flatten(0, 1), nxt.flatten(), reduction="sum"))
+        ce_spliced += float(F.nll_loss(lp_rep[:, :-1].flatten(0, 1), nxt.flatten(), reduction="sum"))
+        count += real.shape[0] * real.shape[1]
+    n_ce = count - len(tokens)
+    return {"top1_agreement": agree / count, "kl": kl / count, "ce_real": ce_real / max(1, n_ce),
+            "ce_spliced": ce_spliced / max(1, n_ce), "eval_tokens": count}

@@ -1,0 +1,153 @@
+"""The CLT objective and one optimisation step, in a single process (the Ray Train loop shards it by feature).
+
+Loss (Ameisen et al. 2025), on activations scaled to mean norm sqrt(d_model):
+    Σ_l ||ŷ_l − y_l||²  +  λ Σ_l Σ_i tanh(c · ||W_dec,i||_concat · a_i)  +  μ Σ_l Σ_i ReLU(θ_i − h_i) · ||W_dec,i||_concat
+with JumpReLU trained through a straight-through estimator (rectangle kernel of width `bandwidth` for θ).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .transcoder import CrossLayerTranscoder
+
+
+class JumpReLU(torch.autograd.Function):
+    """a = h · 1[h > θ]; ∂a/∂h = 1[h > θ]; ∂a/∂θ = −(θ/ε) · rect((h − θ)/ε) (pseudo-derivative)."""
+
+    @staticmethod
+    def forward(ctx, h, theta, bandwidth: float):
+        ctx.save_for_backward(h, theta)
+        ctx.bandwidth = bandwidth
+        return h * (h > theta)
+
+    @staticmethod
+    def backward(ctx, g):
+        h, theta = ctx.saved_tensors
+        eps = ctx.bandwidth
+        gh = g * (h > theta)
+        rect = ((h - theta).abs() < eps / 2).to(g.dtype)
+        gt = (g * (-(theta / eps) * rect)).sum_to_size(theta.shape)
+        return gh, gt, None
+
+
+class Step(torch.autograd.Function):
+    """1[h > θ] with the same pseudo-derivative w.r.t. θ (for L0-style penalties through the threshold)."""
+
+    @staticmethod
+    def forward(ctx, h, theta, bandwidth: float):
+        ctx.save_for_backward(h, theta)
+        ctx.bandwidth = bandwidth
+        return (h > theta).to(h.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        h, theta = ctx.saved_tensors
+        eps = ctx.bandwidth
+        rect = ((h - theta).abs() < eps / 2).to(g.dtype)
+        return None, (g * (-(1.0 / eps) * rect)).sum_to_size(theta.shape), None
+
+
+@dataclass
+class LossWeights:
+    sparsity: float  # λ (already ramped)
+    c: float = 4.0
+    preact: float = 3e-6
+    bandwidth: float = 2.0
+
+
+def decoder_norms(clt: CrossLayerTranscoder) -> list[torch.Tensor]:
+    """||W_dec,i||_concat: the norm of feature i's decoder vectors concatenated over its output layers."""
+    return [w.pow(2).sum((1, 2)).sqrt() for w in clt.W_dec]
+
+
+def encode_train(clt: CrossLayerTranscoder, l: int, x: torch.Tensor, bandwidth: float):
+    h = clt.pre_activation(l, x)
+    if clt.activation == "relu":
+        return h, torch.relu(h)
+    return h, JumpReLU.apply(h, clt.threshold[l].to(h.dtype), bandwidth)
+
+
+def decode_sparse(clt: CrossLayerTranscoder, acts: list[torch.Tensor], with_bias: bool = True) -> list[torch.Tensor]:
+    """Same result as `clt.decode`, touching only the decoder rows of active features (gather + index_add):
+    for a batch with L0 ≪ d_tc this is the cheap path, forward and backward."""
+    n, d = acts[0].shape[0], clt.d_model
+    out = [torch.zeros(n, d, dtype=acts[0].dtype, device=acts[0].device) for _ in range(clt.n_layers)]
+    for ls, a in enumerate(acts):
+        tok, feat = torch.nonzero(a, as_tuple=True)
+        if tok.numel() == 0:
+            continue
+        vals = a[tok, feat]  # keeps the graph to the activations
+        rows = clt.W_dec[ls][feat]  # [nnz, span, d] gathered rows only
+        contrib = rows * vals[:, None, None]
+        for k in range(clt.spans[ls]):
+            out[ls + k] = out[ls + k].index_add(0, tok, contrib[:, k])
+    if with_bias:
+        out = [o + clt.b_dec[l] for l, o in enumerate(out)]
+    return out
+
+
+def decode_dense(clt: CrossLayerTranscoder, acts: list[torch.Tensor], with_bias: bool = True) -> list[torch.Tensor]:
+    out = clt.decode(acts)
+    if not with_bias:
+        out = [o - clt.b_dec[l] for l, o in enumerate(out)]
+    return out
+
+
+def clt_loss(clt: CrossLayerTranscoder, xs: torch.Tensor, ys: torch.Tensor, w: LossWeights, sparse: bool = True,
+             reduce_recon=None):
+    """xs, ys: [n, L, d] scaled inputs and targets. Returns (loss, parts dict, acts).
+
+    `reduce_recon(list)` lets a feature-sharded caller sum partial reconstructions across workers before the MSE;
+    the sparsity terms stay local to the features a worker owns."""
+    L = clt.n_layers
+    pre, acts = zip(*(encode_train(clt, l, xs[:, l], w.bandwidth) for l in range(L)))
+    dec = decode_sparse if sparse else decode_dense
+    recon = dec(clt, list(acts), with_bias=reduce_recon is None)
+    if reduce_recon is not None:
+        recon = reduce_recon(recon)
+        recon = [r + clt.b_dec[l] for l, r in enumerate(recon)]
+    y_hat = torch.stack(recon, 1)
+    mse = (y_hat - ys).pow(2).sum(-1).mean(0).sum()  # Σ_l E||ŷ_l − y_l||²
+    norms = decoder_norms(clt)
+    sparsity = sum(torch.tanh(w.c * a * n).sum(-1).mean() for a, n in zip(acts, norms))
+    if clt.activation == "jumprelu":
+        preact = sum((torch.relu(clt.threshold[l] - h) * n).sum(-1).mean() for l, (h, n) in enumerate(zip(pre, norms)))
+    else:
+        preact = torch.zeros(())
+    loss = mse + w.sparsity * sparsity + w.preact * preact
+    return loss, {"mse": mse.detach(), "sparsity": sparsity.detach(), "preact": preact.detach()}, acts, y_hat.detach()
+
+
+def init_clt(clt: CrossLayerTranscoder, seed: int, threshold: float = 0.03) -> None:
+    """The paper's initialisation: W_enc ~ U(±1/sqrt(n_features)), W_dec ~ U(±1/sqrt(L·d)), θ = 0.03."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for l in range(clt.n_layers):
+            n = clt.d_tc[l]
+            clt.W_enc[l].copy_((torch.rand(clt.W_enc[l].shape, generator=g) * 2 - 1) / math.sqrt(n))
+            b = 1.0 / math.sqrt(clt.n_layers * clt.d_model)
+            clt.W_dec[l].copy_((torch.rand(clt.W_dec[l].shape, generator=g) * 2 - 1) * b)
+            clt.b_enc[l].zero_()
+            clt.b_dec[l].zero_()
+            clt.threshold[l].fill_(threshold)
+
+
+@torch.no_grad()
+def init_b_enc_from_data(clt: CrossLayerTranscoder, xs: torch.Tensor, target_rate: float) -> None:
+    """Set b_enc so that each feature fires on about `target_rate` of the tokens in `xs` ([n, L, d], scaled)."""
+    for l in range(clt.n_layers):
+        h = xs[:, l] @ clt.W_enc[l].T  # [n, d_tc]
+        q = torch.quantile(h.float(), 1.0 - target_rate, dim=0)
+        thr = clt.threshold[l] if clt.activation == "jumprelu" else torch.zeros_like(q)
+        clt.b_enc[l].copy_(thr - q)
+
+
+def fvu(y_hat: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Fraction of variance unexplained per layer: E||ŷ − y||² / E||y − E y||²; [n, L, d] -> [L]."""
+    err = (y_hat - y).pow(2).sum(-1).mean(0)
+    var = (y - y.mean(0)).pow(2).sum(-1).mean(0).clamp_min(1e-12)
+    return err / var

@@ -1,0 +1,90 @@
+"""Activation harvesting on Ray Data: contexts -> actor pool (one model per actor) -> streamed batches or shards.
+
+    read + tokenise (driver, small: token ids only)  ──►  map_batches(HarvestActor, ActorPoolStrategy)
+        ├─ streamed:  batches of (x, y) flow to the consumer (e.g. the training workers), nothing on disk
+        └─ persisted: each actor writes its shard straight to storage and returns a small manifest entry
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+
+from ..specs import HarvestSpec
+from .activations import harvest_batch, training_mask
+from .corpus import Contexts, iter_documents, tokenize_contexts
+
+
+class HarvestActor:
+    """Loads the model once; turns a batch of contexts into activations (or a written shard)."""
+
+    def __init__(self, model: str, read_point: str, outlier_factor: float, out: str | None, dtype: str):
+        from ..models import load_model
+
+        torch.set_grad_enabled(False)
+        self.model = load_model(model, attn="sdpa")
+        self.read_point, self.outlier_factor, self.out, self.dtype = read_point, outlier_factor, out, dtype
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        tokens = torch.from_numpy(np.asarray(batch["tokens"], np.int64))
+        x, y = harvest_batch(self.model, tokens, self.read_point)
+        mask = training_mask(x, self.outlier_factor)
+        b, t = torch.nonzero(mask, as_tuple=True)
+        doc = np.asarray(batch["doc"])[b.numpy()]
+        pos = (np.asarray(batch["offset"])[b.numpy()] + t.numpy()).astype(np.int32)
+        xs, ys = x[b, t], y[b, t]  # [n, L, d]
+        if self.out is not None:
+            from .store import write_shard
+
+            entry = write_shard(self.out, f"{int(batch['ctx'][0]):09d}", xs, ys, doc, pos, self.dtype)
+            return {"entry": np.array([json.dumps(entry)])}
+        return {"x": xs.numpy(), "y": ys.numpy(), "doc": doc.astype(np.int32), "pos": pos}
+
+
+def build_contexts(spec: HarvestSpec, tokenizer) -> Contexts:
+    n_ctx = max(1, -(-spec.n_tokens // (spec.context_len - 1)))
+    return tokenize_contexts(tokenizer, iter_documents(spec.corpus, spec.text_column), spec.context_len, n_ctx)
+
+
+def harvest_dataset(spec: HarvestSpec, contexts: Contexts, out: str | None = None):
+    """The Ray Data pipeline (lazy). `out` set: actors write shards there and emit manifest entries."""
+    import ray
+
+    items = ray.data.from_numpy(np.arange(len(contexts))).map_batches(
+        lambda b: {"ctx": b["data"], "tokens": contexts.tokens[b["data"]], "doc": contexts.doc[b["data"]],
+                   "offset": contexts.offset[b["data"]]},
+        batch_size=spec.batch_contexts,
+    )
+    return items.map_batches(
+        HarvestActor,
+        fn_constructor_kwargs={"model": spec.model, "read_point": spec.read_point,
+                               "outlier_factor": spec.outlier_factor, "out": out, "dtype": spec.dtype},
+        batch_size=spec.batch_contexts,
+        compute=ray.data.ActorPoolStrategy(size=spec.workers),
+        num_cpus=spec.num_cpus,
+        num_gpus=spec.num_gpus or None,
+    )
+
+
+def harvest_to_store(spec: HarvestSpec, url: str, progress: bool = True) -> dict:
+    """Persisted harvest: shards + manifest at `url`. Returns the manifest."""
+    from tqdm.auto import tqdm
+
+    from ..models import load_model
+    from .store import write_manifest
+
+    tok = load_model(spec.model).tokenizer
+    contexts = build_contexts(spec, tok)
+    ds = harvest_dataset(spec, contexts, out=url)
+    entries = []
+    with tqdm(total=len(contexts) * (spec.context_len - 1), unit="tok", desc="harvest", disable=not progress) as bar:
+        for batch in ds.iter_batches(batch_size=1, batch_format="numpy"):
+            for e in batch["entry"]:
+                entry = json.loads(str(e))
+                entries.append(entry)
+                bar.update(entry["n_tokens"])
+    meta = {"model": spec.model, "read_point": spec.read_point, "dtype": spec.dtype, "context_len": spec.context_len,
+            "corpus": spec.corpus, "n_contexts": len(contexts)}
+    return write_manifest(url, entries, meta)

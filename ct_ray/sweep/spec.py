@@ -1,0 +1,171 @@
+"""The sweep spec: what `ct-ray sweep SPEC.yaml` runs. Unknown keys and bad values are rejected.
+
+Credentials never live in a spec: S3 access comes from the standard AWS chain (env vars, profiles, instance roles).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from ..specs import AttributionSpec, PruneSpec, Spec, load_yaml, parse
+from ..store.tables import DEFAULT_STORE
+
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+# storage option names that would carry secrets; they must come from the AWS chain / environment instead
+_SECRET_OPTIONS = {"key", "secret", "token", "password", "aws_access_key_id", "aws_secret_access_key",
+                   "aws_session_token", "access_key", "secret_key", "session_token", "credentials"}
+
+
+class PromptEntry(Spec):
+    prompt: str
+    target: str | None = Field(None, description="expected next token(s); its probability and rank are recorded")
+
+
+class PromptFile(Spec):
+    """Prompts from a file on any fsspec URL: Parquet, JSONL or plain text (one prompt a line)."""
+
+    url: str = Field(min_length=1)
+    format: Literal["parquet", "jsonl", "text"] | None = Field(None, description="default: from the file extension")
+    column: str = "prompt"
+    target_column: str | None = None
+    limit: int | None = Field(None, ge=1)
+
+
+class RandomCLTSpec(Spec):
+    """A seeded random CLT built inside each worker (tests and demos only: its features mean nothing)."""
+
+    features: int = Field(ge=1)
+    seed: int = 0
+    firing_rate: float = Field(0.01, gt=0.0, lt=1.0)
+    span: int | None = Field(None, ge=1)
+
+
+class InterventionSpec(Spec):
+    op: Literal["scale", "set", "add"] = "scale"
+    value: float = -1.0
+    mode: Literal["constrained", "free"] = "constrained"
+
+
+class PerturbationPlan(Spec):
+    """Per-graph perturbation validation: intervene on the `top_k` most influential feature nodes of the pruned
+    graph (or on explicit `nodes`), with each of `interventions`. Empty plan (top_k 0 / no interventions): skipped."""
+
+    top_k: int = Field(0, ge=0, le=10_000)
+    interventions: list[InterventionSpec] = Field(default_factory=list)
+    nodes: list[int] | None = Field(None, description="explicit node indices (filled per chunk by the sweep)")
+    chunk_size: int = Field(16, ge=1, description="nodes per perturbation task")
+    function: str = Field("ct_ray.perturb:perturbation_rows",
+                          description="module:function(model, clt, graph, plan) -> rows of the perturbations table")
+
+    @field_validator("function")
+    @classmethod
+    def _fn(cls, v: str) -> str:
+        if not re.match(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", v):
+            raise ValueError("must be 'package.module:function'")
+        return v
+
+    @property
+    def empty(self) -> bool:
+        return (self.top_k == 0 and not self.nodes) or not self.interventions
+
+    def plan_hash(self) -> str:
+        d = self.model_dump(exclude={"nodes", "chunk_size"})
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
+
+
+class ResourceSpec(Spec):
+    workers: int = Field(1, ge=1, le=4096, description="actors, each holding the model and the CLT once")
+    num_cpus: float = Field(1.0, ge=0.0)
+    num_gpus: float = Field(0.0, ge=0.0)
+    torch_threads: int | None = Field(None, ge=1, description="default: max(1, num_cpus)")
+    queue_depth: int = Field(2, ge=1, le=64, description="tasks queued per actor (1 running + the rest waiting)")
+    max_restarts: int = Field(-1, ge=-1, description="actor restarts (-1: unlimited)")
+    forward_aws_env: bool = Field(True, description="pass the driver's AWS_* env vars to the workers")
+
+
+class StorageSpec(Spec):
+    url: str = DEFAULT_STORE
+    endpoint_url: str | None = None
+    options: dict = Field(default_factory=dict, description="extra fsspec options (no credentials)")
+
+    @field_validator("options")
+    @classmethod
+    def _no_secrets(cls, v: dict) -> dict:
+        def walk(d, path=""):
+            for k, x in d.items():
+                if str(k).lower() in _SECRET_OPTIONS:
+                    raise ValueError(f"{path}{k}: credentials must come from the AWS chain / environment, "
+                                     f"never from the spec file")
+                if isinstance(x, dict):
+                    walk(x, f"{path}{k}.")
+        walk(v)
+        return v
+
+    def storage_options(self) -> dict:
+        opts = dict(self.options)
+        if self.endpoint_url:
+            opts["endpoint_url"] = self.endpoint_url
+        return opts
+
+
+class SweepSpec(Spec):
+    sweep_id: str = Field(description="names the sweep's partition in every table")
+    model: str = Field(min_length=1, description="built-in name, local HF directory or hub id")
+    clt: str | None = Field(None, description="CLT directory URL (local or s3://)")
+    random_clt: RandomCLTSpec | None = None
+    prompts: list[str | PromptEntry] | PromptFile
+    attribution: AttributionSpec = AttributionSpec()
+    pruning: PruneSpec = PruneSpec()
+    graph_rows: Literal["pruned", "full"] = Field("pruned", description="which graph's nodes/edges to store")
+    perturbation: PerturbationPlan = PerturbationPlan()
+    resources: ResourceSpec = ResourceSpec()
+    storage: StorageSpec = StorageSpec()
+    retries: int = Field(2, ge=0, le=100, description="re-tries of a prompt whose worker died")
+
+    @field_validator("sweep_id")
+    @classmethod
+    def _sid(cls, v: str) -> str:
+        if not _ID_RE.match(v):
+            raise ValueError("must be 1-128 characters of letters, digits, '_', '-', '.', starting with a letter or digit")
+        return v
+
+    @field_validator("storage", mode="before")
+    @classmethod
+    def _storage_str(cls, v):
+        return {"url": v} if isinstance(v, str) else v
+
+    @field_validator("prompts")
+    @classmethod
+    def _nonempty(cls, v):
+        if isinstance(v, list) and not v:
+            raise ValueError("give at least one prompt")
+        return v
+
+    @model_validator(mode="after")
+    def _one_clt(self):
+        if (self.clt is None) == (self.random_clt is None):
+            raise ValueError("give exactly one of clt (a CLT URL) or random_clt (features, seed)")
+        return self
+
+    def clt_id(self) -> str:
+        if self.clt:
+            return self.clt
+        r = self.random_clt
+        return f"random(features={r.features},seed={r.seed},firing_rate={r.firing_rate},span={r.span})"
+
+    def params(self) -> dict:
+        return {"attribution": self.attribution.model_dump(), "pruning": self.pruning.model_dump(),
+                "graph_rows": self.graph_rows}
+
+
+def load_sweep_spec(path: str) -> SweepSpec:
+    return load_yaml(path, SweepSpec)
+
+
+def parse_sweep_spec(data: dict, where: str = "sweep spec") -> SweepSpec:
+    return parse(SweepSpec, data, where)

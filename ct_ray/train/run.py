@@ -1,0 +1,155 @@
+"""Driver of a training run: harvest (streamed or persisted), Ray Train fit, CLT export, metrics table."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from safetensors.torch import load_file
+
+from ..clt.io import save_clt
+from ..clt.transcoder import CrossLayerTranscoder
+from ..errors import CTRayError, StorageError
+from ..specs import TrainSpec
+from ..store.fs import filesystem, is_local
+from .loop import CKPT_STATE, shard_file, train_loop_per_worker
+from .shard import feature_bounds
+
+
+def _check_writable(url: str) -> None:
+    """Fail early, with one line, if a location cannot be written (nothing half-written later)."""
+    try:
+        fs, path = filesystem(url)
+        fs.makedirs(path, exist_ok=True)
+        probe = f"{path}/.ct_ray_probe_{uuid.uuid4().hex[:8]}"
+        with fs.open(probe, "wb") as f:
+            f.write(b"ok")
+        fs.rm(probe)
+    except (OSError, PermissionError) as e:
+        raise StorageError(f"cannot write to {url}: {e.strerror or e}") from e
+    except CTRayError:
+        raise
+    except Exception as e:
+        raise StorageError(f"cannot write to {url}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+
+
+def _storage_path(url: str) -> str:
+    fs, path = filesystem(url)
+    return os.path.abspath(path) if is_local(fs) else url
+
+
+def assemble(ckpt_dir: str, spec: TrainSpec, n_layers: int, d_model: int, model_name: str):
+    """The full CLT from the shard files of a checkpoint, normalisation folded into the weights."""
+    state = json.load(open(os.path.join(ckpt_dir, CKPT_STATE)))
+    sx, sy = torch.tensor(state["sx"]), torch.tensor(state["sy"])
+    F_ = spec.clt.n_features
+    clt = CrossLayerTranscoder(n_layers, d_model, F_, spec.clt.span, spec.clt.activation, spec.harvest.read_point,
+                               model_name)
+    with torch.no_grad():
+        for f in range(spec.workers):
+            lo, hi = feature_bounds(F_, spec.workers, f)
+            t = load_file(os.path.join(ckpt_dir, shard_file(f, 0)))
+            for l in range(n_layers):
+                clt.W_enc[l][lo:hi] = t[f"p.W_enc.{l}"] * sx[l]  # h = W_enc (sx x) + b
+                clt.b_enc[l][lo:hi] = t[f"p.b_enc.{l}"]
+                clt.threshold[l][lo:hi] = t[f"p.threshold.{l}"]
+                span = clt.spans[l]
+                clt.W_dec[l][lo:hi] = t[f"p.W_dec.{l}"] / sy[l : l + span][None, :, None]  # y = ŷ_scaled / sy
+                if f == 0:
+                    clt.b_dec[l].copy_(t[f"p.b_dec.{l}"] / sy[l])
+    clt.requires_grad_(False)
+    return clt, state
+
+
+def write_metrics_table(url: str, run: str, history: list[dict]) -> None:
+    if not history:
+        return
+    rows = {k: [h.get(k) for h in history] for k in history[0]}
+    table = pa.table({"run": [run] * len(history), **rows})
+    fs, path = filesystem(url)
+    part = f"{path}/run={run}"
+    fs.makedirs(part, exist_ok=True)
+    with fs.open(f"{part}/part-0.parquet", "wb") as f:  # one file per run, rewritten whole: idempotent
+        pq.write_table(table, f)
+
+
+def train(spec: TrainSpec, *, progress: bool = True) -> dict:
+    """Harvest (unless `spec.activations`), train on Ray Train, export the CLT to `spec.out`. Returns a summary."""
+    import ray
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from ..harvest.pipeline import build_contexts, harvest_dataset, harvest_to_store
+    from ..models import load_model
+
+    for url in (spec.checkpoint, spec.out):
+        _check_writable(url)
+    if not ray.is_initialized():
+        ray.init(log_to_driver=True)
+    t0 = time.time()
+    model = load_model(spec.harvest.model)
+    activations = spec.activations
+    datasets, data_cfg = None, None
+    if activations is None and spec.harvest.out is not None:
+        harvest_to_store(spec.harvest, spec.harvest.out, progress=progress)
+        activations = spec.harvest.out
+    elif activations is None:
+        if spec.data_parallel > 1:
+            raise CTRayError("data_parallel > 1 needs a persisted harvest (set harvest.out or activations)")
+        datasets = {"train": harvest_dataset(spec.harvest, build_contexts(spec.harvest, model.tokenizer))}
+        data_cfg = DataConfig(datasets_to_split=[])
+    t_harvest = time.time() - t0
+
+    config = {"spec": spec.model_dump(), "activations": activations, "n_layers": model.n_layers,
+              "d_model": model.d_model, "model_name": model.name}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=spec.workers * spec.data_parallel, use_gpu=spec.use_gpu,
+                                     resources_per_worker={"CPU": spec.num_cpus_per_worker}),
+        run_config=RunConfig(name=spec.name, storage_path=_storage_path(spec.checkpoint),
+                             failure_config=FailureConfig(max_failures=spec.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        datasets=datasets,
+        dataset_config=data_cfg,
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise CTRayError(f"training failed: {str(result.error).splitlines()[0]}")
+    t_train = time.time() - t0 - t_harvest
+    with result.checkpoint.as_directory() as d:
+        clt, state = assemble(d, spec, model.n_layers, model.d_model, model.name)
+    summary = {"name": spec.name, "steps": spec.optim.steps, "final": state["history"][-1] if state["history"] else {},
+               "harvest_s": t_harvest, "train_s": t_train}
+    if spec.eval_tokens > 0:
+        from ..clt.evaluate import replacement_metrics
+        from ..harvest.corpus import iter_documents, tokenize_contexts
+
+        # held-out text: the documents after the ones harvested (the corpus order is fixed)
+        docs = _skip(iter_documents(spec.harvest.corpus, spec.harvest.text_column), _n_docs(spec, model))
+        ctx = tokenize_contexts(model.tokenizer, docs, spec.harvest.context_len,
+                                max(1, spec.eval_tokens // (spec.harvest.context_len - 1)))
+        summary["replacement"] = replacement_metrics(model, clt, torch.from_numpy(ctx.tokens).long())
+    save_clt(clt, spec.out, extra={"spec": spec.model_dump(), "metrics": summary,
+                                   "data": {"activations": activations, "corpus": spec.harvest.corpus}})
+    if spec.metrics:
+        write_metrics_table(spec.metrics, spec.name, state["history"])
+    summary["out"] = spec.out
+    return summary
+
+
+def _n_docs(spec: TrainSpec, model) -> int:
+    from ..harvest.pipeline import build_contexts
+
+    return int(build_contexts(spec.harvest, model.tokenizer).doc.max()) + 1
+
+
+def _skip(it, n: int):
+    for i, x in enumerate(it):
+        if i >= n:
+            yield x

@@ -1,0 +1,185 @@
+"""One worker's share of a feature-sharded CLT, and the step that trains it.
+
+Feature parallelism: worker f of F owns features [lo_f, hi_f) of every layer (encoder rows, thresholds and their
+decoder rows); each step it encodes and decodes its slice, one all-reduce sums the partial reconstructions, and the
+MSE is computed on the sum (identical on every worker). The all-reduce's backward is the identity, as every worker
+holds the full loss. Sparsity terms stay local: a worker's parameters only appear in its own terms.
+Data parallelism: replicas of the same feature slice average their gradients.
+The shard is plain torch; it runs without Ray (one process, groups None) as the reference for tests.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ..clt.training import LossWeights, clt_loss, fvu, init_b_enc_from_data, init_clt
+from ..clt.transcoder import CrossLayerTranscoder
+
+
+def feature_bounds(n_features: int, n_shards: int, shard: int) -> tuple[int, int]:
+    per = -(-n_features // n_shards)
+    return min(shard * per, n_features), min((shard + 1) * per, n_features)
+
+
+class _SumAcross(torch.autograd.Function):
+    """all-reduce(sum) forward, identity backward (every rank holds the same downstream loss)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        y = x.clone()
+        dist.all_reduce(y, op=dist.ReduceOp.SUM, group=group)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+@dataclass
+class Layout:
+    n_layers: int
+    d_model: int
+    n_features: int
+    span: int | None
+    activation: str
+    feature_input_hook: str
+    fp: int = 1  # feature shards
+    fp_idx: int = 0
+    dp: int = 1
+    dp_idx: int = 0
+
+
+class Shard:
+    def __init__(self, layout: Layout, optim, model_name: str = "", fp_group=None, dp_group=None):
+        self.lay, self.o = layout, optim
+        self.fp_group, self.dp_group = fp_group, dp_group
+        lo, hi = feature_bounds(layout.n_features, layout.fp, layout.fp_idx)
+        self.lo, self.hi = lo, hi
+        # build the full CLT init from the seed, then keep this worker's slice: any sharding gives the same model
+        full = CrossLayerTranscoder(layout.n_layers, layout.d_model, layout.n_features, layout.span,
+                                    layout.activation, layout.feature_input_hook, model_name)
+        init_clt(full, optim.seed, optim.threshold_init)
+        self.clt = CrossLayerTranscoder(layout.n_layers, layout.d_model, hi - lo, layout.span, layout.activation,
+                                        layout.feature_input_hook, model_name)
+        with torch.no_grad():
+            for l in range(layout.n_layers):
+                self.clt.W_enc[l].copy_(full.W_enc[l][lo:hi])
+                self.clt.W_dec[l].copy_(full.W_dec[l][lo:hi])
+                self.clt.threshold[l].copy_(full.threshold[l][lo:hi])
+                self.clt.b_dec[l].copy_(full.b_dec[l])
+        del full
+        self.opt = torch.optim.Adam(self.clt.parameters(), lr=optim.lr, betas=(0.9, 0.999))
+        self.density = torch.zeros(layout.n_layers, hi - lo)  # EMA of firing frequency
+        self.step_no = 0
+        self.last_lambda = 0.0
+
+    # ------------------------------------------------------------------------------------------------
+    def init_from_data(self, xs: torch.Tensor) -> None:
+        """b_enc from the first batch (the full-model quantiles restricted to this slice are the same numbers)."""
+        init_b_enc_from_data(self.clt, xs, self.o.target_firing_rate)
+
+    def lr_at(self, step: int, total: int) -> float:
+        start = int(total * (1 - self.o.decay_frac))
+        if step < start or total == start:
+            return self.o.lr
+        return self.o.lr * max(0.0, (total - step) / (total - start))
+
+    def lambda_at(self, step: int, total: int) -> float:
+        return self.o.lambda_final * min(1.0, step / max(1, total - 1))
+
+    def _reduce(self):
+        if self.lay.fp == 1:
+            return None
+        return lambda parts: [_SumAcross.apply(p, self.fp_group) for p in parts]
+
+    def step(self, xs: torch.Tensor, ys: torch.Tensor, total_steps: int) -> dict:
+        """One optimisation step on scaled activations xs, ys [n, L, d]."""
+        w = LossWeights(self.lambda_at(self.step_no, total_steps), self.o.c, self.o.preact, self.o.bandwidth)
+        self.last_lambda = w.sparsity
+        for g in self.opt.param_groups:
+            g["lr"] = self.lr_at(self.step_no, total_steps)
+        self.opt.zero_grad(set_to_none=True)
+        loss, parts, acts, y_hat = clt_loss(self.clt, xs, ys, w, sparse=self.o.sparse_decode,
+                                            reduce_recon=self._reduce())
+        loss.backward()
+        if self.lay.dp > 1:  # replicas of this slice average their gradients
+            for p in self.clt.parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad, group=self.dp_group)
+                    p.grad /= self.lay.dp
+        self._clip()
+        self.opt.step()
+        with torch.no_grad():
+            for l in range(self.lay.n_layers):
+                self.clt.threshold[l].clamp_(min=0.0)
+            fired = torch.stack([(a > 0).float().mean(0) for a in acts])
+            self.density.mul_(0.99).add_(0.01 * fired)
+        self.step_no += 1
+        stats = {"mse": parts["mse"], "sparsity": parts["sparsity"], "l0": torch.stack([(a > 0).float().sum(-1).mean()
+                                                                                       for a in acts])}
+        stats["y_hat"] = y_hat
+        return stats
+
+    def _clip(self) -> None:
+        """Clip by the global gradient norm: sharded parameters' squares summed over shards, b_dec counted once."""
+        sq_sharded = torch.zeros(())
+        sq_shared = torch.zeros(())
+        for name, p in self.clt.named_parameters():
+            if p.grad is None:
+                continue
+            s = p.grad.pow(2).sum()
+            if name.startswith("b_dec"):
+                sq_shared += s
+            else:
+                sq_sharded += s
+        if self.lay.fp > 1:
+            dist.all_reduce(sq_sharded, group=self.fp_group)
+        norm = math.sqrt(float(sq_sharded + sq_shared))
+        if norm > self.o.clip:
+            for p in self.clt.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(self.o.clip / (norm + 1e-6))
+
+    # ------------------------------------------------------------------------------------------------
+    def metrics(self, stats: dict, ys: torch.Tensor) -> dict:
+        """Per-layer and total nMSE (FVU), L0, dead/dense fractions; summed over feature shards."""
+        l0 = stats["l0"].clone()
+        dead = (self.density < 1e-6).float().sum(-1)
+        dense = (self.density > 0.1).float().sum(-1)
+        if self.lay.fp > 1:
+            for t in (l0, dead, dense):
+                dist.all_reduce(t, group=self.fp_group)
+        f = fvu(stats["y_hat"], ys)
+        n = float(self.lay.n_features)
+        return {"step": self.step_no, "loss_mse": float(stats["mse"]), "fvu": float(f.mean()), "l0": float(l0.sum()),
+                "fvu_per_layer": f.tolist(), "l0_per_layer": l0.tolist(),
+                "dead_frac": float(dead.sum() / (n * self.lay.n_layers)),
+                "dense_frac": float(dense.sum() / (n * self.lay.n_layers)),
+                "lr": self.opt.param_groups[0]["lr"], "lambda": self.last_lambda}
+
+    # --- checkpoint state (plain tensors: safetensors, never pickle) -----------------------------------------
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        out = {f"p.{k}": v.detach().clone() for k, v in self.clt.state_dict().items()}
+        for i, p in enumerate(self.clt.parameters()):
+            st = self.opt.state.get(p, {})
+            for k in ("exp_avg", "exp_avg_sq"):
+                if k in st:
+                    out[f"adam.{i}.{k}"] = st[k].clone()
+            if "step" in st:
+                out[f"adam.{i}.step"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(1).clone()
+        out["density"] = self.density.clone()
+        out["step_no"] = torch.tensor([self.step_no], dtype=torch.int64)
+        return out
+
+    def load_state_tensors(self, t: dict[str, torch.Tensor]) -> None:
+        self.clt.load_state_dict({k[2:]: v for k, v in t.items() if k.startswith("p.")})
+        for i, p in enumerate(self.clt.parameters()):
+            if f"adam.{i}.exp_avg" in t:
+                self.opt.state[p] = {"step": t[f"adam.{i}.step"].reshape(()).clone(),
+                                     "exp_avg": t[f"adam.{i}.exp_avg"], "exp_avg_sq": t[f"adam.{i}.exp_avg_sq"]}
+        self.density = t["density"]
+        self.step_no = int(t["step_no"][0])
