@@ -147,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--out", required=True)
     r.set_defaults(fn=_cmd_clt_random)
+
+    from .sweep.cli import add_parsers as _add_sweep_parsers  # `sweep` and `sql` (ct_ray/sweep/cli.py)
+
+    _add_sweep_parsers(sub)
     return p
 
 

@@ -1,0 +1,111 @@
+"""SQL over the sweep tables: DuckDB in-process, locally and on object storage (through the fsspec filesystem,
+since DuckDB's httpfs cannot be installed offline).
+
+Views: `graphs` (every committed prompt row, ok or error), `nodes`, `edges`, `perturbations` (rows of graphs whose
+status is 'ok' only, so rows of uncommitted or failed attempts never show), plus `raw_nodes`, `raw_edges`,
+`raw_perturbations` (every committed file). All carry the partition column `sweep_id`. See docs/sql.md.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from ..errors import CTRayError, StorageError
+from .tables import DEFAULT_STORE, PARTITION, SCHEMAS, TABLE_NAMES, Store, _with_meta
+
+
+def _sql_str(s: str) -> str:
+    return "'" + s.replace("'", "''") + "'"
+
+
+def connect(url: str = DEFAULT_STORE, *, store: Store | None = None, **storage_options):
+    """A DuckDB connection with the views registered over the store at `url`."""
+    import duckdb
+
+    store = store or Store(url, **storage_options)
+    fs = store.fs
+    con = duckdb.connect()
+    if store.local:
+        prefix = store.root
+    else:
+        try:
+            fs.invalidate_cache()
+        except Exception:
+            pass
+        con.register_filesystem(fs)
+        proto = store.url.split("://", 1)[0]
+        prefix = f"{proto}://{store.root}"
+    for t in TABLE_NAMES:
+        glob = f"{store.root}/{t}/{PARTITION}=*/*.parquet"
+        try:
+            has_files = bool(fs.glob(glob))
+        except FileNotFoundError:
+            has_files = False
+        except Exception as e:
+            raise StorageError(f"cannot list {store.url}/{t}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+        if has_files:
+            src = (f"read_parquet({_sql_str(f'{prefix}/{t}/{PARTITION}=*/*.parquet')}, hive_partitioning=true, "
+                   f"union_by_name=true, hive_types={{'{PARTITION}': 'VARCHAR'}})")
+        else:
+            empty = _with_meta(SCHEMAS[t], t).empty_table().append_column(PARTITION, pa.array([], pa.string()))
+            con.register(f"_empty_{t}", empty)
+            src = f"_empty_{t}"
+        name = "graphs" if t == "graphs" else f"raw_{t}"
+        con.execute(f"CREATE VIEW {name} AS SELECT * FROM {src}")
+    for t in ("nodes", "edges", "perturbations"):
+        con.execute(f"CREATE VIEW {t} AS SELECT r.* FROM raw_{t} r SEMI JOIN graphs g "
+                    f"ON r.{PARTITION} = g.{PARTITION} AND r.key = g.key AND g.status = 'ok'")
+    return con
+
+
+def query(sql: str, url: str = DEFAULT_STORE, **storage_options) -> pa.Table:
+    """Run one SQL statement over the store's views; the result as an Arrow table."""
+    import duckdb
+
+    con = connect(url, **storage_options)
+    try:
+        rel = con.sql(sql)
+        return rel.to_arrow_table() if rel is not None else pa.table({})
+    except duckdb.Error as e:
+        raise CTRayError(f"SQL error: {str(e).strip().splitlines()[0]}") from e
+    finally:
+        con.close()
+
+
+def format_table(t: pa.Table, fmt: str = "table", max_rows: int = 100, max_width: int = 60) -> str:
+    """Render a result for the terminal: an aligned text table, CSV or JSON lines."""
+    import csv
+    import io
+    import json
+
+    rows = t.slice(0, max_rows).to_pylist() if fmt == "table" else t.to_pylist()
+    cols = t.column_names
+    if fmt == "json":
+        return "\n".join(json.dumps(r, default=str) for r in rows)
+    if fmt == "csv":
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(cols)
+        for r in rows:
+            w.writerow([r[c] for c in cols])
+        return buf.getvalue().rstrip("\n")
+
+    def cell(v) -> str:
+        if v is None:
+            return "NULL"
+        if isinstance(v, float):
+            s = f"{v:.6g}"
+        else:
+            s = str(v)
+        s = s.replace("\n", "\\n")
+        return s if len(s) <= max_width else s[: max_width - 1] + "…"
+
+    body = [[cell(r[c]) for c in cols] for r in rows]
+    widths = [max([len(c)] + [len(b[i]) for b in body]) for i, c in enumerate(cols)]
+    numeric = [pa.types.is_integer(f.type) or pa.types.is_floating(f.type) for f in t.schema]
+    fmt_row = lambda vals: "  ".join(v.rjust(w) if n else v.ljust(w) for v, w, n in zip(vals, widths, numeric)).rstrip()
+    lines = [fmt_row(cols), "  ".join("-" * w for w in widths)]
+    lines += [fmt_row(b) for b in body]
+    more = t.num_rows - len(rows)
+    lines.append(f"({t.num_rows} row{'s' if t.num_rows != 1 else ''}{f', {more} not shown' if more > 0 else ''})")
+    return "\n".join(lines)

@@ -1,0 +1,12 @@
+"""Prompt sweeps on Ray: one task per prompt (attribute + prune + write rows), perturbation jobs per graph,
+Parquet tables in object storage (ct_ray.store), resumable and idempotent. See docs/tables.md and docs/sql.md."""
+
+from .prompts import PromptItem, read_prompts, task_key
+from .runner import SweepResult, run_sweep
+from .spec import (InterventionSpec, PerturbationPlan, PromptEntry, PromptFile, RandomCLTSpec, ResourceSpec,
+                   StorageSpec, SweepSpec, load_sweep_spec, parse_sweep_spec)
+from .status import sweep_status
+
+__all__ = ["SweepSpec", "PromptEntry", "PromptFile", "RandomCLTSpec", "PerturbationPlan", "InterventionSpec",
+           "ResourceSpec", "StorageSpec", "load_sweep_spec", "parse_sweep_spec", "run_sweep", "SweepResult",
+           "sweep_status", "read_prompts", "task_key", "PromptItem"]

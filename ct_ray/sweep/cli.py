@@ -1,0 +1,99 @@
+"""`ct-ray sweep ...` and `ct-ray sql ...` (registered by ct_ray/cli.py through `add_parsers`)."""
+
+from __future__ import annotations
+
+import json
+
+from ..store.tables import DEFAULT_STORE
+
+
+def _storage_options(args) -> dict:
+    return {"endpoint_url": args.endpoint_url} if getattr(args, "endpoint_url", None) else {}
+
+
+def cmd_sweep(args) -> int:
+    from ..errors import CTRayError
+
+    words = args.what
+    if words[0] == "status":
+        if len(words) != 2:
+            raise CTRayError("usage: ct-ray sweep status SWEEP_ID [--store URL]")
+        from .status import format_status, sweep_status
+
+        c = sweep_status(words[1], args.store or DEFAULT_STORE, **_storage_options(args))
+        print(json.dumps(c, indent=1, default=str) if args.json else format_status(c))
+        return 0
+    if words[0] == "list":
+        from ..store.tables import Store
+
+        for sid in Store(args.store or DEFAULT_STORE, **_storage_options(args)).sweeps():
+            print(sid)
+        return 0
+    if len(words) != 1:
+        raise CTRayError("usage: ct-ray sweep SPEC.yaml [--address ADDR] | ct-ray sweep status SWEEP_ID [--store URL]")
+    from .runner import run_sweep
+    from .spec import load_sweep_spec
+
+    spec = load_sweep_spec(words[0])
+    upd = {}
+    if args.sweep_id:
+        upd["sweep_id"] = args.sweep_id
+    if args.store or args.endpoint_url:
+        st = spec.storage.model_dump()
+        st["url"] = args.store or st["url"]
+        st["endpoint_url"] = args.endpoint_url or st["endpoint_url"]
+        upd["storage"] = st
+    if args.workers:
+        upd["resources"] = {**spec.resources.model_dump(), "workers": args.workers}
+    if upd:
+        from .spec import parse_sweep_spec
+
+        spec = parse_sweep_spec({**spec.model_dump(), **upd}, where=words[0])
+    r = run_sweep(spec, address=args.address, progress=not args.no_progress, retry_errors=args.retry_errors)
+    print(f"sweep {r.sweep_id}: {r.n_prompts} prompts ({r.duplicates} duplicates dropped); "
+          f"{r.skipped} already committed, {r.ok} attributed, {r.failed} failed, {r.perturbed} perturbed "
+          f"in {r.seconds:.1f} s" + (f"; worker restarts {r.worker_restarts}" if r.worker_restarts else ""))
+    if r.perturbation_skipped and not spec.perturbation.empty:
+        print(f"perturbations skipped: {r.perturbation_skipped}")
+    for idx, kind, msg in r.errors[:10]:
+        print(f"  prompt {idx}: {kind} error: {msg}")
+    if len(r.errors) > 10:
+        print(f"  ... {len(r.errors) - 10} more (see the graphs table)")
+    print(f"tables in {r.store}; try: ct-ray sql --store {r.store} "
+          f"\"SELECT status, count(*) FROM graphs WHERE sweep_id = '{r.sweep_id}' GROUP BY status\"")
+    return 0
+
+
+def cmd_sql(args) -> int:
+    from ..store.sql import format_table, query
+
+    t = query(args.query, args.store, **_storage_options(args))
+    if t.num_columns:
+        print(format_table(t, args.format, max_rows=args.max_rows))
+    return 0
+
+
+def add_parsers(sub) -> None:
+    s = sub.add_parser("sweep", help="run a prompt sweep from a spec (or: sweep status SWEEP_ID, sweep list)",
+                       description="ct-ray sweep SPEC.yaml [--address ADDR]: attribute every prompt on a Ray actor "
+                                   "pool into Parquet tables; re-running finishes only what is missing.  "
+                                   "ct-ray sweep status SWEEP_ID --store URL: progress read from storage.  "
+                                   "ct-ray sweep list --store URL: sweeps in a store.")
+    s.add_argument("what", nargs="+", metavar="SPEC.yaml | status SWEEP_ID | list")
+    s.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+    s.add_argument("--store", help=f"storage URL (overrides the spec's; default for status: {DEFAULT_STORE})")
+    s.add_argument("--endpoint-url", help="S3-compatible endpoint (credentials come from the AWS env/chain)")
+    s.add_argument("--sweep-id", help="override the spec's sweep_id")
+    s.add_argument("--workers", type=int, help="override resources.workers")
+    s.add_argument("--retry-errors", action="store_true", help="also retry prompts that failed permanently")
+    s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--json", action="store_true", help="status as JSON")
+    s.set_defaults(fn=cmd_sweep)
+
+    s = sub.add_parser("sql", help="SQL over the sweep tables (DuckDB; views graphs, nodes, edges, perturbations)")
+    s.add_argument("query")
+    s.add_argument("--store", default=DEFAULT_STORE, help=f"storage URL (default {DEFAULT_STORE})")
+    s.add_argument("--endpoint-url", help="S3-compatible endpoint (credentials come from the AWS env/chain)")
+    s.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    s.add_argument("--max-rows", type=int, default=100, help="rows shown by --format table")
+    s.set_defaults(fn=cmd_sql)

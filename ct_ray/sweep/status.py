@@ -1,0 +1,35 @@
+"""`ct-ray sweep status`: a sweep's progress read from storage alone (works for remote runs)."""
+
+from __future__ import annotations
+
+from ..errors import CTRayError
+from ..store.tables import DEFAULT_STORE, Store, sweep_counts
+
+
+def sweep_status(sweep_id: str, store: str = DEFAULT_STORE, **storage_options) -> dict:
+    st = Store(store, **storage_options)
+    c = sweep_counts(st, sweep_id)
+    if c["planned"] is None and c["committed"] == 0:
+        known = st.sweeps()
+        hint = f" (sweeps here: {', '.join(known[:20])})" if known else " (no sweeps here)"
+        raise CTRayError(f"no sweep {sweep_id!r} in {st.url}{hint}")
+    return c
+
+
+def format_status(c: dict) -> str:
+    planned = c["planned"]
+    lines = [f"sweep {c['sweep_id']}"]
+    if planned is not None:
+        pct = 100.0 * (planned - c["pending"]) / planned if planned else 100.0
+        lines.append(f"  prompts:   {planned - c['pending']}/{planned} committed ({pct:.0f}%), {c['pending']} pending")
+    lines.append(f"  ok:        {c['ok']}")
+    errs = ", ".join(f"{k} {v}" for k, v in sorted(c["errors_by_kind"].items()))
+    lines.append(f"  errors:    {c['error']}" + (f" ({errs})" if errs else ""))
+    p = c.get("plan") or {}
+    if p.get("perturbation_active"):
+        lines.append(f"  perturbed: {c['perturbation_files']} graph(s)")
+    if p.get("model"):
+        lines.append(f"  model:     {p['model']}   CLT: {p.get('clt')}")
+    if p.get("updated_at"):
+        lines.append(f"  last run started: {p['updated_at']}")
+    return "\n".join(lines)

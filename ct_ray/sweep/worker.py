@@ -1,0 +1,250 @@
+"""What one sweep worker does: hold the model and the CLT once, run prompts and perturbation jobs, write rows.
+
+`SweepWorker` is a plain class (usable in-process, e.g. by benchmarks); the runner wraps it as a Ray actor.
+Every task writes its own files straight to storage and returns a small summary dict.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime as _dt
+import json
+import logging
+import os
+import socket
+import time
+import traceback
+
+import numpy as np
+import pyarrow as pa
+
+from ..errors import CTRayError, PromptError, StorageError
+from ..store.tables import TABLES_SCHEMA_VERSION, Store
+from .perturbation import error_rows, finish_rows, resolve, select_nodes
+from .spec import PerturbationPlan
+
+log = logging.getLogger(__name__)
+_GRAPH_CACHE = 4  # graphs kept per worker for their perturbation jobs
+
+
+def _one_line(e: BaseException) -> str:
+    s = str(e).strip()
+    return s.splitlines()[0][:500] if s else type(e).__name__
+
+
+def worker_config(spec, store: Store, device: str = "cpu") -> dict:
+    """The small, picklable description a worker is built from (never model objects)."""
+    model = spec.model
+    if os.path.isdir(os.path.expanduser(model)):
+        model = os.path.abspath(os.path.expanduser(model))
+    clt = spec.clt
+    if clt and "://" not in clt and os.path.exists(os.path.expanduser(clt)):
+        clt = os.path.abspath(os.path.expanduser(clt))
+    r = spec.resources
+    return {
+        "sweep_id": spec.sweep_id,
+        "model": model,
+        "model_id": spec.model,
+        "clt": clt,
+        "clt_id": spec.clt_id(),
+        "clt_options": spec.storage.storage_options() if (clt or "").startswith("s3://") else {},
+        "random_clt": spec.random_clt.model_dump() if spec.random_clt else None,
+        "attribution": spec.attribution.model_dump(),
+        "pruning": spec.pruning.model_dump(),
+        "graph_rows": spec.graph_rows,
+        "params": json.dumps(spec.params(), sort_keys=True),
+        "plan": spec.perturbation.model_dump(),
+        "store_url": store.url,
+        "storage_options": store.storage_options,
+        "device": device,
+        "torch_threads": r.torch_threads or max(1, int(r.num_cpus)),
+    }
+
+
+class SweepWorker:
+    def __init__(self, cfg: dict):
+        self.cfg = cfg
+        self.init_error = None
+        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        self.cache: collections.OrderedDict = collections.OrderedDict()
+        try:
+            self._load()
+        except CTRayError as e:
+            self.init_error = _one_line(e)
+        except Exception as e:  # report, do not crash-loop the actor
+            self.init_error = f"{type(e).__name__}: {_one_line(e)}"
+            log.error("sweep worker failed to start:\n%s", traceback.format_exc())
+
+    def _load(self):
+        import torch
+
+        from .. import load_clt, load_model, random_clt
+
+        torch.set_num_threads(self.cfg["torch_threads"])
+        cfg = self.cfg
+        self.store = Store(cfg["store_url"], **cfg["storage_options"])
+        self.model = load_model(cfg["model"], device=cfg["device"])
+        if cfg["clt"]:
+            self.clt = load_clt(cfg["clt"], device=cfg["device"], **cfg["clt_options"])
+        else:
+            r = cfg["random_clt"]
+            self.clt = random_clt(self.model, r["features"], seed=r["seed"], firing_rate=r["firing_rate"],
+                                  span=r["span"]).to(cfg["device"])
+        self.clt.check_model(self.model.n_layers, self.model.d_model)
+        self.plan = PerturbationPlan.model_validate(cfg["plan"])
+        self.plan_hash = self.plan.plan_hash()
+        self.perturb_fn, self.perturb_skip = resolve(self.plan)
+
+    # --- small calls ------------------------------------------------------------------------------------
+    def ready(self) -> dict:
+        return {"error": self.init_error, "worker": self.worker, "pid": os.getpid()}
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    # --- one prompt -------------------------------------------------------------------------------------
+    def _base_row(self, item: dict) -> dict:
+        return {"key": item["key"], "prompt_index": item["index"], "prompt": item["prompt"], "target": item.get("target"),
+                "model": self.cfg["model_id"], "clt": self.cfg["clt_id"], "params": self.cfg["params"],
+                "graph_rows": self.cfg["graph_rows"], "worker": self.worker,
+                "created_at": _dt.datetime.now(_dt.timezone.utc), "schema_version": TABLES_SCHEMA_VERSION}
+
+    def _target_info(self, tokens, target: str, logit_tokens: list[int]) -> dict:
+        import torch
+
+        ids = self.model.tokenizer(target, add_special_tokens=False)["input_ids"] if self.model.tokenizer else []
+        if not ids:
+            return {}
+        tid = int(ids[0])
+        with torch.no_grad():
+            logits = self.model.model(tokens[None].to(self.cfg["device"])).logits[0, -1].float()
+        probs = logits.softmax(-1)
+        return {"target_token": tid, "target_prob": float(probs[tid]), "target_rank": int((probs > probs[tid]).sum()),
+                "target_in_graph": tid in logit_tokens}
+
+    def _compute(self, prompt: str):
+        from .. import attribute
+
+        t0 = time.perf_counter()
+        g = attribute(self.model, self.clt, prompt, **self.cfg["attribution"])
+        t1 = time.perf_counter()
+        p = g.prune(**self.cfg["pruning"])
+        return g, p, t1 - t0, time.perf_counter() - t1
+
+    def run_prompt(self, item: dict) -> dict:
+        """Attribute + prune one prompt, write its nodes, edges and (last: the commit record) graphs row."""
+        t_start = time.perf_counter()
+        key, sid = item["key"], self.cfg["sweep_id"]
+        row = self._base_row(item)
+        err = None
+        if self.init_error:
+            err = ("input", self.init_error)
+        elif item.get("invalid"):
+            err = ("prompt", item["invalid"])
+        if err is None:
+            try:
+                g, p, t_attr, t_prune = self._compute(item["prompt"])
+            except PromptError as e:
+                err = ("prompt", _one_line(e))
+            except CTRayError as e:
+                err = ("input", _one_line(e))
+            except Exception as e:
+                err = ("internal", f"{type(e).__name__}: {_one_line(e)}")
+                log.error("prompt %s failed:\n%s", key, traceback.format_exc())
+        perturb_nodes = []
+        if err is not None:
+            row.update(status="error", error_kind=err[0], error=err[1])
+            # a previous, uncommitted attempt may have left rows: remove them (the views ignore them anyway)
+            self.store.delete("nodes", sid, key)
+            self.store.delete("edges", sid, key)
+        else:
+            t_w = time.perf_counter()
+            nodes, edges = self._tables(g, p, key)
+            self.store.write_table("nodes", sid, key, nodes)
+            self.store.write_table("edges", sid, key, edges)
+            m, fs, ps = g.meta, g.scores(), p.scores()
+            toks = m["logit_tokens"]
+            logit_strs = self.model.decode(toks)
+            row.update(
+                status="ok", n_tokens=len(m["tokens"]), tokens=m["tokens"], token_strs=m["token_strs"],
+                logit_tokens=toks, logit_strs=logit_strs, logit_probs=m["logit_probs"],
+                top_token=toks[0] if toks else None, top_token_str=logit_strs[0] if toks else None,
+                top_prob=m["logit_probs"][0] if toks else None, n_active_features=m.get("n_active_features"),
+                n_nodes=g.n_nodes, n_edges=g.n_edges, n_features=g.n_features, n_nodes_pruned=p.n_nodes,
+                n_edges_pruned=p.n_edges, n_features_pruned=p.n_features,
+                replacement_score=fs["replacement_score"], completeness_score=fs["completeness_score"],
+                replacement_score_pruned=ps["replacement_score"], completeness_score_pruned=ps["completeness_score"],
+                attribute_s=t_attr, prune_s=t_prune,
+            )
+            if item.get("target"):
+                import torch
+
+                row.update(self._target_info(torch.tensor(m["tokens"]), item["target"], toks))
+            if self.perturb_fn is not None:
+                perturb_nodes = select_nodes(p, self.plan)
+                self._remember(key, g)
+            row["write_s"] = time.perf_counter() - t_w
+        self.store.write_table("graphs", sid, key, pa.Table.from_pylist([row]))  # the commit record
+        return {"key": key, "status": row["status"], "error_kind": row.get("error_kind"), "error": row.get("error"),
+                "n_nodes": row.get("n_nodes"), "n_features_pruned": row.get("n_features_pruned"),
+                "perturb_nodes": perturb_nodes, "worker": self.worker, "pid": os.getpid(),
+                "seconds": time.perf_counter() - t_start}
+
+    def _tables(self, g, p, key: str) -> tuple[pa.Table, pa.Table]:
+        if self.cfg["graph_rows"] == "pruned":
+            nodes, edges = p.nodes, p.edges()
+            kept_n = np.ones(nodes.num_rows, dtype=bool)
+            kept_e = np.ones(edges.num_rows, dtype=bool)
+        else:
+            nodes, edges = g.nodes, g.edges()
+            kept_n = np.isin(nodes.column("node").to_numpy(), p.nodes.column("node").to_numpy())
+            pe = p.edges()
+            n = np.int64(g.n_nodes)
+            full_code = edges.column("source").to_numpy().astype(np.int64) * n + edges.column("target").to_numpy()
+            pr_code = pe.column("source").to_numpy().astype(np.int64) * n + pe.column("target").to_numpy()
+            kept_e = np.isin(full_code, pr_code)
+        nodes = nodes.append_column("key", pa.array([key] * nodes.num_rows, pa.string()))
+        nodes = nodes.append_column("kept", pa.array(kept_n))
+        edges = edges.append_column("key", pa.array([key] * edges.num_rows, pa.string()))
+        edges = edges.append_column("kept", pa.array(kept_e))
+        return nodes, edges
+
+    def _remember(self, key, graph):
+        self.cache[key] = graph
+        self.cache.move_to_end(key)
+        while len(self.cache) > _GRAPH_CACHE:
+            self.cache.popitem(last=False)
+
+    # --- one perturbation job --------------------------------------------------------------------------
+    def run_perturbation(self, item: dict, nodes: list[int] | None) -> dict:
+        """Run the plan on one graph (from this worker's cache, else recomputed: attribution is deterministic)
+        and write its perturbations file. `nodes=None`: select them again from the recomputed graph."""
+        t0 = time.perf_counter()
+        key, sid = item["key"], self.cfg["sweep_id"]
+        if self.perturb_fn is None:
+            return {"key": key, "status": "skipped", "error": self.perturb_skip, "rows": 0, "seconds": 0.0}
+        g = self.cache.pop(key, None)
+        hit = g is not None
+        try:
+            if g is None:
+                g, p, _, _ = self._compute(item["prompt"])
+                if nodes is None:
+                    nodes = select_nodes(p, self.plan)
+            rows = self.perturb_fn(self.model, self.clt, g, self.plan.model_copy(update={"nodes": list(nodes or [])}))
+            table = finish_rows(rows, g, key, self.plan_hash)
+        except StorageError:
+            raise
+        except Exception as e:
+            log.error("perturbation of %s failed:\n%s", key, traceback.format_exc())
+            table = finish_rows(error_rows(f"{type(e).__name__}: {_one_line(e)}"), g if g is not None else _NoGraph,
+                                key, self.plan_hash)
+        self.store.write_table("perturbations", sid, f"{key}.{self.plan_hash}", table)
+        bad = table.column("status").to_pylist().count("error")
+        return {"key": key, "status": "error" if bad else "ok", "rows": table.num_rows, "cache_hit": hit,
+                "worker": self.worker, "pid": os.getpid(), "seconds": time.perf_counter() - t0}
+
+
+class _NoGraph:
+    nodes = pa.table({"node": pa.array([], pa.int32()), "node_id": pa.array([], pa.string()),
+                      "layer": pa.array([], pa.int32()), "position": pa.array([], pa.int32()),
+                      "feature": pa.array([], pa.int32()), "influence": pa.array([], pa.float32())})
