@@ -54,6 +54,8 @@ def train_loop_per_worker(config: dict) -> None:
     spec = TrainSpec.model_validate(config["spec"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if config.get("pid_dir"):  # lets fault-injection tests find (and kill) this worker
+        open(os.path.join(config["pid_dir"], f"{rank}-{os.getpid()}"), "w").close()
     fp, dp = spec.workers, spec.data_parallel
     assert world == fp * dp, (world, fp, dp)
     torch.manual_seed(spec.optim.seed)

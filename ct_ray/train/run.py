@@ -106,7 +106,8 @@ def train(spec: TrainSpec, *, progress: bool = True) -> dict:
     t_harvest = time.time() - t0
 
     config = {"spec": spec.model_dump(), "activations": activations, "n_layers": model.n_layers,
-              "d_model": model.d_model, "model_name": model.name}
+              "d_model": model.d_model, "model_name": model.name,
+              "pid_dir": os.environ.get("CT_RAY_TEST_PID_DIR")}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,

@@ -1,0 +1,208 @@
+"""CLT training: objective pieces, sharding equivalence, harvest modes, fault tolerance, export, bad input."""
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+import torch
+
+from ct_ray import load_clt
+from ct_ray.clt.training import JumpReLU, decode_dense, decode_sparse
+from ct_ray.clt.transcoder import CrossLayerTranscoder
+from ct_ray.errors import CTRayError
+from ct_ray.specs import TrainSpec, parse
+
+
+def _random_clt(span, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    clt = CrossLayerTranscoder(4, 16, 32, span)
+    with torch.no_grad():
+        for p in clt.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    return clt
+
+
+@pytest.mark.parametrize("span", [None, 1, 2])
+def test_sparse_decode_equals_dense(span):
+    clt = _random_clt(span)
+    g = torch.Generator().manual_seed(1)
+    acts = [(torch.randn(20, 32, generator=g) * (torch.rand(20, 32, generator=g) < 0.1)).requires_grad_(True)
+            for _ in range(4)]
+    w = [torch.randn(20, 16, generator=g) for _ in range(4)]
+
+    def run(fn):
+        clt.zero_grad()
+        for a in acts:
+            a.grad = None
+        out = fn(clt, acts)
+        sum((o * wi).sum() for o, wi in zip(out, w)).backward()
+        # inactive entries get no gradient from the sparse path; the activation function zeroes it anyway
+        return ([o.detach() for o in out], [a.grad * (a != 0) for a in acts],
+                [p.grad.clone() for p in clt.W_dec], [p.grad.clone() for p in clt.b_dec])
+
+    for xs, ys in zip(run(decode_dense), run(decode_sparse)):
+        for x, y in zip(xs, ys):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+
+
+def test_jumprelu_straight_through():
+    h = torch.tensor([0.5, 1.0, 2.0, 3.125], requires_grad=True)
+    theta = torch.tensor([1.0, 1.0, 1.0, 3.0], requires_grad=True)
+    a = JumpReLU.apply(h, theta, 0.5)
+    assert a.tolist() == [0.0, 0.0, 2.0, 3.125]
+    a.sum().backward()
+    assert h.grad.tolist() == [0.0, 0.0, 1.0, 1.0]
+    # only points within bandwidth/2 of the threshold move it, pushing it down where it would help
+    assert theta.grad[0] == 0 and theta.grad[2] == 0 and theta.grad[1] < 0 and theta.grad[3] < 0
+
+
+# --- Ray-based tests share one harvested store ------------------------------------------------------------
+
+def _spec(tmp, **kw):
+    base = {"name": "t", "harvest": {"model": str(tmp["model"]), "corpus": ["bbc-news"], "context_len": 16,
+                                     "n_tokens": 1500, "batch_contexts": 16, "num_cpus": 0.5},
+            "clt": {"n_features": 32}, "optim": {"steps": 12, "batch_tokens": 128, "lr": 1e-3,
+                                                 "shuffle_buffer_tokens": 512},
+            "checkpoint": str(tmp["dir"] / "ckpt"), "checkpoint_every": 4, "metrics_every": 4,
+            "out": str(tmp["dir"] / "clt"), "metrics": str(tmp["dir"] / "train_metrics"), "eval_tokens": 64}
+    for k, v in kw.items():
+        base[k] = {**base[k], **v} if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return TrainSpec.model_validate(base)
+
+
+@pytest.fixture(scope="module")
+def harvested(ray_local, tmp_path_factory):
+    from ct_ray.harvest.pipeline import harvest_to_store
+    from ct_ray.models.tiny import save_tiny
+
+    d = tmp_path_factory.mktemp("train")
+    tmp = {"dir": d, "model": save_tiny("llama", d / "model", n_layers=2, d_model=32, d_mlp=64, max_pos=64)}
+    spec = _spec(tmp)
+    manifest = harvest_to_store(spec.harvest, str(d / "acts"), progress=False)
+    tmp["acts"] = str(d / "acts")
+    tmp["manifest"] = manifest
+    return tmp
+
+
+def test_streamed_and_persisted_harvests_agree(harvested):
+    import numpy as np
+
+    from ct_ray.harvest.pipeline import build_contexts, harvest_dataset
+    from ct_ray.harvest.store import ActivationStore
+    from ct_ray.models import load_model
+
+    spec = _spec(harvested).harvest
+    ctx = build_contexts(spec, load_model(spec.model).tokenizer)
+    streamed = {}
+    for b in harvest_dataset(spec, ctx).iter_batches(batch_size=256, batch_format="numpy"):
+        for doc, pos, x, y in zip(b["doc"], b["pos"], b["x"], b["y"]):
+            streamed[(int(doc), int(pos))] = (x, y)
+    store = ActivationStore(harvested["acts"])
+    n = 0
+    for i in range(len(store.shards)):
+        s = store.read(i)
+        for doc, pos, x, y in zip(s["doc"].tolist(), s["pos"].tolist(), s["x"], s["y"]):
+            sx, sy = streamed[(doc, pos)]
+            np.testing.assert_array_equal(sx, x.numpy())
+            np.testing.assert_array_equal(sy, y.numpy())
+            n += 1
+    assert n == len(streamed) == store.n_tokens > 1000
+
+
+def test_two_feature_shards_equal_one_worker(harvested):
+    """2 Ray workers each owning half the features == one process owning all (same data, same seed).
+    Tolerance: 1e-5 absolute on weights after 12 Adam steps (all-reduce summation order)."""
+    from ct_ray.train.local import train_local
+    from ct_ray.train.run import train
+
+    spec = _spec(harvested, activations=harvested["acts"], workers=2, name="shard2", eval_tokens=0)
+    summary = train(spec, progress=False)
+    ref, sx, sy, hist = train_local(spec, harvested["acts"], 2, 32)
+    clt = load_clt(spec.out)
+    for l in range(2):
+        torch.testing.assert_close(clt.W_enc[l], ref.clt.W_enc[l] * sx[l], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(clt.W_dec[l], ref.clt.W_dec[l] / sy[l: l + clt.spans[l]][None, :, None],
+                                   atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(clt.threshold[l], ref.clt.threshold[l], atol=1e-6, rtol=1e-5)
+    assert abs(summary["final"]["loss_mse"] - hist[-1]["loss_mse"]) <= 1e-3 * hist[-1]["loss_mse"]
+    assert summary["final"]["l0"] == pytest.approx(hist[-1]["l0"], rel=1e-5)
+
+
+def test_exported_clt_reproduces_trained_model(harvested):
+    from ct_ray.harvest.store import ActivationStore
+    from ct_ray.train.local import train_local
+
+    spec = _spec(harvested, name="export")
+    ref, sx, sy, _ = train_local(spec, harvested["acts"], 2, 32)
+    from ct_ray.train.run import assemble  # noqa: F401  (export path is exercised in the sharding test)
+
+    clt = load_clt(str(harvested["dir"] / "clt")) if (harvested["dir"] / "clt").exists() else None
+    x = ActivationStore(harvested["acts"]).read(0)["x"][:50]
+    if clt is None:
+        pytest.skip("no exported CLT yet")
+    # the exported CLT on raw activations == the trained (scaled) CLT on scaled activations, rescaled
+    acts_exp = [clt.encode(l, x[:, l]) for l in range(2)]
+    acts_ref = [ref.clt.encode(l, x[:, l] * sx[l]) for l in range(2)]
+    for a, b in zip(acts_exp, acts_ref):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_training_survives_worker_kill(harvested, tmp_path):
+    """SIGKILL a training worker mid-run: Ray Train restarts the group from the last checkpoint and finishes."""
+    from ct_ray.train.run import train
+
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    os.environ["CT_RAY_TEST_PID_DIR"] = str(pids)
+    spec = _spec(harvested, activations=harvested["acts"], workers=2, name="killed", eval_tokens=0,
+                 optim={"steps": 30}, checkpoint_every=5, checkpoint=str(tmp_path / "ckpt"),
+                 out=str(tmp_path / "clt"), metrics=None)
+    result = {}
+    th = threading.Thread(target=lambda: result.update(train(spec, progress=False)))
+    th.start()
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not list((tmp_path / "ckpt" / "killed").glob("checkpoint_*")):
+            time.sleep(0.2)
+        first = sorted(pids.iterdir())
+        assert first, "workers never started"
+        os.kill(int(first[-1].name.split("-")[1]), signal.SIGKILL)
+        th.join(timeout=240)
+    finally:
+        os.environ.pop("CT_RAY_TEST_PID_DIR", None)
+    assert not th.is_alive()
+    assert result["final"]["step"] == 30
+    assert len(list(pids.iterdir())) > 2, "the worker group was not restarted"
+    assert load_clt(spec.out).n_layers == 2
+
+
+def test_bad_specs():
+    with pytest.raises(CTRayError, match="n_features"):
+        parse(TrainSpec, {"clt": {"n_features": 0}})
+    with pytest.raises(CTRayError, match="lambda_final"):
+        parse(TrainSpec, {"optim": {"lambda_final": -1}})
+    with pytest.raises(CTRayError, match="Extra inputs"):
+        parse(TrainSpec, {"optimizer": {}})
+
+
+def test_bad_corpus(tmp_path):
+    from ct_ray.harvest.corpus import iter_documents, tokenize_contexts
+    from ct_ray.models.tiny import byte_tokenizer
+
+    with pytest.raises(CTRayError, match="corpus not found"):
+        list(iter_documents(str(tmp_path / "nope.jsonl")))
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(CTRayError, match="no context"):
+        tokenize_contexts(byte_tokenizer(), iter_documents(str(tmp_path / "empty.txt")), 16)
+
+
+def test_unwritable_checkpoint_location(tmp_path):
+    from ct_ray.errors import StorageError
+    from ct_ray.train.run import _check_writable
+
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(StorageError, match="cannot write"):
+        _check_writable(str(f / "sub"))
