@@ -11,9 +11,9 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
