@@ -109,6 +109,12 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _cmd_perturb(args) -> int:
+    from .perturb.cli import cmd_perturb
+
+    return cmd_perturb(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ct-ray", description="Circuit tracing of language models on Ray.")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -137,6 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("demo", help="run the embedded end-to-end job (make demo)")
     s.add_argument("--spec", default="workflows/quickstart.yaml")
     s.set_defaults(fn=_cmd_demo)
+
+    s = sub.add_parser("perturb", help="validate a graph by perturbing its top nodes (predicted vs measured)")
+    from .perturb.cli import add_arguments as _add_perturb_arguments
+
+    _add_perturb_arguments(s)
+    s.set_defaults(fn=_cmd_perturb)
 
     s = sub.add_parser("clt", help="CLT utilities")
     csub = s.add_subparsers(dest="clt_cmd", required=True)

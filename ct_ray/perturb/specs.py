@@ -1,0 +1,164 @@
+"""Typed inputs of the perturbation stage: which features to change, how, where, and how the model responds.
+
+These are the only objects users build by hand (or in YAML); everything past them is plain torch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ..errors import CTRayError
+
+
+class InterventionError(CTRayError):
+    """An intervention that cannot be applied: unknown feature/layer/position, bad value, empty list, ..."""
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PositionRange(_Spec):
+    """Positions `start <= p < stop` (a Python slice without step). BOS (position 0) is skipped."""
+
+    start: int = Field(0, ge=0)
+    stop: int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.stop <= self.start:
+            raise InterventionError(f"empty position range [{self.start}, {self.stop})")
+        return self
+
+
+Positions = int | list[int] | PositionRange | Literal["all"]
+
+
+class Intervention(_Spec):
+    """Change the activation of one feature or a group of features at chosen positions.
+
+    `features` are (layer, feature index) pairs; `positions` one position (negative counts from the end), a list,
+    a `PositionRange` / Python `slice`, or "all" (every position after BOS, generated ones included during
+    generation). `op`: "set" (activation := value), "scale" (activation *= value; 0 ablates, -1 flips),
+    "add" (activation += value).
+    """
+
+    features: list[tuple[int, int]] = Field(min_length=1)
+    positions: Positions = "all"
+    op: Literal["set", "scale", "add"] = "scale"
+    value: float
+
+    @field_validator("features", mode="before")
+    @classmethod
+    def _one_feature(cls, v):
+        # (layer, feature) alone is the common case; accept it without the wrapping list
+        if isinstance(v, tuple) and len(v) == 2 and all(isinstance(x, int) for x in v):
+            return [v]
+        if isinstance(v, list) and not v:
+            raise InterventionError("an intervention needs at least one (layer, feature) pair")
+        return v
+
+    @field_validator("positions", mode="before")
+    @classmethod
+    def _slice(cls, v):
+        if isinstance(v, slice):
+            if v.step not in (None, 1):
+                raise InterventionError("position slices cannot have a step")
+            if v.stop is None:
+                raise InterventionError("position slices need a stop (or use positions='all')")
+            return PositionRange(start=v.start or 0, stop=v.stop)
+        if isinstance(v, range):
+            return list(v)
+        if isinstance(v, list) and not v:
+            raise InterventionError("empty list of positions")
+        return v
+
+    @field_validator("value")
+    @classmethod
+    def _finite(cls, v: float) -> float:
+        if not math.isfinite(v):
+            raise InterventionError(f"intervention value must be finite, got {v}")
+        return v
+
+    def describe(self) -> str:
+        feats = ",".join(f"L{l}/F{f}" for l, f in self.features)
+        pos = self.positions
+        if isinstance(pos, PositionRange):
+            pos = f"{pos.start}:{pos.stop}"
+        return f"{self.op}({self.value:g}) {feats} @ {pos}"
+
+
+class SpliceMode(_Spec):
+    """How the spliced model responds to an intervention.
+
+    free: every layer recomputes its CLT features from its (changed) input; MLP outputs are CLT reconstructions
+      plus the error terms frozen from the clean run. `freeze_attention` keeps the clean attention patterns.
+    constrained: inside `layers` (inclusive range, default all) the change only travels through the intervened
+      features' decoders: feature activations (so MLP outputs), attention patterns and norm denominators are
+      frozen at their clean values, so the response there is linear, as in the attribution graph. Layers after
+      the range run as in free mode.
+    """
+
+    mode: Literal["free", "constrained"] = "free"
+    layers: tuple[int, int] | None = None
+    freeze_attention: bool = False
+
+    @model_validator(mode="after")
+    def _range(self):
+        if self.layers is not None:
+            lo, hi = self.layers
+            if lo < 0 or hi < lo:
+                raise InterventionError(f"bad layer range {self.layers}: need 0 <= start <= end")
+            if self.mode == "free":
+                raise InterventionError("a layer range only applies to mode='constrained'")
+        return self
+
+    def constrained_layers(self, n_layers: int) -> range:
+        if self.mode == "free":
+            return range(0)
+        lo, hi = self.layers if self.layers is not None else (0, n_layers - 1)
+        if hi >= n_layers:
+            raise InterventionError(f"layer range {self.layers} outside the model's {n_layers} layers")
+        return range(lo, hi + 1)
+
+
+def parse_intervention(x) -> Intervention:
+    """An `Intervention` from itself or a dict; pydantic errors become one-line `InterventionError`s."""
+    if isinstance(x, Intervention):
+        return x
+    if not isinstance(x, dict):
+        raise InterventionError(f"expected an Intervention or a dict, got {type(x).__name__}")
+    try:
+        return Intervention.model_validate(x)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"]) or "intervention"
+        raise InterventionError(f"invalid intervention: {loc}: {err['msg']}") from e
+
+
+def parse_mode(mode: str | SpliceMode | dict | None = None, **kw) -> SpliceMode:
+    if isinstance(mode, SpliceMode) and not kw:
+        return mode
+    if isinstance(mode, SpliceMode):
+        data = mode.model_dump()
+    else:
+        data = dict(mode) if isinstance(mode, dict) else {"mode": mode or "free"}
+    data.update({k: v for k, v in kw.items() if v is not None})
+    try:
+        return SpliceMode.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"]) or "mode"
+        raise InterventionError(f"invalid splice mode: {loc}: {err['msg']}") from e
+
+
+# shorthands -------------------------------------------------------------------------------------------------
+def ablate(layer: int, feature: int, positions: Positions | slice = "all") -> Intervention:
+    return Intervention(features=[(layer, feature)], positions=positions, op="set", value=0.0)
+
+
+def steer(layer: int, feature: int, factor: float, positions: Positions | slice = "all") -> Intervention:
+    return Intervention(features=[(layer, feature)], positions=positions, op="scale", value=factor)
