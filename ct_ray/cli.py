@@ -76,6 +76,47 @@ def _cmd_clt_random(args) -> int:
     return 0
 
 
+def _ray_init(address: str | None) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, log_to_driver=True,
+                 configure_logging=True, logging_level="WARNING")
+
+
+def _cmd_harvest(args) -> int:
+    from .harvest.pipeline import harvest_to_store
+    from .specs import HarvestSpec, load_yaml
+
+    spec = load_yaml(args.spec, HarvestSpec)
+    if not spec.out:
+        from .errors import CTRayError
+
+        raise CTRayError(f"{args.spec}: set `out:` (where to persist the shards); streamed harvests feed `ct-ray train`")
+    _ray_init(args.address)
+    m = harvest_to_store(spec, spec.out)
+    print(f"harvested {m['n_tokens']} tokens in {len(m['shards'])} shards to {spec.out}")
+    return 0
+
+
+def _cmd_train(args) -> int:
+    from .specs import TrainSpec, load_yaml
+    from .train.run import train
+
+    spec = load_yaml(args.spec, TrainSpec)
+    _ray_init(args.address)
+    s = train(spec)
+    f = s.get("final", {})
+    print(f"trained {spec.name}: {s['steps']} steps, fvu={f.get('fvu', float('nan')):.3f} l0={f.get('l0', float('nan')):.1f} "
+          f"dead={f.get('dead_frac', float('nan')):.3f} (harvest {s['harvest_s']:.0f} s, train {s['train_s']:.0f} s)")
+    if "replacement" in s:
+        r = s["replacement"]
+        print(f"replacement model on held-out text: top-1 agreement {r['top1_agreement']:.3f}, KL {r['kl']:.3f}, "
+              f"CE {r['ce_spliced']:.3f} (real {r['ce_real']:.3f})")
+    print(f"CLT written to {s['out']}")
+    return 0
+
+
 def _cmd_demo(args) -> int:
     """Embedded end-to-end job: attribute the quickstart prompts on the default model, write graphs, summarise."""
     import time
@@ -139,6 +180,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--edge-threshold", type=float, default=0.98)
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=_cmd_attribute)
+
+    s = sub.add_parser("harvest", help="harvest activations to object storage (Ray Data)")
+    s.add_argument("spec", help="HarvestSpec YAML")
+    s.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
+    s.set_defaults(fn=_cmd_harvest)
+
+    s = sub.add_parser("train", help="train a CLT (Ray Train, feature-sharded)")
+    s.add_argument("spec", help="TrainSpec YAML (e.g. workflows/train_smollm2.yaml)")
+    s.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
+    s.set_defaults(fn=_cmd_train)
 
     s = sub.add_parser("demo", help="run the embedded end-to-end job (make demo)")
     s.add_argument("--spec", default="workflows/quickstart.yaml")

@@ -12,6 +12,7 @@ import json
 import numpy as np
 import torch
 
+from ..errors import CTRayError
 from ..specs import HarvestSpec
 from .activations import harvest_batch, training_mask
 from .corpus import Contexts, iter_documents, tokenize_contexts
@@ -52,9 +53,11 @@ def harvest_dataset(spec: HarvestSpec, contexts: Contexts, out: str | None = Non
     """The Ray Data pipeline (lazy). `out` set: actors write shards there and emit manifest entries."""
     import ray
 
-    items = ray.data.from_numpy(np.arange(len(contexts))).map_batches(
-        lambda b: {"ctx": b["data"], "tokens": contexts.tokens[b["data"]], "doc": contexts.doc[b["data"]],
-                   "offset": contexts.offset[b["data"]]},
+    # one block per batch (capped) so that several actors can work in parallel
+    blocks = max(1, min(256, len(contexts) // spec.batch_contexts))
+    items = ray.data.range(len(contexts), override_num_blocks=blocks).map_batches(
+        lambda b: {"ctx": b["id"], "tokens": contexts.tokens[b["id"]], "doc": contexts.doc[b["id"]],
+                   "offset": contexts.offset[b["id"]]},
         batch_size=spec.batch_contexts,
     )
     return items.map_batches(
@@ -73,10 +76,20 @@ def harvest_to_store(spec: HarvestSpec, url: str, progress: bool = True) -> dict
     from tqdm.auto import tqdm
 
     from ..models import load_model
-    from .store import write_manifest
+    from ..store.fs import absolute_url
+    from .store import ActivationStore, write_manifest
 
+    url = absolute_url(url)
     tok = load_model(spec.model).tokenizer
     contexts = build_contexts(spec, tok)
+    meta = {"model": spec.model, "read_point": spec.read_point, "dtype": spec.dtype, "context_len": spec.context_len,
+            "corpus": spec.corpus, "n_contexts": len(contexts), "outlier_factor": spec.outlier_factor}
+    try:  # the same harvest already committed (manifest written last): reuse it
+        done = ActivationStore(url).manifest
+        if all(done.get(k) == v for k, v in meta.items()):
+            return done
+    except CTRayError:
+        pass
     ds = harvest_dataset(spec, contexts, out=url)
     entries = []
     with tqdm(total=len(contexts) * (spec.context_len - 1), unit="tok", desc="harvest", disable=not progress) as bar:
@@ -85,6 +98,4 @@ def harvest_to_store(spec: HarvestSpec, url: str, progress: bool = True) -> dict
                 entry = json.loads(str(e))
                 entries.append(entry)
                 bar.update(entry["n_tokens"])
-    meta = {"model": spec.model, "read_point": spec.read_point, "dtype": spec.dtype, "context_len": spec.context_len,
-            "corpus": spec.corpus, "n_contexts": len(contexts)}
     return write_manifest(url, entries, meta)

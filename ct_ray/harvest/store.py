@@ -29,10 +29,13 @@ def _encode(t: torch.Tensor, dtype: str) -> dict[str, torch.Tensor]:
     return {"v": t.to(DTYPES[dtype]).contiguous()}
 
 
-def _decode(d: dict[str, torch.Tensor], prefix: str) -> torch.Tensor:
+def _decode(d: dict[str, torch.Tensor], prefix: str, compact: bool = False) -> torch.Tensor:
+    """Stored values; `compact` keeps bfloat16 as is (half the memory of a shuffle buffer; cast per batch)."""
     if f"{prefix}.q" in d:
-        return d[f"{prefix}.q"].float() * d[f"{prefix}.scale"]
-    return d[f"{prefix}.v"].float()
+        t = d[f"{prefix}.q"].to(torch.bfloat16 if compact else torch.float32) * d[f"{prefix}.scale"]
+        return t
+    v = d[f"{prefix}.v"]
+    return v if compact and v.dtype == torch.bfloat16 else v.float()
 
 
 def write_shard(url: str, key: str, x: torch.Tensor, y: torch.Tensor, doc: np.ndarray, pos: np.ndarray,
@@ -94,7 +97,7 @@ class ActivationStore:
     def shards(self) -> list[dict]:
         return self.manifest["shards"]
 
-    def read(self, i: int) -> dict[str, torch.Tensor]:
+    def read(self, i: int, compact: bool = False) -> dict[str, torch.Tensor]:
         with self.fs.open(f"{self.path}/{self.shards[i]['file']}", "rb") as f:
             d = st_load(f.read())
-        return {"x": _decode(d, "x"), "y": _decode(d, "y"), "doc": d["doc"], "pos": d["pos"]}
+        return {"x": _decode(d, "x", compact), "y": _decode(d, "y", compact), "doc": d["doc"], "pos": d["pos"]}

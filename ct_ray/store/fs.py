@@ -29,6 +29,13 @@ def filesystem(url: str, **storage_options):
     return fs, path.rstrip("/")
 
 
+def absolute_url(url: str | None) -> str | None:
+    """Local paths made absolute (Ray workers run in other directories); other URLs unchanged."""
+    if url is None or "://" in str(url) and not str(url).startswith("file://"):
+        return url
+    return os.path.abspath(str(url).removeprefix("file://"))
+
+
 def is_local(fs) -> bool:
     return "file" in (fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,))
 

@@ -36,20 +36,23 @@ class StoreFeed:
             rng = np.random.default_rng([self.seed, epoch])
             order = rng.permutation(len(self.store.shards))
             xs, ys, n = [], [], 0
-            for i in order:
-                s = self.store.read(int(i))
+            for k, i in enumerate(order):
+                s = self.store.read(int(i), compact=True)
                 xs.append(s["x"])
                 ys.append(s["y"])
                 n += len(s["x"])
-                while n >= self.buf or (i == order[-1] and n >= self.b):
+                last = k == len(order) - 1
+                while n >= self.buf or (last and n >= self.b):
                     x, y = torch.cat(xs), torch.cat(ys)
+                    xs = ys = None  # keep one copy of the buffer alive
                     perm = torch.from_numpy(rng.permutation(len(x)))
-                    take = (len(x) // self.b) * self.b if i == order[-1] else self.buf // self.b * self.b
+                    take = (len(x) // self.b) * self.b if last else self.buf // self.b * self.b
                     for j in range(0, take, self.b):
                         sel = perm[j : j + self.b]
-                        yield x[sel], y[sel]
+                        yield x[sel].float(), y[sel].float()
                     rest = perm[take:]
                     xs, ys, n = [x[rest]], [y[rest]], len(rest)
+                    del x, y
             epoch += 1
 
     def batches(self, skip: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -16,7 +16,7 @@ from ..clt.io import save_clt
 from ..clt.transcoder import CrossLayerTranscoder
 from ..errors import CTRayError, StorageError
 from ..specs import TrainSpec
-from ..store.fs import filesystem, is_local
+from ..store.fs import absolute_url, filesystem, is_local
 from .loop import CKPT_STATE, shard_file, train_loop_per_worker
 from .shard import feature_bounds
 
@@ -87,6 +87,10 @@ def train(spec: TrainSpec, *, progress: bool = True) -> dict:
     from ..harvest.pipeline import build_contexts, harvest_dataset, harvest_to_store
     from ..models import load_model
 
+    spec = spec.model_copy(update={
+        "checkpoint": absolute_url(spec.checkpoint), "out": absolute_url(spec.out),
+        "activations": absolute_url(spec.activations), "metrics": absolute_url(spec.metrics),
+        "harvest": spec.harvest.model_copy(update={"out": absolute_url(spec.harvest.out)})})
     for url in (spec.checkpoint, spec.out):
         _check_writable(url)
     if not ray.is_initialized():
