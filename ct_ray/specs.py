@@ -70,6 +70,7 @@ class OptimSpec(Spec):
     batch_tokens: int = Field(512, ge=1)
     lr: float = Field(2e-4, gt=0)
     lambda_final: float = Field(1e-3, ge=0, description="sparsity coefficient reached at the end of a linear ramp")
+    lambda_ramp_frac: float = Field(1.0, gt=0, le=1, description="fraction of the steps over which λ ramps from 0")
     c: float = Field(4.0, gt=0)
     preact: float = Field(3e-6, ge=0)
     bandwidth: float = Field(2.0, gt=0)
@@ -77,7 +78,8 @@ class OptimSpec(Spec):
     target_firing_rate: float = Field(0.01, gt=0, lt=1)
     clip: float = Field(1.0, gt=0)
     decay_frac: float = Field(0.2, ge=0, le=1)
-    sparse_decode: bool = True
+    sparse_decode: bool | Literal["auto"] = Field("auto", description="gather active decoder rows only; 'auto' when "
+                                                 "under 5% of the features fire")
     shuffle_buffer_tokens: int = Field(8192, ge=1)
     seed: int = 0
 

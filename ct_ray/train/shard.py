@@ -89,7 +89,7 @@ class Shard:
         return self.o.lr * max(0.0, (total - step) / (total - start))
 
     def lambda_at(self, step: int, total: int) -> float:
-        return self.o.lambda_final * min(1.0, step / max(1, total - 1))
+        return self.o.lambda_final * min(1.0, step / max(1, self.o.lambda_ramp_frac * (total - 1)))
 
     def _reduce(self):
         if self.lay.fp == 1:
@@ -103,8 +103,10 @@ class Shard:
         for g in self.opt.param_groups:
             g["lr"] = self.lr_at(self.step_no, total_steps)
         self.opt.zero_grad(set_to_none=True)
-        loss, parts, acts, y_hat = clt_loss(self.clt, xs, ys, w, sparse=self.o.sparse_decode,
-                                            reduce_recon=self._reduce())
+        sparse = self.o.sparse_decode
+        if sparse == "auto":  # the gather only pays off when few features fire
+            sparse = float(self.density.mean()) < 0.05 if self.step_no else False
+        loss, parts, acts, y_hat = clt_loss(self.clt, xs, ys, w, sparse=sparse, reduce_recon=self._reduce())
         loss.backward()
         if self.lay.dp > 1:  # replicas of this slice average their gradients
             for p in self.clt.parameters():

@@ -1,0 +1,101 @@
+"""CLT training throughput.
+
+    .venv/bin/python benchmarks/train.py decode   # sparse vs dense decode, one process, same batch (SmolLM2 shapes)
+    .venv/bin/python benchmarks/train.py shards --activations ct_ray_data/activations/smollm2-wiki
+                                                 # 1 vs 2 feature-sharded Ray Train workers on a persisted harvest
+
+`decode` times full training steps (forward + backward + Adam) of a CLT with SmolLM2's shapes (30 layers, d 576)
+at a fixed L0 per layer, with the decoder computed densely vs through gathered active rows only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+
+
+def bench_decode(args) -> None:
+    from ct_ray.clt.training import LossWeights, clt_loss, init_clt
+    from ct_ray.clt.transcoder import CrossLayerTranscoder
+
+    torch.set_num_threads(2)
+    L, d, F, n = args.layers, args.d_model, args.features, args.batch
+    print(f"CLT {L} layers x {F} features, d_model {d}, span {args.span or 'full'}, batch {n} tokens, "
+          f"target L0 {args.l0}/layer")
+    for sparse in (False, True):
+        clt = CrossLayerTranscoder(L, d, F, args.span, "relu")
+        init_clt(clt, 0)
+        g = torch.Generator().manual_seed(0)
+        xs = torch.randn(n, L, d, generator=g)
+        ys = torch.randn(n, L, d, generator=g)
+        with torch.no_grad():  # bias so that about `l0` features fire per token and layer
+            for l in range(L):
+                h = xs[:, l] @ clt.W_enc[l].T
+                clt.b_enc[l].copy_(-torch.quantile(h, 1 - args.l0 / F, dim=0))
+        opt = torch.optim.Adam(clt.parameters(), lr=1e-4)
+        w = LossWeights(1e-3)
+        times = []
+        for i in range(args.steps + 1):
+            t = time.perf_counter()
+            opt.zero_grad()
+            loss, parts, acts, _ = clt_loss(clt, xs, ys, w, sparse=sparse)
+            loss.backward()
+            opt.step()
+            if i:  # first step is warm-up
+                times.append(time.perf_counter() - t)
+        l0 = sum(float((a > 0).float().sum(-1).mean()) for a in acts) / L
+        rate = n / (sum(times) / len(times))
+        print(f"{'sparse' if sparse else 'dense ':6} decode: {rate:8.0f} tok/s  ({1000 * sum(times) / len(times):.0f} ms/step, "
+              f"measured L0 {l0:.1f}/layer)")
+        if sparse:
+            print(f"sparse / dense speed-up: {rate / dense_rate:.2f}x")
+        else:
+            dense_rate = rate
+
+
+def bench_shards(args) -> None:
+    import ray
+
+    from ct_ray.specs import TrainSpec
+    from ct_ray.train.run import train
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    rates = {}
+    for workers in (1, 2):
+        spec = TrainSpec.model_validate({
+            "name": f"bench-shards-{workers}", "activations": args.activations,
+            "clt": {"n_features": args.features, "span": args.span},
+            "optim": {"steps": args.steps, "batch_tokens": args.batch, "shuffle_buffer_tokens": 2 * args.batch},
+            "workers": workers, "num_cpus_per_worker": 2 / workers, "checkpoint": "/tmp/ct_ray_bench/ckpt",
+            "checkpoint_every": 10_000, "metrics_every": max(1, args.steps // 2), "eval_tokens": 0,
+            "out": f"/tmp/ct_ray_bench/clt{workers}", "metrics": None,
+            "harvest": {"model": args.model}})
+        s = train(spec, progress=False)
+        rates[workers] = s["final"]["tokens_per_s"]
+        print(f"{workers} worker(s): {rates[workers]:.0f} tok/s (steps {args.steps}, batch {args.batch}, "
+              f"fvu {s['final']['fvu']:.3f})")
+    print(f"2 vs 1 worker: {rates[2] / rates[1]:.2f}x (2 CPU cores in total: sharding splits, not adds, compute)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("what", choices=["decode", "shards"])
+    ap.add_argument("--layers", type=int, default=30)
+    ap.add_argument("--d-model", type=int, default=576)
+    ap.add_argument("--features", type=int, default=2048)
+    ap.add_argument("--span", type=int, default=None)
+    ap.add_argument("--l0", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--activations", default="ct_ray_data/activations/smollm2-wiki")
+    ap.add_argument("--model", default="smollm2-135m")
+    args = ap.parse_args()
+    bench_decode(args) if args.what == "decode" else bench_shards(args)
+
+
+if __name__ == "__main__":
+    main()
