@@ -80,7 +80,8 @@ def _ray_init(address: str | None) -> None:
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=True,
+        # no address: a fresh local Ray for this command (never attach to someone else's by accident)
+        ray.init(address=address or "local", include_dashboard=False, log_to_driver=True,
                  configure_logging=True, logging_level="WARNING")
 
 
