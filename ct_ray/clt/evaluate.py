@@ -12,9 +12,10 @@ from .transcoder import CrossLayerTranscoder
 
 
 @contextlib.contextmanager
-def spliced(model, clt: CrossLayerTranscoder):
+def spliced(model, clt: CrossLayerTranscoder, keep_bos: bool = True):
     """Within the context, `model.model` runs with CLT reconstructions in place of every MLP output
-    (cross-layer decoders accumulate from earlier layers, as in the replacement model; no error terms)."""
+    (cross-layer decoders accumulate from earlier layers, as in the replacement model; no error terms).
+    Position 0 (BOS) keeps its real MLP output unless `keep_bos` is False."""
     ad = model.adapter
     acts: dict[int, torch.Tensor] = {}
     handles = []
@@ -30,12 +31,16 @@ def spliced(model, clt: CrossLayerTranscoder):
             acts[l] = clt.encode(l, out)
 
     def write(mod, args, out, l):
-        y = clt.b_dec[l].expand_as(out if not isinstance(out, tuple) else out[0]).clone()
+        real = out[0] if isinstance(out, tuple) else out
+        y = clt.b_dec[l].expand_as(real).clone()
         for ls in range(l + 1):
             k = l - ls
             if k < clt.spans[ls] and ls in acts:
                 y = y + acts[ls] @ clt.W_dec[ls][:, k]
-        return y.to(out.dtype) if not isinstance(out, tuple) else (y, *out[1:])
+        if keep_bos:  # the BOS attention sink keeps its real MLP output (a constant in the replacement model too)
+            y[..., 0, :] = real[..., 0, :]
+        y = y.to(real.dtype)
+        return (y, *out[1:]) if isinstance(out, tuple) else y
 
     for l in range(ad.n_layers):
         handles.append(ad.mlp_norm_module(l).register_forward_pre_hook(lambda m, a, l=l: read(m, a, l)))
