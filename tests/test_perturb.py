@@ -112,9 +112,10 @@ def test_free_mode_without_intervention_is_the_real_model(setup, family):
     res = sp.run([[]], all_positions=True)
     assert torch.equal(res.all_logits[0], capture(lm, sp.tokens).logits)  # pre-softcap, every position
     assert torch.equal(sp.baseline().out_logits[0], real_last)
-    # the same holds with attention frozen, and in constrained mode (every change is exactly zero)
-    assert torch.equal(sp.baseline(freeze_attention=True).out_logits[0], real_last)
-    assert torch.equal(sp.baseline(mode="constrained").out_logits[0], real_last)
+    # also when every layer is computed through the hooks (no skipping of clean layers), with attention frozen,
+    # and in constrained mode: every change is exactly zero
+    for kw in ({}, {"freeze_attention": True}, {"mode": "constrained"}):
+        assert torch.equal(sp.baseline(skip_clean_layers=False, **kw).out_logits[0], real_last)
 
 
 @pytest.mark.parametrize("span,layer", [(1, 1), (None, 0), (None, 1)])
@@ -153,10 +154,14 @@ def test_batched_rows_equal_single_rows(setup):
     rows = [[ablate(*_node(g, s)[::2], positions=_node(g, s)[1])] for s in range(0, g.n_features, 11)][:3]
     rows.append([steer(1, 3, 2.0), Intervention(features=[(0, 5)], positions=slice(2, 5), op="add", value=1.0)])
     for mode in ("free", "constrained"):
-        batched = sp.run(rows, mode, batch_size=4)
+        batched = sp.run(rows, mode, batch_size=3, return_activations=True)
+        unskipped = sp.run(rows, mode, batch_size=5, skip_clean_layers=False)
+        torch.testing.assert_close(batched.logits, unskipped.logits, atol=1e-5, rtol=1e-5)
         for b, row in enumerate(rows):
-            one = sp.run([row], mode)
+            one = sp.run([row], mode, return_activations=True)
             torch.testing.assert_close(batched.logits[b], one.logits[0], atol=1e-5, rtol=1e-5)
+            for l in range(sp.L):
+                torch.testing.assert_close(batched.pre_acts[l][b], one.pre_acts[l][0], atol=1e-5, rtol=1e-5)
 
 
 def test_free_mode_recomputes_downstream_features(setup):
@@ -166,12 +171,14 @@ def test_free_mode_recomputes_downstream_features(setup):
     iv = [steer(l, f, -3.0, positions=p)]
     free = sp.run([iv], "free", return_activations=True)
     cons = sp.run([iv], "constrained", return_activations=True)
-    cons_tail = sp.run([iv], "constrained", layers=(l, sp.L - 1), return_activations=True)
     later = range(l + 1, sp.L)
     assert any((free.acts[ll][0] != sp.clean_acts[ll]).any() for ll in later)
     assert all(torch.equal(cons.acts[ll][0], sp.clean_acts[ll]) for ll in later)
     # nothing before the intervention can change, so a range starting at its layer is "all layers"
-    torch.testing.assert_close(cons_tail.logits, cons.logits, atol=1e-6, rtol=1e-6)
+    s1 = int(torch.nonzero(g.column("layer")[: g.n_features] == 1)[0])
+    iv1 = [steer(1, _node(g, s1)[2], -3.0, positions=_node(g, s1)[1])]
+    torch.testing.assert_close(sp.run([iv1], "constrained", layers=(1, sp.L - 1)).logits,
+                               sp.run([iv1], "constrained").logits, atol=1e-6, rtol=1e-6)
     # positions before the intervened one never change (causal)
     assert all(torch.equal(free.pre_acts[ll][0, :p], sp.clean_pre[ll][:p]) for ll in range(sp.L))
     # a partial constrained range runs free after it
@@ -405,3 +412,25 @@ def test_cli_perturb_bad_input(capsys, tiny_dir, tmp_path, argv, message):
     err = capsys.readouterr().err
     assert code == 2, err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+# --- the real default model -----------------------------------------------------------------------------------
+@pytest.mark.real
+def test_smollm2_interventions(smollm2):
+    clt = random_clt(smollm2, 128, seed=3, firing_rate=0.01)
+    g = attribute(smollm2, clt, "The capital of France is")
+    sp = Splice(smollm2, clt, g.meta["tokens"])
+    real = smollm2.model(sp.tokens[None], use_cache=False, logits_to_keep=1).logits[0, -1]
+    assert torch.equal(sp.baseline().out_logits[0], real)
+    # constrained over all layers: the measured change is e times the adjacency column, feature by feature
+    nF, N, nL = g.n_features, g.n_nodes, g.n_logits
+    cols = [nF // 4, nF // 2]
+    res = sp.run([steer(*_node(g, s)[::2], 1.5, positions=_node(g, s)[1]) for s in cols], "constrained",
+                 return_activations=True)
+    meas = _measured(g, sp, res)
+    rows_idx = torch.cat([torch.arange(nF), torch.arange(N - nL, N)])
+    for b, s in enumerate(cols):
+        expected = 0.5 * g.adjacency[rows_idx, s]
+        torch.testing.assert_close(meas[b], expected, atol=1e-4 * float(expected.abs().max()) + 1e-5, rtol=1e-3)
+    v = validate(smollm2, clt, g.prune(), top_k=3, mode="free")
+    assert math.isfinite(v.metrics["logit_spearman"]) and v.table.num_rows == 9 * g.n_logits

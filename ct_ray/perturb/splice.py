@@ -34,6 +34,13 @@ from .specs import (
 )
 
 _OPS = {"set": 0, "scale": 1, "add": 2}
+_PEND_ALL_MAX = 2**25  # floats in the pending-decoder buffer of one batch (128 MiB in fp32)
+_CHUNK = 2**22  # floats of decoder rows gathered at once
+
+
+def _nonzero_rows(x: torch.Tensor) -> torch.Tensor:
+    """Mask of the vectors (last dim) of `x` that are not all zero (several times faster than ne(0).any(-1))."""
+    return x.abs().amax(-1) > 0
 
 
 def _first(x):
@@ -88,6 +95,18 @@ class InterventionResult:
         lq = torch.log_softmax(self.out_logits.double(), -1)
         return (lp.exp() * (lp - lq)).sum(-1).float()
 
+    def take(self, idx: torch.Tensor) -> InterventionResult:
+        """The rows `idx` (in that order)."""
+        pick = lambda x: None if x is None else x[idx.to(x.device)]  # noqa: E731
+        return InterventionResult(
+            logits=pick(self.logits), out_logits=pick(self.out_logits), clean_logits=self.clean_logits,
+            clean_out_logits=self.clean_out_logits,
+            acts=None if self.acts is None else [pick(a) for a in self.acts],
+            pre_acts=None if self.pre_acts is None else [pick(a) for a in self.pre_acts],
+            watched_acts=pick(self.watched_acts), watched_pre=pick(self.watched_pre), mlp_real=pick(self.mlp_real),
+            mlp_response=pick(self.mlp_response), all_logits=pick(self.all_logits),
+        )
+
     @staticmethod
     def concat(parts: list[InterventionResult]) -> InterventionResult:
         if len(parts) == 1:
@@ -133,7 +152,11 @@ class _Run:
         self.ops: dict[int, _LayerOps] = ops
         self.constrained, self.frozen_attn = constrained, frozen_attn
         self.record_acts, self.record_mlp, self.watch = record_acts, record_mlp, watch
-        self.pend: list[torch.Tensor | None] = [None] * L  # decoder changes waiting for their layer
+        # layers below the first intervened one see exactly the clean residual stream: they are not computed
+        self.first = min(ops) if ops else L
+        # decoder changes waiting for their layer: [B*P, L, d], or (large batches) per layer [B*P, d]
+        self.pend_all: torch.Tensor | None = None
+        self.pend: list[torch.Tensor | None] = [None] * L
         self.stash: list[torch.Tensor | None] = [None] * L  # this pass's MLP output of each layer
         self.acts = [None] * L
         self.pre = [None] * L
@@ -147,6 +170,7 @@ class Splice:
     """The model with `clt` spliced in, for one prompt (string or token ids; BOS is prepended as in attribution).
 
     `run(rows)` evaluates a batch of intervention sets in batched forward passes; see the module docstring.
+    A run temporarily hooks (and swaps the forward of) the model's modules: do not run two at once on one model.
     """
 
     def __init__(self, model, clt, prompt: str | Sequence[int] | torch.Tensor):
@@ -184,7 +208,8 @@ class Splice:
     def _clean(self) -> None:
         L, m = self.L, self.mods
         rec: dict[str, list] = {k: [None] * L for k in ("attn_in", "attn_n", "attn_out", "pat", "post", "mid",
-                                                         "mlp_in", "mlp_out")}
+                                                         "mlp_in", "mlp_out", "resid_post")}
+        self._block_returns_tensor = True  # blocks can then be skipped by returning their clean output
         hs = []
 
         def put(key, l, val):
@@ -212,6 +237,12 @@ class Splice:
 
             hs.append(m.mlp_norm[l].register_forward_hook(mlp_norm))
             hs.append(m.mlp_out[l].register_forward_hook(lambda mod, a, o, l=l: put("mlp_out", l, _first(o))))
+
+            def block(mod, a, o, l=l):
+                self._block_returns_tensor &= isinstance(o, torch.Tensor)
+                put("resid_post", l, _first(o))
+
+            hs.append(self.ad.blocks()[l].register_forward_hook(block))
         fin: dict = {}
         hs.append(m.final_norm.register_forward_hook(
             lambda mod, a, o: fin.update(x=a[0][0].detach().clone(), y=_first(o)[0].detach().clone())))
@@ -227,6 +258,7 @@ class Splice:
         self.attn_in, self.attn_n, self.attn_out = st["attn_in"], st["attn_n"], st["attn_out"]
         self.patterns, self.post_out = st["pat"], st["post"]
         self.resid_mid, self.mlp_in, self.mlp_out = st["mid"], st["mlp_in"], st["mlp_out"]
+        self.resid_post = st["resid_post"]
         self.final_in, self.final_out = fin["x"], fin["y"]
         self.clean_logits = fin["logits"][-1]  # pre-softcap
         self.clean_out_logits = out.detach().clone()
@@ -312,7 +344,8 @@ class Splice:
     @torch.no_grad()
     def run(self, rows, mode: str | SpliceMode | dict | None = None, *, layers: tuple[int, int] | None = None,
             freeze_attention: bool | None = None, return_activations: bool = False, watch=None,
-            record_mlp: bool = False, all_positions: bool = False, batch_size: int = 32) -> InterventionResult:
+            record_mlp: bool = False, all_positions: bool = False, batch_size: int = 32,
+            skip_clean_layers: bool = True) -> InterventionResult:
         """Run intervention sets in batches of `batch_size` forward passes.
 
         rows: a list whose items are intervention sets (an Intervention, a dict, or a list of them; an empty
@@ -321,6 +354,9 @@ class Splice:
         return_activations: also return every layer's feature activations and pre-activations [B, P, d_tc].
         watch: (layer, position, feature) triples [n, 3] whose activations/pre-activations to return (cheap).
         record_mlp: also return the real MLP outputs and the CLT's response per layer (validation).
+        all_positions: also return the pre-softcap logits of every position [B, P, V].
+        skip_clean_layers: layers below a batch's first intervened layer return their clean output instead of
+          being computed (their input is exactly clean); off only to test that this changes nothing.
         """
         rows = self.normalise_rows(rows)
         spec = parse_mode(mode, layers=layers, freeze_attention=freeze_attention)
@@ -331,49 +367,81 @@ class Splice:
             raise InterventionError("batch_size must be >= 1")
         if watch is not None:
             watch = torch.as_tensor(watch, dtype=torch.long, device=self.device).reshape(-1, 3)
+        # rows with the same first intervened layer share the layers they skip: batch them together
+        first = torch.tensor([min((l for iv in r for l, _ in iv.features), default=self.L) for r in rows])
+        order = torch.argsort(first, stable=True)
         parts = []
         for i in range(0, len(rows), batch_size):
-            chunk = rows[i : i + batch_size]
+            chunk = [rows[k] for k in order[i : i + batch_size].tolist()]
             run = _Run(len(chunk), self.P, self.L, self.compile(chunk), cons, frozen_attn, return_activations,
                        record_mlp, watch)
-            parts.append(self._forward(run, all_positions))
-        return InterventionResult.concat(parts)
+            parts.append(self._forward(run, all_positions, skip_clean_layers))
+        return InterventionResult.concat(parts).take(torch.argsort(order))
 
     def _ov(self, l: int, dn: torch.Tensor) -> torch.Tensor:
-        """Change of the attention output for a change `dn` [B, P, d] of its (normed) input, frozen pattern."""
+        """Change of the attention output for a change `dn` [B, P, d] of its (normed) input, frozen pattern.
+        Projections run only on the (row, position)s that changed / can change: usually a small part."""
         W = self.W[l]
-        B, P = dn.shape[:2]
-        v = (dn @ W.W_V.T).view(B, P, self.Hkv, self.dh)
+        B, P, d = dn.shape
+        moved = torch.nonzero(_nonzero_rows(dn), as_tuple=True)
+        if moved[0].numel() == 0:
+            return torch.zeros_like(dn)
+        v = torch.zeros(B, P, self.Hkv * self.dh, dtype=dn.dtype, device=dn.device)
+        v[moved] = dn[moved] @ W.W_V.T
+        v = v.view(B, P, self.Hkv, self.dh)
         if self.Hkv != self.H:
             v = v.repeat_interleave(self.H // self.Hkv, dim=2)
         z = torch.einsum("hpq,bqhd->bphd", self.patterns[l].to(v.dtype), v).reshape(B, P, self.H * self.dh)
-        return z @ W.W_O.T
+        hit = torch.nonzero(_nonzero_rows(z), as_tuple=True)
+        out = torch.zeros_like(dn)
+        out[hit] = z[hit] @ W.W_O.T
+        return out
 
     def _add_pending(self, run: _Run, l: int, delta: torch.Tensor) -> None:
-        """Decode an activation change of layer `l` [B, P, d_tc] into the MLP outputs of the layers it writes."""
-        cols = torch.nonzero(delta.ne(0).any(0).any(0)).squeeze(1)
-        if cols.numel() == 0:
+        """Decode an activation change of layer `l` [B, P, d_tc] into the MLP outputs of the layers it writes.
+
+        Few features change per position, so this works entry by entry: each changed (row, position, feature)
+        adds its decoder rows, scaled by the change, to the pending outputs of the layers they write."""
+        flat = delta.reshape(run.B * run.P, -1)
+        r, f = torch.nonzero(flat, as_tuple=True)
+        if r.numel() == 0:
             return
-        W = self.W_dec[l][cols]  # only features that changed anywhere in the batch
-        span = W.shape[1]
-        y = (delta[..., cols] @ W.reshape(len(cols), -1)).unflatten(-1, (span, self.d))
-        for k in range(span):
-            t = l + k
-            run.pend[t] = y[:, :, k] if run.pend[t] is None else run.pend[t] + y[:, :, k]
+        v = flat[r, f]
+        W = self.W_dec[l]  # [d_tc, span, d]
+        span, d, L = W.shape[1], self.d, self.L
+        if run.pend_all is None and run.B * run.P * L * d <= _PEND_ALL_MAX:
+            run.pend_all = torch.zeros(run.B * run.P, L, d, dtype=W.dtype, device=W.device)
+        if run.pend_all is not None:
+            buf = run.pend_all.view(-1, d)
+            step = max(1, _CHUNK // (span * d))
+            ks = torch.arange(span, device=W.device)
+            for c in range(0, len(r), step):
+                rc, fc, vc = r[c : c + step], f[c : c + step], v[c : c + step]
+                tgt = (rc * L + l)[:, None] + ks  # row-major index of (row, layer l + k)
+                buf.index_add_(0, tgt.reshape(-1), (W[fc] * vc[:, None, None]).reshape(-1, d))
+        else:  # a large batch of long prompts: one buffer per layer
+            for k in range(span):
+                t = l + k
+                if run.pend[t] is None:
+                    run.pend[t] = torch.zeros(run.B * run.P, d, dtype=W.dtype, device=W.device)
+                run.pend[t].index_add_(0, r, W[f, k] * v[:, None])
 
     def _mlp_norm_hook(self, run: _Run, l: int, x: torch.Tensor, y: torch.Tensor):
         constrained = l in run.constrained
         B, P = run.B, run.P
         if constrained:
-            y = self.mlp_in[l] + self.W[l].mlp_norm.apply(x - self.resid_mid[l], self.s_mlp[l], with_bias=False)
+            y = (self.mlp_in[l] + self.W[l].mlp_norm.apply(x - self.resid_mid[l], self.s_mlp[l], with_bias=False)
+                 ).to(self.mlp_in.dtype)
         read = x if self.clt.feature_input_hook == "resid_mid" else y
         dr = (read - self.read_clean[l]).to(self.cdtype)
-        changed = bool(dr.any())
+        moved = torch.nonzero(_nonzero_rows(dr), as_tuple=True)  # (row, position)s whose read point changed
+        changed = moved[0].numel() > 0
         ops = run.ops.get(l)
         want_h = run.record_acts or run.record_mlp or run.watch is not None
         h = None
         if changed and (want_h or not constrained):
-            h = self.clean_pre[l] + dr @ self.W_enc[l].T
+            h = self.clean_pre[l].expand(B, P, -1).clone()
+            h[moved] = self.clean_pre[l][moved[1]] + dr[moved] @ self.W_enc[l].T
         elif want_h:
             h = self.clean_pre[l].expand(B, P, -1)
         clean_a = self.clean_acts[l]
@@ -391,27 +459,52 @@ class Splice:
         if run.record_acts:
             run.acts[l], run.pre[l] = a, h
         if run.watch is not None:
-            m = run.watch[:, 0] == l
-            if m.any():
-                idx = torch.nonzero(m).squeeze(1)
-                p, f = run.watch[idx, 1], run.watch[idx, 2]
-                run.w_acts.append((idx, a[:, p, f], h[:, p, f]))
+            self._watch(run, l, a, h)
         if run.record_mlp:
             free_a = self._act(l, h.clone()) if changed else clean_a.expand(B, P, -1)
             run.mlp_resp[l] = (free_a - clean_a) @ self.W_dec[l][:, 0]
-        pend = run.pend[l]
+        pend = run.pend_all[:, l] if run.pend_all is not None else run.pend[l]
         base = self.mlp_out[l]
-        run.stash[l] = base.expand(B, P, -1) if pend is None else base + pend.to(base.dtype)
+        run.stash[l] = base.expand(B, P, -1) if pend is None else base + pend.view(B, P, -1).to(base.dtype)
         return y if constrained else None
 
-    def _forward(self, run: _Run, all_positions: bool) -> InterventionResult:
+    def _watch(self, run: _Run, l: int, a: torch.Tensor, h: torch.Tensor) -> None:
+        m = run.watch[:, 0] == l
+        if m.any():
+            idx = torch.nonzero(m).squeeze(1)
+            p, f = run.watch[idx, 1], run.watch[idx, 2]
+            run.w_acts.append((idx, a[:, p, f], h[:, p, f]))
+
+    def _skip_layer(self, run: _Run, l: int) -> None:
+        """Records of a layer that was not computed (its values are the clean ones)."""
+        B, P = run.B, run.P
+        a, h = self.clean_acts[l].expand(B, P, -1), self.clean_pre[l].expand(B, P, -1)
+        if run.record_acts:
+            run.acts[l], run.pre[l] = a, h
+        if run.watch is not None:
+            self._watch(run, l, a, h)
+        if run.record_mlp:
+            run.mlp_real[l] = self.mlp_out[l].expand(B, P, -1)
+            run.mlp_resp[l] = torch.zeros(B, P, self.d, dtype=self.cdtype, device=self.device)
+
+    def _forward(self, run: _Run, all_positions: bool, skip_clean_layers: bool = True) -> InterventionResult:
         m, L = self.mods, self.L
         hs, swapped = [], []
+        blocks = self.ad.blocks()
+        skip = run.first if (skip_clean_layers and self._block_returns_tensor) else 0
+
+        def swap(mod, fn):
+            swapped.append((mod, mod.__dict__.get("forward")))
+            mod.forward = fn
 
         def frozen_norm(norm, s, x_clean, y_clean):
-            return lambda mod, a, o: y_clean + norm.apply(a[0] - x_clean, s, with_bias=False)
+            # (cast back: a norm gain kept in fp32 must not turn a half-precision residual into fp32)
+            return lambda mod, a, o: (y_clean + norm.apply(a[0] - x_clean, s, with_bias=False)).to(y_clean.dtype)
 
-        for l in range(L):
+        for l in range(skip):
+            swap(blocks[l], lambda *a, l=l, **k: self.resid_post[l].expand(run.B, run.P, -1).clone())
+            self._skip_layer(run, l)
+        for l in range(skip, L):
             if l in run.constrained:
                 hs.append(m.attn_norm[l].register_forward_hook(
                     frozen_norm(self.W[l].attn_norm, self.s_attn[l], self.attn_in[l], self.attn_n[l])))
@@ -422,10 +515,9 @@ class Splice:
                 # replaces the module's forward: the live pattern would be discarded, so it is not computed
                 def attn(*a, l=l, **kw):
                     n = kw["hidden_states"] if "hidden_states" in kw else a[0]
-                    return self.attn_out[l] + self._ov(l, n - self.attn_n[l]), None
+                    return (self.attn_out[l] + self._ov(l, n - self.attn_n[l])).to(self.attn_out.dtype), None
 
-                swapped.append((m.attn[l], m.attn[l].__dict__.get("forward")))
-                m.attn[l].forward = attn
+                swap(m.attn[l], attn)
             hs.append(m.mlp_norm[l].register_forward_hook(
                 lambda mod, a, o, l=l: self._mlp_norm_hook(run, l, a[0], _first(o))))
             if run.record_mlp:
@@ -436,26 +528,28 @@ class Splice:
                 hs.append(m.mlp_out[l].register_forward_hook(keep_real))
             else:
                 # the MLP's own output is discarded: skip computing it
-                swapped.append((m.mlp_out[l], m.mlp_out[l].__dict__.get("forward")))
-                m.mlp_out[l].forward = lambda *a, l=l, **k: run.stash[l]
+                swap(m.mlp_out[l], lambda *a, l=l, **k: run.stash[l])
                 if m.mlp[l] is not m.mlp_out[l]:
-                    swapped.append((m.mlp[l], m.mlp[l].__dict__.get("forward")))
-                    m.mlp[l].forward = lambda x, *a, **k: x
+                    swap(m.mlp[l], lambda x, *a, **k: x)
         if L - 1 in run.constrained:
             hs.append(m.final_norm.register_forward_hook(
                 frozen_norm(self.final, self.s_final, self.final_in, self.final_out)))
 
-        def head(mod, a, o):
-            run.logits = _first(o)
+        def head(x, *a, **k):
+            # one 2-D product: a strided [B, 1, d] input makes torch fall back to B separate products
+            W, b = m.lm_head.weight, getattr(m.lm_head, "bias", None)
+            y = torch.nn.functional.linear(x.reshape(-1, x.shape[-1]).contiguous(), W, b)
+            run.logits = y.view(*x.shape[:-1], -1)
+            return run.logits
 
-        hs.append(m.lm_head.register_forward_hook(head))
+        swap(m.lm_head, head)
         try:
             toks = self.tokens[None].expand(run.B, -1)
             out = self.model.model(toks, use_cache=False, logits_to_keep=0 if all_positions else 1).logits
         finally:
             for h in hs:
                 h.remove()
-            for mod, prev in swapped:
+            for mod, prev in reversed(swapped):
                 if prev is None:
                     del mod.forward
                 else:
@@ -478,7 +572,7 @@ class Splice:
                 wa[:, idx], wp[:, idx] = a, h
             res.watched_acts, res.watched_pre = wa, wp
         if run.record_mlp:
-            res.mlp_real = torch.stack(run.mlp_real, 1)
+            res.mlp_real = torch.stack([r.expand(run.B, run.P, -1) for r in run.mlp_real], 1)
             res.mlp_response = torch.stack([r.expand(run.B, run.P, -1) for r in run.mlp_resp], 1)
         return res
 

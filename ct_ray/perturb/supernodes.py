@@ -111,10 +111,12 @@ def collapse(graph, supernodes: SupernodeSet | dict | list) -> CollapsedGraph:
             labels.append(ids[i])
             gkinds.append(kinds[i])
             members.append([i])
-    G = torch.zeros(len(labels), N)
+    group_of = torch.empty(N, dtype=torch.long)
     for g, m in enumerate(members):
-        G[g, m] = 1.0
-    A = G @ graph.adjacency @ G.T
+        group_of[m] = g
+    A = graph.adjacency
+    A = torch.zeros(len(labels), N, dtype=A.dtype).index_add_(0, group_of, A)
+    A = torch.zeros(len(labels), len(labels), dtype=A.dtype).index_add_(1, group_of, A)
     A.fill_diagonal_(0)
     return CollapsedGraph(A, labels, gkinds, members)
 
