@@ -119,36 +119,9 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    """Embedded end-to-end job: attribute the quickstart prompts on the default model, write graphs, summarise."""
-    import time
+    from .demo import run_demo
 
-    from . import attribute, load_clt, load_model, random_clt
-    from .specs import QuickstartSpec, load_yaml
-
-    spec = load_yaml(args.spec, QuickstartSpec)
-    t0 = time.perf_counter()
-    model = load_model(spec.model)
-    clt = load_clt(spec.clt) if spec.clt else random_clt(model, spec.random_clt_features, seed=spec.seed)
-    clt.check_model(model.n_layers, model.d_model)
-    print(f"model {model.name} ({model.n_layers} layers), CLT {spec.clt or f'random ({spec.random_clt_features}/layer)'}")
-    rows = []
-    for i, prompt in enumerate(spec.prompts):
-        g = attribute(model, clt, prompt, **spec.attribution.model_dump())
-        p = g.prune(**spec.pruning.model_dump())
-        s, ps = g.scores(), p.scores()
-        out = f"{spec.out.rstrip('/')}/prompt_{i:03d}"
-        g.save(f"{out}/graph")
-        p.to_json(f"{out}/graph.json", slug=f"quickstart-{i}")
-        top = model.decode([g.meta["logit_tokens"][0]])[0]
-        rows.append((prompt, top, g.meta["logit_probs"][0], g.n_features, p.n_features, s["replacement_score"],
-                     ps["completeness_score"], g.meta["timings_s"]["total"]))
-    w = max(len(r[0]) for r in rows)
-    print(f"{'prompt':<{w}}  {'top':>10}  {'p':>5}  {'feats':>5}  {'kept':>4}  {'repl':>5}  {'compl':>5}  {'sec':>5}")
-    for r in rows:
-        print(f"{r[0]:<{w}}  {r[1]!r:>10}  {r[2]:5.2f}  {r[3]:5d}  {r[4]:4d}  {r[5]:5.3f}  {r[6]:5.3f}  {r[7]:5.2f}")
-    print(f"graphs in {spec.out}/ (graph.json opens in circuit-tracer/Neuronpedia viewers); "
-          f"total {time.perf_counter() - t0:.1f} s")
-    return 0
+    return run_demo(args.spec, args.address)
 
 
 def _cmd_perturb(args) -> int:
@@ -194,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("demo", help="run the embedded end-to-end job (make demo)")
     s.add_argument("--spec", default="workflows/quickstart.yaml")
+    s.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
     s.set_defaults(fn=_cmd_demo)
 
     s = sub.add_parser("perturb", help="validate a graph by perturbing its top nodes (predicted vs measured)")

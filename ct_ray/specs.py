@@ -27,19 +27,6 @@ class PruneSpec(Spec):
     edge_threshold: float = Field(0.98, ge=0.0, le=1.0)
 
 
-class QuickstartSpec(Spec):
-    """The embedded end-to-end job (`make demo`)."""
-
-    model: str = "smollm2-135m"
-    clt: str | None = Field(None, description="CLT URL; a seeded random CLT is used when absent")
-    random_clt_features: int = Field(512, ge=1)
-    seed: int = 0
-    prompts: list[str] = Field(min_length=1)
-    out: str = "ct_ray_data/quickstart"
-    attribution: AttributionSpec = AttributionSpec()
-    pruning: PruneSpec = PruneSpec()
-
-
 class HarvestSpec(Spec):
     """Activation harvesting: corpus -> contexts -> model actors -> (x at the read point, y = mlp_out) per layer."""
 

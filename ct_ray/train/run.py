@@ -78,6 +78,14 @@ def write_metrics_table(url: str, run: str, history: list[dict]) -> None:
         pq.write_table(table, f)
 
 
+def resolve_paths(spec: TrainSpec) -> TrainSpec:
+    """Local paths made absolute: Ray Train workers run in their own directories."""
+    return spec.model_copy(update={
+        "checkpoint": absolute_url(spec.checkpoint), "out": absolute_url(spec.out),
+        "activations": absolute_url(spec.activations), "metrics": absolute_url(spec.metrics),
+        "harvest": spec.harvest.model_copy(update={"out": absolute_url(spec.harvest.out)})})
+
+
 def train(spec: TrainSpec, *, progress: bool = True) -> dict:
     """Harvest (unless `spec.activations`), train on Ray Train, export the CLT to `spec.out`. Returns a summary."""
     import ray
@@ -87,10 +95,7 @@ def train(spec: TrainSpec, *, progress: bool = True) -> dict:
     from ..harvest.pipeline import build_contexts, harvest_dataset, harvest_to_store
     from ..models import load_model
 
-    spec = spec.model_copy(update={
-        "checkpoint": absolute_url(spec.checkpoint), "out": absolute_url(spec.out),
-        "activations": absolute_url(spec.activations), "metrics": absolute_url(spec.metrics),
-        "harvest": spec.harvest.model_copy(update={"out": absolute_url(spec.harvest.out)})})
+    spec = resolve_paths(spec)
     for url in (spec.checkpoint, spec.out):
         _check_writable(url)
     if not ray.is_initialized():

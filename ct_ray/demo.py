@@ -1,0 +1,75 @@
+"""The embedded end-to-end job (`make demo` / `ct-ray demo`): harvest + train a small CLT on the default model
+(reused when already trained with the same spec), sweep prompts with perturbations into the local store, and print
+a SQL summary."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from pydantic import Field, field_validator
+
+from .specs import Spec, TrainSpec, load_yaml
+from .sweep.spec import SweepSpec
+
+
+class QuickstartSpec(Spec):
+    train: TrainSpec | str = Field(description="a TrainSpec, or the path of a TrainSpec YAML")
+    sweep: SweepSpec
+    summary_sql: list[str] = Field(default_factory=list)
+
+    @field_validator("train", mode="before")
+    @classmethod
+    def _train_file(cls, v):
+        return load_yaml(v, TrainSpec) if isinstance(v, str) else v
+
+
+def _trained(spec: TrainSpec) -> bool:
+    """A committed CLT at spec.out trained from the same spec (the sidecar records it)."""
+    from .store.fs import COMMIT_MARKER, absolute_url, filesystem
+
+    fs, path = filesystem(absolute_url(spec.out))
+    try:
+        if not fs.exists(f"{path}/{COMMIT_MARKER}"):
+            return False
+        with fs.open(f"{path}/ct_ray.json") as f:
+            side = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return False
+    from .train.run import resolve_paths
+
+    return side.get("spec") == resolve_paths(spec).model_dump()
+
+
+def run_demo(path: str | Path = "workflows/quickstart.yaml", address: str | None = None) -> int:
+    import ray
+
+    from .store.sql import format_table, query
+    from .sweep.runner import run_sweep
+    from .train.run import train
+
+    spec = load_yaml(path, QuickstartSpec)
+    t0 = time.perf_counter()
+    if not ray.is_initialized():
+        ray.init(address=address or "local", include_dashboard=False, log_to_driver=False,
+                 configure_logging=True, logging_level="WARNING")
+    tr = spec.train
+    if _trained(tr):
+        print(f"[1/3] reusing the trained CLT at {tr.out}")
+    else:
+        print(f"[1/3] harvest + train a CLT for {tr.harvest.model} ({tr.clt.n_features} features/layer, "
+              f"{tr.optim.steps} steps) -> {tr.out}")
+        s = train(tr)
+        f = s["final"]
+        print(f"      fvu {f['fvu']:.3f}, L0 {f['l0']:.1f}, harvest {s['harvest_s']:.0f} s, train {s['train_s']:.0f} s")
+    print(f"[2/3] sweep {spec.sweep.sweep_id!r}: attribution + pruning + perturbations -> {spec.sweep.storage.url}")
+    r = run_sweep(spec.sweep, progress=True)
+    print(f"      {r.ok} attributed, {r.skipped} already done, {r.failed} failed, {r.perturbed} perturbation jobs "
+          f"({r.seconds:.0f} s)")
+    print("[3/3] SQL summary (DuckDB over the Parquet tables)")
+    for q in spec.summary_sql:
+        print(f"\n> {q.strip()}")
+        print(format_table(query(q, spec.sweep.storage.url, **spec.sweep.storage.storage_options())))
+    print(f"\ndone in {time.perf_counter() - t0:.0f} s. Try: .venv/bin/ct-ray sql \"SELECT * FROM graphs\"")
+    return 0
