@@ -304,6 +304,10 @@ def test_validate_rejects_a_graph_of_another_clt(setup):
         validate(lm, other, g, top_k=2)
     with pytest.raises(CTRayError, match="top_k"):
         validate(lm, clt, g, top_k=0)
+    with pytest.raises(CTRayError, match="ops"):
+        validate(lm, clt, g, spec={"ops": [["scale", float("nan")]]})
+    v = validate(lm, clt, g, spec={"top_k": 1, "ops": [["scale", 0.5]], "mode": {"mode": "free"}})
+    assert v.metrics["n_interventions"] == 1 and v.metrics["mode"] == "free"
 
 
 def test_spearman():

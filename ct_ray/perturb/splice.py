@@ -231,6 +231,7 @@ class Splice:
             hs.append(m.attn[l].register_forward_hook(attn))
             if m.attn_post_norm is not None:
                 hs.append(m.attn_post_norm[l].register_forward_hook(lambda mod, a, o, l=l: put("post", l, _first(o))))
+
             def mlp_norm(mod, a, o, l=l):
                 put("mid", l, a[0])
                 put("mlp_in", l, _first(o))

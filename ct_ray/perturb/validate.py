@@ -19,12 +19,13 @@ Undefined metrics (too few pairs, constant values) are NaN.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Literal
 
 import pyarrow as pa
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..errors import CTRayError
 from .predict import Predictor, new_activation
@@ -47,6 +48,14 @@ class ValidationSpec(BaseModel):
                                                                     min_length=1)
     mode: SpliceMode = SpliceMode(mode="constrained")
     batch_size: int = Field(32, ge=1)
+
+    @field_validator("ops")
+    @classmethod
+    def _finite(cls, v):
+        for op, value in v:
+            if not math.isfinite(value):
+                raise InterventionError(f"invalid validation ops: {op} value must be finite, got {value}")
+        return v
 
 
 @dataclass
@@ -147,11 +156,20 @@ def select_targets(graph, top_k: int, supernodes: SupernodeSet | dict | list | N
 
 def validate(model, clt, graph, *, top_k: int = 10, ops=DEFAULT_OPS, mode: str | SpliceMode | dict | None = "constrained",
              layers: tuple[int, int] | None = None, freeze_attention: bool | None = None, supernodes=None,
-             batch_size: int = 32, graph_id: str | None = None) -> Validation:
-    """Validate `graph` (usually pruned) of a prompt by perturbing its top-k nodes on `model` + `clt`."""
-    spec = parse_mode(mode, layers=layers, freeze_attention=freeze_attention)
+             batch_size: int = 32, graph_id: str | None = None, spec: ValidationSpec | dict | None = None
+             ) -> Validation:
+    """Validate `graph` (usually pruned) of a prompt by perturbing its top-k nodes on `model` + `clt`.
+
+    `spec` (a `ValidationSpec` or its dict, e.g. from a sweep YAML) replaces top_k / ops / mode / batch_size.
+    The faithfulness metric compares MLP responses on the spliced model's MLP input (in constrained layers that
+    input is normalised with the frozen denominator).
+    """
     try:
-        vspec = ValidationSpec(top_k=top_k, ops=list(ops), mode=spec, batch_size=batch_size)
+        if spec is not None:
+            vspec = spec if isinstance(spec, ValidationSpec) else ValidationSpec.model_validate(spec)
+        else:
+            vspec = ValidationSpec(top_k=top_k, ops=list(ops), batch_size=batch_size,
+                                   mode=parse_mode(mode, layers=layers, freeze_attention=freeze_attention))
     except ValidationError as e:
         err = e.errors()[0]
         raise InterventionError(f"invalid validation options: {'.'.join(map(str, err['loc']))}: {err['msg']}") from e
