@@ -3,8 +3,18 @@ Parquet tables in object storage (ct_ray.store), resumable and idempotent. See d
 
 from .prompts import PromptItem, read_prompts, task_key
 from .runner import SweepResult, run_sweep
-from .spec import (InterventionSpec, PerturbationPlan, PromptEntry, PromptFile, RandomCLTSpec, ResourceSpec,
-                   StorageSpec, SweepSpec, load_sweep_spec, parse_sweep_spec)
+from .spec import (
+                   InterventionSpec,
+                   PerturbationPlan,
+                   PromptEntry,
+                   PromptFile,
+                   RandomCLTSpec,
+                   ResourceSpec,
+                   StorageSpec,
+                   SweepSpec,
+                   load_sweep_spec,
+                   parse_sweep_spec,
+)
 from .status import sweep_status
 
 __all__ = ["SweepSpec", "PromptEntry", "PromptFile", "RandomCLTSpec", "PerturbationPlan", "InterventionSpec",
