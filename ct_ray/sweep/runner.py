@@ -161,7 +161,8 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, progress: bool = F
         env.update({k: os.environ[k] for k in _FORWARD_ENV if k in os.environ})
     actor_cls = ray.remote(SweepWorker).options(
         num_cpus=res.num_cpus, num_gpus=res.num_gpus, max_restarts=res.max_restarts,
-        max_task_retries=spec.retries, runtime_env={"env_vars": env} if env else None)
+        max_task_retries=spec.retries, runtime_env={"env_vars": env} if env else None,
+        scheduling_strategy="SPREAD" if res.spread else "DEFAULT")
 
     n_workers = max(1, min(res.workers, len(todo) + len(pert_todo)))
     actors: list[dict] = []

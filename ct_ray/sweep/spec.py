@@ -85,6 +85,7 @@ class ResourceSpec(Spec):
     torch_threads: int | None = Field(None, ge=1, description="default: max(1, num_cpus)")
     queue_depth: int = Field(2, ge=1, le=64, description="tasks queued per actor (1 running + the rest waiting)")
     max_restarts: int = Field(-1, ge=-1, description="actor restarts (-1: unlimited)")
+    spread: bool = Field(False, description="place workers on different nodes (Ray SPREAD scheduling)")
     forward_aws_env: bool = Field(True, description="pass the driver's AWS_* env vars to the workers")
 
 

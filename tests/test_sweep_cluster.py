@@ -1,0 +1,106 @@
+"""Process-level faults: SIGKILL of the sweep driver (a real `ct-ray sweep` process) then a re-run, and a
+simulated 2-node cluster (`ray.cluster_utils.Cluster`) losing a node mid-sweep. Run as a script, this file is the
+cluster driver (a separate process: one Ray per process)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from ct_ray.store.tables import Store
+
+N_PROMPTS = 40
+PROMPTS = [f"prompt number {i} says" for i in range(N_PROMPTS)]
+
+
+def _spec_dict(tiny_dir, store, sweep_id, workers=1, **kw):
+    return {"sweep_id": sweep_id, "model": str(tiny_dir), "random_clt": {"features": 24, "seed": 3},
+            "prompts": PROMPTS, "attribution": {"max_n_logits": 5, "batch_size": 64}, "storage": str(store),
+            "resources": {"workers": workers, "num_cpus": 1}, **kw}
+
+
+def test_sigkill_driver_then_rerun(ray_local, tiny_dir, tmp_path):
+    from ct_ray.sweep import parse_sweep_spec, run_sweep
+
+    from .test_sweep import check_consistent
+
+    store = tmp_path / "store"
+    spec_path = tmp_path / "sweep.yaml"
+    spec_path.write_text(yaml.safe_dump(_spec_dict(tiny_dir, store, "drvkill")))
+    gcs = ray_local.get_runtime_context().gcs_address
+    proc = subprocess.Popen([sys.executable, "-m", "ct_ray.cli", "sweep", str(spec_path), "--address", gcs,
+                             "--no-progress"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    part = Store(str(store)).partition("graphs", "drvkill")
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if os.path.isdir(part) and len([f for f in os.listdir(part) if f.endswith(".parquet")]) >= 3:
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        proc.send_signal(signal.SIGKILL)  # the driver dies mid-sweep; its workers die with it
+    finally:
+        proc.wait(30)
+    done = Store(str(store)).list_names("graphs", "drvkill")
+    assert 3 <= len(done) < N_PROMPTS
+    r = run_sweep(parse_sweep_spec(yaml.safe_load(spec_path.read_text())))
+    assert r.skipped == len(done) and r.ok == N_PROMPTS - len(done) and r.failed == 0
+    check_consistent(str(store), "drvkill", N_PROMPTS)
+
+
+def test_two_node_cluster_loses_a_node(tiny_dir, tmp_path):
+    """Head + worker node, one sweep worker on each (SPREAD); the worker node is removed after the first results:
+    its actor restarts on the head, its in-flight prompts are retried, the sweep completes."""
+    from .test_sweep import check_consistent
+
+    store = tmp_path / "store"
+    spec = _spec_dict(tiny_dir, store, "twonode", workers=2, retries=3)
+    spec["resources"]["spread"] = True
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    out = subprocess.run([sys.executable, __file__, json.dumps(spec)], capture_output=True, text=True, timeout=300,
+                         env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["removed"] and res["ok"] + res["skipped"] == N_PROMPTS and res["failed"] == 0
+    assert len(res["pids"]) >= 3, res  # two workers before the loss + the restarted one (new process)
+    check_consistent(str(store), "twonode", N_PROMPTS)
+
+
+def _cluster_main(spec_json: str) -> None:
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from ct_ray.sweep import parse_sweep_spec, run_sweep
+
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 2, "include_dashboard": False, "object_store_memory": 128 * 2**20,
+        "_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 3,
+                           "health_check_timeout_ms": 1000}})
+    node = cluster.add_node(num_cpus=2, object_store_memory=128 * 2**20)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    state = {"removed": False, "pids": set()}
+
+    def on_event(kind, out):
+        state["pids"].add(out["pid"])
+        if not state["removed"] and len(state["pids"]) == 2:  # both workers (one per node) are producing
+            cluster.remove_node(node, allow_graceful=False)  # as if the machine died
+            state["removed"] = True
+
+    r = run_sweep(parse_sweep_spec(json.loads(spec_json)), on_event=on_event)
+    pids = sorted(state["pids"])
+    ray.shutdown()
+    cluster.shutdown()
+    print(json.dumps({"removed": state["removed"], "ok": r.ok, "skipped": r.skipped, "failed": r.failed,
+                      "pids": pids, "restarts": r.worker_restarts}))
+
+
+if __name__ == "__main__":
+    _cluster_main(sys.argv[1])
+else:
+    pytestmark = pytest.mark.slow
