@@ -97,6 +97,18 @@ def test_sweep_tables_match_attribute_and_rerun_skips(ray_local, tiny_dir, clt_d
     pert = query("SELECT key, count(DISTINCT node) n FROM perturbations WHERE sweep_id = 's1' GROUP BY key", str(store))
     assert pert.num_rows == 8 and set(pert.column("n").to_pylist()) == {2}
 
+    # every example query of docs/sql.md runs on a real sweep's tables
+    from .test_sql import DOCS, sql_blocks
+
+    con = connect(str(store))
+    examples = [q for b in sql_blocks(DOCS.read_text()) if b.startswith("-- example")
+                for q in b.split(";") if q.strip()]
+    assert len(examples) >= 5
+    for q in examples:
+        con.sql(q.replace("'quickstart'", "'s1'")).fetchall()
+    assert con.execute("SELECT count(*) FROM perturbations WHERE status = 'ok'").fetchone()[0] > 0
+    con.close()
+
     # a re-run finds everything committed: no worker starts, nothing is rewritten
     mtimes = {p: p.stat().st_mtime_ns for p in store.rglob("*.parquet")}
     r2 = run_sweep(spec)

@@ -109,3 +109,58 @@ def format_table(t: pa.Table, fmt: str = "table", max_rows: int = 100, max_width
     more = t.num_rows - len(rows)
     lines.append(f"({t.num_rows} row{'s' if t.num_rows != 1 else ''}{f', {more} not shown' if more > 0 else ''})")
     return "\n".join(lines)
+
+
+# --- DDL for other engines over the same files ---------------------------------------------------------------
+_TYPES = {  # arrow type -> (trino, spark, athena)
+    "string": ("varchar", "string", "string"),
+    "int16": ("smallint", "smallint", "smallint"),
+    "int32": ("integer", "int", "int"),
+    "int64": ("bigint", "bigint", "bigint"),
+    "float": ("real", "float", "float"),
+    "double": ("double", "double", "double"),
+    "bool": ("boolean", "boolean", "boolean"),
+    "timestamp[us, tz=UTC]": ("timestamp(6)", "timestamp", "timestamp"),  # UTC instants
+}
+ENGINES = ("trino", "spark", "athena")
+
+
+def _sql_type(t: pa.DataType, engine: str) -> str:
+    i = ENGINES.index(engine)
+    if pa.types.is_list(t):
+        inner = _sql_type(t.value_type, engine)
+        return f"array({inner})" if engine == "trino" else f"array<{inner}>"
+    return _TYPES[str(t)][i]
+
+
+def external_table_ddl(engine: str, location: str, schema_name: str = "ct_ray") -> str:
+    """CREATE statements mounting the four tables (and the committed-rows views) at `location` (the store root,
+    e.g. s3://bucket/ct_ray) in Trino (Hive connector), Spark SQL or Athena."""
+    if engine not in ENGINES:
+        raise CTRayError(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
+    loc = location.rstrip("/")
+    if engine == "spark" and loc.startswith("s3://"):
+        loc = "s3a://" + loc[5:]
+    out = []
+    for t in TABLE_NAMES:
+        cols = [(f.name, _sql_type(f.type, engine)) for f in SCHEMAS[t]]
+        name = t if t == "graphs" else f"raw_{t}"
+        if engine == "trino":
+            body = ",\n".join(f"  {c} {ty}" for c, ty in cols + [(PARTITION, "varchar")])
+            out.append(f"CREATE TABLE hive.{schema_name}.{name} (\n{body}\n) WITH (\n"
+                       f"  external_location = '{loc}/{t}',\n  format = 'PARQUET',\n"
+                       f"  partitioned_by = ARRAY['{PARTITION}']\n);\n"
+                       f"CALL hive.system.sync_partition_metadata('{schema_name}', '{name}', 'FULL');")
+        else:
+            body = ",\n".join(f"  {c} {ty}" for c, ty in cols)
+            ext = "EXTERNAL " if engine == "athena" else ""
+            using = "STORED AS PARQUET" if engine == "athena" else "USING PARQUET"
+            part = f"PARTITIONED BY ({PARTITION} string)" if engine == "athena" else f"PARTITIONED BY ({PARTITION})"
+            cols_sql = body if engine == "athena" else body + f",\n  {PARTITION} string"
+            out.append(f"CREATE {ext}TABLE {schema_name}.{name} (\n{cols_sql}\n)\n{using}\n{part}\n"
+                       f"LOCATION '{loc}/{t}/';\nMSCK REPAIR TABLE {schema_name}.{name};")
+    prefix = f"hive.{schema_name}" if engine == "trino" else schema_name
+    for t in ("nodes", "edges", "perturbations"):
+        out.append(f"CREATE VIEW {prefix}.{t} AS SELECT r.* FROM {prefix}.raw_{t} r WHERE EXISTS (SELECT 1 FROM "
+                   f"{prefix}.graphs g WHERE g.{PARTITION} = r.{PARTITION} AND g.key = r.key AND g.status = 'ok');")
+    return "\n\n".join(out) + "\n"

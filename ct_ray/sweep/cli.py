@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from ..store.tables import DEFAULT_STORE
+from ..store.tables import DEFAULT_STORE, Store
 
 
 def _storage_options(args) -> dict:
@@ -65,8 +65,14 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_sql(args) -> int:
-    from ..store.sql import format_table, query
+    from ..errors import CTRayError
+    from ..store.sql import external_table_ddl, format_table, query
 
+    if args.ddl:
+        print(external_table_ddl(args.ddl, args.store if "://" in args.store else Store(args.store).url), end="")
+        return 0
+    if not args.query:
+        raise CTRayError('give a query, e.g. ct-ray sql "SELECT sweep_id, count(*) FROM graphs GROUP BY 1"')
     t = query(args.query, args.store, **_storage_options(args))
     if t.num_columns:
         print(format_table(t, args.format, max_rows=args.max_rows))
@@ -91,7 +97,9 @@ def add_parsers(sub) -> None:
     s.set_defaults(fn=cmd_sweep)
 
     s = sub.add_parser("sql", help="SQL over the sweep tables (DuckDB; views graphs, nodes, edges, perturbations)")
-    s.add_argument("query")
+    s.add_argument("query", nargs="?")
+    s.add_argument("--ddl", choices=("trino", "spark", "athena"),
+                   help="print CREATE statements mounting the store's tables in another engine, then exit")
     s.add_argument("--store", default=DEFAULT_STORE, help=f"storage URL (default {DEFAULT_STORE})")
     s.add_argument("--endpoint-url", help="S3-compatible endpoint (credentials come from the AWS env/chain)")
     s.add_argument("--format", choices=("table", "csv", "json"), default="table")
