@@ -299,6 +299,15 @@ class Store:
             schema = pa.schema([schema.field(c) for c in columns])
         if not names:
             return schema.empty_table()
+        if len(names) > 8:  # many small files: let Arrow fetch them concurrently
+            import pyarrow.dataset as pads
+
+            try:
+                d = pads.dataset([self.file_path(table, sweep_id, n) for n in names], format="parquet",
+                                 filesystem=self.fs, schema=schema)
+                return d.to_table(columns=columns).cast(schema)
+            except Exception:  # a file replaced mid-read, or an unusual filesystem: read one by one below
+                pass
         parts = []
         for n in names:
             path = self.file_path(table, sweep_id, n)

@@ -57,8 +57,8 @@ class PerturbationPlan(Spec):
 
     top_k: int = Field(0, ge=0, le=10_000)
     interventions: list[InterventionSpec] = Field(default_factory=list)
-    nodes: list[int] | None = Field(None, description="explicit node indices (filled per chunk by the sweep)")
-    chunk_size: int = Field(16, ge=1, description="nodes per perturbation task")
+    nodes: list[int] | None = Field(None, description="explicit node indices (`node`); the sweep fills in the "
+                                                      "top_k selection of each graph when absent")
     function: str = Field("ct_ray.perturb:perturbation_rows",
                           description="module:function(model, clt, graph, plan) -> rows of the perturbations table")
 
@@ -74,7 +74,7 @@ class PerturbationPlan(Spec):
         return (self.top_k == 0 and not self.nodes) or not self.interventions
 
     def plan_hash(self) -> str:
-        d = self.model_dump(exclude={"nodes", "chunk_size"})
+        d = self.model_dump()
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
 
 

@@ -1,0 +1,167 @@
+"""Sweep benchmark: per-prompt overhead of a Ray sweep vs attribute() in a loop, and 1 vs 2 worker throughput.
+
+In one process:
+  1. baseline: load the model and the CLT, one warm-up graph, then `attribute()` + `prune()` for every prompt in a
+     plain loop (torch threads = --threads); also `attribute()` alone;
+  2. sweeps of the same prompts into a local store (fresh sweep ids, nothing skipped) on a local Ray:
+       A. 1 worker  x --threads CPUs  (the overhead comparison: same threads as the baseline)
+       B. 1 worker  x 1 CPU
+       C. 2 workers x 1 CPU           (scaling: throughput C / (2 x throughput B))
+     Steady-state time per prompt = (last result - first result) / (n - 1): worker start-up (a Ray actor
+     importing torch and loading the model + CLT) and the first graph's warm-up are reported separately.
+The sweep per-prompt time includes what the sweep adds: the Ray round trip, building the Arrow rows, the Parquet
+writes (nodes, edges, graphs row) and the driver's bookkeeping.
+
+    python benchmarks/sweep.py                 # SmolLM2-135M + random CLT (1024 features/layer), 12 prompts
+    python benchmarks/sweep.py --quick         # tiny model, 24 prompts (~1-2 minutes)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+PROMPTS = [
+    "The capital of France is", "The opposite of hot is", "Fact: Michael Jordan plays the sport of",
+    "1 2 3 4 5 6 7", "The Eiffel Tower is in the city of", "She opened the door and saw a",
+    "Water freezes at zero degrees", "The chemical symbol for gold is", "My favourite colour is",
+    "The sun rises in the", "Dogs are loyal and cats are", "A week has seven", "The largest ocean is the",
+    "To be or not to", "Bread is made from", "The first month of the year is", "Ice cream is cold and",
+    "He plays the guitar in a", "Rain falls from the", "The opposite of up is", "Cows give us",
+    "Monday comes after", "The moon orbits the", "Paris, London and",
+]
+
+
+def load_avg() -> float:
+    return os.getloadavg()[0]
+
+
+def prepare(args, work: Path) -> tuple[str, str]:
+    from ct_ray import load_model, random_clt, save_clt
+    from ct_ray.models.tiny import save_tiny
+
+    if args.model == "tiny":
+        model = str(save_tiny("llama", work / "tiny", n_layers=4, d_model=128, d_mlp=512, max_pos=128))
+    else:
+        model = args.model
+    lm = load_model(model)
+    clt_dir = str(work / "clt")
+    save_clt(random_clt(lm, args.features, seed=0, firing_rate=args.firing_rate), clt_dir)
+    return model, clt_dir
+
+
+def baseline(model: str, clt_dir: str, prompts: list[str], threads: int, attr_kw: dict) -> dict:
+    import torch
+
+    from ct_ray import attribute, load_clt, load_model
+
+    torch.set_num_threads(threads)
+    lm, clt = load_model(model), load_clt(clt_dir)
+    g = attribute(lm, clt, prompts[0], **attr_kw)  # warm-up
+    g.prune()
+    t_attr, t_both = [], []
+    for p in prompts:
+        t0 = time.perf_counter()
+        g = attribute(lm, clt, p, **attr_kw)
+        t1 = time.perf_counter()
+        g.prune()
+        t2 = time.perf_counter()
+        t_attr.append(t1 - t0)
+        t_both.append(t2 - t0)
+    return {"attribute_s": sum(t_attr) / len(prompts), "attribute_prune_s": sum(t_both) / len(prompts),
+            "per_prompt_attribute_prune_s": t_both}
+
+
+def sweep(model, clt_dir, prompts, store, sweep_id, workers, cpus, threads, attr_kw) -> dict:
+    from ct_ray.sweep import parse_sweep_spec, run_sweep
+
+    spec = parse_sweep_spec({"sweep_id": sweep_id, "model": model, "clt": clt_dir, "prompts": prompts,
+                             "attribution": attr_kw, "storage": str(store),
+                             "resources": {"workers": workers, "num_cpus": cpus, "torch_threads": threads}})
+    stamps, worker_s = [], []
+    t0 = time.perf_counter()
+    r = run_sweep(spec, on_event=lambda kind, out: (stamps.append(time.perf_counter()), worker_s.append(out["seconds"])))
+    n = len(stamps)
+    assert r.ok == len(prompts) and r.failed == 0, r
+    steady = (stamps[-1] - stamps[0]) / (n - 1)
+    return {"workers": workers, "cpus_per_worker": cpus, "threads": threads, "total_s": r.seconds,
+            "first_result_s": stamps[0] - t0, "steady_per_prompt_s": steady, "throughput_per_min": 60.0 / steady,
+            "worker_task_mean_s": statistics.mean(worker_s[1:]) if n > 1 else worker_s[0]}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m", help="built-in name / HF dir, or 'tiny'")
+    ap.add_argument("--features", type=int, default=1024)
+    ap.add_argument("--firing-rate", type=float, default=0.003)
+    ap.add_argument("--prompts", type=int, default=12)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="tiny model, 24 prompts")
+    ap.add_argument("--workdir")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    if args.quick:
+        args.model, args.features, args.firing_rate, args.prompts = "tiny", 512, 0.01, 24
+    prompts = PROMPTS[: args.prompts]
+    attr_kw = {"max_n_logits": 10, "desired_logit_prob": 0.95, "batch_size": 128}
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="ct_sweep_bench_"))
+    work.mkdir(parents=True, exist_ok=True)
+    out = {"date": _dt.date.today().isoformat(), "cores": os.cpu_count(), "argv": sys.argv, "model": args.model,
+           "features": args.features, "firing_rate": args.firing_rate, "n_prompts": len(prompts)}
+    t_start = time.perf_counter()
+
+    model, clt_dir = prepare(args, work)
+    la0 = load_avg()
+    base = baseline(model, clt_dir, prompts, args.threads, attr_kw)
+    out["baseline"] = {**base, "load_avg": [la0, load_avg()]}
+    print(f"baseline ({args.threads} threads): attribute {base['attribute_s']:.3f} s/prompt, "
+          f"attribute+prune {base['attribute_prune_s']:.3f} s/prompt", flush=True)
+
+    import ray
+
+    ray.init(address="local", num_cpus=max(2, args.threads), include_dashboard=False, log_to_driver=False,
+             object_store_memory=256 * 2**20)
+    stamp = int(time.time())
+    runs = {}
+    for name, workers, cpus, threads in (("A", 1, args.threads, args.threads), ("B", 1, 1, 1), ("C", 2, 1, 1)):
+        la = load_avg()
+        runs[name] = sweep(model, clt_dir, prompts, work / "store", f"bench-{name}-{stamp}", workers, cpus, threads,
+                           attr_kw)
+        runs[name]["load_avg"] = [la, load_avg()]
+        r = runs[name]
+        print(f"sweep {name}: {workers} worker(s) x {cpus} CPU: steady {r['steady_per_prompt_s']:.3f} s/prompt "
+              f"({r['throughput_per_min']:.1f}/min), first result after {r['first_result_s']:.1f} s, "
+              f"total {r['total_s']:.1f} s", flush=True)
+    ray.shutdown()
+    a, b, c = runs["A"], runs["B"], runs["C"]
+    out["sweeps"] = runs
+    out["overhead_vs_attribute_prune"] = a["steady_per_prompt_s"] / base["attribute_prune_s"] - 1.0
+    out["overhead_vs_attribute"] = a["steady_per_prompt_s"] / base["attribute_s"] - 1.0
+    out["scaling_efficiency_2_workers"] = c["throughput_per_min"] / (2 * b["throughput_per_min"])
+    out["total_s"] = time.perf_counter() - t_start
+    print(f"per-prompt overhead of the sweep vs attribute()+prune() in a loop: {100 * out['overhead_vs_attribute_prune']:+.1f}% "
+          f"(vs attribute() alone: {100 * out['overhead_vs_attribute']:+.1f}%)")
+    print(f"2 workers x 1 CPU vs 1 worker x 1 CPU: {c['throughput_per_min'] / b['throughput_per_min']:.2f}x throughput, "
+          f"scaling efficiency {100 * out['scaling_efficiency_2_workers']:.0f}%")
+    print(f"total {out['total_s']:.0f} s; load average {load_avg():.2f} on {os.cpu_count()} cores")
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
