@@ -24,8 +24,9 @@ def _spec_dict(tiny_dir, store, sweep_id, workers=1, **kw):
             "resources": {"workers": workers, "num_cpus": 1}, **kw}
 
 
-def test_sigkill_driver_then_rerun(ray_local, tiny_dir, tmp_path):
-    from ct_ray.sweep import parse_sweep_spec, run_sweep
+def test_sigkill_driver_then_rerun(ray_local, tiny_dir, tmp_path, capsys):
+    from ct_ray.cli import main as cli_main
+    from ct_ray.sweep.status import summary_table
 
     from .test_sweep import check_consistent
 
@@ -48,9 +49,13 @@ def test_sigkill_driver_then_rerun(ray_local, tiny_dir, tmp_path):
         proc.wait(30)
     done = Store(str(store)).list_names("graphs", "drvkill")
     assert 3 <= len(done) < N_PROMPTS
-    r = run_sweep(parse_sweep_spec(yaml.safe_load(spec_path.read_text())))
-    assert r.skipped == len(done) and r.ok == N_PROMPTS - len(done) and r.failed == 0
+    capsys.readouterr()
+    assert cli_main(["sweep", str(spec_path)]) == 0  # the re-run, with its progress bar, on the session's Ray
+    out = capsys.readouterr()
+    assert f"{len(done)} already committed, {N_PROMPTS - len(done)} attributed, 0 failed" in out.out
+    assert "prompt/s" in out.err or "s/prompt" in out.err  # tqdm's rate
     check_consistent(str(store), "drvkill", N_PROMPTS)
+    assert summary_table("drvkill", str(store)).endswith(f"({N_PROMPTS} rows)")
 
 
 def test_two_node_cluster_loses_a_node(tiny_dir, tmp_path):

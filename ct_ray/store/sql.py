@@ -97,7 +97,8 @@ def format_table(t: pa.Table, fmt: str = "table", max_rows: int = 100, max_width
             s = f"{v:.6g}"
         else:
             s = str(v)
-        s = s.replace("\n", "\\n")
+        if not s.isprintable():
+            s = "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in s)
         return s if len(s) <= max_width else s[: max_width - 1] + "…"
 
     body = [[cell(r[c]) for c in cols] for r in rows]

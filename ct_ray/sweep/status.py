@@ -33,3 +33,24 @@ def format_status(c: dict) -> str:
     if p.get("updated_at"):
         lines.append(f"  last run started: {p['updated_at']}")
     return "\n".join(lines)
+
+
+SUMMARY_SQL = """
+SELECT prompt_index AS i, prompt, status, top_token_str AS top, round(top_prob, 3) AS p,
+       n_features_pruned AS features, n_edges_pruned AS edges,
+       round(replacement_score, 3) AS replacement, round(completeness_score, 3) AS completeness,
+       round(attribute_s, 2) AS seconds, coalesce(error, '') AS error
+FROM graphs WHERE sweep_id = $sid ORDER BY prompt_index
+"""
+
+
+def summary_table(sweep_id: str, store: str = DEFAULT_STORE, **storage_options) -> str:
+    """A per-prompt summary of a sweep (one SQL query over its tables), formatted for the terminal."""
+    from ..store.sql import connect, format_table
+
+    con = connect(store, **storage_options)
+    try:
+        t = con.sql(SUMMARY_SQL, params={"sid": sweep_id}).to_arrow_table()
+    finally:
+        con.close()
+    return format_table(t, max_rows=1000)
