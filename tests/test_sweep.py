@@ -121,21 +121,32 @@ def test_sweep_tables_match_attribute_and_rerun_skips(ray_local, tiny_dir, clt_d
                      "SELECT status, count(*) n FROM graphs GROUP BY status ORDER BY status"]) == 0
 
 
-def test_sigkill_worker_mid_sweep(ray_local, tiny_dir, clt_dir, tmp_path):
+def test_sigkill_worker_mid_sweep_and_a_prompt_that_kills_its_worker(ray_local, tiny_dir, clt_dir, tmp_path,
+                                                                      monkeypatch):
+    """A worker SIGKILLed mid-sweep costs nothing (its prompts re-run, alone, elsewhere or after its restart);
+    a prompt that kills its worker every time becomes an error row after `retries` re-runs; the sweep finishes."""
+    from ct_ray.sweep.worker import CRASH_ENV
+
     store = tmp_path / "store"
-    spec = make_spec(tiny_dir, clt_dir, store, "kill", PROMPTS, retries=3)
+    monkeypatch.setenv(CRASH_ENV, "poison prompt")
+    spec = make_spec(tiny_dir, clt_dir, store, "kill", PROMPTS + ["poison prompt"], retries=1)
     killed = []
 
     def on_event(kind, out):
         if not killed:
             killed.append(out["pid"])
-            os.kill(out["pid"], signal.SIGKILL)  # its queued task is in flight: Ray restarts the actor, retries
+            os.kill(out["pid"], signal.SIGKILL)  # its queued prompt is in flight
 
     r = run_sweep(spec, on_event=on_event)
-    assert killed and r.ok == len(PROMPTS) and r.failed == 0
-    check_consistent(str(store), "kill", len(PROMPTS))
-    workers = set(query("SELECT worker FROM graphs", str(store)).column("worker").to_pylist())
+    assert killed and r.ok == len(PROMPTS) and r.failed == 1
+    assert r.errors[0][:2] == (len(PROMPTS), "worker") and "died 2 time(s)" in r.errors[0][2]
+    check_consistent(str(store), "kill", len(PROMPTS) + 1)
+    workers = set(query("SELECT worker FROM graphs WHERE status = 'ok'", str(store)).column("worker").to_pylist())
     assert len(workers) >= 2
+    # the poison prompt's error is transient ('worker'): a re-run tries it again, the rest is skipped
+    monkeypatch.delenv(CRASH_ENV)
+    r2 = run_sweep(spec)
+    assert (r2.skipped, r2.ok, r2.failed) == (len(PROMPTS), 1, 0)
 
 
 def test_interrupted_driver_resumes_without_duplicates(ray_local, tiny_dir, clt_dir, tmp_path):

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 PERMANENT_ERRORS = ("prompt", "input")
 _FORWARD_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION",
                 "AWS_ENDPOINT_URL", "AWS_PROFILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE")
-_OTHER_ENV = ("HF_HUB_OFFLINE", "CT_RAY_CACHE", "HF_HOME", "TOKENIZERS_PARALLELISM")
+_OTHER_ENV = ("HF_HUB_OFFLINE", "CT_RAY_CACHE", "HF_HOME", "TOKENIZERS_PARALLELISM", "CT_RAY_FAULT_CRASH_PROMPT")
 
 
 @dataclass
@@ -159,40 +159,51 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, progress: bool = F
     env = {k: os.environ[k] for k in _OTHER_ENV if k in os.environ}
     if res.forward_aws_env:
         env.update({k: os.environ[k] for k in _FORWARD_ENV if k in os.environ})
+    # Retries are the driver's (max_task_retries=0): a prompt in flight when its worker died is re-queued as a
+    # *suspect* and re-run alone on an idle worker, so a prompt that kills its worker uses up only its own retries.
     actor_cls = ray.remote(SweepWorker).options(
-        num_cpus=res.num_cpus, num_gpus=res.num_gpus, max_restarts=res.max_restarts,
-        max_task_retries=spec.retries, runtime_env={"env_vars": env} if env else None,
-        scheduling_strategy="SPREAD" if res.spread else "DEFAULT")
+        num_cpus=res.num_cpus, num_gpus=res.num_gpus, max_restarts=res.max_restarts, max_task_retries=0,
+        runtime_env={"env_vars": env} if env else None, scheduling_strategy="SPREAD" if res.spread else "DEFAULT")
 
     n_workers = max(1, min(res.workers, len(todo) + len(pert_todo)))
     actors: list[dict] = []
-
-    def new_actor():
-        h = actor_cls.remote(cfg)
-        a = {"h": h, "ready": False, "inflight": 0, "ready_ref": h.ready.remote()}
-        inflight[a["ready_ref"]] = ("ready", None, a)
-        return a
-
-    inflight: dict = {}  # ref -> (kind, payload, actor)
+    inflight: dict = {}  # ref -> (kind, payload, actor); kind: 'prompt' | 'perturbation' | 'probe'
     attr_q = collections.deque(todo)
     pert_q: collections.deque = collections.deque((it, None, None) for it in pert_todo)  # (item, nodes, holder)
+    suspects: collections.deque = collections.deque()  # (kind, payload) whose worker died while they ran
     attempts: collections.Counter = collections.Counter()
-    for _ in range(n_workers):
-        actors.append(new_actor())
     bar = _Progress(progress, len(items), result.skipped, sid)
     waiting_since = time.monotonic()
+    n_work = 0  # work items in flight (probes excluded)
 
-    def submit(a, kind, payload):
+    def probe(a):
+        inflight[a["h"].ready.remote()] = ("probe", None, a)
+
+    def new_actor():
+        a = {"h": actor_cls.remote(cfg), "ready": False, "inflight": 0, "solo": False}
+        probe(a)
+        return a
+
+    for _ in range(n_workers):
+        actors.append(new_actor())
+
+    def submit(a, kind, payload, solo=False):
+        nonlocal n_work
         if kind == "prompt":
             ref = a["h"].run_prompt.remote(_item_dict(payload))
         else:
             it, nodes, _ = payload
             ref = a["h"].run_perturbation.remote(_item_dict(it), nodes)
         a["inflight"] += 1
+        a["solo"] = solo
+        n_work += 1
         inflight[ref] = (kind, payload, a)
 
     def fill():
-        for a in sorted((a for a in actors if a["ready"]), key=lambda a: a["inflight"]):
+        for a in sorted((a for a in actors if a["ready"] and not a["solo"]), key=lambda a: a["inflight"]):
+            if suspects and a["inflight"] == 0:
+                submit(a, *suspects.popleft(), solo=True)
+                continue
             while a["inflight"] < res.queue_depth and (attr_q or pert_q):
                 mine = next((j for j in pert_q if j[2] is a), None)  # a graph this actor holds
                 if mine is not None:
@@ -202,6 +213,16 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, progress: bool = F
                     submit(a, "prompt", attr_q.popleft())
                 else:
                     submit(a, "perturbation", pert_q.popleft())  # steal: the worker recomputes the graph
+
+    def replace(a):
+        if a in actors:
+            actors.remove(a)
+            try:
+                ray.kill(a["h"])
+            except Exception:
+                pass
+            result.worker_restarts += 1
+            actors.append(new_actor())
 
     def record_error(it: PromptItem, kind: str, msg: str):
         """A prompt whose worker kept dying: the driver writes its error row (small)."""
@@ -220,10 +241,8 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, progress: bool = F
         bar.update()
 
     try:
-        while inflight or attr_q or pert_q:
+        while n_work or attr_q or pert_q or suspects:
             fill()
-            if not inflight:
-                raise CTRayError("no sweep worker could start")  # pragma: no cover - guarded by fill()
             ready, _ = ray.wait(list(inflight), num_returns=1, timeout=5.0)
             if not ready:
                 if not any(a["ready"] for a in actors) and time.monotonic() - waiting_since > 60:
@@ -233,42 +252,39 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, progress: bool = F
                 continue
             ref = ready[0]
             kind, payload, a = inflight.pop(ref)
-            if kind != "ready":
+            if kind != "probe":
                 a["inflight"] -= 1
+                a["solo"] = False
+                n_work -= 1
             try:
                 out = ray.get(ref)
             except StorageError as e:
                 raise StorageError(_one_line(_cause(e))) from None
             except RayActorError as e:
-                if kind == "ready":
-                    actors.remove(a)
-                    result.worker_restarts += 1
-                    if attempts["__start__"] > spec.retries + len(actors) + 1:
-                        raise CTRayError(f"sweep workers keep dying at start: {_one_line(e)}") from None
-                    attempts["__start__"] += 1
-                    actors.append(new_actor())
+                if isinstance(e, ActorDiedError):  # gone for good (restarts exhausted, node lost): replace it
+                    if kind == "probe" and not a["ready"]:
+                        attempts["__start__"] += 1
+                        if attempts["__start__"] > spec.retries + res.workers:
+                            raise CTRayError(f"sweep workers keep dying at start: {_one_line(e)}") from None
+                    replace(a)
+                elif a in actors and (a["ready"] or kind == "probe"):  # restarting: use it again once it answers
+                    a["ready"] = False
+                    if kind == "probe":
+                        time.sleep(0.5)
+                    probe(a)
+                if kind == "probe":
                     continue
-                if isinstance(e, ActorDiedError):  # restarts exhausted, or killed for good: replace it
-                    if a in actors:
-                        actors.remove(a)
-                        try:
-                            ray.kill(a["h"])
-                        except Exception:
-                            pass
-                        result.worker_restarts += 1
-                        actors.append(new_actor())
                 it = payload if kind == "prompt" else payload[0]
                 attempts[(kind, it.key)] += 1
-                if attempts[(kind, it.key)] <= 1 and not isinstance(e, ActorDiedError):
-                    # the actor is restarting (ActorUnavailable): give the item one more go
-                    (attr_q.appendleft(it) if kind == "prompt" else pert_q.appendleft((it, payload[1], None)))
+                if attempts[(kind, it.key)] <= spec.retries:
+                    suspects.append((kind, payload if kind == "prompt" else (it, payload[1], None)))
                 elif kind == "prompt":
-                    record_error(it, "worker", f"worker died {spec.retries + 1} time(s) running this prompt: "
-                                               f"{_one_line(e)}")
+                    record_error(it, "worker", f"the worker died {attempts[(kind, it.key)]} time(s) running this "
+                                               f"prompt: {_one_line(e)}")
                 else:
                     bar.write(f"sweep {sid}: perturbation job of prompt {it.index} lost: {_one_line(e)}")
                 continue
-            if kind == "ready":
+            if kind == "probe":
                 if out.get("error"):
                     raise CTRayError(f"sweep worker cannot start: {out['error']}")
                 a["ready"] = True

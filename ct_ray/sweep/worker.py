@@ -25,6 +25,7 @@ from .spec import PerturbationPlan
 
 log = logging.getLogger(__name__)
 _GRAPH_CACHE = 4  # graphs kept per worker for their perturbation jobs
+CRASH_ENV = "CT_RAY_FAULT_CRASH_PROMPT"  # fault injection (tests): a worker handed exactly this prompt dies
 
 
 def _one_line(e: BaseException) -> str:
@@ -134,6 +135,8 @@ class SweepWorker:
     def run_prompt(self, item: dict) -> dict:
         """Attribute + prune one prompt, write its nodes, edges and (last: the commit record) graphs row."""
         t_start = time.perf_counter()
+        if os.environ.get(CRASH_ENV) and item["prompt"] == os.environ[CRASH_ENV]:
+            os._exit(3)
         key, sid = item["key"], self.cfg["sweep_id"]
         row = self._base_row(item)
         err = None
