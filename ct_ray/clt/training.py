@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from .transcoder import CrossLayerTranscoder
 
@@ -72,19 +73,21 @@ def encode_train(clt: CrossLayerTranscoder, l: int, x: torch.Tensor, bandwidth: 
 
 
 def decode_sparse(clt: CrossLayerTranscoder, acts: list[torch.Tensor], with_bias: bool = True) -> list[torch.Tensor]:
-    """Same result as `clt.decode`, touching only the decoder rows of active features (gather + index_add):
-    for a batch with L0 ≪ d_tc this is the cheap path, forward and backward."""
+    """Same result as `clt.decode`, touching only the decoder rows of active features: a weighted
+    `embedding_bag` (sum of the active rows of each token, weighted by their activations), whose backward writes
+    only those rows too. For a batch with L0 ≪ d_tc this is the cheap path, forward and backward."""
     n, d = acts[0].shape[0], clt.d_model
     out = [torch.zeros(n, d, dtype=acts[0].dtype, device=acts[0].device) for _ in range(clt.n_layers)]
     for ls, a in enumerate(acts):
-        tok, feat = torch.nonzero(a, as_tuple=True)
+        tok, feat = torch.nonzero(a, as_tuple=True)  # row-major: tokens sorted, as the bag offsets need
         if tok.numel() == 0:
             continue
         vals = a[tok, feat]  # keeps the graph to the activations
-        rows = clt.W_dec[ls][feat]  # [nnz, span, d] gathered rows only
-        contrib = rows * vals[:, None, None]
+        offsets = torch.searchsorted(tok, torch.arange(n, device=tok.device))
+        y = F.embedding_bag(feat, clt.W_dec[ls].reshape(clt.d_tc[ls], -1), offsets, mode="sum",
+                            per_sample_weights=vals).view(n, clt.spans[ls], d)
         for k in range(clt.spans[ls]):
-            out[ls + k] = out[ls + k].index_add(0, tok, contrib[:, k])
+            out[ls + k] = out[ls + k] + y[:, k]
     if with_bias:
         out = [o + clt.b_dec[l] for l, o in enumerate(out)]
     return out
