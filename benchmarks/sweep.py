@@ -1,8 +1,9 @@
 """Sweep benchmark: per-prompt overhead of a Ray sweep vs attribute() in a loop, and 1 vs 2 worker throughput.
 
 In one process:
-  1. baseline: load the model and the CLT, one warm-up graph, then `attribute()` + `prune()` for every prompt in a
-     plain loop (torch threads = --threads); also `attribute()` alone;
+  1. baseline: load the model and the CLT, one warm-up graph, then for every prompt in a plain loop (torch threads
+     = --threads) `attribute()`, `prune()` and both graphs' `scores()` - the computation a sweep row needs - timing
+     `attribute()` alone and with `prune()` too;
   2. sweeps of the same prompts into a local store (fresh sweep ids, nothing skipped) on a local Ray:
        A. 1 worker  x --threads CPUs  (the overhead comparison: same threads as the baseline)
        B. 1 worker  x 1 CPU
@@ -72,18 +73,22 @@ def baseline(model: str, clt_dir: str, prompts: list[str], threads: int, attr_kw
     torch.set_num_threads(threads)
     lm, clt = load_model(model), load_clt(clt_dir)
     g = attribute(lm, clt, prompts[0], **attr_kw)  # warm-up
-    g.prune()
-    t_attr, t_both = [], []
+    g.prune().scores()
+    t_attr, t_both, t_all = [], [], []
     for p in prompts:
         t0 = time.perf_counter()
         g = attribute(lm, clt, p, **attr_kw)
         t1 = time.perf_counter()
-        g.prune()
+        pr = g.prune()
         t2 = time.perf_counter()
+        g.scores(), pr.scores()  # what a sweep row records besides the graph
+        t3 = time.perf_counter()
         t_attr.append(t1 - t0)
         t_both.append(t2 - t0)
-    return {"attribute_s": sum(t_attr) / len(prompts), "attribute_prune_s": sum(t_both) / len(prompts),
-            "per_prompt_attribute_prune_s": t_both}
+        t_all.append(t3 - t0)
+    n = len(prompts)
+    return {"attribute_s": sum(t_attr) / n, "attribute_prune_s": sum(t_both) / n, "compute_s": sum(t_all) / n,
+            "per_prompt_compute_s": t_all}
 
 
 def sweep(model, clt_dir, prompts, store, sweep_id, workers, cpus, threads, attr_kw) -> dict:
@@ -92,15 +97,18 @@ def sweep(model, clt_dir, prompts, store, sweep_id, workers, cpus, threads, attr
     spec = parse_sweep_spec({"sweep_id": sweep_id, "model": model, "clt": clt_dir, "prompts": prompts,
                              "attribution": attr_kw, "storage": str(store),
                              "resources": {"workers": workers, "num_cpus": cpus, "torch_threads": threads}})
-    stamps, worker_s = [], []
+    stamps, outs = [], []
     t0 = time.perf_counter()
-    r = run_sweep(spec, on_event=lambda kind, out: (stamps.append(time.perf_counter()), worker_s.append(out["seconds"])))
+    r = run_sweep(spec, on_event=lambda kind, out: (stamps.append(time.perf_counter()), outs.append(out)))
     n = len(stamps)
     assert r.ok == len(prompts) and r.failed == 0, r
     steady = (stamps[-1] - stamps[0]) / (n - 1)
+    task = statistics.mean(o["seconds"] for o in outs[1:])
+    compute = statistics.mean(o["compute_seconds"] for o in outs[1:])
     return {"workers": workers, "cpus_per_worker": cpus, "threads": threads, "total_s": r.seconds,
             "first_result_s": stamps[0] - t0, "steady_per_prompt_s": steady, "throughput_per_min": 60.0 / steady,
-            "worker_task_mean_s": statistics.mean(worker_s[1:]) if n > 1 else worker_s[0]}
+            "worker_task_s": task, "worker_compute_s": compute, "worker_rows_and_writes_s": task - compute,
+            "in_worker_overhead": (task - compute) / compute}
 
 
 def main() -> int:
@@ -129,7 +137,7 @@ def main() -> int:
     base = baseline(model, clt_dir, prompts, args.threads, attr_kw)
     out["baseline"] = {**base, "load_avg": [la0, load_avg()]}
     print(f"baseline ({args.threads} threads): attribute {base['attribute_s']:.3f} s/prompt, "
-          f"attribute+prune {base['attribute_prune_s']:.3f} s/prompt", flush=True)
+          f"+ prune {base['attribute_prune_s']:.3f} s/prompt, + scores {base['compute_s']:.3f} s/prompt", flush=True)
 
     import ray
 
@@ -145,16 +153,24 @@ def main() -> int:
         r = runs[name]
         print(f"sweep {name}: {workers} worker(s) x {cpus} CPU: steady {r['steady_per_prompt_s']:.3f} s/prompt "
               f"({r['throughput_per_min']:.1f}/min), first result after {r['first_result_s']:.1f} s, "
-              f"total {r['total_s']:.1f} s", flush=True)
+              f"total {r['total_s']:.1f} s; in the worker per prompt: compute {r['worker_compute_s']:.3f} s, "
+              f"rows + Parquet writes {r['worker_rows_and_writes_s']:.4f} s "
+              f"({100 * r['in_worker_overhead']:.1f}%)", flush=True)
     ray.shutdown()
     a, b, c = runs["A"], runs["B"], runs["C"]
     out["sweeps"] = runs
+    out["overhead_vs_compute"] = a["steady_per_prompt_s"] / base["compute_s"] - 1.0
     out["overhead_vs_attribute_prune"] = a["steady_per_prompt_s"] / base["attribute_prune_s"] - 1.0
     out["overhead_vs_attribute"] = a["steady_per_prompt_s"] / base["attribute_s"] - 1.0
     out["scaling_efficiency_2_workers"] = c["throughput_per_min"] / (2 * b["throughput_per_min"])
     out["total_s"] = time.perf_counter() - t_start
-    print(f"per-prompt overhead of the sweep vs attribute()+prune() in a loop: {100 * out['overhead_vs_attribute_prune']:+.1f}% "
-          f"(vs attribute() alone: {100 * out['overhead_vs_attribute']:+.1f}%)")
+    print(f"per-prompt overhead of the sweep (Ray round trip, Arrow rows, Parquet writes, bookkeeping) vs the same "
+          f"computation in a loop (attribute + prune + scores): {100 * out['overhead_vs_compute']:+.1f}%; "
+          f"vs attribute+prune {100 * out['overhead_vs_attribute_prune']:+.1f}%, "
+          f"vs attribute() alone {100 * out['overhead_vs_attribute']:+.1f}%")
+    print(f"same run, measured inside the worker (insensitive to load changes between runs): rows + Parquet "
+          f"writes add {100 * a['in_worker_overhead']:.1f}% to attribute+prune+scores; Ray + driver per prompt "
+          f"{a['steady_per_prompt_s'] - a['worker_task_s']:+.4f} s")
     print(f"2 workers x 1 CPU vs 1 worker x 1 CPU: {c['throughput_per_min'] / b['throughput_per_min']:.2f}x throughput, "
           f"scaling efficiency {100 * out['scaling_efficiency_2_workers']:.0f}%")
     print(f"total {out['total_s']:.0f} s; load average {load_avg():.2f} on {os.cpu_count()} cores")

@@ -154,18 +154,19 @@ class SweepWorker:
             except Exception as e:
                 err = ("internal", f"{type(e).__name__}: {_one_line(e)}")
                 log.error("prompt %s failed:\n%s", key, traceback.format_exc())
-        perturb_nodes = []
+        perturb_nodes, t_compute = [], None
         if err is not None:
             row.update(status="error", error_kind=err[0], error=err[1])
             # a previous, uncommitted attempt may have left rows: remove them (the views ignore them anyway)
             self.store.delete("nodes", sid, key)
             self.store.delete("edges", sid, key)
         else:
+            m, fs, ps = g.meta, g.scores(), p.scores()
             t_w = time.perf_counter()
+            t_compute = t_w - t_start  # attribute + prune + scores
             nodes, edges = self._tables(g, p, key)
             self.store.write_table("nodes", sid, key, nodes)
             self.store.write_table("edges", sid, key, edges)
-            m, fs, ps = g.meta, g.scores(), p.scores()
             toks = m["logit_tokens"]
             logit_strs = self.model.decode(toks)
             row.update(
@@ -191,7 +192,7 @@ class SweepWorker:
         return {"key": key, "status": row["status"], "error_kind": row.get("error_kind"), "error": row.get("error"),
                 "n_nodes": row.get("n_nodes"), "n_features_pruned": row.get("n_features_pruned"),
                 "perturb_nodes": perturb_nodes, "worker": self.worker, "pid": os.getpid(),
-                "seconds": time.perf_counter() - t_start}
+                "compute_seconds": t_compute, "seconds": time.perf_counter() - t_start}
 
     def _tables(self, g, p, key: str) -> tuple[pa.Table, pa.Table]:
         if self.cfg["graph_rows"] == "pruned":
