@@ -13,6 +13,11 @@ Per layer `l` of an intervened pass (batch of B intervention sets of the same pr
     ones with the intervention applied, so only the intervened features' decoders carry the change.
 Position 0 (BOS) is an attention sink whose features are never nodes: its activations stay zero, its MLP output
 stays the real one.
+
+Cost: layers below a batch's first intervened layer are not computed (their input is exactly clean, so they return
+their clean output); rows are batched by first intervened layer; the real MLPs are not run (their output would be
+replaced); in frozen-attention layers only the positions that changed go through the OV projections; feature
+changes are decoded entry by entry (few features change per position).
 """
 
 from __future__ import annotations
