@@ -20,6 +20,7 @@ from .supernodes import (
     suggest_supernodes,
     supernode_interventions,
 )
+from .sweep_rows import perturbation_rows
 from .table import PERTURBATION_SCHEMA, graph_id, perturbation_table
 from .validate import DEFAULT_OPS, Validation, ValidationSpec, sign_agreement, spearman, validate
 
@@ -27,5 +28,5 @@ __all__ = [
     "Generation", "generate", "intervene", "node_intervention", "Predictor", "Intervention", "InterventionError",
     "PositionRange", "SpliceMode", "ablate", "steer", "InterventionResult", "Splice", "CollapsedGraph", "Supernode",
     "SupernodeSet", "collapse", "suggest_supernodes", "supernode_interventions", "PERTURBATION_SCHEMA", "graph_id",
-    "perturbation_table", "DEFAULT_OPS", "Validation", "ValidationSpec", "sign_agreement", "spearman", "validate",
+    "perturbation_table", "perturbation_rows", "DEFAULT_OPS", "Validation", "ValidationSpec", "sign_agreement", "spearman", "validate",
 ]
