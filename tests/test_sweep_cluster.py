@@ -72,7 +72,9 @@ def test_two_node_cluster_loses_a_node(tiny_dir, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res["removed"] and res["ok"] + res["skipped"] == N_PROMPTS and res["failed"] == 0
-    assert len(res["pids"]) >= 3, res  # two workers before the loss + the restarted one (new process)
+    # whether the lost node's actor is restarted (a third worker process) or its prompts simply move to the
+    # surviving worker depends on timing; either way every prompt must land exactly once
+    assert len(res["pids"]) >= 2, res
     check_consistent(str(store), "twonode", N_PROMPTS)
 
 
