@@ -161,6 +161,8 @@ class _Run:
         self.first = min(ops) if ops else L
         # decoder changes waiting for their layer: [B*P, L, d], or (large batches) per layer [B*P, d]
         self.pend_all: torch.Tensor | None = None
+        self.buffer = None  # callable (n floats, like tensor) -> zeroed flat buffer, reused across batches
+        self._scratch: dict[str, torch.Tensor] = {}
         self.pend: list[torch.Tensor | None] = [None] * L
         self.stash: list[torch.Tensor | None] = [None] * L  # this pass's MLP output of each layer
         self.acts = [None] * L
@@ -169,6 +171,17 @@ class _Run:
         self.mlp_resp = [None] * L
         self.w_acts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (watch index, acts, pre)
         self.logits = None
+
+    def scratch(self, name: str, shape: tuple, like: torch.Tensor) -> torch.Tensor:
+        """A zeroed tensor reused from layer to layer (allocating fresh large tensors costs page faults)."""
+        n = 1
+        for x in shape:
+            n *= x
+        buf = self._scratch.get(name)
+        if buf is None or buf.numel() < n or buf.dtype != like.dtype:
+            buf = self._scratch[name] = torch.zeros(n, dtype=like.dtype, device=like.device)
+            return buf.view(shape)
+        return buf[:n].view(shape).zero_()
 
 
 class Splice:
@@ -377,46 +390,59 @@ class Splice:
         first = torch.tensor([min((l for iv in r for l, _ in iv.features), default=self.L) for r in rows])
         order = torch.argsort(first, stable=True)
         parts = []
+        pool: list[torch.Tensor] = []
+
+        def buffer(n: int, like: torch.Tensor) -> torch.Tensor:
+            # one zeroed buffer for every batch of this call: fresh pages cost more than zeroing used ones
+            if not pool or pool[0].numel() < n or pool[0].dtype != like.dtype:
+                pool[:] = [torch.zeros(n, dtype=like.dtype, device=like.device)]
+                return pool[0]
+            return pool[0][:n].zero_()
+
         for i in range(0, len(rows), batch_size):
             chunk = [rows[k] for k in order[i : i + batch_size].tolist()]
             run = _Run(len(chunk), self.P, self.L, self.compile(chunk), cons, frozen_attn, return_activations,
                        record_mlp, watch)
+            run.buffer = buffer
             parts.append(self._forward(run, all_positions, skip_clean_layers))
         return InterventionResult.concat(parts).take(torch.argsort(order))
 
-    def _ov(self, l: int, dn: torch.Tensor) -> torch.Tensor:
+    def _ov(self, run: _Run, l: int, dn: torch.Tensor) -> torch.Tensor:
         """Change of the attention output for a change `dn` [B, P, d] of its (normed) input, frozen pattern.
         Projections run only on the (row, position)s that changed / can change: usually a small part."""
         W = self.W[l]
         B, P, d = dn.shape
         moved = torch.nonzero(_nonzero_rows(dn), as_tuple=True)
+        out = run.scratch("attn_out", (B, P, d), dn)
         if moved[0].numel() == 0:
-            return torch.zeros_like(dn)
-        v = torch.zeros(B, P, self.Hkv * self.dh, dtype=dn.dtype, device=dn.device)
+            return out
+        v = run.scratch("attn_v", (B, P, self.Hkv * self.dh), dn)
         v[moved] = dn[moved] @ W.W_V.T
         v = v.view(B, P, self.Hkv, self.dh)
         if self.Hkv != self.H:
             v = v.repeat_interleave(self.H // self.Hkv, dim=2)
         z = torch.einsum("hpq,bqhd->bphd", self.patterns[l].to(v.dtype), v).reshape(B, P, self.H * self.dh)
         hit = torch.nonzero(_nonzero_rows(z), as_tuple=True)
-        out = torch.zeros_like(dn)
         out[hit] = z[hit] @ W.W_O.T
         return out
 
     def _add_pending(self, run: _Run, l: int, delta: torch.Tensor) -> None:
-        """Decode an activation change of layer `l` [B, P, d_tc] into the MLP outputs of the layers it writes.
-
-        Few features change per position, so this works entry by entry: each changed (row, position, feature)
-        adds its decoder rows, scaled by the change, to the pending outputs of the layers they write."""
+        """Decode an activation change of layer `l` [B, P, d_tc] into the MLP outputs of the layers it writes."""
         flat = delta.reshape(run.B * run.P, -1)
         r, f = torch.nonzero(flat, as_tuple=True)
-        if r.numel() == 0:
-            return
-        v = flat[r, f]
+        if r.numel():
+            self._add_entries(run, l, r, f, flat[r, f])
+
+    def _add_entries(self, run: _Run, l: int, r: torch.Tensor, f: torch.Tensor, v: torch.Tensor) -> None:
+        """Changes `v` of layer-`l` features `f` at flat (row * P + position) indices `r`.
+
+        Few features change per position, so this works entry by entry: each change adds its decoder rows, scaled,
+        to the pending outputs of the layers they write."""
         W = self.W_dec[l]  # [d_tc, span, d]
         span, d, L = W.shape[1], self.d, self.L
+        v = v.to(W.dtype)
         if run.pend_all is None and run.B * run.P * L * d <= _PEND_ALL_MAX:
-            run.pend_all = torch.zeros(run.B * run.P, L, d, dtype=W.dtype, device=W.device)
+            run.pend_all = run.buffer(run.B * run.P * L * d, W).view(run.B * run.P, L, d)
         if run.pend_all is not None:
             buf = run.pend_all.view(-1, d)
             step = max(1, _CHUNK // (span * d))
@@ -452,15 +478,21 @@ class Splice:
             h = self.clean_pre[l].expand(B, P, -1)
         clean_a = self.clean_acts[l]
         # the activations this layer's features write with
+        a = None
         if constrained or not changed:
-            a = clean_a.expand(B, P, -1)
+            # clamped (or unchanged): only the intervened entries differ from the clean activations
             if ops is not None:
-                a = a.clone()
+                cur = clean_a[ops.pos, ops.feat]
+                self._add_entries(run, l, ops.rows * P + ops.pos, ops.feat, ops.apply(cur) - cur)
+            if run.record_acts or run.watch is not None:
+                a = clean_a.expand(B, P, -1)
+                if ops is not None:
+                    a = a.clone()
+                    a[ops.rows, ops.pos, ops.feat] = ops.apply(a[ops.rows, ops.pos, ops.feat])
         else:
             a = self._act(l, h.clone())
-        if ops is not None:
-            a[ops.rows, ops.pos, ops.feat] = ops.apply(a[ops.rows, ops.pos, ops.feat])
-        if ops is not None or (changed and not constrained):
+            if ops is not None:
+                a[ops.rows, ops.pos, ops.feat] = ops.apply(a[ops.rows, ops.pos, ops.feat])
             self._add_pending(run, l, a - clean_a)
         if run.record_acts:
             run.acts[l], run.pre[l] = a, h
@@ -521,7 +553,7 @@ class Splice:
                 # replaces the module's forward: the live pattern would be discarded, so it is not computed
                 def attn(*a, l=l, **kw):
                     n = kw["hidden_states"] if "hidden_states" in kw else a[0]
-                    return (self.attn_out[l] + self._ov(l, n - self.attn_n[l])).to(self.attn_out.dtype), None
+                    return (self.attn_out[l] + self._ov(run, l, n - self.attn_n[l])).to(self.attn_out.dtype), None
 
                 swap(m.attn[l], attn)
             hs.append(m.mlp_norm[l].register_forward_hook(
