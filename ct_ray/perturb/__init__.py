@@ -28,5 +28,6 @@ __all__ = [
     "Generation", "generate", "intervene", "node_intervention", "Predictor", "Intervention", "InterventionError",
     "PositionRange", "SpliceMode", "ablate", "steer", "InterventionResult", "Splice", "CollapsedGraph", "Supernode",
     "SupernodeSet", "collapse", "suggest_supernodes", "supernode_interventions", "PERTURBATION_SCHEMA", "graph_id",
-    "perturbation_table", "perturbation_rows", "DEFAULT_OPS", "Validation", "ValidationSpec", "sign_agreement", "spearman", "validate",
+    "perturbation_table", "perturbation_rows", "DEFAULT_OPS", "Validation", "ValidationSpec", "sign_agreement",
+    "spearman", "validate",
 ]
