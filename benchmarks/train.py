@@ -25,6 +25,7 @@ def bench_decode(args) -> None:
     L, d, F, n = args.layers, args.d_model, args.features, args.batch
     print(f"CLT {L} layers x {F} features, d_model {d}, span {args.span or 'full'}, batch {n} tokens, "
           f"target L0 {args.l0}/layer")
+    rates = {}
     for sparse in (False, True):
         clt = CrossLayerTranscoder(L, d, F, args.span, "relu")
         init_clt(clt, 0)
@@ -50,10 +51,8 @@ def bench_decode(args) -> None:
         rate = n / (sum(times) / len(times))
         print(f"{'sparse' if sparse else 'dense ':6} decode: {rate:8.0f} tok/s  ({1000 * sum(times) / len(times):.0f} ms/step, "
               f"measured L0 {l0:.1f}/layer)")
-        if sparse:
-            print(f"sparse / dense speed-up: {rate / dense_rate:.2f}x")
-        else:
-            dense_rate = rate
+        rates[sparse] = rate
+    print(f"sparse / dense speed-up: {rates[True] / rates[False]:.2f}x")
 
 
 def bench_shards(args) -> None:
