@@ -5,7 +5,8 @@ In one process:
      = --threads) `attribute()`, `prune()` and both graphs' `scores()` - the computation a sweep row needs - timing
      `attribute()` alone and with `prune()` too;
   2. sweeps of the same prompts into a local store (fresh sweep ids, nothing skipped) on a local Ray:
-       A. 1 worker  x --threads CPUs  (the overhead comparison: same threads as the baseline)
+       A. 1 worker  x --threads CPUs  (the overhead comparison: same threads as the baseline; the loop and sweep A
+          alternate --rounds times, since load from other processes drifts)
        B. 1 worker  x 1 CPU
        C. 2 workers x 1 CPU           (scaling: throughput C / (2 x throughput B))
      Steady-state time per prompt = (last result - first result) / (n - 1): worker start-up (a Ray actor
@@ -142,6 +143,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="tiny model, 24 prompts")
     ap.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
                     help="before each measured phase, wait until the load average stays low for S seconds")
+    ap.add_argument("--configs", default="ABC", help="which sweeps to run (A, B, C)")
+    ap.add_argument("--rounds", type=int, default=2, help="alternations of the in-process loop and sweep A")
     ap.add_argument("--workdir")
     ap.add_argument("--json")
     args = ap.parse_args()
@@ -156,49 +159,64 @@ def main() -> int:
     t_start = time.perf_counter()
 
     model, clt_dir = prepare(args, work)
-    wait_idle(args.wait_idle)
-    la0 = load_avg()
-    base = baseline(model, clt_dir, prompts, args.threads, attr_kw)
-    out["baseline"] = {**base, "load_avg": [la0, load_avg()]}
-    print(f"baseline ({args.threads} threads): attribute {base['attribute_s']:.3f} s/prompt, "
-          f"+ prune {base['attribute_prune_s']:.3f} s/prompt, + scores {base['compute_s']:.3f} s/prompt", flush=True)
 
     import ray
 
+    # Ray first, so the in-process loop runs beside an idle Ray exactly as the driver of a sweep does
     ray.init(address="local", num_cpus=max(2, args.threads), include_dashboard=False, log_to_driver=False,
              object_store_memory=256 * 2**20)
     stamp = int(time.time())
-    runs = {}
-    for name, workers, cpus, threads in (("A", 1, args.threads, args.threads), ("B", 1, 1, 1), ("C", 2, 1, 1)):
+    configs = {"A": (1, args.threads, args.threads), "B": (1, 1, 1), "C": (2, 1, 1)}
+
+    def run(name: str, tag: str) -> dict:
+        workers, cpus, threads = configs[name]
         wait_idle(args.wait_idle)
         la = load_avg()
-        runs[name] = sweep(model, clt_dir, prompts, work / "store", f"bench-{name}-{stamp}", workers, cpus, threads,
-                           attr_kw)
-        runs[name]["load_avg"] = [la, load_avg()]
-        r = runs[name]
-        print(f"sweep {name}: {workers} worker(s) x {cpus} CPU: steady {r['steady_per_prompt_s']:.3f} s/prompt "
+        r = sweep(model, clt_dir, prompts, work / "store", f"bench-{tag}-{stamp}", workers, cpus, threads, attr_kw)
+        r["load_avg"] = [la, load_avg()]
+        print(f"sweep {tag}: {workers} worker(s) x {cpus} CPU: steady {r['steady_per_prompt_s']:.3f} s/prompt "
               f"({r['throughput_per_min']:.1f}/min), first result after {r['first_result_s']:.1f} s, "
               f"total {r['total_s']:.1f} s; in the worker per prompt: compute {r['worker_compute_s']:.3f} s, "
               f"rows + Parquet writes {r['worker_rows_and_writes_s']:.4f} s "
               f"({100 * r['in_worker_overhead']:.1f}%)", flush=True)
+        return r
+
+    # overhead: alternate the in-process loop and sweep A (`--rounds` times; the machine's load drifts)
+    rounds = []
+    for i in range(args.rounds if "A" in args.configs else 0):
+        wait_idle(args.wait_idle)
+        la0 = load_avg()
+        base = baseline(model, clt_dir, prompts, args.threads, attr_kw)
+        base["load_avg"] = [la0, load_avg()]
+        print(f"loop {i} ({args.threads} threads): attribute {base['attribute_s']:.3f} s/prompt, "
+              f"+ prune {base['attribute_prune_s']:.3f}, + scores {base['compute_s']:.3f}", flush=True)
+        a = run("A", f"A{i}")
+        rounds.append({"baseline": base, "sweep": a,
+                       "vs_loop": a["steady_per_prompt_s"] / base["compute_s"] - 1.0,
+                       "vs_attribute_loop": a["steady_per_prompt_s"] / base["attribute_s"] - 1.0})
+    runs = {name: run(name, name) for name in ("B", "C") if name in args.configs}
     ray.shutdown()
-    a, b, c = runs["A"], runs["B"], runs["C"]
-    out["sweeps"] = runs
-    out["overhead_vs_compute"] = a["steady_per_prompt_s"] / base["compute_s"] - 1.0
-    out["overhead_vs_attribute_prune"] = a["steady_per_prompt_s"] / base["attribute_prune_s"] - 1.0
-    out["overhead_vs_attribute"] = a["steady_per_prompt_s"] / base["attribute_s"] - 1.0
-    out["scaling_efficiency_2_workers"] = c["throughput_per_min"] / (2 * b["throughput_per_min"])
+    out["rounds"], out["sweeps"] = rounds, runs
+    if rounds:
+        med = lambda xs: statistics.median(xs)  # noqa: E731
+        out["sweep_overhead"] = med([r["sweep"]["sweep_overhead"] for r in rounds])
+        out["overhead_vs_loop"] = med([r["vs_loop"] for r in rounds])
+        out["overhead_vs_attribute_loop"] = med([r["vs_attribute_loop"] for r in rounds])
+        a = rounds[-1]["sweep"]
+        print(f"per-prompt overhead of the sweep (rows, Parquet writes, Ray round trip, driver) against the workers' "
+              f"own computation (attribute + prune + scores) in the same run: {100 * out['sweep_overhead']:+.2f}% "
+              f"(median of {len(rounds)}; last: rows + writes {a['worker_rows_and_writes_s']:.4f} s, Ray + driver "
+              f"{a['steady_per_prompt_s'] - a['worker_task_s']:+.4f} s per prompt)")
+        each = ", ".join(f"{100 * r['vs_loop']:+.1f}%" for r in rounds)
+        print(f"sweep A vs the in-process loop just before it: {each} vs attribute + prune + scores "
+              f"(median {100 * out['overhead_vs_loop']:+.1f}%); vs attribute() alone: median "
+              f"{100 * out['overhead_vs_attribute_loop']:+.1f}%")
+    if "B" in runs and "C" in runs:
+        b, c = runs["B"], runs["C"]
+        out["scaling_efficiency_2_workers"] = c["throughput_per_min"] / (2 * b["throughput_per_min"])
+        print(f"2 workers x 1 CPU vs 1 worker x 1 CPU: {c['throughput_per_min'] / b['throughput_per_min']:.2f}x "
+              f"throughput, scaling efficiency {100 * out['scaling_efficiency_2_workers']:.0f}%")
     out["total_s"] = time.perf_counter() - t_start
-    out["sweep_overhead"] = a["sweep_overhead"]
-    print(f"per-prompt overhead of the sweep (rows, Parquet writes, Ray round trip, driver), measured in sweep A "
-          f"against its own per-prompt computation (attribute + prune + scores in the worker): "
-          f"{100 * a['sweep_overhead']:+.2f}% (rows + writes {a['worker_rows_and_writes_s']:.4f} s, Ray + driver "
-          f"{a['steady_per_prompt_s'] - a['worker_task_s']:+.4f} s per prompt)")
-    print(f"sweep A vs the in-process loop (different times: sensitive to other load): "
-          f"{100 * out['overhead_vs_compute']:+.1f}% vs attribute + prune + scores, "
-          f"{100 * out['overhead_vs_attribute']:+.1f}% vs attribute() alone")
-    print(f"2 workers x 1 CPU vs 1 worker x 1 CPU: {c['throughput_per_min'] / b['throughput_per_min']:.2f}x throughput, "
-          f"scaling efficiency {100 * out['scaling_efficiency_2_workers']:.0f}%")
     print(f"total {out['total_s']:.0f} s; load average {load_avg():.2f} on {os.cpu_count()} cores")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
