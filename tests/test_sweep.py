@@ -176,3 +176,14 @@ def test_worker_start_failure_is_one_clear_error(ray_local, tiny_dir, tmp_path):
     with pytest.raises(CTRayError, match="sweep worker cannot start: no CLT at"):
         run_sweep(spec)
     assert Store(str(tmp_path / "store")).list_names("graphs", "nostart") == []
+
+
+def test_demo_sweep_helper(ray_local, tiny_dir, tmp_path):
+    from ct_ray.sweep.demo import demo_sweep
+
+    r, table = demo_sweep(["The cat sat on", {"prompt": "1 2 3", "target": " 4"}], model=str(tiny_dir),
+                          random_clt_features=16, store=str(tmp_path / "store"), num_cpus=1, progress=False,
+                          perturbation={"top_k": 1, "interventions": [{"op": "scale", "value": 0.0}],
+                                        "function": "ct_ray.sweep.perturbation:predicted_only"})
+    assert (r.ok, r.failed, r.perturbed) == (2, 0, 2)
+    assert table.splitlines()[0].split()[:3] == ["i", "prompt", "status"] and table.endswith("(2 rows)")
