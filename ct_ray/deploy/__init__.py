@@ -1,0 +1,1 @@
+"""Deployment helpers: render the kustomizations of k8s/ and validate manifests offline."""
