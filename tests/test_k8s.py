@@ -13,7 +13,7 @@ import yaml
 
 from ct_ray.deploy import kustomize
 from ct_ray.deploy.kustomize import KustomizeError, render
-from ct_ray.deploy.policy import containers, embedded_manifests, image_pinned, violations
+from ct_ray.deploy.policy import containers, embedded_manifests, image_pinned, ray_cluster_specs, violations
 from ct_ray.deploy.validate import CRD_FILES, SCHEMA_DIR, validate, validate_crd
 
 from ._deploy_helpers import pinned_ray, project_version
@@ -33,9 +33,7 @@ def _all_docs(directory: str) -> list[dict]:
 
 
 def _cluster_specs(doc: dict) -> list[dict]:
-    spec = doc.get("spec") or {}
-    return {"RayCluster": [spec], "RayJob": [spec.get("rayClusterSpec")],
-            "RayCronJob": [spec.get("jobTemplate", {}).get("rayClusterSpec")]}.get(doc["kind"], [])
+    return [spec for _, spec in ray_cluster_specs(doc)]
 
 
 def test_layout():
@@ -96,7 +94,7 @@ def test_ray_clusters_head_idle_gpu_from_zero_autoscaling():
     seen_gpu = 0
     for directory in KUSTOMIZATIONS:
         for doc in _all_docs(directory):
-            for cluster in filter(None, _cluster_specs(doc)):
+            for cluster in _cluster_specs(doc):
                 assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
                 assert cluster["enableInTreeAutoscaling"] is True and "autoscalerOptions" in cluster
                 assert cluster["rayVersion"] == pinned_ray()
@@ -162,7 +160,7 @@ def test_credentials_come_from_secrets_that_have_templates():
                     if ref:
                         refs.add((ref["name"], ref["key"], ref.get("optional", False)))
                     assert "SECRET" not in env["name"] or ref, f"{env['name']} set literally"
-            for cluster in filter(None, _cluster_specs(doc)):
+            for cluster in _cluster_specs(doc):
                 if cluster.get("authOptions", {}).get("secretName"):
                     refs.add((cluster["authOptions"]["secretName"], "auth_token", False))
     assert ("ct-ray-object-store", "AWS_ACCESS_KEY_ID", False) in refs

@@ -28,7 +28,7 @@ def containers(doc: dict) -> Iterator[tuple[str, dict, dict]]:
         for field in ("initContainers", "containers"):
             for c in spec.get(field, []):
                 yield f"{where}/{field}/{c.get('name')}", c, spec
-    for where, cluster in _ray_cluster_specs(doc):
+    for where, cluster in ray_cluster_specs(doc):
         opts = cluster.get("autoscalerOptions")
         if cluster.get("enableInTreeAutoscaling") and opts is not None:
             # the sidecar runs in the head pod, so it inherits that pod's security context
@@ -36,7 +36,8 @@ def containers(doc: dict) -> Iterator[tuple[str, dict, dict]]:
             yield f"{where}/autoscalerOptions", opts, head_pod
 
 
-def _ray_cluster_specs(doc: dict) -> Iterator[tuple[str, dict]]:
+def ray_cluster_specs(doc: dict) -> Iterator[tuple[str, dict]]:
+    """(where, RayCluster spec) of a RayCluster, or of the cluster a RayJob / RayCronJob creates."""
     spec = doc.get("spec") or {}
     if doc.get("kind") == "RayCluster":
         yield "/spec", spec
