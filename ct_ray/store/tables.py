@@ -307,6 +307,20 @@ class Store:
                 out.append(base[: -len(".parquet")])
         return sorted(out)
 
+    def list_partitions(self, table: str) -> list[str]:
+        """Partition values of a table (e.g. the clt ids of `features`)."""
+        d, col = f"{self.root}/{table}", PARTITIONS.get(table, PARTITION)
+        try:
+            if not self.local:
+                self.fs.invalidate_cache(d)
+            paths = self.fs.ls(d, detail=False) if self.fs.exists(d) else []
+        except FileNotFoundError:
+            return []
+        except Exception as e:
+            raise StorageError(f"cannot list {self._url_of(d)}: {_one_line(e)}") from e
+        bases = (p.rstrip("/").rsplit("/", 1)[-1] for p in paths)
+        return sorted(b.split("=", 1)[1] for b in bases if b.startswith(f"{col}="))
+
     def sweeps(self) -> list[str]:
         """Sweep ids with at least one graphs file or a plan."""
         ids = set()
