@@ -141,7 +141,9 @@ class Handler(BaseHTTPRequestHandler):
         return self.rfile.read(n)
 
     def _static(self, path: str):
-        rel = "index.html" if path in ("/", "/index.html") else path.removeprefix("/static/") if path.startswith("/static/") else None
+        rel = "index.html" if path in ("/", "/index.html") else None
+        if path.startswith("/static/"):
+            rel = path.removeprefix("/static/")
         if rel is None or not _SAFE_STATIC.match(rel):
             raise _Error(404, "not found")
         root = os.path.realpath(STATIC_DIR)
