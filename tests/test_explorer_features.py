@@ -85,3 +85,12 @@ def test_features_cli_bad_input_is_one_line(capsys):
     assert main(["features", "--random-clt", "4", "--n-contexts", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(e.startswith("ct-ray: error:") for e in err)
+
+
+def test_features_workflow_parses():
+    from pathlib import Path
+
+    from ct_ray.features import load_features_spec
+
+    spec = load_features_spec(Path(__file__).resolve().parents[1] / "workflows" / "features_smollm2.yaml")
+    assert spec.clt and features_id(spec.clt).startswith("smollm2-plt-")

@@ -51,7 +51,12 @@ try {
   await page.waitForFunction(() => +document.getElementById("graph").dataset.nodes > 0, null, { timeout: 15000 });
   out.after_reload = await page.$$eval("#sn-list li span", (s) => s.map((x) => x.textContent));
   out.in_supernode = await page.$$eval(".node.in-sn", (s) => s.map((x) => x.dataset.id).sort());
-  if (shots) await page.screenshot({ path: `${shots}/explorer-graph.png` });
+  if (shots) {
+    await setTh("#node-th", process.env.SHOT_NODE_TH || "1");
+    await page.click(`.node.feature[data-id='${feats[0]}']`, { force: true });  // a dashboard beside the graph
+    await page.waitForSelector("#top-contexts .ctx", { timeout: 10000 });
+    await page.screenshot({ path: `${shots}/explorer-graph.png` });
+  }
   if (graphJson && graphJson !== "-") {  // a circuit-tracer / Neuronpedia JSON file opened in the page
     await page.setInputFiles("#file", graphJson);
     await page.waitForFunction(() => document.getElementById("title").textContent.endsWith("(file)"), null, { timeout: 10000 });
