@@ -92,7 +92,9 @@ class FeatureWorker:
 
         torch.set_num_threads(max(1, int(cfg["num_cpus"])))
         self.cfg = cfg
-        self.model = load_model(cfg["model"])
+        # only forward passes here: the fast attention kernel, except that random_clt calibrates through capture(),
+        # which needs eager attention's patterns
+        self.model = load_model(cfg["model"], attn="sdpa" if cfg["clt"] else "eager")
         if cfg["clt"]:
             self.clt = load_clt(cfg["clt"])
         else:

@@ -8,7 +8,7 @@ const FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", 
 const out = {};
 const browser = await chromium.launch({ executablePath: process.env.CHROMIUM || "/usr/bin/chromium", args: FLAGS });
 try {
-  const page = await browser.newPage({ viewport: { width: 1500, height: 950 } });
+  const page = await browser.newPage({ viewport: { width: 1500, height: shots ? 1250 : 950 } });
   const errors = [];
   page.on("pageerror", (e) => errors.push(String(e)));
   const counts = () => page.$eval("#graph", (s) => [+s.dataset.nodes, +s.dataset.edges]);
@@ -28,8 +28,9 @@ try {
   out.restored = await counts();
   await page.waitForFunction(() => +document.getElementById("pert-plot").dataset.points >= 0);
   out.pert_points = +(await page.$eval("#pert-plot", (s) => s.dataset.points));
-  // the most active feature node: its dashboard shows top contexts
-  const feats = await page.$$eval(".node.feature", (ns) => ns.map((n) => n.dataset.id));
+  // the most influential feature nodes first: the first one's dashboard shows top contexts
+  const feats = await page.$$eval(".node.feature", (ns) => ns.map((n) => [+n.dataset.cum, n.dataset.id])
+    .sort((a, b) => a[0] - b[0]).map((x) => x[1]));
   out.n_feature_nodes = feats.length;
   await page.click(`.node.feature[data-id='${feats[0]}']`, { force: true });
   await page.waitForSelector("#top-contexts .ctx", { timeout: 10000 });

@@ -47,7 +47,7 @@ function fromApi(g) {
   const m = g.meta;
   const nodes = g.nodes.map((n) => ({ id: n.node_id, idx: n.node, kind: n.kind, layer: n.layer, pos: n.position,
     feature: n.feature, act: n.activation, prob: n.probability, influence: n.influence,
-    label: n.kind === "logit" ? `${JSON.stringify(n.token_str)} p=${fmt(n.probability, 2)}` : n.kind === "embedding" ? n.token_str : "" }));
+    label: n.kind === "logit" ? `${JSON.stringify(n.token_str)} p=${fmt(n.probability, 2)}` : "" }));
   cumulative(nodes);
   const byIdx = new Map(nodes.map((n) => [n.idx, n]));
   const edges = g.edges.source.map((s, i) => ({ s: byIdx.get(s), t: byIdx.get(g.edges.target[i]), w: g.edges.weight[i] }))
@@ -65,7 +65,7 @@ function fromJson(j) {
     const f = kind === "feature" && n.jsNodeId ? parseInt(String(n.jsNodeId).split("_")[1], 10) : -1;
     return { id: String(n.node_id), kind, layer, pos: n.ctx_idx, feature: f, act: n.activation, prob: n.token_prob,
              cum: kind === "feature" || kind === "error" ? (n.influence ?? 1) : undefined,
-             label: kind === "logit" ? n.clerp || `p=${fmt(n.token_prob, 2)}` : kind === "embedding" ? (md.prompt_tokens || [])[n.ctx_idx] || "" : "" };
+             label: kind === "logit" ? n.clerp || `p=${fmt(n.token_prob, 2)}` : "" };
   });
   const L = Math.max(0, ...nodes.filter((n) => n.kind !== "logit").map((n) => n.layer)) + 1;
   nodes.forEach((n) => { if (n.kind === "logit") n.layer = L; });
@@ -100,9 +100,9 @@ function draw() {
   const nPos = Math.max(g.tokens.length, ...g.nodes.map((n) => n.pos + 1));
   const layers = g.nodes.map((n) => n.layer);
   const lo = Math.min(-1, ...layers), hi = Math.max(...layers);
-  const W = Math.max(700, nPos * 90), H = Math.max(420, (hi - lo + 1) * 24 + 60);
+  const W = Math.max(700, nPos * 90), H = Math.max(420, (hi - lo + 1) * 24 + 130);
   const x = scaleLinear().domain([0, nPos]).range([50, W - 10]);
-  const y = scaleLinear().domain([lo, hi]).range([H - 40, 20]);
+  const y = scaleLinear().domain([lo, hi]).range([H - 40, 100]);  // room above for the slanted logit labels
   // nodes of one (layer, position) cell side by side
   const cells = new Map();
   v.nodes.forEach((n) => { const k = n.layer + "/" + n.pos; (cells.get(k) || cells.set(k, []).get(k)).push(n); });
@@ -115,7 +115,8 @@ function draw() {
     .attr("data-total-nodes", g.nodes.length).attr("data-total-edges", g.edges.length);
   svg.selectAll("*").remove();
   const axis = svg.append("g");
-  g.tokens.forEach((t, i) => axis.append("text").attr("x", x(i) + 4).attr("y", H - 8).text(JSON.stringify(t)));
+  g.tokens.forEach((t, i) => axis.append("text").attr("x", (x(i) + x(i + 1)) / 2).attr("y", H - 8)
+    .attr("text-anchor", "middle").text(JSON.stringify(t)));
   for (let l = lo; l <= hi; l++) axis.append("text").attr("x", 2).attr("y", y(l) + 3).text(l === -1 ? "emb" : l === hi && g.nodes.some((n) => n.kind === "logit" && n.layer === hi) ? "logit" : "L" + l);
   const maxW = Math.max(1e-12, ...v.edges.map((e) => Math.abs(e.w)));
   svg.append("g").selectAll("line").data(v.edges).enter().append("line").attr("class", "edge")
@@ -125,7 +126,7 @@ function draw() {
   const inSn = new Set(state.supernodes.flatMap((s) => s.nodes));
   const gn = svg.append("g").selectAll("g").data(v.nodes).enter().append("g")
     .attr("class", (n) => `node ${n.kind}` + (state.selected.has(n.id) ? " selected" : "") + (inSn.has(n.id) ? " in-sn" : ""))
-    .attr("data-id", (n) => n.id).attr("transform", (n) => `translate(${n.x},${n.y})`)
+    .attr("data-id", (n) => n.id).attr("data-cum", (n) => n.cum ?? "").attr("transform", (n) => `translate(${n.x},${n.y})`)
     .on("mouseenter", (_, n) => showNode(n)).on("click", (_, n) => { toggle(n); showNode(n); });
   gn.each(function (n) {
     const el = select(this);
@@ -134,7 +135,7 @@ function draw() {
       .attr("transform", n.kind === "logit" ? "rotate(45)" : null);
     el.select(":first-child").attr("fill", COLORS[n.kind]).attr("stroke", "#333").attr("stroke-width", 0.5);
     el.append("title").text(`${n.id} (${n.kind}) act=${fmt(n.act)}` + (n.kind === "logit" ? ` p=${fmt(n.prob)}` : ""));
-    if (n.label) el.append("text").attr("x", 7).attr("y", n.kind === "logit" ? -6 : 12).text(n.label);
+    if (n.label) el.append("text").attr("transform", n.kind === "logit" ? "translate(3,-8) rotate(-50)" : "translate(7,12)").text(n.label);
   });
   $("counts").textContent = `${v.nodes.length}/${g.nodes.length} nodes, ${v.edges.length}/${g.edges.length} edges`;
 }
@@ -196,9 +197,11 @@ function renderSupernodes() {
 function addSupernode() {
   const name = $("sn-name").value.trim();
   if (!name || !state.selected.size) { $("sn-status").textContent = "select nodes and give a name"; return; }
-  const taken = new Set(state.supernodes.flatMap((s) => s.nodes));
-  const nodes = [...state.selected].filter((id) => !taken.has(id));
-  state.supernodes = state.supernodes.filter((s) => s.name !== name).concat([{ name, nodes }]);
+  // a node belongs to one group: it moves to the new one; a group left empty goes
+  const nodes = [...state.selected];
+  state.supernodes = state.supernodes.filter((s) => s.name !== name)
+    .map((s) => ({ ...s, nodes: s.nodes.filter((id) => !state.selected.has(id)) })).filter((s) => s.nodes.length)
+    .concat([{ name, nodes }]);
   state.selected.clear();
   $("selection").textContent = "selected: 0";
   $("sn-name").value = "";
