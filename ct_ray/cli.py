@@ -189,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .sweep.cli import add_parsers as _add_sweep_parsers  # `sweep` and `sql` (ct_ray/sweep/cli.py)
 
     _add_sweep_parsers(sub)
+    from .explorer.cli import add_parsers as _add_explorer_parsers  # `features` and `serve` (ct_ray/explorer/cli.py)
+
+    _add_explorer_parsers(sub)
     return p
 
 

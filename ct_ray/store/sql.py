@@ -3,7 +3,8 @@ since DuckDB's httpfs cannot be installed offline).
 
 Views: `graphs` (every committed prompt row, ok or error), `nodes`, `edges`, `perturbations` (rows of graphs whose
 status is 'ok' only, so rows of uncommitted or failed attempts never show), plus `raw_nodes`, `raw_edges`,
-`raw_perturbations` (every committed file). All carry the partition column `sweep_id`. See docs/sql.md.
+`raw_perturbations` (every committed file). All carry the partition column `sweep_id`; `features` (feature
+dashboards, see ct_ray/features) carries `clt_id` instead. See docs/sql.md.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import pyarrow as pa
 
 from ..errors import CTRayError, StorageError
-from .tables import DEFAULT_STORE, PARTITION, SCHEMAS, TABLE_NAMES, Store, _with_meta
+from .tables import ALL_SCHEMAS, DEFAULT_STORE, PARTITION, PARTITIONS, SCHEMAS, TABLE_NAMES, Store, _with_meta
 
 
 def _sql_str(s: str) -> str:
@@ -35,8 +36,9 @@ def connect(url: str = DEFAULT_STORE, *, store: Store | None = None, **storage_o
         con.register_filesystem(fs)
         proto = store.url.split("://", 1)[0]
         prefix = f"{proto}://{store.root}"
-    for t in TABLE_NAMES:
-        glob = f"{store.root}/{t}/{PARTITION}=*/*.parquet"
+    for t in (*TABLE_NAMES, *PARTITIONS):
+        part = PARTITIONS.get(t, PARTITION)
+        glob = f"{store.root}/{t}/{part}=*/*.parquet"
         try:
             has_files = bool(fs.glob(glob))
         except FileNotFoundError:
@@ -44,13 +46,13 @@ def connect(url: str = DEFAULT_STORE, *, store: Store | None = None, **storage_o
         except Exception as e:
             raise StorageError(f"cannot list {store.url}/{t}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
         if has_files:
-            src = (f"read_parquet({_sql_str(f'{prefix}/{t}/{PARTITION}=*/*.parquet')}, hive_partitioning=true, "
-                   f"union_by_name=true, hive_types={{'{PARTITION}': 'VARCHAR'}})")
+            src = (f"read_parquet({_sql_str(f'{prefix}/{t}/{part}=*/*.parquet')}, hive_partitioning=true, "
+                   f"union_by_name=true, hive_types={{'{part}': 'VARCHAR'}})")
         else:
-            empty = _with_meta(SCHEMAS[t], t).empty_table().append_column(PARTITION, pa.array([], pa.string()))
+            empty = _with_meta(ALL_SCHEMAS[t], t).empty_table().append_column(part, pa.array([], pa.string()))
             con.register(f"_empty_{t}", empty)
             src = f"_empty_{t}"
-        name = "graphs" if t == "graphs" else f"raw_{t}"
+        name = t if t in ("graphs", *PARTITIONS) else f"raw_{t}"
         con.execute(f"CREATE VIEW {name} AS SELECT * FROM {src}")
     for t in ("nodes", "edges", "perturbations"):
         con.execute(f"CREATE VIEW {t} AS SELECT r.* FROM raw_{t} r SEMI JOIN graphs g "

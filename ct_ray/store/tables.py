@@ -7,6 +7,9 @@ Layout under a store root (any fsspec URL; default `./ct_ray_data`), hive-partit
     {root}/edges/sweep_id={id}/{key}.parquet           the prompt's graph edges
     {root}/perturbations/sweep_id={id}/{key}.{plan}.{chunk}.parquet
     {root}/_sweeps/{id}/plan.json                      what the sweep was asked to do (for `sweep status`)
+    {root}/_sweeps/{id}/supernodes/{key}.json          supernode groupings saved from the explorer
+    {root}/features/clt_id={cid}/{job}.{layer}.parquet feature dashboards of a CLT (ct-ray features)
+    {root}/_features/{cid}/job.json                    the commit record of the CLT's features job
 
 Every file is written whole or not at all: locally into a hidden temporary name then renamed; on object storage
 with one PUT (objects appear atomically). A task writes its `nodes` and `edges` files first and its `graphs` row
@@ -138,6 +141,41 @@ PERTURBATIONS_SCHEMA = pa.schema(
 
 SCHEMAS = {"graphs": GRAPHS_SCHEMA, "nodes": NODES_SCHEMA, "edges": EDGES_SCHEMA, "perturbations": PERTURBATIONS_SCHEMA}
 
+_CONTEXT = pa.struct([
+    ("context", pa.int64()),  # index of the context in the job's corpus contexts
+    ("doc", pa.int32()),  # document index in the corpus
+    ("offset", pa.int32()),  # token offset of the context in its document
+    ("position", pa.int32()),  # position of the max activation in the context (BOS = 0)
+    ("activation", pa.float32()),  # the max activation in the context
+    ("quantile", pa.float32()),  # quantile samples: the sample's quantile; top contexts: null
+    ("start", pa.int32()),  # position of the window's first token in the context
+    ("tokens", pa.list_(pa.string())),  # the window's tokens
+    ("acts", pa.list_(pa.float32())),  # the feature's activation at each token of the window
+])
+
+FEATURES_SCHEMA = pa.schema(
+    [
+        ("job", pa.string()),  # deterministic key of the features job (CLT + model + corpus + parameters)
+        ("clt", pa.string()),  # the CLT id as sweeps record it (`graphs.clt`)
+        ("model", pa.string()),
+        ("layer", pa.int32()),
+        ("feature", pa.int32()),  # index within its layer
+        ("node_prefix", pa.string()),  # `{layer}_{feature}_`: node ids of this feature start with it
+        ("n_tokens", pa.int64()),  # tokens seen (BOS excluded)
+        ("n_active", pa.int64()),  # tokens where the feature fires
+        ("density", pa.float64()),  # n_active / n_tokens
+        ("mean_activation", pa.float32()),  # mean activation when active (NaN when dead)
+        ("max_activation", pa.float32()),
+        ("top_contexts", pa.list_(_CONTEXT)),  # by decreasing max activation
+        ("quantile_samples", pa.list_(_CONTEXT)),  # contexts at a few quantiles of the active contexts' max
+        ("schema_version", pa.int16()),
+    ]
+)
+
+# tables partitioned by something other than the sweep: the feature dashboards live per CLT
+PARTITIONS = {"features": "clt_id"}
+ALL_SCHEMAS = {**SCHEMAS, "features": FEATURES_SCHEMA}
+
 
 def _with_meta(schema: pa.Schema, name: str) -> pa.Schema:
     return schema.with_metadata({b"ct_ray.table": name.encode(), b"ct_ray.schema_version": str(TABLES_SCHEMA_VERSION).encode()})
@@ -146,7 +184,7 @@ def _with_meta(schema: pa.Schema, name: str) -> pa.Schema:
 def conform(table: pa.Table | list[dict] | dict, name: str) -> pa.Table:
     """Cast `table` (an Arrow table, list of row dicts or dict of columns) to the table's schema: columns in order,
     missing nullable columns filled with nulls. Unknown columns are an error (the schema is versioned)."""
-    schema = SCHEMAS[name]
+    schema = ALL_SCHEMAS[name]
     if isinstance(table, list):
         table = pa.Table.from_pylist(table)
     elif isinstance(table, dict):
@@ -201,7 +239,7 @@ class Store:
         return is_local(self.fs)
 
     def partition(self, table: str, sweep_id: str) -> str:
-        return f"{self.root}/{table}/{PARTITION}={sweep_id}"
+        return f"{self.root}/{table}/{PARTITIONS.get(table, PARTITION)}={sweep_id}"
 
     def file_path(self, table: str, sweep_id: str, name: str) -> str:
         return f"{self.partition(table, sweep_id)}/{name}.parquet"
@@ -269,6 +307,20 @@ class Store:
                 out.append(base[: -len(".parquet")])
         return sorted(out)
 
+    def list_partitions(self, table: str) -> list[str]:
+        """Partition values of a table (e.g. the clt ids of `features`)."""
+        d, col = f"{self.root}/{table}", PARTITIONS.get(table, PARTITION)
+        try:
+            if not self.local:
+                self.fs.invalidate_cache(d)
+            paths = self.fs.ls(d, detail=False) if self.fs.exists(d) else []
+        except FileNotFoundError:
+            return []
+        except Exception as e:
+            raise StorageError(f"cannot list {self._url_of(d)}: {_one_line(e)}") from e
+        bases = (p.rstrip("/").rsplit("/", 1)[-1] for p in paths)
+        return sorted(b.split("=", 1)[1] for b in bases if b.startswith(f"{col}="))
+
     def sweeps(self) -> list[str]:
         """Sweep ids with at least one graphs file or a plan."""
         ids = set()
@@ -294,7 +346,7 @@ class Store:
     def read(self, table: str, sweep_id: str, columns: list[str] | None = None, names: list[str] | None = None) -> pa.Table:
         """A sweep partition of a table (all its committed files), without the partition column."""
         names = self.list_names(table, sweep_id) if names is None else names
-        schema = _with_meta(SCHEMAS[table], table)
+        schema = _with_meta(ALL_SCHEMAS[table], table)
         if columns:
             schema = pa.schema([schema.field(c) for c in columns])
         if not names:

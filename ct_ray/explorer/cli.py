@@ -1,0 +1,35 @@
+"""CLI parsers of this area: `ct-ray features` (ct_ray/features/cli.py) and `ct-ray serve`."""
+
+from __future__ import annotations
+
+
+def cmd_serve(args) -> int:
+    from .server import make_server
+
+    srv = make_server(args.store, host=args.host, port=args.port, allow_write=args.allow_write,
+                      graph_json=args.graph_json, endpoint_url=args.endpoint_url)
+    host, port = srv.server_address[:2]
+    mode = "read-write (supernodes can be saved)" if args.allow_write else "read-only"
+    print(f"ct-ray explorer on http://{host}:{port}/  store {srv.api.store.url}  {mode}  (Ctrl-C stops)", flush=True)
+    try:
+        srv.serve_forever()
+    finally:
+        srv.server_close()
+    return 0
+
+
+def add_parsers(sub) -> None:
+    from ..features.cli import add_parsers as add_features
+    from ..store.tables import DEFAULT_STORE
+
+    add_features(sub)
+    s = sub.add_parser("serve", help="the graph explorer in the browser (JSON API + page over the tables)",
+                       description="ct-ray serve --store URL: browse sweeps, draw graphs, feature dashboards, "
+                                   "supernodes, perturbation results. Read-only unless --allow-write.")
+    s.add_argument("--store", default=DEFAULT_STORE, help=f"storage URL (default {DEFAULT_STORE})")
+    s.add_argument("--endpoint-url", help="S3-compatible endpoint (credentials come from the AWS env/chain)")
+    s.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--allow-write", action="store_true", help="let the page save supernode groupings to the store")
+    s.add_argument("--graph-json", help="also serve this graph JSON file (circuit-tracer / Neuronpedia format)")
+    s.set_defaults(fn=cmd_serve)

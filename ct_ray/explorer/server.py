@@ -1,0 +1,197 @@
+"""`ct-ray serve`: a stdlib threading HTTP server, bound to 127.0.0.1 unless told otherwise.
+
+Routes: GET /api/{info,sweeps,graphs,graph,feature,perturbations,supernodes,graph-json}, PUT /api/supernodes
+(403 unless --allow-write), GET / and /static/* (the page built from web/ by `make setup`). Request bodies over
+MAX_BODY are refused with 413 before being read; paths with `..`, backslashes or control characters (also once or
+twice percent-encoded) with 400; static files are served only from inside the static folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import mimetypes
+import os
+import re
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from ..errors import CTRayError
+from ..store.tables import Store
+from .api import BadRequest, ExplorerAPI, Forbidden, NotFound
+
+log = logging.getLogger(__name__)
+STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
+MAX_BODY = 1 << 20
+_SAFE_STATIC = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_.\-/]{0,200}$")
+_GET = {"info": "info", "sweeps": "sweeps", "graphs": "graphs", "graph": "graph", "feature": "feature",
+        "perturbations": "perturbations", "supernodes": "get_supernodes"}
+
+
+class _Error(Exception):
+    def __init__(self, code: int, msg: str):
+        super().__init__(msg)
+        self.code = code
+
+
+def _bad_path(raw: str) -> bool:
+    p = raw
+    for _ in range(3):  # catch %2e%2e and %252e%252e alike
+        if ".." in p.split("/") or "\\" in p or any(ord(c) < 32 for c in p) or "/../" in p or p.endswith("/.."):
+            return True
+        q = unquote(p)
+        if q == p:
+            return False
+        p = q
+    return True  # still encoded after three rounds: nothing legitimate looks like that
+
+
+class Handler(BaseHTTPRequestHandler):
+    server_version = "ct-ray-explorer"
+    sys_version = ""
+
+    def log_message(self, fmt, *args):  # quiet by default: the terminal shows the URL and errors only
+        log.debug("%s " + fmt, self.address_string(), *args)
+
+    # --- responses ----------------------------------------------------------------------------------------
+    def _send(self, code: int, body: bytes, ctype: str, cache: str = "no-store"):
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", cache)
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("X-Frame-Options", "DENY")
+        # everything the page needs comes from this server: no CDN, no inline scripts
+        self.send_header("Content-Security-Policy", "default-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _json(self, code: int, obj):
+        self._send(code, json.dumps(obj, allow_nan=False).encode(), "application/json")
+
+    def _error(self, code: int, msg: str):
+        self._json(code, {"error": msg})
+
+    # --- dispatch -----------------------------------------------------------------------------------------
+    def _route(self):
+        raw = self.path
+        if _bad_path(urlsplit(raw).path):
+            raise _Error(400, "bad path")
+        u = urlsplit(raw)
+        q = {k: v[-1] for k, v in parse_qs(u.query, max_num_fields=32).items()}
+        return unquote(u.path), q
+
+    def _handle(self, method: str):
+        try:
+            self._check_host()
+            path, q = self._route()
+            api: ExplorerAPI = self.server.api
+            if method == "PUT":
+                if path != "/api/supernodes":
+                    raise _Error(405, "only PUT /api/supernodes")
+                body = self._body()
+                return self._json(200, api.put_supernodes(q, body))
+            if path.startswith("/api/"):
+                name = path[5:]
+                if name == "graph-json":
+                    return self._send(200, api.graph_json(), "application/json")
+                if name not in _GET:
+                    raise _Error(404, "unknown API route")
+                fn = getattr(api, _GET[name])
+                return self._json(200, fn(q) if name not in ("info", "sweeps") else fn())
+            return self._static(path)
+        except _Error as e:
+            self._error(e.code, str(e))
+        except BadRequest as e:
+            self._error(400, str(e))
+        except Forbidden as e:
+            self._error(403, str(e))
+        except (NotFound, FileNotFoundError) as e:
+            self._error(404, str(e) or "not found")
+        except CTRayError as e:
+            self._error(500, str(e))
+        except Exception as e:  # a bug: one line to the page, the traceback to the log
+            log.exception("explorer request %s %s failed", method, self.path)
+            self._error(500, f"internal error: {type(e).__name__}")
+
+    def _check_host(self):
+        """Bound to loopback: only answer requests addressed to loopback (blocks DNS-rebinding pages)."""
+        if not self.server.loopback:
+            return
+        host = (self.headers.get("Host") or "").rsplit(":", 1)[0].strip("[]").lower()
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            raise _Error(403, "bad Host header")
+
+    def _body(self) -> bytes:
+        n = self.headers.get("Content-Length")
+        if n is None:
+            raise _Error(411, "Content-Length required")
+        try:
+            n = int(n)
+        except ValueError:
+            raise _Error(400, "bad Content-Length") from None
+        if n > MAX_BODY:
+            self.close_connection = True  # the unread body must not be parsed as the next request
+            raise _Error(413, f"request body over {MAX_BODY} bytes")
+        if n < 0:
+            raise _Error(400, "bad Content-Length")
+        if "json" not in (self.headers.get("Content-Type") or ""):
+            raise _Error(415, "send application/json")
+        return self.rfile.read(n)
+
+    def _static(self, path: str):
+        rel = "index.html" if path in ("/", "/index.html") else None
+        if path.startswith("/static/"):
+            rel = path.removeprefix("/static/")
+        if rel is None or not _SAFE_STATIC.match(rel):
+            raise _Error(404, "not found")
+        root = os.path.realpath(STATIC_DIR)
+        full = os.path.realpath(os.path.join(root, rel))
+        if not full.startswith(root + os.sep):
+            raise _Error(400, "bad path")
+        if not os.path.isfile(full):
+            if rel == "index.html":
+                raise _Error(503, "the explorer page is not built: run `make setup` (npm ci + build in web/)")
+            raise _Error(404, "not found")
+        with open(full, "rb") as f:
+            body = f.read()
+        ctype = mimetypes.guess_type(full)[0] or "application/octet-stream"
+        if ctype.startswith("text/") or ctype.endswith("javascript"):
+            ctype += "; charset=utf-8"
+        self._send(200, body, ctype, cache="no-cache")
+
+    def do_GET(self):
+        self._handle("GET")
+
+    def do_HEAD(self):
+        self._handle("GET")
+
+    def do_PUT(self):
+        self._handle("PUT")
+
+    def do_POST(self):
+        self._error(405, "method not allowed")
+
+    do_DELETE = do_PATCH = do_POST
+
+
+class ExplorerServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, addr, api: ExplorerAPI):
+        self.api = api
+        self.loopback = addr[0] in ("127.0.0.1", "localhost", "::1")
+        super().__init__(addr, Handler)
+
+
+def make_server(store: str, *, host: str = "127.0.0.1", port: int = 8000, allow_write: bool = False,
+                graph_json: str | None = None, endpoint_url: str | None = None) -> ExplorerServer:
+    opts = {"endpoint_url": endpoint_url} if endpoint_url else {}
+    st = Store(store, **opts)
+    if graph_json and not os.path.isfile(graph_json) and "://" not in graph_json:
+        raise CTRayError(f"--graph-json: no such file: {graph_json}")
+    try:
+        return ExplorerServer((host, port), ExplorerAPI(st, allow_write, graph_json))
+    except OSError as e:
+        raise CTRayError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e

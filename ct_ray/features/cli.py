@@ -1,0 +1,49 @@
+"""`ct-ray features SPEC.yaml` (or flags): feature dashboards into the `features` table."""
+
+from __future__ import annotations
+
+
+def cmd_features(args) -> int:
+    from ..errors import CTRayError
+    from .job import load_features_spec, parse_features_spec, run_features
+
+    over = {k: v for k, v in {"model": args.model, "clt": args.clt, "n_contexts": args.n_contexts,
+                              "context_len": args.context_len, "top_k": args.top_k, "workers": args.workers,
+                              "corpus": args.corpus, "storage": args.store}.items() if v is not None}
+    if args.random_clt is not None:
+        over["random_clt"] = {"features": args.random_clt, "seed": args.seed}
+    if args.spec:
+        base = load_features_spec(args.spec).model_dump(exclude_none=True)
+        if "clt" in over or "random_clt" in over:
+            base.pop("clt", None), base.pop("random_clt", None)
+        spec = parse_features_spec({**base, **over}, where=args.spec)
+    elif "clt" not in over and "random_clt" not in over:
+        raise CTRayError("give SPEC.yaml, or --clt URL (or --random-clt N) and the other options as flags")
+    else:
+        spec = parse_features_spec(over, where="features options")
+    r = run_features(spec, address=args.address, progress=not args.no_progress)
+    what = "already computed" if r["skipped"] else "computed"
+    print(f"features of {r['clt']}: {what} for {r['n_features']} features over {r['n_tokens']} tokens "
+          f"({r['n_contexts']} contexts); table features, clt_id={r['clt_id']} in {spec.storage.url}")
+    return 0
+
+
+def add_parsers(sub) -> None:
+    s = sub.add_parser("features", help="feature dashboards of a CLT (density, top contexts) into the features table",
+                       description="ct-ray features [SPEC.yaml] [--clt URL | --random-clt N] [--store URL]: runs the "
+                                   "model + CLT over corpus contexts on a Ray actor pool; re-running a committed job "
+                                   "does nothing.")
+    s.add_argument("spec", nargs="?", help="FeaturesSpec YAML (flags override its fields)")
+    s.add_argument("--model")
+    s.add_argument("--clt", help="CLT directory URL")
+    s.add_argument("--random-clt", type=int, metavar="N", help="a seeded random CLT with N features per layer")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--corpus", action="append", help="corpus name or URL (repeatable; default wiki-summaries)")
+    s.add_argument("--n-contexts", type=int)
+    s.add_argument("--context-len", type=int)
+    s.add_argument("--top-k", type=int)
+    s.add_argument("--workers", type=int)
+    s.add_argument("--store", help="storage URL (default ./ct_ray_data)")
+    s.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(fn=cmd_features)

@@ -1,0 +1,250 @@
+"""`ct-ray features`: feature dashboards of a CLT (density, mean activation, top contexts, quantile samples).
+
+    corpus -> contexts (driver: token ids only) -> chunks -> actor pool (model + CLT loaded once per actor)
+           -> small per-chunk states (top-k windows, reservoir) merged on the driver in chunk order
+           -> one Parquet file per layer under features/clt_id={cid}/, then _features/{cid}/job.json (commit)
+
+The job key hashes everything that changes the rows; a re-run of a committed job returns without starting Ray.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import logging
+import os
+import re
+
+import numpy as np
+import pyarrow as pa
+from pydantic import Field, field_validator, model_validator
+
+from ..specs import Spec, load_yaml, parse
+from ..store.tables import TABLES_SCHEMA_VERSION, Store
+from ..sweep.spec import RandomCLTSpec, StorageSpec, SweepSpec
+from . import accumulate as acc
+
+log = logging.getLogger(__name__)
+FEATURES_DIR = "_features"
+
+
+class FeaturesSpec(Spec):
+    model: str = Field("smollm2-135m", min_length=1)
+    clt: str | None = Field(None, description="CLT directory URL (local or s3://)")
+    random_clt: RandomCLTSpec | None = None
+    corpus: list[str] = Field(default_factory=lambda: ["wiki-summaries"],
+                              description="built-in names (wiki-summaries, bbc-news) or fsspec URLs/globs")
+    text_column: str = "text"
+    context_len: int = Field(64, ge=4, le=8192)
+    n_contexts: int = Field(256, ge=1)
+    top_k: int = Field(10, ge=1, le=100)
+    samples: int = Field(16, ge=1, le=256, description="reservoir of active contexts the quantiles come from")
+    quantiles: list[float] = Field(default_factory=lambda: [0.1, 0.5, 0.9])
+    window: int = Field(16, ge=2, le=256, description="tokens shown around a context's max activation")
+    batch_contexts: int = Field(8, ge=1)
+    chunk_contexts: int = Field(32, ge=1, description="contexts per actor call")
+    workers: int = Field(1, ge=1)
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    storage: StorageSpec = StorageSpec()
+
+    @field_validator("storage", mode="before")
+    @classmethod
+    def _storage_str(cls, v):
+        return {"url": v} if isinstance(v, str) else v
+
+    @field_validator("quantiles")
+    @classmethod
+    def _q(cls, v):
+        if not v or any(not 0.0 <= q <= 1.0 for q in v):
+            raise ValueError("give quantiles between 0 and 1")
+        return v
+
+    @model_validator(mode="after")
+    def _one_clt(self):
+        if (self.clt is None) == (self.random_clt is None):
+            raise ValueError("give exactly one of clt (a CLT URL) or random_clt (features, seed)")
+        return self
+
+    clt_id = SweepSpec.clt_id  # the same id sweeps write into graphs.clt
+
+    def job_key(self) -> str:
+        d = self.model_dump(exclude={"workers", "num_cpus", "num_gpus", "storage", "batch_contexts", "chunk_contexts"})
+        d["clt_id"] = self.clt_id()
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def features_id(clt: str) -> str:
+    """The `clt_id` partition of a CLT id (URL or random(...)): a readable slug plus a hash of the full id."""
+    base = clt.rstrip("/").rsplit("/", 1)[-1] if "(" not in clt else clt.split("(", 1)[0]
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", base).strip("-.")[:48] or "clt"
+    return f"{slug}-{hashlib.sha256(clt.encode()).hexdigest()[:8]}"
+
+
+class FeatureWorker:
+    """Holds the model and the CLT; turns a chunk of contexts into a state (see accumulate.py)."""
+
+    def __init__(self, cfg: dict):
+        import torch
+
+        from .. import load_clt, load_model, random_clt
+
+        torch.set_num_threads(max(1, int(cfg["num_cpus"])))
+        self.cfg = cfg
+        # only forward passes here: the fast attention kernel, except that random_clt calibrates through capture(),
+        # which needs eager attention's patterns
+        self.model = load_model(cfg["model"], attn="sdpa" if cfg["clt"] else "eager")
+        if cfg["clt"]:
+            self.clt = load_clt(cfg["clt"])
+        else:
+            r = cfg["random_clt"]
+            self.clt = random_clt(self.model, r["features"], seed=r["seed"], firing_rate=r["firing_rate"], span=r["span"])
+        self.clt.check_model(self.model.n_layers, self.model.d_model)
+
+    def run(self, tokens: np.ndarray, ctx: np.ndarray) -> dict:
+        import torch
+
+        from ..harvest.activations import harvest_batch
+
+        c = self.cfg
+        state = None
+        for i in range(0, len(tokens), c["batch_contexts"]):
+            t = torch.from_numpy(np.asarray(tokens[i : i + c["batch_contexts"]], np.int64))
+            with torch.no_grad():
+                x, _ = harvest_batch(self.model, t, self.clt.feature_input_hook)
+                acts = torch.cat([self.clt.encode(l, x[:, :, l]) for l in range(self.clt.n_layers)], -1)
+            s = acc.batch_state(acts.float().numpy(), ctx[i : i + c["batch_contexts"]], c["top_k"], c["samples"], c["window"])
+            state = s if state is None else acc.merge(state, s)
+        return state
+
+
+def _contexts(spec: FeaturesSpec):
+    from ..harvest.corpus import iter_documents, tokenize_contexts
+    from ..models import load_model
+
+    tok = load_model(spec.model).tokenizer
+    ctxs = tokenize_contexts(tok, iter_documents(spec.corpus, spec.text_column), spec.context_len, spec.n_contexts)
+    return ctxs, tok
+
+
+def _run_actors(spec: FeaturesSpec, cfg: dict, ctxs, F: int, address: str | None, progress: bool) -> dict:
+    from tqdm.auto import tqdm
+
+    from ..sweep.runner import _ensure_ray
+
+    ray = _ensure_ray(address, None)
+    n = len(ctxs)
+    chunks = [(i, min(n, i + spec.chunk_contexts)) for i in range(0, n, spec.chunk_contexts)]
+    actor = ray.remote(FeatureWorker).options(num_cpus=spec.num_cpus, num_gpus=spec.num_gpus, max_restarts=-1,
+                                              max_task_retries=3)
+    actors = [actor.remote(cfg) for _ in range(min(spec.workers, len(chunks)))]
+    pending, done, nxt = {}, {}, 0
+    state = acc.empty_state(F, spec.top_k, spec.samples, spec.window)
+    bar = tqdm(total=n, unit="ctx", desc="features", disable=not progress)
+    try:
+        queue = list(enumerate(chunks))
+        free = list(actors) * 2  # two calls queued per actor
+        while queue or pending:
+            while queue and free:
+                ci, (a, b) = queue.pop(0)
+                h = free.pop(0)
+                pending[h.run.remote(ctxs.tokens[a:b], np.arange(a, b))] = (ci, h, b - a)
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            ci, h, m = pending.pop(ready[0])
+            done[ci] = ray.get(ready[0])
+            free.append(h)
+            bar.update(m)
+            while nxt in done:  # merge in chunk order: float sums come out the same on every run
+                state = acc.merge(state, done.pop(nxt))
+                nxt += 1
+    finally:
+        bar.close()
+        for a in actors:
+            ray.kill(a)
+    return state
+
+
+def _rows(spec: FeaturesSpec, state: dict, ctxs, tok, d_tc: list[int], job: str) -> list[list[dict]]:
+    """Rows per layer. Token strings come from the driver's own contexts (actors return indices only)."""
+    vocab: dict[int, str] = {}
+
+    def strs(ids):
+        miss = [i for i in set(ids) if i not in vocab]
+        if miss:
+            vocab.update(zip(miss, (tok.decode([i]) for i in miss)))
+        return [vocab[i] for i in ids]
+
+    def ctx_rec(pre: str, f: int, j: int, q=None) -> dict:
+        c, st = int(state[f"{pre}_ctx"][f, j]), int(state[f"{pre}_start"][f, j])
+        w = min(spec.window, spec.context_len)
+        return {"context": c, "doc": int(ctxs.doc[c]), "offset": int(ctxs.offset[c]), "position": int(state[f"{pre}_pos"][f, j]),
+                "activation": float(state[f"{pre}_val"][f, j]), "quantile": q, "start": st,
+                "tokens": strs([int(t) for t in ctxs.tokens[c, st : st + w]]),
+                "acts": [float(x) for x in state[f"{pre}_acts"][f, j, :w]]}
+
+    out, gid, n_tok = [], 0, int(state["n_tokens"])
+    for layer, n in enumerate(d_tc):
+        rows = []
+        for f in range(n):
+            na = int(state["n_active"][gid])
+            top = [ctx_rec("top", gid, j) for j in range(spec.top_k) if np.isfinite(state["top_val"][gid, j])]
+            valid = state["smp_ctx"][gid] != acc._NO_CTX
+            qs = [ctx_rec("smp", gid, j, q) for q, j in acc.quantile_picks(state["smp_val"][gid], valid, spec.quantiles)]
+            rows.append({"job": job, "clt": spec.clt_id(), "model": spec.model, "layer": layer, "feature": f,
+                         "node_prefix": f"{layer}_{f}_", "n_tokens": n_tok, "n_active": na,
+                         "density": na / max(1, n_tok), "mean_activation": state["sum_act"][gid] / na if na else float("nan"),
+                         "max_activation": float(state["max_act"][gid]), "top_contexts": top, "quantile_samples": qs,
+                         "schema_version": TABLES_SCHEMA_VERSION})
+            gid += 1
+        out.append(rows)
+    return out
+
+
+def run_features(spec: FeaturesSpec, *, address: str | None = None, progress: bool = False) -> dict:
+    """Compute and store the dashboards of `spec`'s CLT; a committed identical job is returned as is."""
+    store = Store(spec.storage.url, **spec.storage.storage_options())
+    cid, job = features_id(spec.clt_id()), spec.job_key()
+    record = f"{FEATURES_DIR}/{cid}/job.json"
+    prev = store.read_json(record)
+    names = store.list_names("features", cid)
+    if prev and prev.get("job") == job and all(f"{job}.{i:03d}" in names for i in range(prev["n_layers"])):
+        return {**prev, "skipped": True}
+    store.check_writable()
+    clt = spec.clt
+    if clt and "://" not in clt and os.path.exists(os.path.expanduser(clt)):
+        clt = os.path.abspath(os.path.expanduser(clt))  # actors run in other directories
+    ctxs, tok = _contexts(spec)
+    d_tc = _clt_widths(spec, clt)
+    cfg = {"model": os.path.abspath(spec.model) if os.path.isdir(spec.model) else spec.model, "clt": clt,
+           "random_clt": spec.random_clt.model_dump() if spec.random_clt else None, "num_cpus": spec.num_cpus,
+           **spec.model_dump(include={"batch_contexts", "top_k", "samples", "window"})}
+    state = _run_actors(spec, cfg, ctxs, sum(d_tc), address, progress)
+    for layer, rows in enumerate(_rows(spec, state, ctxs, tok, d_tc, job)):
+        store.write_table("features", cid, f"{job}.{layer:03d}", pa.Table.from_pylist(rows))
+    rec = {"job": job, "clt_id": cid, "clt": spec.clt_id(), "model": spec.model, "n_layers": len(d_tc),
+           "n_features": sum(d_tc), "n_contexts": len(ctxs), "n_tokens": int(state["n_tokens"]),
+           "spec": spec.model_dump(mode="json"), "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat()}
+    store.write_json(record, rec)  # the commit record: files of other (older) jobs are dropped after it
+    for name in names:
+        if not name.startswith(f"{job}."):
+            store.delete("features", cid, name)
+    return {**rec, "skipped": False}
+
+
+def _clt_widths(spec: FeaturesSpec, clt: str | None) -> list[int]:
+    if spec.random_clt:
+        from ..models import load_model
+
+        return [spec.random_clt.features] * load_model(spec.model).n_layers
+    from .. import load_clt
+
+    return list(load_clt(clt).d_tc)  # on the driver: a bad CLT URL fails here with one clear line
+
+
+def load_features_spec(path: str) -> FeaturesSpec:
+    return load_yaml(path, FeaturesSpec)
+
+
+def parse_features_spec(data: dict, where: str = "features spec") -> FeaturesSpec:
+    return parse(FeaturesSpec, data, where)
