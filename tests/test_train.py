@@ -130,6 +130,33 @@ def test_two_feature_shards_equal_one_worker(harvested):
     assert summary["final"]["l0"] == pytest.approx(hist[-1]["l0"], rel=1e-5)
 
 
+def test_data_parallel_replicas_equal_one_worker_on_the_joint_batch(harvested):
+    """data_parallel=2 (one feature shard, two replicas, gradients averaged) == one process stepping on the union
+    of the two replicas' batches (global batches 2k and 2k+1). Tolerance as for feature sharding."""
+    from ct_ray.train.data import StoreFeed
+    from ct_ray.train.run import train
+    from ct_ray.train.shard import Layout, Shard
+
+    spec = _spec(harvested, activations=harvested["acts"], workers=1, data_parallel=2, name="dp2", eval_tokens=0,
+                 optim={"sparse_decode": False})
+    train(spec, progress=False)
+    o = spec.optim
+    feed = StoreFeed(harvested["acts"], o.batch_tokens, o.seed, o.shuffle_buffer_tokens)
+    sx, sy = feed.scales(32)
+    ref = Shard(Layout(2, 32, spec.clt.n_features, spec.clt.span, spec.clt.activation, spec.harvest.read_point), o)
+    ref.init_from_data(feed.first_global_batch()[0] * sx[:, None])
+    it = feed.batches()
+    for _ in range(o.steps):
+        (x0, y0), (x1, y1) = next(it), next(it)
+        ref.step(torch.cat([x0, x1]) * sx[:, None], torch.cat([y0, y1]) * sy[:, None], o.steps)
+    clt = load_clt(spec.out)
+    for l in range(2):
+        torch.testing.assert_close(clt.W_enc[l], ref.clt.W_enc[l] * sx[l], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(clt.W_dec[l], ref.clt.W_dec[l] / sy[l: l + clt.spans[l]][None, :, None],
+                                   atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(clt.threshold[l], ref.clt.threshold[l], atol=1e-6, rtol=1e-5)
+
+
 def test_exported_clt_reproduces_trained_model(harvested):
     from ct_ray.harvest.store import ActivationStore
     from ct_ray.train.local import train_local
