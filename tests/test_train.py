@@ -138,7 +138,8 @@ def test_data_parallel_replicas_equal_one_worker_on_the_joint_batch(harvested):
     from ct_ray.train.shard import Layout, Shard
 
     spec = _spec(harvested, activations=harvested["acts"], workers=1, data_parallel=2, name="dp2", eval_tokens=0,
-                 optim={"sparse_decode": False})
+                 optim={"sparse_decode": False}, out=str(harvested["dir"] / "clt_dp2"),
+                 checkpoint=str(harvested["dir"] / "ckpt_dp2"))  # the export test reads the default out
     train(spec, progress=False)
     o = spec.optim
     feed = StoreFeed(harvested["acts"], o.batch_tokens, o.seed, o.shuffle_buffer_tokens)

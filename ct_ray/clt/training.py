@@ -143,8 +143,10 @@ def init_clt(clt: CrossLayerTranscoder, seed: int, threshold: float = 0.03) -> N
 def init_b_enc_from_data(clt: CrossLayerTranscoder, xs: torch.Tensor, target_rate: float) -> None:
     """Set b_enc so that each feature fires on about `target_rate` of the tokens in `xs` ([n, L, d], scaled)."""
     for l in range(clt.n_layers):
-        h = xs[:, l] @ clt.W_enc[l].T  # [n, d_tc]
-        q = torch.quantile(h.float(), 1.0 - target_rate, dim=0)
+        h = (xs[:, l] @ clt.W_enc[l].T).float()  # [n, d_tc]
+        # torch.quantile refuses inputs over 2**24 elements (a GPU-sized batch x 16k features): go by feature chunks
+        step = max(1, 2**24 // max(1, h.shape[0]))
+        q = torch.cat([torch.quantile(h[:, i: i + step], 1.0 - target_rate, dim=0) for i in range(0, h.shape[1], step)])
         thr = clt.threshold[l] if clt.activation == "jumprelu" else torch.zeros_like(q)
         clt.b_enc[l].copy_(thr - q)
 

@@ -40,9 +40,11 @@ def _groups(fp: int, dp: int):
     return fp_group, dp_group
 
 
-def _broadcast_batch(x, y, shape, src: int, group):
+def _broadcast_batch(x, y, shape, src: int, group, device):
     if x is None:
-        x, y = torch.empty(shape), torch.empty(shape)
+        x, y = torch.empty(shape, device=device), torch.empty(shape, device=device)
+    else:
+        x, y = x.to(device), y.to(device)
     dist.broadcast(x, src, group=group)
     dist.broadcast(y, src, group=group)
     return x, y
@@ -50,6 +52,7 @@ def _broadcast_batch(x, y, shape, src: int, group):
 
 def train_loop_per_worker(config: dict) -> None:
     import ray.train
+    import ray.train.torch
 
     spec = TrainSpec.model_validate(config["spec"])
     ctx = ray.train.get_context()
@@ -60,10 +63,12 @@ def train_loop_per_worker(config: dict) -> None:
     assert world == fp * dp, (world, fp, dp)
     torch.manual_seed(spec.optim.seed)
     torch.set_num_threads(max(1, int(spec.num_cpus_per_worker)))
+    # the same code on CPU workers (gloo) and GPU workers (nccl: every collective's tensors live on the GPU)
+    device = ray.train.torch.get_device() if spec.use_gpu else torch.device("cpu")
     fp_group, dp_group = _groups(fp, dp)
     lay = Layout(config["n_layers"], config["d_model"], spec.clt.n_features, spec.clt.span, spec.clt.activation,
                  spec.harvest.read_point, fp, rank % fp, dp, rank // fp)
-    shard = Shard(lay, spec.optim, config["model_name"], fp_group, dp_group)
+    shard = Shard(lay, spec.optim, config["model_name"], fp_group, dp_group, device)
     steps = spec.optim.steps
     shape = (spec.optim.batch_tokens, lay.n_layers, lay.d_model)
 
@@ -71,16 +76,17 @@ def train_loop_per_worker(config: dict) -> None:
     if config.get("activations"):
         feed = StoreFeed(config["activations"], spec.optim.batch_tokens, spec.optim.seed,
                          spec.optim.shuffle_buffer_tokens, dp, lay.dp_idx)
-        sx, sy = feed.scales(lay.d_model)
-        first = feed.first_global_batch()
+        sx, sy = (s.to(device) for s in feed.scales(lay.d_model))
+        first = tuple(t.to(device) for t in feed.first_global_batch())
     else:  # streamed: the group's rank 0 reads the Ray Data stream and broadcasts
         feed = StreamFeed(ray.train.get_dataset_shard("train"), spec.optim.batch_tokens,
                           spec.optim.shuffle_buffer_tokens, spec.optim.seed) if rank == 0 else None
         first = next(feed.batches()) if rank == 0 else (None, None)
         if world > 1:
-            first = _broadcast_batch(*first, shape, 0, None)
-        sx, sy = norm_scales(first[0].norm(dim=-1).mean(0).tolist(), first[1].norm(dim=-1).mean(0).tolist(),
-                             lay.d_model)
+            first = _broadcast_batch(*first, shape, 0, None, device)
+        first = tuple(t.to(device) for t in first)
+        sx, sy = (s.to(device) for s in norm_scales(first[0].norm(dim=-1).mean(0).tolist(),
+                                                    first[1].norm(dim=-1).mean(0).tolist(), lay.d_model))
         if world > 1:  # identical scales everywhere
             dist.broadcast(sx, 0)
             dist.broadcast(sy, 0)
@@ -93,7 +99,7 @@ def train_loop_per_worker(config: dict) -> None:
             shard.load_state_tensors(load_file(os.path.join(d, shard_file(lay.fp_idx, lay.dp_idx))))
             state = json.load(open(os.path.join(d, CKPT_STATE)))
             history = state.get("history", [])
-            sx, sy = torch.tensor(state["sx"]), torch.tensor(state["sy"])
+            sx, sy = torch.tensor(state["sx"], device=device), torch.tensor(state["sy"], device=device)
         print(f"[ct_ray train] rank {rank}: resumed at step {shard.step_no}", flush=True)
     else:
         shard.init_from_data(first[0] * sx[:, None])
@@ -106,14 +112,14 @@ def train_loop_per_worker(config: dict) -> None:
         while True:
             x, y = next(it) if rank == 0 else (None, None)
             if world > 1:
-                x, y = _broadcast_batch(x, y, shape, 0, None)
+                x, y = _broadcast_batch(x, y, shape, 0, None, device)
             yield x, y
 
     t0, tok0 = time.time(), shard.step_no
     it = batches()
     while shard.step_no < steps:
         x, y = next(it)
-        xs, ys = x * sx[:, None], y * sy[:, None]
+        xs, ys = x.to(device) * sx[:, None], y.to(device) * sy[:, None]
         stats = shard.step(xs, ys, steps)
         done = shard.step_no
         report_metrics = done % spec.metrics_every == 0 or done == steps
