@@ -21,7 +21,16 @@ from pathlib import Path
 import pytest
 
 from ct_ray.cli import main
-from ct_ray.ops.submit import EXCLUDES, JOB_SPEC, entrypoint, read_spec, stage_working_dir, submission_id
+from ct_ray.ops.submit import (
+    EXCLUDES,
+    JOB_SPEC,
+    entrypoint,
+    read_spec,
+    relative_paths,
+    runtime_env,
+    stage_working_dir,
+    submission_id,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,6 +74,20 @@ def test_staged_working_dir(tmp_path):
     assert ".git" in EXCLUDES and ".venv" in EXCLUDES
 
 
+def test_runtime_env_carries_no_secrets(tmp_path, monkeypatch):
+    for k in ("RAY_AUTH_TOKEN", "AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID"):
+        monkeypatch.setenv(k, "s3cr3t")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    req = tmp_path / "req.txt"
+    req.write_text("# pinned\nct-ray==0.1.0\n\nray[default]==2.60.0  # the cluster's\n")
+    env = runtime_env(str(tmp_path), pip=str(req))
+    assert env["pip"]["packages"] == ["ct-ray==0.1.0", "ray[default]==2.60.0"]
+    assert env["env_vars"]["HF_HUB_OFFLINE"] == "1" and len(env["env_vars"].get("CT_RAY_GIT_COMMIT", "x" * 40)) == 40
+    assert "s3cr3t" not in json.dumps(env)
+    assert relative_paths({"storage": {"url": "./d"}, "model": "m", "clt": "s3://b/c", "out": "/abs"}) == \
+        ["storage.url=./d"]
+
+
 @pytest.mark.parametrize("argv,message", [
     (["submit", "{spec}", "--address", "http://127.0.0.1:9"], "cannot reach the Ray dashboard at http://127.0.0.1:9"),
     (["submit", "{bad}", "--address", "http://127.0.0.1:9"], "not valid YAML"),
@@ -76,7 +99,8 @@ def test_staged_working_dir(tmp_path):
 ])
 def test_bad_input_one_line(tmp_path, capsys, monkeypatch, argv, message):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    (tmp_path / "s.yaml").write_text("sweep_id: x\nmodel: m\nrandom_clt: {features: 4}\nprompts: [a]\n")
+    (tmp_path / "s.yaml").write_text(f"sweep_id: x\nmodel: m\nrandom_clt: {{features: 4}}\nprompts: [a]\n"
+                                     f"storage: {tmp_path}\n")
     (tmp_path / "bad.yaml").write_text("a: [\n")
     (tmp_path / "unknown.yaml").write_text("colour: blue\n")
     (tmp_path / "invalid.yaml").write_text("sweep_id: x\nmodel: m\nprompts: [a]\n")

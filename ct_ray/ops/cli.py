@@ -10,8 +10,14 @@ from ..errors import CTRayError
 
 
 def cmd_submit(args) -> int:
-    from .submit import connect, follow, submit
+    import sys
 
+    from .submit import connect, follow, read_spec, relative_paths, submit
+
+    rel = relative_paths(read_spec(args.spec)[1].model_dump(mode="json"))
+    if rel:
+        print(f"ct-ray: note: relative paths resolve inside the job's working dir on the cluster, where results are "
+              f"not kept; prefer absolute or s3:// URLs: {', '.join(rel[:5])}", file=sys.stderr)
     job_id = submit(args.spec, args.address, date=args.date, job_id=args.submission_id, code=args.code,
                     project=args.project, pip=args.pip, python=args.python, entrypoint_num_cpus=args.entrypoint_num_cpus)
     print(f"submitted {job_id}; follow it with: ct-ray jobs logs {job_id} --follow --address {args.address or '$RAY_ADDRESS'}")

@@ -91,6 +91,26 @@ def submission_id(kind: str, spec, date: str | None = None) -> str:
     return f"{kind}-{spec_hash(spec)}"
 
 
+_PATH_KEYS = {"registry", "work", "url", "out", "checkpoint", "activations", "metrics", "storage", "clt", "init_from"}
+
+
+def relative_paths(obj, where: str = "") -> list[str]:
+    """Spec fields holding relative local paths: on a cluster they resolve inside the job's temporary working dir
+    (and on whichever node runs the code), so results written there are effectively lost."""
+    found = []
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            at = f"{where}.{k}" if where else str(k)
+            if k in _PATH_KEYS and isinstance(v, str) and v and "://" not in v and not os.path.isabs(v):
+                found.append(f"{at}={v}")
+            else:
+                found += relative_paths(v, at)
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            found += relative_paths(v, f"{where}[{i}]")
+    return found
+
+
 def entrypoint(kind: str, python: str = "python", date: str | None = None) -> str:
     if kind == "demo":
         return f"{python} -m ct_ray.cli demo --spec {JOB_SPEC} --address auto"
