@@ -188,6 +188,16 @@ for argv in json.loads(sys.argv[1]):
     with contextlib.redirect_stdout(o), contextlib.redirect_stderr(e):
         rc = main(argv)
     res.append({"rc": rc, "out": o.getvalue(), "err": e.getvalue()})
+# the job's driver and its workers import the shipped copy of ct_ray, not the one installed on the head
+import time
+from ct_ray.ops.submit import connect, runtime_env, stage_working_dir
+client = connect(sys.argv[2])
+probe = ("import ray, ct_ray; ray.init(); f = ray.remote(lambda: __import__('ct_ray').__file__); "
+         "print('DRIVER', ct_ray.__file__); print('WORKER', ray.get(f.remote()))")
+sid = client.submit_job(entrypoint=f'python -c "{probe}"', runtime_env=runtime_env(stage_working_dir(sys.argv[3], "project")))
+while str(client.get_job_status(sid)) not in ("SUCCEEDED", "FAILED", "STOPPED"):
+    time.sleep(0.5)
+res.append({"probe": [ln for ln in client.get_job_logs(sid).splitlines() if ln.startswith(("DRIVER", "WORKER"))]})
 print("===RESULT===" + json.dumps(res))
 """
 
@@ -214,11 +224,13 @@ def test_submit_sweep_job_to_a_token_auth_head(ray_head, tiny_dir, tmp_path):
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": ray_head["token"],
            "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
     env.pop("RAY_ADDRESS", None)
-    r = subprocess.run([sys.executable, "-c", CLIENT, json.dumps(argvs)], env=env, capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-c", CLIENT, json.dumps(argvs), a, str(spec)], env=env, capture_output=True, text=True,
                        timeout=300, cwd=tmp_path)
     assert "===RESULT===" in r.stdout, (r.stdout[-3000:], r.stderr[-3000:])
     res = json.loads(r.stdout.split("===RESULT===", 1)[1])
+    probe = res.pop()["probe"]
     assert [x["rc"] for x in res] == [0, 2, 0, 0, 0, 2], res
+    assert len(probe) == 2 and all("working_dir_files" in ln for ln in probe), probe
     out = [x["out"] for x in res]
     err = [x["err"] for x in res]
 
