@@ -4,14 +4,15 @@ Layout under a registry URL (any fsspec URL: a local directory or s3://bucket/pr
 
     registry.json                     marks the location as a registry (format version)
     versions/<version_id>/            the CLT files (circuit-tracer layout, loadable with load_clt) + meta.json
+    by_content/<sha256>.json          which version holds a given CLT (same bytes: same version)
     production.json                   the pointer: {version, previous, seq, action, reason, updated_at}
     history/<seq>.json                every pointer change, oldest first (for audits and rollback)
     evals/<version_id>/<eval>.json    evaluation results of a version on a fixed evaluation set (a cache)
     runs/<date>.json                  nightly retraining state (ct_ray/ops/retrain.py)
 
 A version's `meta.json` is written last and is its commit record: a directory without it is an interrupted
-registration, invisible to readers and overwritten by the next one. Version ids are derived from the CLT's bytes,
-so registering the same CLT twice yields the same version. Every JSON file is written whole (temporary file +
+registration, invisible to readers and overwritten by the next one. Version ids are `<date>-<hash8>` of the CLT's
+bytes, and registering the same CLT again (any day) yields the same version. Every JSON file is written whole (temporary file +
 rename locally, one PUT on S3), so a reader sees the old pointer or the new one. Writers are expected to be one
 at a time (the nightly job has a deterministic submission id, so two never run for the same date).
 """
@@ -134,12 +135,16 @@ class Registry:
         """Copy the CLT at `clt_url` into a new immutable version; returns its id (`<date>-<hash8>`). Registering
         the same CLT again returns the existing version untouched."""
         digest = content_hash(clt_url, **clt_storage_options)
-        day = (date or _dt.date.today().isoformat()).replace("-", "")
-        vid = f"{day}-{digest[:8]}"
+        # the content index names the version of these bytes once and for all, so a later register (another day,
+        # or a retry after a crash half-way) finds the same version id
+        known = self.store.read_json(f"by_content/{digest}.json")
+        vid = known["version"] if known else f"{(date or _dt.date.today().isoformat()).replace('-', '')}-{digest[:8]}"
         if self.store.read_json(f"versions/{vid}/meta.json") is not None:
             return vid
         if not self.exists():
             self.store.write_json("registry.json", {"format": FORMAT, "version": 1, "created_at": _now()})
+        if not known:
+            self.store.write_json(f"by_content/{digest}.json", {"version": vid})
         src_fs, src_root, names = clt_files(clt_url, **clt_storage_options)
         try:
             with atomic_dir(self.version_url(vid), **self.storage_options) as (fs, tmp):
