@@ -3,10 +3,12 @@ no-op, a crash between "registered" and "promoted" leaves a consistent registry 
 without retraining, a worse candidate is not promoted, rollback restores the previous pointer."""
 
 import json
+import shutil
 
 import pytest
+import torch
 
-from ct_ray import random_clt, save_clt
+from ct_ray import load_clt, random_clt, save_clt
 from ct_ray.cli import main
 from ct_ray.harvest.corpus import iter_documents
 from ct_ray.models import load_model
@@ -31,13 +33,13 @@ def setup(tmp_path_factory):
     return d, str(model)
 
 
-def make_spec(d, model, **promote):
+def make_spec(d, model, optim=None, **promote):
     return RetrainSpec.model_validate({
         "registry": str(d / "registry"), "work": str(d / "work"), "corpus": [str(d / "corpus" / "{date}.txt")],
         "train": {"harvest": {"model": model, "context_len": 16, "n_tokens": 1200, "batch_contexts": 16,
                               "num_cpus": 0.5},
-                  "clt": {"n_features": 32}, "optim": {"steps": 12, "batch_tokens": 128, "lr": 1e-3,
-                                                       "shuffle_buffer_tokens": 512},
+                  "clt": {"n_features": 32}, "optim": optim or {"steps": 12, "batch_tokens": 128, "lr": 1e-3,
+                                                                "shuffle_buffer_tokens": 512},
                   "checkpoint_every": 12, "metrics_every": 4, "eval_tokens": 0, "metrics": None},
         "eval": {"corpus": [str(d / "eval.txt")], "context_len": 16, "n_contexts": 8},
         "canary": {"prompts": ["The cat sat on", {"prompt": "hello world", "target": "!"}],
@@ -78,34 +80,31 @@ def test_nightly_retraining(ray_local, setup, monkeypatch, capsys):
     assert run_retrain(spec, D1)["noop"]
     assert files(d / "registry") | files(d / "work") | files(d / "tables") == before
 
-    # --- night 2, crash right after "registered" ----------------------------------------------------------
-    # Harvest and training of later nights are stand-ins (night 1 ran the real ones): a random CLT as candidate.
+    # --- night 2: warm start on Ray Train, crash right after "registered" ---------------------------------
+    # Night 1's activations stand in for a new harvest; one step at a negligible learning rate, so the candidate must
+    # come out equal to production: the warm start survives the export's scale folding end to end.
     import ct_ray.harvest.pipeline
     import ct_ray.train.run
 
-    warm = []
-
-    def fake_harvest(hspec, url, progress=True):
-        return {"n_tokens": 0, "corpus": hspec.corpus}
-
-    def fake_train(seed):
-        def train(ts, progress=True):
-            warm.append(ts.init_from)
-            save_clt(random_clt(load_model(model), 32, seed=seed), ts.out, extra={"spec": ts.model_dump()})
-            return {"final": {}}
-        return train
+    def copy_harvest(hspec, url, progress=True):
+        shutil.copytree(d / "work" / D1 / "activations", url)
+        return json.loads((d / "work" / D1 / "activations" / "manifest.json").read_text())
 
     def boom(*a, **k):
         raise AssertionError("must not run again")
 
-    monkeypatch.setattr(ct_ray.harvest.pipeline, "harvest_to_store", fake_harvest)
-    monkeypatch.setattr(ct_ray.train.run, "train", fake_train(8))
-    lenient = make_spec(d, model, fvu=None, kl=None, top1_agreement=None)  # promote anything
+    monkeypatch.setattr(ct_ray.harvest.pipeline, "harvest_to_store", copy_harvest)
+    lenient = make_spec(d, model, optim={"steps": 1, "batch_tokens": 128, "lr": 1e-9, "shuffle_buffer_tokens": 512},
+                        fvu=None, kl=None, top1_agreement=None)  # promote anything
     monkeypatch.setenv(FAULT_ENV, "registered")
     with pytest.raises(RuntimeError, match="injected fault"):
         run_retrain(lenient, D2)
-    assert warm == [reg.version_url(v1)]  # warm-started from production
     v2 = reg.store.read_json(f"runs/{D2}.json")["stages"]["registered"]["version"]
+    a, b = load_clt(reg.version_url(v1)), load_clt(reg.version_url(v2))
+    assert v2 != v1 and b.meta["spec"]["init_from"] == reg.version_url(v1)
+    for name in ("W_enc", "b_enc", "threshold", "W_dec", "b_dec"):
+        for x, y in zip(getattr(a, name), getattr(b, name)):
+            torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-6)
     assert reg.production()["version"] == v1  # consistent: candidate registered, production untouched
     assert [x["version"] for x in reg.versions()] == [v1, v2] and reg.meta(v2)["provenance"]["parent"] == v1
     assert main(["clt", "list", "--registry", spec.registry]) == 0
@@ -128,9 +127,13 @@ def test_nightly_retraining(ray_local, setup, monkeypatch, capsys):
     assert reg.production()["version"] == v1
     assert [h["version"] for h in reg.history()] == [v1, v2, v1]
 
-    # --- night 3: a worse candidate (random, against night 1's trained CLT) is not promoted ---------------------
-    monkeypatch.setattr(ct_ray.harvest.pipeline, "harvest_to_store", fake_harvest)
-    monkeypatch.setattr(ct_ray.train.run, "train", fake_train(9))
+    # --- night 3: a worse candidate is not promoted (stand-ins: no harvest, an untrained random CLT) -------------
+    def random_candidate(ts, progress=True):
+        save_clt(random_clt(load_model(model), 32, seed=9), ts.out, extra={"spec": ts.model_dump()})
+        return {"final": {}}
+
+    monkeypatch.setattr(ct_ray.harvest.pipeline, "harvest_to_store", lambda hspec, url, progress=True: {"n_tokens": 0})
+    monkeypatch.setattr(ct_ray.train.run, "train", random_candidate)
     s3 = run_retrain(spec, D3)
     dec = s3["stages"]["decided"]
     assert not dec["promote"] and dec["against"] == v1 and any("FAILED" in r for r in dec["reasons"])
