@@ -61,11 +61,21 @@ def test_kinds_and_ids_of_the_workflows(tmp_path):
 def test_staged_working_dir(tmp_path):
     spec = tmp_path / "s.yaml"
     spec.write_text("sweep_id: x\n")
-    d = Path(stage_working_dir(str(spec), "project"))
+    proj = tmp_path / "proj"
+    for f in ("pyproject.toml", "ct_ray/cli.py", "ct_ray/__pycache__/x.pyc", ".git/HEAD", ".venv/bin/python",
+              "ct_ray_data/t.parquet", "benchmarks/_work/big.bin", "benchmarks/run.py", "workflows/a.yaml"):
+        (proj / f).parent.mkdir(parents=True, exist_ok=True)
+        (proj / f).write_text("x")
+    d = Path(stage_working_dir(str(spec), "project", str(proj)))
+    try:
+        assert sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file()) == [
+            JOB_SPEC, "benchmarks/run.py", "ct_ray/cli.py", "pyproject.toml", "workflows/a.yaml"]
+    finally:
+        shutil.rmtree(d)
+    d = Path(stage_working_dir(str(spec), "project"))  # this checkout
     try:
         assert (d / JOB_SPEC).read_text() == "sweep_id: x\n" and (d / "ct_ray" / "ops" / "submit.py").is_file()
         assert not any((d / x).exists() for x in (".venv", ".git", "ct_ray_data"))
-        assert not list(d.rglob("__pycache__"))
     finally:
         shutil.rmtree(d)
     d = Path(stage_working_dir(str(spec), "image"))

@@ -123,7 +123,7 @@ def git_commit() -> str | None:
     try:
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         r = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-        return r.stdout.strip() or None if r.returncode == 0 else None
+        return (r.stdout.strip() or None) if r.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
 
@@ -172,6 +172,8 @@ class Retrain:
         from ..harvest.pipeline import harvest_to_store
 
         self._ray()
+        # the warm-start parent is fixed here, once per night: a re-run trains from the same parent even if
+        # production has moved meanwhile (e.g. a manual rollback)
         prod = self.reg.production() if self.spec.warm_start else None
         parent = prod["version"] if prod else None
         ts = self.train_spec(self.reg.version_url(parent) if parent else None)

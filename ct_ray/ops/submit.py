@@ -124,6 +124,21 @@ def project_root() -> Path | None:
     return root if (root / "pyproject.toml").is_file() and (root / "ct_ray" / "cli.py").is_file() else None
 
 
+def _ignore(root: Path):
+    """copytree filter for EXCLUDES: plain patterns match a name at any depth, patterns with a '/' a path from the
+    project root (as in .gitignore)."""
+    import fnmatch
+
+    names_pat = [p for p in EXCLUDES if "/" not in p]
+    paths_pat = [p for p in EXCLUDES if "/" in p]
+
+    def ignore(directory: str, names: list[str]) -> set[str]:
+        rel = Path(directory).resolve().relative_to(root.resolve())
+        return {n for n in names if any(fnmatch.fnmatch(n, p) for p in names_pat)
+                or any(fnmatch.fnmatch((rel / n).as_posix(), p) for p in paths_pat)}
+    return ignore
+
+
 def stage_working_dir(spec_path: str, code: str, project: str | None = None) -> str:
     """A temporary directory to ship as the job's working_dir: the project (code='project') plus the spec."""
     d = tempfile.mkdtemp(prefix="ct_ray_submit_")
@@ -133,7 +148,7 @@ def stage_working_dir(spec_path: str, code: str, project: str | None = None) -> 
             if root is None or not (root / "ct_ray").is_dir():
                 raise CTRayError("cannot find the project to ship (ct_ray is installed, not checked out): "
                                  "pass --project DIR or --code image")
-            shutil.copytree(root, d, dirs_exist_ok=True, ignore=shutil.ignore_patterns(*EXCLUDES))
+            shutil.copytree(root, d, dirs_exist_ok=True, ignore=_ignore(root))
         os.makedirs(os.path.join(d, "_job"), exist_ok=True)
         shutil.copyfile(spec_path, os.path.join(d, JOB_SPEC))
     except BaseException:
