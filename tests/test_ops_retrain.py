@@ -143,6 +143,10 @@ def test_nightly_retraining(ray_local, setup, monkeypatch, capsys):
     capsys.readouterr()
     assert run_retrain(spec, D3)["noop"]
     assert "not promoted" in capsys.readouterr().out
+    assert main(["clt", "runs", "--registry", spec.registry]) == 0
+    runs = capsys.readouterr().out.splitlines()
+    assert [r.split()[:3] for r in runs] == [[D1, "done", "canary"], [D2, "done", "canary"], [D3, "done", "decided"]]
+    assert f"promoted {v1}" in runs[0] and "not promoted" in runs[2]
     assert json.loads((d / "registry" / "runs" / f"{D3}.json").read_text())["status"] == "done"
 
 

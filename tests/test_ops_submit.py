@@ -106,6 +106,7 @@ def test_runtime_env_carries_no_secrets(tmp_path, monkeypatch):
     (["submit", "{missing}", "--address", "http://127.0.0.1:9"], "spec file not found"),
     (["jobs", "status", "x", "--address", "http://127.0.0.1:9"], "cannot reach the Ray dashboard"),
     (["jobs", "status", "x"], "give --address"),
+    (["submit", "{spec}", "--date", "2025-01-01", "--address", "http://127.0.0.1:9"], "--date is for retrain specs"),
 ])
 def test_bad_input_one_line(tmp_path, capsys, monkeypatch, argv, message):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)

@@ -1,4 +1,4 @@
-"""`ct-ray submit`, `ct-ray jobs ...`, `ct-ray retrain` and `ct-ray clt list|show|register|promote|rollback`
+"""`ct-ray submit`, `ct-ray jobs ...`, `ct-ray retrain` and `ct-ray clt list|show|runs|register|promote|rollback`
 (registered by ct_ray/cli.py)."""
 
 from __future__ import annotations
@@ -12,14 +12,11 @@ from ..errors import CTRayError
 def cmd_submit(args) -> int:
     import sys
 
-    from .submit import connect, follow, read_spec, relative_paths, submit
+    from .submit import connect, follow, submit
 
-    rel = relative_paths(read_spec(args.spec)[1].model_dump(mode="json"))
-    if rel:
-        print(f"ct-ray: note: relative paths resolve inside the job's working dir on the cluster, where results are "
-              f"not kept; prefer absolute or s3:// URLs: {', '.join(rel[:5])}", file=sys.stderr)
     job_id = submit(args.spec, args.address, date=args.date, job_id=args.submission_id, code=args.code,
-                    project=args.project, pip=args.pip, python=args.python, entrypoint_num_cpus=args.entrypoint_num_cpus)
+                    project=args.project, pip=args.pip, python=args.python, entrypoint_num_cpus=args.entrypoint_num_cpus,
+                    note=lambda msg: print(f"ct-ray: note: {msg}", file=sys.stderr))
     print(f"submitted {job_id}; follow it with: ct-ray jobs logs {job_id} --follow --address {args.address or '$RAY_ADDRESS'}")
     if not args.wait:
         return 0
@@ -109,6 +106,15 @@ def cmd_clt_show(args) -> int:
     return 0
 
 
+def cmd_clt_runs(args) -> int:
+    from .retrain import STAGES, outcome
+
+    for r in _registry(args).runs():
+        last = [s for s in STAGES if s in r["stages"]]
+        print(f"{r['date']}  {r.get('status', '?'):<8} {last[-1] if last else '-':<10} {outcome(r)}")
+    return 0
+
+
 def cmd_clt_register(args) -> int:
     reg = _registry(args, require=False)  # the first registration creates the registry
     vid = reg.register(args.clt, provenance={"registered_by": "ct-ray clt register"})
@@ -141,6 +147,9 @@ def add_clt_parsers(csub) -> None:
     p.add_argument("version", nargs="?")
     reg_args(p)
     p.set_defaults(fn=cmd_clt_show)
+    p = csub.add_parser("runs", help="nightly retraining runs recorded in the registry (date, status, outcome)")
+    reg_args(p)
+    p.set_defaults(fn=cmd_clt_runs)
     p = csub.add_parser("register", help="copy a CLT directory into the registry as a new immutable version")
     p.add_argument("clt", help="CLT directory URL")
     reg_args(p)

@@ -195,6 +195,10 @@ class Registry:
         self.meta(target)
         return self._move_pointer(target, "rollback", reason)
 
+    def runs(self) -> list[dict]:
+        """Nightly retraining states (runs/<date>.json), oldest first."""
+        return [r for r in (self.store.read_json(f"runs/{n}") for n in self._ls("runs") if n.endswith(".json")) if r]
+
     # --- evaluation cache ----------------------------------------------------------------------------------
     def read_eval(self, version: str, eval_id: str) -> dict | None:
         return self.store.read_json(f"evals/{version}/{eval_id}.json")

@@ -289,7 +289,7 @@ class Retrain:
             "date": self.date, "name": self.spec.name, "spec_hash": self.spec.spec_hash(), "started_at": _now(),
             "status": "running", "stages": {}}
         if self.state.get("status") == "done":
-            self.log(f"[{self.date}] already done ({_summary(self.state)}): nothing to do")
+            self.log(f"[{self.date}] already done ({outcome(self.state)}): nothing to do")
             return {**self.state, "noop": True}
         if self.state["spec_hash"] != self.spec.spec_hash():
             self.log(f"[{self.date}] note: the spec changed since this night started; recorded stages are kept")
@@ -303,11 +303,11 @@ class Retrain:
                            "canary": "canary"}[stage])()
         self.state.update(status="done", finished_at=_now())
         self.reg.store.write_json(self.marker, self.state)
-        self.log(f"[{self.date}] done: {_summary(self.state)}")
+        self.log(f"[{self.date}] done: {outcome(self.state)}")
         return {**self.state, "noop": False}
 
 
-def _summary(state: dict) -> str:
+def outcome(state: dict) -> str:
     st = state["stages"]
     vid = (st.get("registered") or {}).get("version")
     if st.get("promoted"):

@@ -228,8 +228,14 @@ def _refused(job_id: str, status) -> CTRayError:
 
 def submit(spec_path: str, address: str | None, *, date: str | None = None, job_id: str | None = None,
            code: str = "project", project: str | None = None, pip: str | None = None, python: str = "python",
-           entrypoint_num_cpus: float | None = None) -> str:
+           entrypoint_num_cpus: float | None = None, note=None) -> str:
     kind, spec = read_spec(spec_path)
+    rel = relative_paths(spec.model_dump(mode="json"))
+    if rel and note:
+        note(f"relative paths resolve inside the job's working dir on the cluster, where results are not kept; "
+             f"prefer absolute or s3:// URLs: {', '.join(rel[:5])}")
+    if date and kind != "retrain":
+        raise CTRayError(f"--date is for retrain specs; {spec_path} is a {kind} spec")
     job_id = job_id or submission_id(kind, spec, date)
     if kind == "retrain":  # the job runs the night the submitter meant, even if it starts after midnight
         from .retrain import check_date
