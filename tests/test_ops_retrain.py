@@ -190,3 +190,31 @@ def test_warm_start_reproduces_the_exported_clt():
     got = full.decode(acts)
     for l in range(3):
         torch.testing.assert_close(got[l] / sy[l], want[l], rtol=1e-5, atol=1e-5)
+
+
+def test_retrain_on_s3_with_stand_ins(ray_local, s3, setup, monkeypatch):
+    """Registry, work dir and canary tables on S3 (moto); harvest and training are stand-ins (tested above)."""
+    import ct_ray.harvest.pipeline
+    import ct_ray.train.run
+
+    d, model = setup
+    root = f"s3://{s3['bucket']}/nightly"
+
+    def candidate(ts, progress=True):
+        assert ts.out == f"{root}/work/{D1}/candidate" and ts.init_from is None
+        save_clt(random_clt(load_model(model), 16, seed=4), ts.out, extra={"spec": ts.model_dump()})
+        return {"final": {"fvu": 0.5}}
+
+    monkeypatch.setattr(ct_ray.harvest.pipeline, "harvest_to_store", lambda hspec, url, progress=True: {"n_tokens": 0})
+    monkeypatch.setattr(ct_ray.train.run, "train", candidate)
+    data = make_spec(d, model).model_dump()
+    data.update(registry=f"{root}/registry", work=f"{root}/work")
+    data["canary"]["storage"] = {"url": f"{root}/tables"}
+    spec = RetrainSpec.model_validate(data)
+    s = run_retrain(spec, D1)
+    vid = s["stages"]["promoted"]["version"]
+    reg = Registry(spec.registry)
+    assert reg.production()["version"] == vid and reg.meta(vid)["metrics"]["train"] == {"fvu": 0.5}
+    assert load_clt(reg.version_url(vid)).d_tc == [16, 16]
+    assert Store(f"{root}/tables").read("graphs", f"canary-{D1}").num_rows == 2
+    assert run_retrain(spec, D1)["noop"]
