@@ -117,13 +117,18 @@ def check_date(date: str | None) -> str:
 
 def git_commit() -> str | None:
     """The code's commit: CT_RAY_GIT_COMMIT (set by `ct-ray submit`, as a job's working dir has no .git), else
-    the checkout's HEAD, else None."""
+    the checkout's HEAD with `-dirty` when tracked files differ from it (the commit alone would overstate what is
+    known), else None."""
     if os.environ.get("CT_RAY_GIT_COMMIT"):
         return os.environ["CT_RAY_GIT_COMMIT"]
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     try:
-        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        r = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-        return (r.stdout.strip() or None) if r.returncode == 0 else None
+        git = lambda *a: subprocess.run(["git", "-C", root, *a], capture_output=True, text=True, timeout=5)
+        head = git("rev-parse", "HEAD")
+        if head.returncode != 0 or not head.stdout.strip():
+            return None
+        dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+        return head.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return None
 
