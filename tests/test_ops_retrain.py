@@ -218,3 +218,15 @@ def test_retrain_on_s3_with_stand_ins(ray_local, s3, setup, monkeypatch):
     assert load_clt(reg.version_url(vid)).d_tc == [16, 16]
     assert Store(f"{root}/tables").read("graphs", f"canary-{D1}").num_rows == 2
     assert run_retrain(spec, D1)["noop"]
+
+
+def test_warm_start_only_from_the_same_shape():
+    from ct_ray.ops.retrain import same_shape
+    from ct_ray.specs import CLTShapeSpec
+
+    meta = {"n_layers": 3, "features_per_layer": 8, "spans": [3, 2, 1], "activation": "jumprelu"}
+    assert same_shape(meta, CLTShapeSpec(n_features=8))
+    assert not same_shape(meta, CLTShapeSpec(n_features=16))
+    assert not same_shape(meta, CLTShapeSpec(n_features=8, span=1))
+    assert same_shape({**meta, "spans": [1, 1, 1]}, CLTShapeSpec(n_features=8, span=1))
+    assert not same_shape(meta, CLTShapeSpec(n_features=8, activation="relu"))

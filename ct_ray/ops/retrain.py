@@ -133,6 +133,15 @@ def git_commit() -> str | None:
         return None
 
 
+def same_shape(meta_clt: dict, shape) -> bool:
+    """Whether a registered CLT (its meta's `clt`) can warm-start training of `shape` (a CLTShapeSpec). A changed
+    shape in the spec is a deliberate change of recipe: that night trains from scratch instead of failing."""
+    n = meta_clt["n_layers"]
+    spans = [min(shape.span or n, n - l) for l in range(n)]
+    return (meta_clt["features_per_layer"], meta_clt["spans"], meta_clt["activation"]) == \
+        (shape.n_features, spans, shape.activation)
+
+
 def _prompts(canary: CanarySpec) -> list[str]:
     return [p if isinstance(p, str) else p.prompt for p in canary.prompts]
 
@@ -181,6 +190,9 @@ class Retrain:
         # production has moved meanwhile (e.g. a manual rollback)
         prod = self.reg.production() if self.spec.warm_start else None
         parent = prod["version"] if prod else None
+        if parent and not same_shape(self.reg.meta(parent)["clt"], self.spec.train.clt):
+            self.log(f"[{self.date}] production {parent} has another CLT shape than train.clt: training from scratch")
+            parent = None
         ts = self.train_spec(self.reg.version_url(parent) if parent else None)
         m = harvest_to_store(ts.harvest, ts.activations, progress=False)
         self._save("harvested", {"activations": ts.activations, "n_tokens": m.get("n_tokens"),
