@@ -207,7 +207,10 @@ from ct_ray.ops.submit import connect, runtime_env, stage_working_dir
 client = connect(sys.argv[2])
 probe = ("import ray, ct_ray; ray.init(); f = ray.remote(lambda: __import__('ct_ray').__file__); "
          "print('DRIVER', ct_ray.__file__); print('WORKER', ray.get(f.remote()))")
-sid = client.submit_job(entrypoint=f'python -c "{probe}"', runtime_env=runtime_env(stage_working_dir(sys.argv[3], "project")))
+import shutil
+wd = stage_working_dir(sys.argv[3], "project")
+sid = client.submit_job(entrypoint=f'python -c "{probe}"', runtime_env=runtime_env(wd))
+shutil.rmtree(wd)
 while str(client.get_job_status(sid)) not in ("SUCCEEDED", "FAILED", "STOPPED"):
     time.sleep(0.5)
 res.append({"probe": [ln for ln in client.get_job_logs(sid).splitlines() if ln.startswith(("DRIVER", "WORKER"))]})
