@@ -185,6 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--out", required=True)
     r.set_defaults(fn=_cmd_clt_random)
+    from .ops.cli import add_clt_parsers  # registry, submit, jobs, retrain
+    from .ops.cli import add_parsers as _add_ops_parsers
+
+    add_clt_parsers(csub)
+    _add_ops_parsers(sub)
 
     from .sweep.cli import add_parsers as _add_sweep_parsers  # `sweep` and `sql` (ct_ray/sweep/cli.py)
 

@@ -90,6 +90,8 @@ class TrainSpec(Spec):
     eval_tokens: int = Field(1024, ge=0, description="held-out tokens for replacement-model metrics at the end")
     out: str = "ct_ray_data/clts/clt"
     metrics: str | None = Field("ct_ray_data/tables/train_metrics", description="train_metrics Parquet table URL")
+    init_from: str | None = Field(None, description="warm start: a CLT URL of the same shape (e.g. the registry's "
+                                                   "production version) instead of a random initialisation")
 
 
 def _first_error(e: ValidationError) -> str:
@@ -105,7 +107,13 @@ def parse(spec_cls: type[Spec], data: dict, where: str = "spec") -> Spec:
         raise CTRayError(f"invalid {where}: {_first_error(e)}") from e
 
 
-def load_yaml(path: str | Path, spec_cls: type[Spec]) -> Spec:
+# the optional top-level `kind:` of a spec file (what `ct-ray submit` runs it as) and the spec class it names
+SPEC_KINDS = {"harvest": "HarvestSpec", "train": "TrainSpec", "sweep": "SweepSpec", "retrain": "RetrainSpec",
+              "demo": "QuickstartSpec"}
+
+
+def read_yaml(path: str | Path) -> dict:
+    """A spec file's mapping, unvalidated."""
     p = Path(path)
     if not p.exists():
         raise CTRayError(f"spec file not found: {p}")
@@ -115,4 +123,13 @@ def load_yaml(path: str | Path, spec_cls: type[Spec]) -> Spec:
         raise CTRayError(f"{p} is not valid YAML: {str(e).splitlines()[0]}") from e
     if not isinstance(data, dict):
         raise CTRayError(f"{p} must hold a mapping of spec fields")
+    return data
+
+
+def load_yaml(path: str | Path, spec_cls: type[Spec]) -> Spec:
+    p = Path(path)
+    data = read_yaml(p)
+    kind = data.pop("kind", None)
+    if kind is not None and SPEC_KINDS.get(str(kind)) != spec_cls.__name__:
+        raise CTRayError(f"{p} is a `kind: {kind}` spec, not a {spec_cls.__name__}")
     return parse(spec_cls, data, where=str(p))

@@ -101,6 +101,10 @@ def train_loop_per_worker(config: dict) -> None:
             history = state.get("history", [])
             sx, sy = torch.tensor(state["sx"], device=device), torch.tensor(state["sy"], device=device)
         print(f"[ct_ray train] rank {rank}: resumed at step {shard.step_no}", flush=True)
+    elif spec.init_from:
+        from ..clt.io import load_clt
+
+        shard.init_from_clt(load_clt(spec.init_from), sx, sy)
     else:
         shard.init_from_data(first[0] * sx[:, None])
 

@@ -83,6 +83,7 @@ def resolve_paths(spec: TrainSpec) -> TrainSpec:
     return spec.model_copy(update={
         "checkpoint": absolute_url(spec.checkpoint), "out": absolute_url(spec.out),
         "activations": absolute_url(spec.activations), "metrics": absolute_url(spec.metrics),
+        "init_from": absolute_url(spec.init_from),
         "harvest": spec.harvest.model_copy(update={"out": absolute_url(spec.harvest.out)})})
 
 
@@ -102,6 +103,8 @@ def train(spec: TrainSpec, *, progress: bool = True) -> dict:
         ray.init(log_to_driver=True)
     t0 = time.time()
     model = load_model(spec.harvest.model)
+    if spec.init_from:  # fail before any work when the warm-start CLT does not fit this spec
+        _check_init(spec, model)
     activations = spec.activations
     datasets, data_cfg = None, None
     if activations is None and spec.harvest.out is not None:
@@ -151,6 +154,18 @@ def train(spec: TrainSpec, *, progress: bool = True) -> dict:
         write_metrics_table(spec.metrics, spec.name, state["history"])
     summary["out"] = spec.out
     return summary
+
+
+def _check_init(spec: TrainSpec, model) -> None:
+    from ..clt.io import load_clt
+
+    clt = load_clt(spec.init_from)
+    clt.check_model(model.n_layers, model.d_model)
+    spans = [min(spec.clt.span or model.n_layers, model.n_layers - l) for l in range(model.n_layers)]
+    if clt.d_tc != [spec.clt.n_features] * model.n_layers or clt.spans != spans or clt.activation != spec.clt.activation:
+        raise CTRayError(f"init_from {spec.init_from}: its shape ({clt.d_tc[0]} features/layer, spans {clt.spans}, "
+                         f"{clt.activation}) differs from clt: in the spec ({spec.clt.n_features}, spans {spans}, "
+                         f"{spec.clt.activation})")
 
 
 def _n_docs(spec: TrainSpec, model) -> int:

@@ -85,6 +85,20 @@ class Shard:
         """b_enc from the first batch (the full-model quantiles restricted to this slice are the same numbers)."""
         init_b_enc_from_data(self.clt, xs, self.o.target_firing_rate)
 
+    def init_from_clt(self, clt: CrossLayerTranscoder, sx: torch.Tensor, sy: torch.Tensor) -> None:
+        """Warm start from an exported CLT: undo the export's folding of the activation scales (sx, sy of this
+        run's data) so that the scaled model computes exactly what the exported one does."""
+        lo, hi = self.lo, self.hi
+        sx, sy = sx.cpu(), sy.cpu()  # the loaded CLT is on the CPU; copy_ moves the result to this shard's device
+        with torch.no_grad():
+            for l in range(self.lay.n_layers):
+                span = self.clt.spans[l]
+                self.clt.W_enc[l].copy_(clt.W_enc[l][lo:hi] / sx[l])
+                self.clt.b_enc[l].copy_(clt.b_enc[l][lo:hi])
+                self.clt.threshold[l].copy_(clt.threshold[l][lo:hi])
+                self.clt.W_dec[l].copy_(clt.W_dec[l][lo:hi] * sy[l : l + span][None, :, None])
+                self.clt.b_dec[l].copy_(clt.b_dec[l] * sy[l])
+
     def lr_at(self, step: int, total: int) -> float:
         start = int(total * (1 - self.o.decay_frac))
         if step < start or total == start:

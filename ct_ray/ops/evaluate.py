@@ -1,0 +1,90 @@
+"""Scoring a CLT for promotion: reconstruction (FVU, L0) and replacement-model fidelity (top-1 agreement, spliced KL)
+on a fixed held-out text set, plus the mean replacement / completeness scores of attribution graphs over a fixed
+set of canary prompts. Candidate and production are scored by the same code on the same inputs, so the numbers
+compare; the inputs are fixed by the spec, so a version's result is cached in the registry (evals/)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+
+import torch
+
+from ..clt.evaluate import replacement_metrics
+from ..harvest.activations import harvest_batch, training_mask
+
+# direction of each metric: +1 higher is better, -1 lower is better
+METRICS = {"fvu": -1, "l0": -1, "kl": -1, "top1_agreement": 1, "replacement_score": 1, "completeness_score": 1}
+
+
+def eval_id(model: str, eval_spec: dict, canary: dict) -> str:
+    """Identity of an evaluation (model + held-out set + canary prompts and attribution settings)."""
+    blob = json.dumps({"model": model, "eval": eval_spec, "canary": canary}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+@torch.no_grad()
+def reconstruction_metrics(model, clt, tokens: torch.Tensor, batch: int = 8) -> dict:
+    """FVU (per layer and mean over layers) and L0 (active features per token, summed over layers), on the same
+    positions training uses (BOS and outlier tokens dropped), with the CLT's own read point."""
+    L = clt.n_layers
+    err = torch.zeros(L, dtype=torch.float64)
+    sum_y = torch.zeros(L, clt.d_model, dtype=torch.float64)
+    sum_y2 = torch.zeros(L, dtype=torch.float64)
+    active = torch.zeros(L, dtype=torch.float64)
+    n = 0
+    for i in range(0, len(tokens), batch):
+        x, y = harvest_batch(model, tokens[i : i + batch], clt.feature_input_hook)
+        m = training_mask(x)
+        x, y = x[m].float(), y[m].float()  # [n, L, d]
+        acts = [clt.encode(l, x[:, l]) for l in range(L)]
+        y_hat = torch.stack(clt.decode(acts), 1)
+        err += (y_hat - y).pow(2).sum(-1).sum(0).double()
+        sum_y += y.sum(0).double()
+        sum_y2 += y.pow(2).sum(-1).sum(0).double()
+        active += torch.stack([(a > 0).sum(0).sum() for a in acts]).double()
+        n += x.shape[0]
+    var = (sum_y2 - sum_y.pow(2).sum(-1) / max(n, 1)).clamp_min(1e-12)
+    fvu = err / var
+    return {"fvu": float(fvu.mean()), "fvu_per_layer": fvu.tolist(), "l0": float(active.sum() / max(n, 1)),
+            "l0_per_layer": (active / max(n, 1)).tolist(), "eval_positions": n}
+
+
+def canary_scores(model, clt, prompts: list[str], attribution: dict) -> dict:
+    """Mean replacement / completeness scores of the canary prompts' attribution graphs (full graphs)."""
+    from ..attribution.attribute import attribute
+
+    rep, comp = [], []
+    for p in prompts:
+        s = attribute(model, clt, p, **attribution).scores()
+        rep.append(s["replacement_score"])
+        comp.append(s["completeness_score"])
+    mean = lambda v: sum(v) / len(v) if v else math.nan
+    return {"replacement_score": mean(rep), "completeness_score": mean(comp), "canary_prompts": len(prompts)}
+
+
+def evaluate_clt(model, clt, tokens: torch.Tensor, prompts: list[str], attribution: dict) -> dict:
+    out = reconstruction_metrics(model, clt, tokens)
+    out.update(replacement_metrics(model, clt, tokens))
+    out.update(canary_scores(model, clt, prompts, attribution))
+    return out
+
+
+def decide(candidate: dict, production: dict | None, margins: dict) -> tuple[bool, list[str]]:
+    """Promote only if the candidate beats production by at least each configured margin (in the metric's units;
+    a negative margin tolerates that much regression; None skips the metric). Missing or NaN values fail."""
+    if production is None:
+        return True, ["no production version yet"]
+    ok, reasons = True, []
+    for name, sign in METRICS.items():
+        m = margins.get(name)
+        if m is None:
+            continue
+        c, p = candidate.get(name), production.get(name)
+        gain = sign * (c - p) if c is not None and p is not None else math.nan
+        passed = not math.isnan(gain) and gain >= m
+        ok &= passed
+        reasons.append(f"{name}: {c:.4g} vs {p:.4g}, gain {gain:+.4g} (needs >= {m:+g}) "
+                       f"{'ok' if passed else 'FAILED'}" if not math.isnan(gain) else f"{name}: missing FAILED")
+    return ok, reasons
