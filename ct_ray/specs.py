@@ -109,7 +109,7 @@ def parse(spec_cls: type[Spec], data: dict, where: str = "spec") -> Spec:
 
 # the optional top-level `kind:` of a spec file (what `ct-ray submit` runs it as) and the spec class it names
 SPEC_KINDS = {"harvest": "HarvestSpec", "train": "TrainSpec", "sweep": "SweepSpec", "retrain": "RetrainSpec",
-              "demo": "QuickstartSpec"}
+              "demo": "QuickstartSpec", "features": "FeaturesSpec"}
 
 
 def read_yaml(path: str | Path) -> dict:

@@ -23,6 +23,7 @@ from .api import BadRequest, ExplorerAPI, Forbidden, NotFound
 log = logging.getLogger(__name__)
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 MAX_BODY = 1 << 20
+_DRAIN_MAX = 16 << 20  # a refused body larger than this is cut off with the connection
 _SAFE_STATIC = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_.\-/]{0,200}$")
 _GET = {"info": "info", "sweeps": "sweeps", "graphs": "graphs", "graph": "graph", "feature": "feature",
         "perturbations": "perturbations", "supernodes": "get_supernodes"}
@@ -114,6 +115,22 @@ class Handler(BaseHTTPRequestHandler):
         except Exception as e:  # a bug: one line to the page, the traceback to the log
             log.exception("explorer request %s %s failed", method, self.path)
             self._error(500, f"internal error: {type(e).__name__}")
+        finally:
+            self._linger()
+
+    def _linger(self):
+        """After a 413, read (and drop) a bounded part of the refused body before closing: closing a socket with
+        unread input sends a TCP reset, which can destroy the 413 response before the client reads it."""
+        n, self._discard = getattr(self, "_discard", 0), 0
+        if not n:
+            return
+        self.wfile.flush()
+        self.connection.settimeout(1.0)
+        try:
+            while n > 0 and (chunk := self.rfile.read1(min(n, 1 << 16))):
+                n -= len(chunk)
+        except OSError:
+            pass
 
     def _check_host(self):
         """Bound to loopback: only answer requests addressed to loopback (blocks DNS-rebinding pages)."""
@@ -133,6 +150,7 @@ class Handler(BaseHTTPRequestHandler):
             raise _Error(400, "bad Content-Length") from None
         if n > MAX_BODY:
             self.close_connection = True  # the unread body must not be parsed as the next request
+            self._discard = min(n, _DRAIN_MAX)
             raise _Error(413, f"request body over {MAX_BODY} bytes")
         if n < 0:
             raise _Error(400, "bad Content-Length")

@@ -38,11 +38,12 @@ def _one_line(e: BaseException) -> str:
 
 def _spec_class(kind: str):
     from ..demo import QuickstartSpec
+    from ..features.job import FeaturesSpec
     from ..sweep.spec import SweepSpec
     from .retrain import RetrainSpec
 
     return {"harvest": HarvestSpec, "train": TrainSpec, "sweep": SweepSpec, "retrain": RetrainSpec,
-            "demo": QuickstartSpec}[kind]
+            "demo": QuickstartSpec, "features": FeaturesSpec}[kind]
 
 
 def detect_kind(data: dict, where: str) -> str:
@@ -60,6 +61,8 @@ def detect_kind(data: dict, where: str) -> str:
         return "retrain"
     if {"train", "sweep"} <= keys:
         return "demo"
+    if "window" in keys or "n_contexts" in keys:  # only the feature-dashboards spec has these
+        return "features"
     if keys and keys <= train_f and keys - harvest_f:
         return "train"
     if keys and keys <= harvest_f and keys - train_f:
