@@ -40,7 +40,8 @@ def test_kinds_and_ids_of_the_workflows(tmp_path):
     kinds = {p.name: read_spec(str(p)) for p in sorted((ROOT / "workflows").glob("*.yaml"))}
     assert {n: k for n, (k, _) in kinds.items()} == {
         "nightly_retrain.yaml": "retrain", "quickstart.yaml": "demo", "sweep_quickstart.yaml": "sweep",
-        "sweep_s3_cluster.yaml": "sweep", "train_smollm2.yaml": "train", "features_smollm2.yaml": "features"}
+        "sweep_s3_cluster.yaml": "sweep", "train_smollm2.yaml": "train", "features_smollm2.yaml": "features",
+        "train_smollm2_quality.yaml": "train"}
     k, s = kinds["sweep_quickstart.yaml"]
     assert submission_id(k, s) == "sweep-quickstart"
     k, s = kinds["nightly_retrain.yaml"]

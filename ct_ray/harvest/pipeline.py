@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import numpy as np
 import torch
@@ -27,15 +28,20 @@ class HarvestActor:
         torch.set_grad_enabled(False)
         self.model = load_model(model, attn="sdpa")
         self.read_point, self.outlier_factor, self.out, self.dtype = read_point, outlier_factor, out, dtype
+        # Two calls run at once (see harvest_dataset): the forward (hooks on one shared model) is serialised by this
+        # lock, so one batch's shard write overlaps the next batch's forward instead of idling the CPU.
+        self.compute = threading.Lock()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         tokens = torch.from_numpy(np.asarray(batch["tokens"], np.int64))
-        x, y = harvest_batch(self.model, tokens, self.read_point)
-        mask = training_mask(x, self.outlier_factor)
-        b, t = torch.nonzero(mask, as_tuple=True)
+        with self.compute:
+            x, y = harvest_batch(self.model, tokens, self.read_point)
+            mask = training_mask(x, self.outlier_factor)
+            b, t = torch.nonzero(mask, as_tuple=True)
+            xs, ys = x[b, t], y[b, t]  # [n, L, d]
+            del x, y
         doc = np.asarray(batch["doc"])[b.numpy()]
         pos = (np.asarray(batch["offset"])[b.numpy()] + t.numpy()).astype(np.int32)
-        xs, ys = x[b, t], y[b, t]  # [n, L, d]
         if self.out is not None:
             from .store import write_shard
 
@@ -65,7 +71,9 @@ def harvest_dataset(spec: HarvestSpec, contexts: Contexts, out: str | None = Non
         fn_constructor_kwargs={"model": spec.model, "read_point": spec.read_point,
                                "outlier_factor": spec.outlier_factor, "out": out, "dtype": spec.dtype},
         batch_size=spec.batch_contexts,
-        compute=ray.data.ActorPoolStrategy(size=spec.workers),
+        # 2 concurrent calls per actor: the write of one shard overlaps the next forward (HarvestActor.compute)
+        compute=ray.data.ActorPoolStrategy(size=spec.workers, max_concurrent_calls_per_actor=2,
+                                           enable_true_multi_threading=True),
         num_cpus=spec.num_cpus,
         num_gpus=spec.num_gpus or None,
     )
