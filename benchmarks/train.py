@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 import time
 
 import torch
@@ -36,7 +37,7 @@ def bench_decode(args) -> None:
             for l in range(L):
                 h = xs[:, l] @ clt.W_enc[l].T
                 clt.b_enc[l].copy_(-torch.quantile(h, 1 - args.l0 / F, dim=0))
-        opt = torch.optim.Adam(clt.parameters(), lr=1e-4)
+        opt = torch.optim.Adam(clt.parameters(), lr=1e-4, fused=True)  # as the trainer (train/shard.py)
         w = LossWeights(1e-3)
         times = []
         for i in range(args.steps + 1):
@@ -69,7 +70,7 @@ def bench_shards(args) -> None:
             "name": f"bench-shards-{workers}", "activations": args.activations,
             "clt": {"n_features": args.features, "span": args.span},
             "optim": {"steps": args.steps, "batch_tokens": args.batch, "shuffle_buffer_tokens": 2 * args.batch},
-            "workers": workers, "num_cpus_per_worker": 2 / workers, "checkpoint": "/tmp/ct_ray_bench/ckpt",
+            "workers": workers, "num_cpus_per_worker": 2 / workers, "checkpoint": tempfile.mkdtemp(prefix="ct_ray_bench_ckpt"),
             "checkpoint_every": 10_000, "metrics_every": max(1, args.steps // 2), "eval_tokens": 0,
             "out": f"/tmp/ct_ray_bench/clt{workers}", "metrics": None,
             "harvest": {"model": args.model}})

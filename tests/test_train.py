@@ -234,3 +234,24 @@ def test_unwritable_checkpoint_location(tmp_path):
     f.write_text("x")
     with pytest.raises(StorageError, match="cannot write"):
         _check_writable(str(f / "sub"))
+
+
+def test_checkpoints_of_another_run_are_refused(tmp_path):
+    import json
+
+    from ct_ray.train.run import check_resumable
+
+    spec = TrainSpec.model_validate({"name": "r", "clt": {"n_features": 32, "span": 1}, "workers": 2,
+                                     "checkpoint": str(tmp_path)})
+    check_resumable(spec, 2, 16)  # nothing there yet
+    d = tmp_path / "r" / "checkpoint_000"
+    d.mkdir(parents=True)
+    layout = {"n_layers": 2, "d_model": 16, "n_features": 32, "span": 1, "activation": "jumprelu",
+              "feature_input_hook": spec.harvest.read_point, "fp": 2, "dp": 1, "fp_idx": None, "dp_idx": None}
+    (d / "state.json").write_text(json.dumps({"layout": layout}))
+    check_resumable(spec, 2, 16)  # the same run: resumable
+    with pytest.raises(CTRayError, match=r"holds checkpoints of another run \(span 1 -> None\)"):
+        check_resumable(spec.model_copy(update={"clt": spec.clt.model_copy(update={"span": None})}), 2, 16)
+    (d / "state.json").write_text("{")
+    with pytest.raises(CTRayError, match="unreadable checkpoint"):
+        check_resumable(spec, 2, 16)

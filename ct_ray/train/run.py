@@ -43,6 +43,30 @@ def _storage_path(url: str) -> str:
     return os.path.abspath(path) if is_local(fs) else url
 
 
+def check_resumable(spec: TrainSpec, n_layers: int, d_model: int) -> None:
+    """Ray Train resumes a run from the checkpoints under `checkpoint/name`; refuse (one line) when they belong to a
+    differently shaped CLT or sharding, instead of failing inside the workers with a shape-mismatch traceback."""
+    fs, root = filesystem(spec.checkpoint)
+    run_dir = f"{root.rstrip('/')}/{spec.name}"
+    try:
+        states = sorted(fs.glob(f"{run_dir}/checkpoint_*/{CKPT_STATE}"))
+    except OSError:
+        return
+    if not states:
+        return
+    try:
+        layout = json.loads(fs.cat_file(states[-1]))["layout"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise CTRayError(f"unreadable checkpoint {states[-1]}: delete {run_dir} or use another name") from None
+    want = {"n_layers": n_layers, "d_model": d_model, "n_features": spec.clt.n_features, "span": spec.clt.span,
+            "activation": spec.clt.activation, "feature_input_hook": spec.harvest.read_point, "fp": spec.workers,
+            "dp": spec.data_parallel}
+    diff = [f"{k} {layout.get(k)!r} -> {v!r}" for k, v in want.items() if layout.get(k) != v]
+    if diff:
+        raise CTRayError(f"{run_dir} holds checkpoints of another run ({', '.join(diff)}): change `name` or "
+                         f"`checkpoint`, or delete that folder")
+
+
 def assemble(ckpt_dir: str, spec: TrainSpec, n_layers: int, d_model: int, model_name: str):
     """The full CLT from the shard files of a checkpoint, normalisation folded into the weights."""
     state = json.load(open(os.path.join(ckpt_dir, CKPT_STATE)))
@@ -105,6 +129,7 @@ def train(spec: TrainSpec, *, progress: bool = True) -> dict:
     model = load_model(spec.harvest.model)
     if spec.init_from:  # fail before any work when the warm-start CLT does not fit this spec
         _check_init(spec, model)
+    check_resumable(spec, model.n_layers, model.d_model)  # before harvesting: fail fast
     activations = spec.activations
     datasets, data_cfg = None, None
     if activations is None and spec.harvest.out is not None:
