@@ -111,6 +111,15 @@ def test_streamed_and_persisted_harvests_agree(harvested):
     assert n == len(streamed) == store.n_tokens > 1000
 
 
+def _assert_exported_equals(clt, ref, sx, sy):
+    """The exported CLT (normalisation folded in) == the reference shard's CLT in scaled units."""
+    for l in range(clt.n_layers):
+        torch.testing.assert_close(clt.W_enc[l], ref.clt.W_enc[l] * sx[l], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(clt.W_dec[l], ref.clt.W_dec[l] / sy[l: l + clt.spans[l]][None, :, None],
+                                   atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(clt.threshold[l], ref.clt.threshold[l], atol=1e-6, rtol=1e-5)
+
+
 def test_two_feature_shards_equal_one_worker(harvested):
     """2 Ray workers each owning half the features == one process owning all (same data, same seed).
     Tolerance: 1e-5 absolute on weights after 12 Adam steps (all-reduce summation order)."""
@@ -120,12 +129,7 @@ def test_two_feature_shards_equal_one_worker(harvested):
     spec = _spec(harvested, activations=harvested["acts"], workers=2, name="shard2", eval_tokens=0)
     summary = train(spec, progress=False)
     ref, sx, sy, hist = train_local(spec, harvested["acts"], 2, 32)
-    clt = load_clt(spec.out)
-    for l in range(2):
-        torch.testing.assert_close(clt.W_enc[l], ref.clt.W_enc[l] * sx[l], atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(clt.W_dec[l], ref.clt.W_dec[l] / sy[l: l + clt.spans[l]][None, :, None],
-                                   atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(clt.threshold[l], ref.clt.threshold[l], atol=1e-6, rtol=1e-5)
+    _assert_exported_equals(load_clt(spec.out), ref, sx, sy)
     assert abs(summary["final"]["loss_mse"] - hist[-1]["loss_mse"]) <= 1e-3 * hist[-1]["loss_mse"]
     assert summary["final"]["l0"] == pytest.approx(hist[-1]["l0"], rel=1e-5)
 
@@ -150,12 +154,7 @@ def test_data_parallel_replicas_equal_one_worker_on_the_joint_batch(harvested):
     for _ in range(o.steps):
         (x0, y0), (x1, y1) = next(it), next(it)
         ref.step(torch.cat([x0, x1]) * sx[:, None], torch.cat([y0, y1]) * sy[:, None], o.steps)
-    clt = load_clt(spec.out)
-    for l in range(2):
-        torch.testing.assert_close(clt.W_enc[l], ref.clt.W_enc[l] * sx[l], atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(clt.W_dec[l], ref.clt.W_dec[l] / sy[l: l + clt.spans[l]][None, :, None],
-                                   atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(clt.threshold[l], ref.clt.threshold[l], atol=1e-6, rtol=1e-5)
+    _assert_exported_equals(load_clt(spec.out), ref, sx, sy)
 
 
 def test_exported_clt_reproduces_trained_model(harvested):

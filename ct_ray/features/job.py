@@ -49,11 +49,6 @@ class FeaturesSpec(Spec):
     num_gpus: float = Field(0.0, ge=0)
     storage: StorageSpec = StorageSpec()
 
-    @field_validator("storage", mode="before")
-    @classmethod
-    def _storage_str(cls, v):
-        return {"url": v} if isinstance(v, str) else v
-
     @field_validator("quantiles")
     @classmethod
     def _q(cls, v):

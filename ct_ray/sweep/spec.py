@@ -94,6 +94,11 @@ class StorageSpec(Spec):
     endpoint_url: str | None = None
     options: dict = Field(default_factory=dict, description="extra fsspec options (no credentials)")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _from_url(cls, v):  # `storage: s3://bucket/prefix` is short for `storage: {url: ...}`
+        return {"url": v} if isinstance(v, str) else v
+
     @field_validator("options")
     @classmethod
     def _no_secrets(cls, v: dict) -> dict:
@@ -134,11 +139,6 @@ class SweepSpec(Spec):
         if not _ID_RE.match(v):
             raise ValueError("must be 1-128 characters of letters, digits, '_', '-', '.', starting with a letter or digit")
         return v
-
-    @field_validator("storage", mode="before")
-    @classmethod
-    def _storage_str(cls, v):
-        return {"url": v} if isinstance(v, str) else v
 
     @field_validator("prompts")
     @classmethod
