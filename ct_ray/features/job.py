@@ -18,18 +18,18 @@ import re
 
 import numpy as np
 import pyarrow as pa
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator
 
-from ..specs import Spec, load_yaml, parse
+from ..specs import load_yaml, parse
 from ..store.tables import TABLES_SCHEMA_VERSION, Store
-from ..sweep.spec import RandomCLTSpec, StorageSpec, SweepSpec
+from ..sweep.spec import CLTChoice, RandomCLTSpec, StorageSpec
 from . import accumulate as acc
 
 log = logging.getLogger(__name__)
 FEATURES_DIR = "_features"
 
 
-class FeaturesSpec(Spec):
+class FeaturesSpec(CLTChoice):
     model: str = Field("smollm2-135m", min_length=1)
     clt: str | None = Field(None, description="CLT directory URL (local or s3://)")
     random_clt: RandomCLTSpec | None = None
@@ -56,13 +56,6 @@ class FeaturesSpec(Spec):
             raise ValueError("give quantiles between 0 and 1")
         return v
 
-    @model_validator(mode="after")
-    def _one_clt(self):
-        if (self.clt is None) == (self.random_clt is None):
-            raise ValueError("give exactly one of clt (a CLT URL) or random_clt (features, seed)")
-        return self
-
-    clt_id = SweepSpec.clt_id  # the same id sweeps write into graphs.clt
 
     def job_key(self) -> str:
         d = self.model_dump(exclude={"workers", "num_cpus", "num_gpus", "storage", "batch_contexts", "chunk_contexts"})

@@ -119,7 +119,24 @@ class StorageSpec(Spec):
         return opts
 
 
-class SweepSpec(Spec):
+class CLTChoice(Spec):
+    """Base of the specs that take either a CLT URL (`clt`) or a seeded random CLT (`random_clt`): exactly one,
+    and the id that sweeps write into graphs.clt (the features table is keyed by the same id)."""
+
+    @model_validator(mode="after")
+    def _one_clt(self):
+        if (self.clt is None) == (self.random_clt is None):
+            raise ValueError("give exactly one of clt (a CLT URL) or random_clt (features, seed)")
+        return self
+
+    def clt_id(self) -> str:
+        if self.clt:
+            return self.clt
+        r = self.random_clt
+        return f"random(features={r.features},seed={r.seed},firing_rate={r.firing_rate},span={r.span})"
+
+
+class SweepSpec(CLTChoice):
     sweep_id: str = Field(description="names the sweep's partition in every table")
     model: str = Field(min_length=1, description="built-in name, local HF directory or hub id")
     clt: str | None = Field(None, description="CLT directory URL (local or s3://)")
@@ -146,18 +163,6 @@ class SweepSpec(Spec):
         if isinstance(v, list) and not v:
             raise ValueError("give at least one prompt")
         return v
-
-    @model_validator(mode="after")
-    def _one_clt(self):
-        if (self.clt is None) == (self.random_clt is None):
-            raise ValueError("give exactly one of clt (a CLT URL) or random_clt (features, seed)")
-        return self
-
-    def clt_id(self) -> str:
-        if self.clt:
-            return self.clt
-        r = self.random_clt
-        return f"random(features={r.features},seed={r.seed},firing_rate={r.firing_rate},span={r.span})"
 
     def params(self) -> dict:
         return {"attribution": self.attribution.model_dump(), "pruning": self.pruning.model_dump(),
