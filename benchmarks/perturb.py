@@ -7,6 +7,10 @@ graph validation runs them. The batched results are checked against the one-at-a
 
     python benchmarks/perturb.py                 # SmolLM2-135M, random CLT (1024 features/layer), 64 ablations
     python benchmarks/perturb.py --quick         # tiny model smoke run (seconds)
+
+Modes: `constrained` and `free` return logits only (constrained rows take the change-only pass of
+`ct_ray/perturb/linear.py`); `validate` is constrained with what graph validation also asks for (the watched
+features' pre-activations, and the real MLP output and the CLT's response one layer after each intervention).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import os
 import platform
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -66,7 +71,7 @@ def main() -> None:
     ap.add_argument("--span", type=int, default=None, help="decoder span (1 = per-layer transcoder; default: all)")
     ap.add_argument("--n", type=int, default=64, help="interventions")
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--modes", default="free,constrained")
+    ap.add_argument("--modes", default="free,constrained,validate")
     ap.add_argument("--repeats", type=int, default=2, help="timed repeats (best of)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--quick", action="store_true", help="tiny random Llama instead of the real model")
@@ -111,11 +116,13 @@ def main() -> None:
                "plain_forward_ms": {"batch1": t_plain1 * 1000, f"batch{args.batch_size}": t_plainB * 1000},
                "modes": {}}
     print(f"{'mode':<12} {'one at a time':>16} {'batched':>16} {'speedup':>8} {'max |Δ| batched vs single':>27}")
+    watch = [(iv.features[0][0], iv.positions, iv.features[0][1]) for (iv,) in rows]
     for mode in args.modes.split(","):
-        sp.run(rows[:2], mode, batch_size=1)  # warm-up
-        sp.run(rows[: min(len(rows), args.batch_size)], mode, batch_size=args.batch_size)
-        t1, single = _time(lambda m=mode: sp.run(rows, m, batch_size=1), args.repeats)
-        tb, batched = _time(lambda m=mode: sp.run(rows, m, batch_size=args.batch_size), args.repeats)
+        extra = {"watch": watch, "record_mlp_at": [w[0] + 1 for w in watch]} if mode == "validate" else {}
+        m = "constrained" if mode == "validate" else mode
+        sp.run(rows[:2], m, batch_size=1), sp.run(rows, m, batch_size=args.batch_size, **extra)  # warm-up
+        t1, single = _time(partial(sp.run, rows, m, batch_size=1, **extra), args.repeats)
+        tb, batched = _time(partial(sp.run, rows, m, batch_size=args.batch_size, **extra), args.repeats)
         diff = float((single.logits - batched.logits).abs().max())
         scale = float(single.logits.abs().max())
         r1, rb = len(rows) / t1, len(rows) / tb

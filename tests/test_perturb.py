@@ -89,6 +89,48 @@ def test_constrained_matches_adjacency(setup, family, span, hook):
             assert not diff.any()
 
 
+@pytest.mark.parametrize("family,span,hook", [("llama", None, "resid_mid"), ("gemma2", None, "resid_mid"),
+                                              ("gpt2", 2, "mlp_in"), ("qwen3", 1, "resid_mid")])
+def test_linear_constrained_path_equals_hooked_pass(setup, family, span, hook):
+    """Constrained rows asking for logits only take the change-only pass (`perturb/linear.py`): it equals the
+    hooked pass row by row (mixed first layers and positions, several features and positions per row, empty rows,
+    output softcap), and a 1+e scaling moves the demeaned logits by e times the graph's adjacency."""
+    lm, clt, g, sp = setup(family, span, hook)
+    nF, N, nL = g.n_features, g.n_nodes, g.n_logits
+    cols = [0, nF // 3, nF // 2, nF - 1]
+    e = 0.75
+    rows = [[Intervention(features=[_node(g, s)[::2]], positions=_node(g, s)[1], op="scale", value=1 + e)]
+            for s in cols]
+    rows += [[], [steer(1, 3, 2.0), Intervention(features=[(0, 5), (2, 7)], positions=slice(2, 5), op="add",
+                                                   value=1.0)], [ablate(sp.L - 1, 4, positions="all")]]
+    for bs in (1, 3, len(rows)):
+        fast = sp.run(rows, "constrained", batch_size=bs)
+        hooked = sp.run(rows, "constrained", batch_size=bs, linear_path=False)
+        scale = float(hooked.logits.abs().max())
+        torch.testing.assert_close(fast.logits, hooked.logits, atol=2e-6 * scale, rtol=1e-5)
+        torch.testing.assert_close(fast.out_logits, hooked.out_logits, atol=2e-6 * scale, rtol=1e-5)
+        assert torch.equal(fast.logits[len(cols)], sp.clean_logits)
+        assert torch.equal(fast.out_logits[len(cols)], sp.clean_out_logits)
+    # what validation asks for: watched features and, per row, one layer's real MLP output and CLT response
+    watch = torch.stack([g.column("layer")[:nF], g.column("position")[:nF], g.column("feature")[:nF]], 1)
+    at = [(b * 5) % (sp.L + 1) for b in range(len(rows))]  # includes L: no record for that row
+    at[0] = None
+    kw = {"watch": watch, "record_mlp_at": at, "batch_size": 4}
+    fast_v, hooked_v = sp.run(rows, "constrained", **kw), sp.run(rows, "constrained", linear_path=False, **kw)
+    for name in ("logits", "watched_acts", "watched_pre", "mlp_real_at", "mlp_response_at"):
+        a, b = getattr(fast_v, name), getattr(hooked_v, name)
+        torch.testing.assert_close(a, b, atol=2e-6 * float(b.abs().max()) + 1e-7, rtol=1e-5, msg=name)
+    assert hooked_v.mlp_real is None and not fast_v.mlp_real_at[0].any()
+    meas = fast.logit_delta(g.meta["logit_tokens"])
+    for b, s in enumerate(cols):
+        expected = e * g.adjacency[N - nL :, s]
+        torch.testing.assert_close(meas[b], expected, atol=1e-5 * float(expected.abs().max()) + 1e-6, rtol=1e-4)
+    # constrained over a layer range only, or with activations asked for: the hooked pass (same answers)
+    part = sp.run(rows, {"mode": "constrained", "layers": [0, 1]}, batch_size=len(rows))
+    assert torch.equal(part.logits, sp.run(rows, {"mode": "constrained", "layers": [0, 1]}, batch_size=len(rows),
+                                           linear_path=False).logits)
+
+
 @pytest.mark.parametrize("mode", ["free", "constrained", {"mode": "free", "freeze_attention": True}])
 def test_set_to_own_value_changes_nothing(setup, mode):
     lm, clt, g, sp = setup("llama")

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import CLTError
+from .linear import constrained_pass
 from .modules import splice_modules
 from .specs import (
     Intervention,
@@ -62,7 +63,8 @@ class InterventionResult:
     watched_acts / watched_pre: [B, n] activations / pre-activations of the `watch` (layer, pos, feature) triples;
     mlp_real: [B, L, P, d] the real MLP's output on the spliced model's MLP input (when requested);
     mlp_response: [B, L, P, d] change of the CLT reconstruction at each layer due to that layer's own features
-      being recomputed (no intervention applied), i.e. the CLT's model of the MLP's response.
+      being recomputed (no intervention applied), i.e. the CLT's model of the MLP's response;
+    mlp_real_at / mlp_response_at: [B, P, d] the same two at one layer per row (`record_mlp_at`; zero where none).
     """
 
     logits: torch.Tensor
@@ -76,6 +78,8 @@ class InterventionResult:
     mlp_real: torch.Tensor | None = None
     mlp_response: torch.Tensor | None = None
     all_logits: torch.Tensor | None = None
+    mlp_real_at: torch.Tensor | None = None
+    mlp_response_at: torch.Tensor | None = None
 
     @property
     def probs(self) -> torch.Tensor:
@@ -110,6 +114,7 @@ class InterventionResult:
             pre_acts=None if self.pre_acts is None else [pick(a) for a in self.pre_acts],
             watched_acts=pick(self.watched_acts), watched_pre=pick(self.watched_pre), mlp_real=pick(self.mlp_real),
             mlp_response=pick(self.mlp_response), all_logits=pick(self.all_logits),
+            mlp_real_at=pick(self.mlp_real_at), mlp_response_at=pick(self.mlp_response_at),
         )
 
     @staticmethod
@@ -132,7 +137,8 @@ class InterventionResult:
             logits=cat("logits"), out_logits=cat("out_logits"), clean_logits=p0.clean_logits,
             clean_out_logits=p0.clean_out_logits, acts=cat_layers("acts"), pre_acts=cat_layers("pre_acts"),
             watched_acts=cat("watched_acts"), watched_pre=cat("watched_pre"), mlp_real=cat("mlp_real"),
-            mlp_response=cat("mlp_response"), all_logits=cat("all_logits"),
+            mlp_response=cat("mlp_response"), all_logits=cat("all_logits"), mlp_real_at=cat("mlp_real_at"),
+            mlp_response_at=cat("mlp_response_at"),
         )
 
 
@@ -364,7 +370,8 @@ class Splice:
     def run(self, rows, mode: str | SpliceMode | dict | None = None, *, layers: tuple[int, int] | None = None,
             freeze_attention: bool | None = None, return_activations: bool = False, watch=None,
             record_mlp: bool = False, all_positions: bool = False, batch_size: int = 32,
-            skip_clean_layers: bool = True) -> InterventionResult:
+            skip_clean_layers: bool = True, linear_path: bool = True,
+            record_mlp_at: Sequence[int | None] | None = None) -> InterventionResult:
         """Run intervention sets in batches of `batch_size` forward passes.
 
         rows: a list whose items are intervention sets (an Intervention, a dict, or a list of them; an empty
@@ -372,10 +379,14 @@ class Splice:
         mode / layers / freeze_attention: see `SpliceMode`.
         return_activations: also return every layer's feature activations and pre-activations [B, P, d_tc].
         watch: (layer, position, feature) triples [n, 3] whose activations/pre-activations to return (cheap).
-        record_mlp: also return the real MLP outputs and the CLT's response per layer (validation).
+        record_mlp: also return the real MLP outputs and the CLT's response per layer.
+        record_mlp_at: per row, the one layer (None: none) whose real MLP output and CLT response to return in
+          `mlp_real_at` / `mlp_response_at` (what validation's faithfulness check reads; much cheaper).
         all_positions: also return the pre-softcap logits of every position [B, P, V].
         skip_clean_layers: layers below a batch's first intervened layer return their clean output instead of
           being computed (their input is exactly clean); off only to test that this changes nothing.
+        linear_path: batches constrained from their first intervened layer to the last, asking for logits only,
+          propagate just the residual-stream change (`linear.py`); off only to test that this changes nothing.
         """
         rows = self.normalise_rows(rows)
         spec = parse_mode(mode, layers=layers, freeze_attention=freeze_attention)
@@ -399,12 +410,38 @@ class Splice:
                 return pool[0]
             return pool[0][:n].zero_()
 
+        mlp_at = None
+        if record_mlp_at is not None:
+            if len(record_mlp_at) != len(rows):
+                raise InterventionError(f"record_mlp_at has {len(record_mlp_at)} layers for {len(rows)} rows")
+            mlp_at = torch.tensor([self.L if x is None or not 0 <= x < self.L else int(x) for x in record_mlp_at],
+                                  dtype=torch.long, device=self.device)
+        plain = linear_path and skip_clean_layers and not (return_activations or record_mlp or all_positions)
         for i in range(0, len(rows), batch_size):
-            chunk = [rows[k] for k in order[i : i + batch_size].tolist()]
-            run = _Run(len(chunk), self.P, self.L, self.compile(chunk), cons, frozen_attn, return_activations,
-                       record_mlp, watch)
+            idx = order[i : i + batch_size]
+            chunk = [rows[k] for k in idx.tolist()]
+            at = None if mlp_at is None else mlp_at[idx.to(self.device)]
+            ops = self.compile(chunk)
+            if plain and cons.issuperset(range(min(ops, default=self.L), self.L)):
+                o = constrained_pass(self, ops, len(chunk), watch, at)
+                parts.append(InterventionResult(
+                    logits=o.logits, out_logits=o.out_logits, clean_logits=self.clean_logits,
+                    clean_out_logits=self.clean_out_logits, watched_acts=o.watched_acts, watched_pre=o.watched_pre,
+                    mlp_real_at=o.mlp_real_at, mlp_response_at=o.mlp_response_at))
+                continue
+            run = _Run(len(chunk), self.P, self.L, ops, cons, frozen_attn, return_activations,
+                       record_mlp or at is not None, watch)
             run.buffer = buffer
-            parts.append(self._forward(run, all_positions, skip_clean_layers))
+            res = self._forward(run, all_positions, skip_clean_layers)
+            if at is not None:
+                b = torch.arange(len(chunk), device=self.device)
+                res.mlp_real_at = res.mlp_real[b, at.clamp(max=self.L - 1)]
+                res.mlp_response_at = res.mlp_response[b, at.clamp(max=self.L - 1)]
+                res.mlp_real_at[at >= self.L] = 0
+                res.mlp_response_at[at >= self.L] = 0
+                if not record_mlp:
+                    res.mlp_real = res.mlp_response = None
+            parts.append(res)
         return InterventionResult.concat(parts).take(torch.argsort(order))
 
     def _ov(self, run: _Run, l: int, dn: torch.Tensor) -> torch.Tensor:

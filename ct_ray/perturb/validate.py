@@ -188,7 +188,10 @@ def validate(model, clt, graph, *, top_k: int = 10, ops=DEFAULT_OPS, mode: str |
             rows.append(ivs)
             meta.append((t, op, value, ivs))
     watch = torch.stack([layer[:nF], pos[:nF], feat[:nF]], 1)
-    res = sp.run(rows, vspec.mode, watch=watch, record_mlp=True, batch_size=vspec.batch_size)
+    # faithfulness is checked one layer after a single-layer target: only that layer's MLP records are needed
+    ls = [set(layer[t.nodes].tolist()) for t, *_ in meta]
+    at = [min(x) + 1 if len(x) == 1 else None for x in ls]
+    res = sp.run(rows, vspec.mode, watch=watch, record_mlp_at=at, batch_size=vspec.batch_size)
     _, clean_pre = sp.clean_watch(watch)
 
     logit_tokens = graph.meta["logit_tokens"]
@@ -219,8 +222,8 @@ def validate(model, clt, graph, *, top_k: int = 10, ops=DEFAULT_OPS, mode: str |
         if len(ls) != 1 or (l1 := ls.pop() + 1) >= sp.L:
             continue
         p0 = int(pos[t.nodes].min())
-        resp = res.mlp_response[i, l1, p0:].double().cpu()
-        real = res.mlp_real[i, l1, p0:].double().cpu() - mlp_clean[l1, p0:].double()
+        resp = res.mlp_response_at[i, p0:].double().cpu()
+        real = res.mlp_real_at[i, p0:].double().cpu() - mlp_clean[l1, p0:].double()
         rn = float(real.norm())
         if rn == 0 or not torch.isfinite(real).all():
             continue
