@@ -4,8 +4,9 @@
     .venv/bin/python benchmarks/train.py shards --activations ct_ray_data/activations/smollm2-wiki
                                                  # 1 vs 2 feature-sharded Ray Train workers on a persisted harvest
 
-`decode` times full training steps (forward + backward + Adam) of a CLT with SmolLM2's shapes (30 layers, d 576)
-at a fixed L0 per layer, with the decoder computed densely vs through gathered active rows only.
+`decode` times whole trainer steps (`Shard.step`: loss, backward, clipping, fused Adam) of a CLT with SmolLM2's
+shapes (30 layers, d 576) at a fixed L0 per layer, with the decoder computed densely vs through gathered active
+rows only; `--batch 256,1024,4096` repeats it per batch size.
 """
 
 from __future__ import annotations
@@ -19,41 +20,39 @@ import torch
 
 
 def bench_decode(args) -> None:
-    from ct_ray.clt.training import LossWeights, clt_loss, init_clt
-    from ct_ray.clt.transcoder import CrossLayerTranscoder
+    from ct_ray.specs import OptimSpec
+    from ct_ray.train.shard import Layout, Shard
 
     torch.set_num_threads(2)
-    L, d, F, n = args.layers, args.d_model, args.features, args.batch
-    print(f"CLT {L} layers x {F} features, d_model {d}, span {args.span or 'full'}, batch {n} tokens, "
-          f"target L0 {args.l0}/layer")
-    rates = {}
-    for sparse in (False, True):
-        clt = CrossLayerTranscoder(L, d, F, args.span, "relu")
-        init_clt(clt, 0)
-        g = torch.Generator().manual_seed(0)
-        xs = torch.randn(n, L, d, generator=g)
-        ys = torch.randn(n, L, d, generator=g)
-        with torch.no_grad():  # bias so that about `l0` features fire per token and layer
-            for l in range(L):
-                h = xs[:, l] @ clt.W_enc[l].T
-                clt.b_enc[l].copy_(-torch.quantile(h, 1 - args.l0 / F, dim=0))
-        opt = torch.optim.Adam(clt.parameters(), lr=1e-4, fused=True)  # as the trainer (train/shard.py)
-        w = LossWeights(1e-3)
-        times = []
-        for i in range(args.steps + 1):
-            t = time.perf_counter()
-            opt.zero_grad()
-            loss, parts, acts, _ = clt_loss(clt, xs, ys, w, sparse=sparse)
-            loss.backward()
-            opt.step()
-            if i:  # first step is warm-up
-                times.append(time.perf_counter() - t)
-        l0 = sum(float((a > 0).float().sum(-1).mean()) for a in acts) / L
-        rate = n / (sum(times) / len(times))
-        print(f"{'sparse' if sparse else 'dense ':6} decode: {rate:8.0f} tok/s  ({1000 * sum(times) / len(times):.0f} ms/step, "
-              f"measured L0 {l0:.1f}/layer)")
-        rates[sparse] = rate
-    print(f"sparse / dense speed-up: {rates[True] / rates[False]:.2f}x")
+    L, d, F = args.layers, args.d_model, args.features
+    batches = [int(b) for b in str(args.batch).split(",")]
+    print(f"CLT {L} layers x {F} features, d_model {d}, span {args.span or 'full'}, JumpReLU, target L0 "
+          f"{args.l0}/layer; whole trainer steps (Shard.step: loss, backward, clipping, fused Adam)")
+    for n in batches:
+        rates = {}
+        for sparse in (False, True):
+            optim = OptimSpec(steps=1000, batch_tokens=n, lambda_final=1e-3, sparse_decode=sparse)
+            shard = Shard(Layout(L, d, F, args.span, "jumprelu", "resid_mid"), optim)
+            g = torch.Generator().manual_seed(0)
+            xs, ys = torch.randn(n, L, d, generator=g), torch.randn(n, L, d, generator=g)
+            with torch.no_grad():  # bias so that about `l0` features fire per token and layer
+                clt = shard.clt
+                for l in range(L):
+                    h = xs[:, l] @ clt.W_enc[l].T
+                    clt.b_enc[l].copy_(clt.threshold[l] - torch.quantile(h, 1 - args.l0 / F, dim=0))
+            times = []
+            for i in range(args.steps + 1):
+                t = time.perf_counter()
+                stats = shard.step(xs, ys, 1000)
+                if i:  # first step is warm-up
+                    times.append(time.perf_counter() - t)
+            l0 = float(stats["l0"].mean())
+            rate = n / (sum(times) / len(times))
+            print(f"batch {n:5d}  {'sparse' if sparse else 'dense ':6} decode: {rate:8.0f} tok/s  "
+                  f"({1000 * sum(times) / len(times):.0f} ms/step, measured L0 {l0:.1f}/layer)")
+            rates[sparse] = rate
+            del shard
+        print(f"batch {n:5d}  sparse / dense speed-up: {rates[True] / rates[False]:.2f}x")
 
 
 def bench_shards(args) -> None:
@@ -65,6 +64,7 @@ def bench_shards(args) -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     rates = {}
+    args.batch = int(args.batch)
     for workers in (1, 2):
         spec = TrainSpec.model_validate({
             "name": f"bench-shards-{workers}", "activations": args.activations,
@@ -89,7 +89,7 @@ def main() -> None:
     ap.add_argument("--features", type=int, default=2048)
     ap.add_argument("--span", type=int, default=None)
     ap.add_argument("--l0", type=int, default=32)
-    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--batch", default="256", help="tokens per step; several comma-separated for `decode`")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--activations", default="ct_ray_data/activations/smollm2-wiki")
     ap.add_argument("--model", default="smollm2-135m")

@@ -60,9 +60,28 @@ class LossWeights:
     bandwidth: float = 2.0
 
 
+class _RowNorm(torch.autograd.Function):
+    """Norm of each row block w[i] ([n, ...] -> [n]) with a one-pass backward (g_i / n_i) · w[i].
+
+    The decoder is the largest tensor of a CLT (for a full CLT, L/2 times the encoder) and its norms enter every
+    step; autograd's pow/sum/sqrt would allocate and sweep decoder-sized temporaries several times per step."""
+
+    @staticmethod
+    def forward(ctx, w):
+        n = torch.linalg.vector_norm(w, dim=tuple(range(1, w.dim())))
+        ctx.save_for_backward(w, n)
+        return n
+
+    @staticmethod
+    def backward(ctx, g):
+        w, n = ctx.saved_tensors
+        scale = torch.where(n > 0, g / n, torch.zeros_like(n))
+        return w * scale.view(-1, *([1] * (w.dim() - 1)))
+
+
 def decoder_norms(clt: CrossLayerTranscoder) -> list[torch.Tensor]:
     """||W_dec,i||_concat: the norm of feature i's decoder vectors concatenated over its output layers."""
-    return [w.pow(2).sum((1, 2)).sqrt() for w in clt.W_dec]
+    return [_RowNorm.apply(w) for w in clt.W_dec]
 
 
 def encode_train(clt: CrossLayerTranscoder, l: int, x: torch.Tensor, bandwidth: float):
@@ -86,8 +105,8 @@ def decode_sparse(clt: CrossLayerTranscoder, acts: list[torch.Tensor], with_bias
         offsets = torch.searchsorted(tok, torch.arange(n, device=tok.device))
         y = F.embedding_bag(feat, clt.W_dec[ls].reshape(clt.d_tc[ls], -1), offsets, mode="sum",
                             per_sample_weights=vals).view(n, clt.spans[ls], d)
-        for k in range(clt.spans[ls]):
-            out[ls + k] = out[ls + k] + y[:, k]
+        for k, yk in enumerate(y.unbind(1)):  # (indexing y[:, k] would cost a y-sized zero fill per k in backward)
+            out[ls + k] = out[ls + k] + yk
     if with_bias:
         out = [o + clt.b_dec[l] for l, o in enumerate(out)]
     return out

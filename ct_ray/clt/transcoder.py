@@ -71,8 +71,9 @@ class CrossLayerTranscoder(nn.Module):
                 continue
             # [..., d_tc] x [d_tc, span*d] -> [..., span, d]
             y = (a @ self.W_dec[ls].reshape(self.d_tc[ls], -1)).unflatten(-1, (self.spans[ls], self.d_model))
-            for k in range(self.spans[ls]):
-                out[ls + k] = out[ls + k] + y[..., k, :]
+            # unbind, not y[..., k, :]: in training, each indexing's backward zero-fills a y-sized gradient
+            for k, yk in enumerate(y.unbind(-2)):
+                out[ls + k] = out[ls + k] + yk
         return out
 
     def forward(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:

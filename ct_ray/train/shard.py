@@ -150,7 +150,7 @@ class Shard:
         for name, p in self.clt.named_parameters():
             if p.grad is None:
                 continue
-            s = p.grad.pow(2).sum()
+            s = torch.linalg.vector_norm(p.grad).square()  # (pow(2) would allocate a gradient-sized temporary)
             if name.startswith("b_dec"):
                 sq_shared += s
             else:
