@@ -114,6 +114,9 @@ def _cmd_train(args) -> int:
         r = s["replacement"]
         print(f"replacement model on held-out text: top-1 agreement {r['top1_agreement']:.3f}, KL {r['kl']:.3f}, "
               f"CE {r['ce_spliced']:.3f} (real {r['ce_real']:.3f})")
+    if "held_out" in s:
+        h = s["held_out"]
+        print(f"reconstruction on {h['eval_positions']} held-out tokens: fvu={h['fvu']:.3f} l0={h['l0']:.1f}")
     print(f"CLT written to {s['out']}")
     return 0
 

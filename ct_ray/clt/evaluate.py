@@ -1,5 +1,5 @@
 """How well a CLT replaces the MLPs: the model run with every MLP output replaced by the CLT's reconstruction
-("spliced"), compared with the real model on held-out tokens."""
+("spliced"), compared with the real model on held-out tokens; and its reconstruction (FVU, L0) on those tokens."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+from ..harvest.activations import harvest_batch, training_mask
 from .transcoder import CrossLayerTranscoder
 
 
@@ -75,3 +76,30 @@ def replacement_metrics(model, clt: CrossLayerTranscoder, tokens: torch.Tensor, 
     n_ce = count - len(tokens)
     return {"top1_agreement": agree / count, "kl": kl / count, "ce_real": ce_real / max(1, n_ce),
             "ce_spliced": ce_spliced / max(1, n_ce), "eval_tokens": count}
+
+
+@torch.no_grad()
+def reconstruction_metrics(model, clt, tokens: torch.Tensor, batch: int = 8) -> dict:
+    """FVU (per layer and mean over layers) and L0 (active features per token, summed over layers), on the same
+    positions training uses (BOS and outlier tokens dropped), with the CLT's own read point."""
+    L = clt.n_layers
+    err = torch.zeros(L, dtype=torch.float64)
+    sum_y = torch.zeros(L, clt.d_model, dtype=torch.float64)
+    sum_y2 = torch.zeros(L, dtype=torch.float64)
+    active = torch.zeros(L, dtype=torch.float64)
+    n = 0
+    for i in range(0, len(tokens), batch):
+        x, y = harvest_batch(model, tokens[i : i + batch], clt.feature_input_hook)
+        m = training_mask(x)
+        x, y = x[m].float(), y[m].float()  # [n, L, d]
+        acts = [clt.encode(l, x[:, l]) for l in range(L)]
+        y_hat = torch.stack(clt.decode(acts), 1)
+        err += (y_hat - y).pow(2).sum(-1).sum(0).double()
+        sum_y += y.sum(0).double()
+        sum_y2 += y.pow(2).sum(-1).sum(0).double()
+        active += torch.stack([(a > 0).sum(0).sum() for a in acts]).double()
+        n += x.shape[0]
+    var = (sum_y2 - sum_y.pow(2).sum(-1) / max(n, 1)).clamp_min(1e-12)
+    fvu = err / var
+    return {"fvu": float(fvu.mean()), "fvu_per_layer": fvu.tolist(), "l0": float(active.sum() / max(n, 1)),
+            "l0_per_layer": (active / max(n, 1)).tolist(), "eval_positions": n}

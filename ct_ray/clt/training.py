@@ -123,16 +123,16 @@ def clt_loss(clt: CrossLayerTranscoder, xs: torch.Tensor, ys: torch.Tensor, w: L
              reduce_recon=None):
     """xs, ys: [n, L, d] scaled inputs and targets. Returns (loss, parts dict, acts).
 
-    `reduce_recon(list)` lets a feature-sharded caller sum partial reconstructions across workers before the MSE;
+    `reduce_recon(tensor)` lets a feature-sharded caller sum the partial reconstructions [n, L, d] across workers
+    before the MSE;
     the sparsity terms stay local to the features a worker owns."""
     L = clt.n_layers
     pre, acts = zip(*(encode_train(clt, l, xs[:, l], w.bandwidth) for l in range(L)))
     dec = decode_sparse if sparse else decode_dense
     recon = dec(clt, list(acts), with_bias=reduce_recon is None)
-    if reduce_recon is not None:
-        recon = reduce_recon(recon)
-        recon = [r + clt.b_dec[l] for l, r in enumerate(recon)]
     y_hat = torch.stack(recon, 1)
+    if reduce_recon is not None:  # one collective for all layers
+        y_hat = reduce_recon(y_hat) + torch.stack(list(clt.b_dec))
     mse = (y_hat - ys).pow(2).sum(-1).mean(0).sum()  # Σ_l E||ŷ_l − y_l||²
     norms = decoder_norms(clt)
     sparsity = sum(torch.tanh(w.c * a * n).sum(-1).mean() for a, n in zip(acts, norms))

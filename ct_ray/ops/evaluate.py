@@ -11,8 +11,7 @@ import math
 
 import torch
 
-from ..clt.evaluate import replacement_metrics
-from ..harvest.activations import harvest_batch, training_mask
+from ..clt.evaluate import reconstruction_metrics, replacement_metrics
 
 # direction of each metric: +1 higher is better, -1 lower is better
 METRICS = {"fvu": -1, "l0": -1, "kl": -1, "top1_agreement": 1, "replacement_score": 1, "completeness_score": 1}
@@ -22,33 +21,6 @@ def eval_id(model: str, eval_spec: dict, canary: dict) -> str:
     """Identity of an evaluation (model + held-out set + canary prompts and attribution settings)."""
     blob = json.dumps({"model": model, "eval": eval_spec, "canary": canary}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-
-@torch.no_grad()
-def reconstruction_metrics(model, clt, tokens: torch.Tensor, batch: int = 8) -> dict:
-    """FVU (per layer and mean over layers) and L0 (active features per token, summed over layers), on the same
-    positions training uses (BOS and outlier tokens dropped), with the CLT's own read point."""
-    L = clt.n_layers
-    err = torch.zeros(L, dtype=torch.float64)
-    sum_y = torch.zeros(L, clt.d_model, dtype=torch.float64)
-    sum_y2 = torch.zeros(L, dtype=torch.float64)
-    active = torch.zeros(L, dtype=torch.float64)
-    n = 0
-    for i in range(0, len(tokens), batch):
-        x, y = harvest_batch(model, tokens[i : i + batch], clt.feature_input_hook)
-        m = training_mask(x)
-        x, y = x[m].float(), y[m].float()  # [n, L, d]
-        acts = [clt.encode(l, x[:, l]) for l in range(L)]
-        y_hat = torch.stack(clt.decode(acts), 1)
-        err += (y_hat - y).pow(2).sum(-1).sum(0).double()
-        sum_y += y.sum(0).double()
-        sum_y2 += y.pow(2).sum(-1).sum(0).double()
-        active += torch.stack([(a > 0).sum(0).sum() for a in acts]).double()
-        n += x.shape[0]
-    var = (sum_y2 - sum_y.pow(2).sum(-1) / max(n, 1)).clamp_min(1e-12)
-    fvu = err / var
-    return {"fvu": float(fvu.mean()), "fvu_per_layer": fvu.tolist(), "l0": float(active.sum() / max(n, 1)),
-            "l0_per_layer": (active / max(n, 1)).tolist(), "eval_positions": n}
 
 
 def canary_scores(model, clt, prompts: list[str], attribution: dict) -> dict:

@@ -165,14 +165,17 @@ def train(spec: TrainSpec, *, progress: bool = True) -> dict:
     summary = {"name": spec.name, "steps": spec.optim.steps, "final": state["history"][-1] if state["history"] else {},
                "harvest_s": t_harvest, "train_s": t_train}
     if spec.eval_tokens > 0:
-        from ..clt.evaluate import replacement_metrics
+        from ..clt.evaluate import reconstruction_metrics, replacement_metrics
         from ..harvest.corpus import iter_documents, tokenize_contexts
 
         # held-out text: the documents after the ones harvested (the corpus order is fixed)
         docs = _skip(iter_documents(spec.harvest.corpus, spec.harvest.text_column), _n_docs(spec, model))
         ctx = tokenize_contexts(model.tokenizer, docs, spec.harvest.context_len,
                                 max(1, spec.eval_tokens // (spec.harvest.context_len - 1)))
-        summary["replacement"] = replacement_metrics(model, clt, torch.from_numpy(ctx.tokens).long())
+        held_out = torch.from_numpy(ctx.tokens).long()
+        summary["replacement"] = replacement_metrics(model, clt, held_out)
+        # the training metrics are of single batches (noisy): the reconstruction on all held-out tokens too
+        summary["held_out"] = reconstruction_metrics(model, clt, held_out)
     save_clt(clt, spec.out, extra={"spec": spec.model_dump(), "metrics": summary,
                                    "data": {"activations": activations, "corpus": spec.harvest.corpus}})
     if spec.metrics:

@@ -111,7 +111,7 @@ class Shard:
     def _reduce(self):
         if self.lay.fp == 1:
             return None
-        return lambda parts: [_SumAcross.apply(p, self.fp_group) for p in parts]
+        return lambda recon: _SumAcross.apply(recon, self.fp_group)
 
     def step(self, xs: torch.Tensor, ys: torch.Tensor, total_steps: int) -> dict:
         """One optimisation step on scaled activations xs, ys [n, L, d]."""
