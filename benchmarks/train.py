@@ -7,6 +7,9 @@
 `decode` times whole trainer steps (`Shard.step`: loss, backward, clipping, fused Adam) of a CLT with SmolLM2's
 shapes (30 layers, d 576) at a fixed L0 per layer, with the decoder computed densely vs through gathered active
 rows only; `--batch 256,1024,4096` repeats it per batch size.
+
+    .venv/bin/python benchmarks/train.py heldout --spec workflows/train_smollm2_quality.yaml --clt URL[,URL]
+                                                 # FVU / L0 of trained CLTs on the text after the spec's harvest
 """
 
 from __future__ import annotations
@@ -81,9 +84,25 @@ def bench_shards(args) -> None:
     print(f"2 vs 1 worker: {rates[2] / rates[1]:.2f}x (2 CPU cores in total: sharding splits, not adds, compute)")
 
 
+def bench_heldout(args) -> None:
+    from ct_ray import load_model
+    from ct_ray.clt.evaluate import reconstruction_metrics
+    from ct_ray.clt.io import load_clt
+    from ct_ray.specs import TrainSpec, load_yaml
+    from ct_ray.train.run import held_out_tokens
+
+    spec = load_yaml(args.spec, TrainSpec)
+    model = load_model(spec.harvest.model)
+    tokens = held_out_tokens(spec, model, args.tokens)
+    for url in args.clt.split(","):
+        r = reconstruction_metrics(model, load_clt(url), tokens)
+        print(f"{url}: held-out fvu {r['fvu']:.4f}, l0 {r['l0']:.1f} ({r['l0'] / len(r['l0_per_layer']):.1f}/layer) "
+              f"on {r['eval_positions']} positions; per layer {[round(x, 2) for x in r['fvu_per_layer']]}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["decode", "shards"])
+    ap.add_argument("what", choices=["decode", "shards", "heldout"])
     ap.add_argument("--layers", type=int, default=30)
     ap.add_argument("--d-model", type=int, default=576)
     ap.add_argument("--features", type=int, default=2048)
@@ -93,8 +112,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--activations", default="ct_ray_data/activations/smollm2-wiki")
     ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--spec", default="workflows/train_smollm2.yaml", help="heldout: the spec whose harvest to skip")
+    ap.add_argument("--clt", default="ct_ray_data/clts/smollm2-plt", help="heldout: CLT URLs, comma-separated")
+    ap.add_argument("--tokens", type=int, default=4096, help="heldout: held-out tokens")
     args = ap.parse_args()
-    bench_decode(args) if args.what == "decode" else bench_shards(args)
+    {"decode": bench_decode, "shards": bench_shards, "heldout": bench_heldout}[args.what](args)
 
 
 if __name__ == "__main__":

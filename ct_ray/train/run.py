@@ -166,13 +166,8 @@ def train(spec: TrainSpec, *, progress: bool = True) -> dict:
                "harvest_s": t_harvest, "train_s": t_train}
     if spec.eval_tokens > 0:
         from ..clt.evaluate import reconstruction_metrics, replacement_metrics
-        from ..harvest.corpus import iter_documents, tokenize_contexts
 
-        # held-out text: the documents after the ones harvested (the corpus order is fixed)
-        docs = _skip(iter_documents(spec.harvest.corpus, spec.harvest.text_column), _n_docs(spec, model))
-        ctx = tokenize_contexts(model.tokenizer, docs, spec.harvest.context_len,
-                                max(1, spec.eval_tokens // (spec.harvest.context_len - 1)))
-        held_out = torch.from_numpy(ctx.tokens).long()
+        held_out = held_out_tokens(spec, model, spec.eval_tokens)
         summary["replacement"] = replacement_metrics(model, clt, held_out)
         # the training metrics are of single batches (noisy): the reconstruction on all held-out tokens too
         summary["held_out"] = reconstruction_metrics(model, clt, held_out)
@@ -194,6 +189,17 @@ def _check_init(spec: TrainSpec, model) -> None:
         raise CTRayError(f"init_from {spec.init_from}: its shape ({clt.d_tc[0]} features/layer, spans {clt.spans}, "
                          f"{clt.activation}) differs from clt: in the spec ({spec.clt.n_features}, spans {spans}, "
                          f"{spec.clt.activation})")
+
+
+def held_out_tokens(spec: TrainSpec, model, n_tokens: int) -> torch.Tensor:
+    """About n_tokens of held-out text [n, context_len]: the documents after the ones the spec harvests (the
+    corpus order is fixed)."""
+    from ..harvest.corpus import iter_documents, tokenize_contexts
+
+    docs = _skip(iter_documents(spec.harvest.corpus, spec.harvest.text_column), _n_docs(spec, model))
+    ctx = tokenize_contexts(model.tokenizer, docs, spec.harvest.context_len,
+                            max(1, n_tokens // (spec.harvest.context_len - 1)))
+    return torch.from_numpy(ctx.tokens).long()
 
 
 def _n_docs(spec: TrainSpec, model) -> int:
