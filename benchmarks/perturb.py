@@ -67,6 +67,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--features", type=int, default=1024, help="random CLT features per layer")
+    ap.add_argument("--clt", help="a trained CLT (URL) instead of the random one")
     ap.add_argument("--firing-rate", type=float, default=0.003)
     ap.add_argument("--span", type=int, default=None, help="decoder span (1 = per-layer transcoder; default: all)")
     ap.add_argument("--n", type=int, default=64, help="interventions")
@@ -88,14 +89,21 @@ def main() -> None:
     else:
         model = load_model(args.model)
         name = args.model
-    clt = random_clt(model, args.features, seed=0, firing_rate=args.firing_rate, span=args.span)
+    if args.clt:
+        from ct_ray.clt.io import load_clt
+
+        clt = load_clt(args.clt)
+        args.features, args.span = clt.d_tc[0], (clt.spans[0] if clt.spans[0] < clt.n_layers else None)
+    else:
+        clt = random_clt(model, args.features, seed=0, firing_rate=args.firing_rate, span=args.span)
     t_load = time.perf_counter() - t0
     t0 = time.perf_counter()
     sp = Splice(model, clt, PROMPT)
     t_clean = time.perf_counter() - t0
     rows = _interventions(sp, args.n)
-    kind = "cross-layer" if args.span is None else f"span {args.span}"
-    print(f"model {name}: {sp.L} layers, d_model {sp.d}; random CLT ({kind}) {args.features} features/layer; "
+    kind = ("trained " + args.clt if args.clt else "random") + (", cross-layer" if args.span is None else
+                                                                  f", span {args.span}")
+    print(f"model {name}: {sp.L} layers, d_model {sp.d}; CLT ({kind}) {args.features} features/layer; "
           f"prompt {sp.P} tokens; "
           f"{len(rows)} ablations; torch threads {torch.get_num_threads()}; load {t_load:.1f} s, clean pass "
           f"{t_clean * 1000:.0f} ms")
@@ -110,7 +118,8 @@ def main() -> None:
     print(f"plain HF forward: batch 1 {t_plain1 * 1000:.1f} ms, batch {min(args.batch_size, len(rows))} "
           f"{t_plainB * 1000:.1f} ms")
 
-    results = {"model": name, "n_layers": sp.L, "d_model": sp.d, "clt_features": args.features, "clt_span": args.span,
+    results = {"model": name, "n_layers": sp.L, "d_model": sp.d, "clt": args.clt or "random",
+               "clt_features": args.features, "clt_span": args.span,
                "prompt_tokens": sp.P,
                "n_interventions": len(rows), "batch_size": args.batch_size, "threads": torch.get_num_threads(),
                "plain_forward_ms": {"batch1": t_plain1 * 1000, f"batch{args.batch_size}": t_plainB * 1000},

@@ -94,7 +94,7 @@ def constrained_pass(sp, ops: dict, B: int, watch: torch.Tensor | None = None,
             else:
                 delta.index_add_(0, idx, a)
         if watch is not None or mlp_at is not None:
-            _records(sp, l, ops.get(l), delta.view(B, Q, d), p0, res, watch, mlp_at)
+            _records(sp, l, ops.get(l), delta.view(B, Q, d), p0, row_p, res, watch, mlp_at)
         for ls, r, rows in writes:  # the clamped MLP outputs: decoder writes of the intervened features
             if 0 <= l - ls < rows.shape[1]:
                 delta.index_add_(0, r, rows[:, l - ls])
@@ -119,7 +119,8 @@ def _read_change(sp, l: int, mid: torch.Tensor, p_idx: torch.Tensor) -> torch.Te
     return W.mlp_norm.apply(mid, sp.s_mlp[l][p_idx].to(mid.dtype), with_bias=False).to(sp.cdtype)
 
 
-def _records(sp, l: int, ops, delta: torch.Tensor, p0: int, res: LinearOut, watch, mlp_at) -> None:
+def _records(sp, l: int, ops, delta: torch.Tensor, p0: int, row_p: torch.Tensor, res: LinearOut, watch,
+             mlp_at) -> None:
     """Watched features and MLP records of layer l, from the change of resid_mid `delta` [B, Q, d] (positions
     p0..P-1), as the hooked pass computes them in a constrained layer."""
     B, Q, d = delta.shape
@@ -138,16 +139,19 @@ def _records(sp, l: int, ops, delta: torch.Tensor, p0: int, res: LinearOut, watc
     if mlp_at is not None:
         rows = torch.nonzero(mlp_at == l).squeeze(1)
         if rows.numel():
-            m, pos = sp.mods, torch.arange(p0, sp.P, device=delta.device)
-            mid = delta[rows]  # [r, Q, d]
-            y = (sp.mlp_in[l][p0:] + sp.W[l].mlp_norm.apply(mid, sp.s_mlp[l][p0:].to(mid.dtype), with_bias=False)
+            # only where the row's change can have arrived: its positions from its first intervened one on
+            r, q = torch.nonzero(torch.arange(p0, sp.P, device=delta.device)[None] >= row_p[rows][:, None],
+                                 as_tuple=True)
+            b, p = rows[r], q + p0
+            mid = delta[b, q]  # [n, d]
+            m = sp.mods
+            y = (sp.mlp_in[l][p] + sp.W[l].mlp_norm.apply(mid, sp.s_mlp[l][p].to(mid.dtype), with_bias=False)
                  ).to(sp.mlp_in.dtype)
             out = m.mlp[l](y)
             if m.mlp_out[l] is not m.mlp[l]:
                 out = m.mlp_out[l](out)
             out = out[0] if isinstance(out, tuple) else out
-            res.mlp_real_at[rows, p0:] = out.to(res.mlp_real_at.dtype)
-            h = sp.clean_pre[l][p0:] + _read_change(sp, l, mid, pos) @ sp.W_enc[l].T
-            a = sp._act(l, torch.cat([sp.clean_pre[l][:p0].expand(len(rows), -1, -1), h], 1))[:, p0:]
-            res.mlp_response_at[rows, p0:] = ((a - sp.clean_acts[l][p0:]) @ sp.W_dec[l][:, 0]).to(
-                res.mlp_response_at.dtype)
+            res.mlp_real_at[b, p] = out.to(res.mlp_real_at.dtype)
+            h = sp.clean_pre[l][p] + _read_change(sp, l, mid, p) @ sp.W_enc[l].T  # positions >= 1: never BOS
+            a = torch.relu(h) if sp.clt.activation == "relu" else h * (h > sp.thr[l].to(h.dtype))
+            res.mlp_response_at[b, p] = ((a - sp.clean_acts[l][p]) @ sp.W_dec[l][:, 0]).to(res.mlp_response_at.dtype)
