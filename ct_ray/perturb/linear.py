@@ -38,12 +38,14 @@ def constrained_pass(sp, ops: dict, B: int, watch: torch.Tensor | None = None,
     L, P, d, dev = sp.L, sp.P, sp.d, sp.device
     clean, clean_out = sp.clean_logits, sp.clean_out_logits
     res = LinearOut(clean.expand(B, -1).clone(), clean_out.expand(B, -1).clone())
-    if watch is not None:
-        wl, wp, wf = watch.unbind(1)
-        res.watched_pre = torch.stack([sp.clean_pre[int(l)][int(p), int(f)] for l, p, f in watch.tolist()]) \
-            .expand(B, -1).clone() if len(watch) else torch.zeros(B, 0, dtype=sp.cdtype, device=dev)
-        res.watched_acts = torch.stack([sp.clean_acts[int(l)][int(p), int(f)] for l, p, f in watch.tolist()]) \
-            .expand(B, -1).clone() if len(watch) else torch.zeros(B, 0, dtype=sp.cdtype, device=dev)
+    if watch is not None:  # clean values, then the layers a change reaches overwrite theirs
+        pre = torch.zeros(len(watch), dtype=sp.cdtype, device=dev)
+        act = torch.zeros(len(watch), dtype=sp.cdtype, device=dev)
+        for l in watch[:, 0].unique().tolist():
+            j = torch.nonzero(watch[:, 0] == l).squeeze(1)
+            pre[j] = sp.clean_pre[l][watch[j, 1], watch[j, 2]]
+            act[j] = sp.clean_acts[l][watch[j, 1], watch[j, 2]]
+        res.watched_pre, res.watched_acts = pre.expand(B, -1).clone(), act.expand(B, -1).clone()
     if mlp_at is not None:
         res.mlp_real_at = sp.mlp_out[mlp_at.clamp(max=L - 1)].clone()
         res.mlp_real_at[mlp_at >= L] = 0
