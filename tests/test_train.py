@@ -126,12 +126,17 @@ def test_two_feature_shards_equal_one_worker(harvested):
     from ct_ray.train.local import train_local
     from ct_ray.train.run import train
 
-    spec = _spec(harvested, activations=harvested["acts"], workers=2, name="shard2", eval_tokens=0)
+    spec = _spec(harvested, activations=harvested["acts"], workers=2, name="shard2", eval_tokens=64)
     summary = train(spec, progress=False)
     ref, sx, sy, hist = train_local(spec, harvested["acts"], 2, 32)
     _assert_exported_equals(load_clt(spec.out), ref, sx, sy)
     assert abs(summary["final"]["loss_mse"] - hist[-1]["loss_mse"]) <= 1e-3 * hist[-1]["loss_mse"]
     assert summary["final"]["l0"] == pytest.approx(hist[-1]["l0"], rel=1e-5)
+    # held-out text (after the harvested documents): spliced-model metrics and the reconstruction
+    rep, held = summary["replacement"], summary["held_out"]
+    assert 0 <= rep["top1_agreement"] <= 1 and rep["kl"] >= 0 and rep["eval_tokens"] > 0
+    assert held["eval_positions"] > 0 and len(held["fvu_per_layer"]) == 2
+    assert 0 < held["fvu"] < 10 and held["l0"] >= 0
 
 
 def test_data_parallel_replicas_equal_one_worker_on_the_joint_batch(harvested):
