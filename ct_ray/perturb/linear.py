@@ -156,4 +156,9 @@ def _records(sp, l: int, ops, delta: torch.Tensor, p0: int, row_p: torch.Tensor,
             res.mlp_real_at[b, p] = out.to(res.mlp_real_at.dtype)
             h = sp.clean_pre[l][p] + _read_change(sp, l, mid, p) @ sp.W_enc[l].T  # positions >= 1: never BOS
             a = torch.relu(h) if sp.clt.activation == "relu" else h * (h > sp.thr[l].to(h.dtype))
-            res.mlp_response_at[b, p] = ((a - sp.clean_acts[l][p]) @ sp.W_dec[l][:, 0]).to(res.mlp_response_at.dtype)
+            # few activations change (only active features, or ones crossing the threshold): decode just those
+            diff = a - sp.clean_acts[l][p]
+            i, f = torch.nonzero(diff, as_tuple=True)
+            resp = torch.zeros(len(p), d, dtype=sp.W_dec[l].dtype, device=delta.device)
+            resp.index_add_(0, i, sp.W_dec[l][f, 0] * diff[i, f][:, None])
+            res.mlp_response_at[b, p] = resp.to(res.mlp_response_at.dtype)
