@@ -189,8 +189,8 @@ def validate(model, clt, graph, *, top_k: int = 10, ops=DEFAULT_OPS, mode: str |
             meta.append((t, op, value, ivs))
     watch = torch.stack([layer[:nF], pos[:nF], feat[:nF]], 1)
     # faithfulness is checked one layer after a single-layer target: only that layer's MLP records are needed
-    ls = [set(layer[t.nodes].tolist()) for t, *_ in meta]
-    at = [min(x) + 1 if len(x) == 1 else None for x in ls]
+    layer_sets = [set(layer[t.nodes].tolist()) for t, *_ in meta]
+    at = [min(x) + 1 if len(x) == 1 and min(x) + 1 < sp.L else None for x in layer_sets]
     res = sp.run(rows, vspec.mode, watch=watch, record_mlp_at=at, batch_size=vspec.batch_size)
     _, clean_pre = sp.clean_watch(watch)
 
@@ -218,8 +218,7 @@ def validate(model, clt, graph, *, top_k: int = 10, ops=DEFAULT_OPS, mode: str |
     cos, nmse = [], []
     mlp_clean = sp.mlp_out.cpu()
     for i, (t, *_rest) in enumerate(meta):
-        ls = set(layer[t.nodes].tolist())
-        if len(ls) != 1 or (l1 := ls.pop() + 1) >= sp.L:
+        if (l1 := at[i]) is None:  # a multi-layer target, or one at the last layer
             continue
         p0 = int(pos[t.nodes].min())
         resp = res.mlp_response_at[i, p0:].double().cpu()
