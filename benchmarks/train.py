@@ -26,7 +26,7 @@ def bench_decode(args) -> None:
     from ct_ray.specs import OptimSpec
     from ct_ray.train.shard import Layout, Shard
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     L, d, F = args.layers, args.d_model, args.features
     batches = [int(b) for b in str(args.batch).split(",")]
     print(f"CLT {L} layers x {F} features, d_model {d}, span {args.span or 'full'}, JumpReLU, target L0 "
@@ -110,6 +110,7 @@ def main() -> None:
     ap.add_argument("--l0", type=int, default=32)
     ap.add_argument("--batch", default="256", help="tokens per step; several comma-separated for `decode`")
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2, help="decode: torch threads (1 = one feature shard's share)")
     ap.add_argument("--activations", default="ct_ray_data/activations/smollm2-wiki")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--spec", default="workflows/train_smollm2.yaml", help="heldout: the spec whose harvest to skip")

@@ -135,11 +135,10 @@ class Shard:
         with torch.no_grad():
             for l in range(self.lay.n_layers):
                 self.clt.threshold[l].clamp_(min=0.0)
-            fired = torch.stack([(a > 0).float().mean(0) for a in acts])
+            fired = torch.stack([(a > 0).float().mean(0) for a in acts])  # [L, F]
             self.density.mul_(0.99).add_(0.01 * fired)
         self.step_no += 1
-        stats = {"mse": parts["mse"], "sparsity": parts["sparsity"], "l0": torch.stack([(a > 0).float().sum(-1).mean()
-                                                                                       for a in acts])}
+        stats = {"mse": parts["mse"], "sparsity": parts["sparsity"], "l0": fired.sum(-1)}  # mean active per token
         stats["y_hat"] = y_hat
         return stats
 
