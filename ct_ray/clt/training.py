@@ -38,9 +38,9 @@ class JumpReLU(torch.autograd.Function):
 class _Codes(torch.autograd.Function):
     """One layer's JumpReLU codes and both penalty terms, with a hand-fused backward:
         a = JumpReLU(h, θ),  S = Σ tanh(c · a · n) / N,  P = Σ ReLU(θ − h) · n / N      (h [N, F], θ, n [F])
-    Same values and gradients as composing `JumpReLU` with the autograd expressions (tests/test_train.py), in
-    about half the passes over [N, F]: after the encoder matmuls these elementwise passes are the largest cost of
-    a CPU training step (profiled: ~60% with the composed version)."""
+    Same values and gradients as composing `JumpReLU` with the autograd expressions (tests/test_train.py), with
+    fewer passes over [N, F] and fewer saved [N, F] tensors (on CPU ~10% faster for this part of the step,
+    benchmarks/RESULTS.md)."""
 
     @staticmethod
     def forward(ctx, h, theta, n, c: float, bandwidth: float):
