@@ -235,6 +235,25 @@ def test_training_survives_worker_kill(harvested, tmp_path):
     assert load_clt(spec.out).n_layers == 2
 
 
+def test_streamed_training_beside_workers_that_hold_most_cpus(harvested, tmp_path):
+    """Harvest streamed straight into training (no disk) while the training workers hold 3 of the 4 CPUs: the
+    harvest actor (0.5 CPU) must still get its share. (A `ray.data.range` read task used to hold a whole CPU
+    beside it and the run waited forever.)"""
+    from ct_ray.train.run import train
+
+    spec = _spec(harvested, workers=2, num_cpus_per_worker=1.5, name="streamed", eval_tokens=0,
+                 optim={"steps": 6}, checkpoint_every=3, checkpoint=str(tmp_path / "ckpt"),
+                 out=str(tmp_path / "clt"), metrics=None)
+    assert spec.activations is None and spec.harvest.out is None
+    result = {}
+    th = threading.Thread(target=lambda: result.update(train(spec, progress=False)))
+    th.start()
+    th.join(timeout=240)
+    assert not th.is_alive(), "streamed training did not finish"
+    assert result["final"]["step"] == 6
+    assert load_clt(spec.out).n_layers == 2
+
+
 def test_bad_specs():
     with pytest.raises(CTRayError, match="n_features"):
         parse(TrainSpec, {"clt": {"n_features": 0}})

@@ -55,16 +55,30 @@ def build_contexts(spec: HarvestSpec, tokenizer) -> Contexts:
     return tokenize_contexts(tokenizer, iter_documents(spec.corpus, spec.text_column), spec.context_len, n_ctx)
 
 
+def quiet_ray_data() -> None:
+    """ct_ray shows its own harvest bar and step lines: Ray Data's own progress bars and INFO lines (one every few
+    seconds, thousands in a long harvest when stdout is not a terminal) only bury them. Per process."""
+    import logging
+
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
 def harvest_dataset(spec: HarvestSpec, contexts: Contexts, out: str | None = None):
     """The Ray Data pipeline (lazy). `out` set: actors write shards there and emit manifest entries."""
     import ray
 
-    # one block per batch (capped) so that several actors can work in parallel
+    # one block per batch (capped) so that several actors can work in parallel. The context ids are put in the
+    # object store from here rather than read by `ray.data.range` tasks: a read task holds a whole CPU, and beside
+    # streaming training workers that own the other CPUs it starved the harvest actors (a deadlock on 2 cores).
     blocks = max(1, min(256, len(contexts) // spec.batch_contexts))
-    items = ray.data.range(len(contexts), override_num_blocks=blocks).map_batches(
-        lambda b: {"ctx": b["id"], "tokens": contexts.tokens[b["id"]], "doc": contexts.doc[b["id"]],
-                   "offset": contexts.offset[b["id"]]},
-        batch_size=spec.batch_contexts,
+    ids = ray.data.from_numpy(np.array_split(np.arange(len(contexts)), blocks))
+    items = ids.map_batches(
+        lambda b: {"ctx": b["data"], "tokens": contexts.tokens[b["data"]], "doc": contexts.doc[b["data"]],
+                   "offset": contexts.offset[b["data"]]},
+        batch_size=spec.batch_contexts, num_cpus=0,  # an index lookup: never worth a CPU slot of its own
     )
     return items.map_batches(
         HarvestActor,
@@ -98,6 +112,8 @@ def harvest_to_store(spec: HarvestSpec, url: str, progress: bool = True) -> dict
             return done
     except CTRayError:
         pass
+    if progress:
+        quiet_ray_data()
     ds = harvest_dataset(spec, contexts, out=url)
     entries = []
     with tqdm(total=len(contexts) * (spec.context_len - 1), unit="tok", desc="harvest", disable=not progress) as bar:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 import time
@@ -54,6 +55,12 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    from ..harvest.pipeline import quiet_ray_data
+
+    quiet_ray_data()  # a streamed harvest runs in this worker: its bars would drown the step lines
+    # Ray Train logs an INFO line per report and per checkpoint (some on the root logger); ct_ray prints its own
+    for name in ("ray.train", None):
+        logging.getLogger(name).setLevel(logging.WARNING)
     spec = TrainSpec.model_validate(config["spec"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()

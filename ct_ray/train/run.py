@@ -114,7 +114,7 @@ def resolve_paths(spec: TrainSpec) -> TrainSpec:
 def train(spec: TrainSpec, *, progress: bool = True) -> dict:
     """Harvest (unless `spec.activations`), train on Ray Train, export the CLT to `spec.out`. Returns a summary."""
     import ray
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from ..harvest.pipeline import build_contexts, harvest_dataset, harvest_to_store
@@ -123,6 +123,8 @@ def train(spec: TrainSpec, *, progress: bool = True) -> dict:
     spec = resolve_paths(spec)
     for url in (spec.checkpoint, spec.out):
         _check_writable(url)
+    # Ray Train's print patch logs every worker print() a second time: each step line would show twice
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     if not ray.is_initialized():
         ray.init(log_to_driver=True)
     t0 = time.time()
@@ -136,6 +138,10 @@ def train(spec: TrainSpec, *, progress: bool = True) -> dict:
         harvest_to_store(spec.harvest, spec.harvest.out, progress=progress)
         activations = spec.harvest.out
     elif activations is None:
+        from ..harvest.pipeline import quiet_ray_data
+
+        if progress:
+            quiet_ray_data()  # the dataset carries this process's Ray Data settings to the training worker
         if spec.data_parallel > 1:
             raise CTRayError("data_parallel > 1 needs a persisted harvest (set harvest.out or activations)")
         datasets = {"train": harvest_dataset(spec.harvest, build_contexts(spec.harvest, model.tokenizer))}
@@ -152,7 +158,9 @@ def train(spec: TrainSpec, *, progress: bool = True) -> dict:
                                      resources_per_worker={"CPU": spec.num_cpus_per_worker}),
         run_config=RunConfig(name=spec.name, storage_path=_storage_path(spec.checkpoint),
                              failure_config=FailureConfig(max_failures=spec.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             # Ray Train's INFO lines (each report, each checkpoint) would bury the step lines
+                             logging_config=LoggingConfig(log_level="WARNING")),
         datasets=datasets,
         dataset_config=data_cfg,
     )
