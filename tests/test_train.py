@@ -254,6 +254,15 @@ def test_streamed_training_beside_workers_that_hold_most_cpus(harvested, tmp_pat
     assert load_clt(spec.out).n_layers == 2
 
 
+def test_streaming_that_cannot_fit_warns(harvested, capsys):
+    from ct_ray.train.run import _warn_if_streaming_starves
+
+    _warn_if_streaming_starves(_spec(harvested, workers=2, num_cpus_per_worker=1.5))  # 3 + 0.5 of 4 CPUs: fits
+    assert capsys.readouterr().err == ""
+    _warn_if_streaming_starves(_spec(harvested, workers=2, num_cpus_per_worker=2))
+    assert "needs 0.5 CPUs beside training's 4, and the cluster has 4" in capsys.readouterr().err
+
+
 def test_bad_specs():
     with pytest.raises(CTRayError, match="n_features"):
         parse(TrainSpec, {"clt": {"n_features": 0}})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 import uuid
 
@@ -144,6 +145,7 @@ def train(spec: TrainSpec, *, progress: bool = True) -> dict:
             quiet_ray_data()  # the dataset carries this process's Ray Data settings to the training worker
         if spec.data_parallel > 1:
             raise CTRayError("data_parallel > 1 needs a persisted harvest (set harvest.out or activations)")
+        _warn_if_streaming_starves(spec)
         datasets = {"train": harvest_dataset(spec.harvest, build_contexts(spec.harvest, model.tokenizer))}
         data_cfg = DataConfig(datasets_to_split=[])
     t_harvest = time.time() - t0
@@ -185,6 +187,20 @@ def train(spec: TrainSpec, *, progress: bool = True) -> dict:
         write_metrics_table(spec.metrics, spec.name, state["history"])
     summary["out"] = spec.out
     return summary
+
+
+def _warn_if_streaming_starves(spec: TrainSpec) -> None:
+    """A warning, not an error: an autoscaling cluster may still grow to fit the request."""
+    import ray
+
+    have = ray.cluster_resources().get("CPU", 0.0)
+    train_cpus = spec.workers * spec.data_parallel * spec.num_cpus_per_worker
+    need = train_cpus + spec.harvest.workers * spec.harvest.num_cpus
+    if need > have:
+        print(f"ct-ray train: warning: the streamed harvest needs {spec.harvest.workers * spec.harvest.num_cpus:g} "
+              f"CPUs beside training's {train_cpus:g}, and the cluster has {have:g}: it waits until more are free "
+              f"(lower num_cpus_per_worker or harvest.num_cpus, or persist the harvest with harvest.out)",
+              file=sys.stderr, flush=True)
 
 
 def _check_init(spec: TrainSpec, model) -> None:
