@@ -66,7 +66,7 @@ class OptimSpec(Spec):
     clip: float = Field(1.0, gt=0)
     decay_frac: float = Field(0.2, ge=0, le=1)
     sparse_decode: bool | Literal["auto"] = Field("auto", description="gather active decoder rows only; 'auto' when "
-                                                 "under 5% of the features fire")
+                                                 "under 8% of the features fire")
     shuffle_buffer_tokens: int = Field(8192, ge=1)
     seed: int = 0
 

@@ -122,7 +122,7 @@ class Shard:
         self.opt.zero_grad(set_to_none=True)
         sparse = self.o.sparse_decode
         if sparse == "auto":  # the gather only pays off when few features fire
-            sparse = float(self.density.mean()) < 0.05 if self.step_no else False
+            sparse = float(self.density.mean()) < 0.08 if self.step_no else False  # crossover ~8-10%: RESULTS.md
         loss, parts, acts, y_hat = clt_loss(self.clt, xs, ys, w, sparse=sparse, reduce_recon=self._reduce())
         loss.backward()
         if self.lay.dp > 1:  # replicas of this slice average their gradients
