@@ -81,9 +81,9 @@ def _ray_init(address: str | None) -> None:
 
     if not ray.is_initialized():
         # no address: a fresh local Ray for this command (never attach to someone else's by accident)
-        # with the dashboard (localhost only): it serves the state API that Ray Train's placement-group cleaner
-        # polls every second; without it each poll logs a warning (hundreds per training run)
-        local = {"include_dashboard": True, "dashboard_host": "127.0.0.1"} if address in (None, "local") else {}
+        from .train.run import LOCAL_RAY_FOR_TRAINING
+
+        local = LOCAL_RAY_FOR_TRAINING if address in (None, "local") else {}
         ray.init(address=address or "local", log_to_driver=True, configure_logging=True, logging_level="WARNING",
                  **local)
 

@@ -170,10 +170,9 @@ class Retrain:
 
     def _ray(self):
         from ..sweep.runner import _ensure_ray
+        from ..train.run import LOCAL_RAY_FOR_TRAINING
 
-        # the dashboard serves the state API that Ray Train's placement-group cleaner polls every second; without
-        # it each poll logs a warning (hundreds per training run)
-        local = {"include_dashboard": True, "dashboard_host": "127.0.0.1"} if self.address in (None, "local") else {}
+        local = LOCAL_RAY_FOR_TRAINING if self.address in (None, "local") else {}
         return _ensure_ray(self.address, {"log_to_driver": True, **local})
 
     # --- stages ---------------------------------------------------------------------------------------------

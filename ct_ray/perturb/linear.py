@@ -155,7 +155,7 @@ def _records(sp, l: int, ops, delta: torch.Tensor, p0: int, row_p: torch.Tensor,
             out = out[0] if isinstance(out, tuple) else out
             res.mlp_real_at[b, p] = out.to(res.mlp_real_at.dtype)
             h = sp.clean_pre[l][p] + _read_change(sp, l, mid, p) @ sp.W_enc[l].T  # positions >= 1: never BOS
-            a = torch.relu(h) if sp.clt.activation == "relu" else h * (h > sp.thr[l].to(h.dtype))
+            a = sp._fire(l, h)
             # few activations change (only active features, or ones crossing the threshold): decode just those
             diff = a - sp.clean_acts[l][p]
             i, f = torch.nonzero(diff, as_tuple=True)

@@ -223,8 +223,11 @@ class Splice:
         self.thr = [clt.threshold[l].detach().to(dev) for l in range(self.L)]
         self.cdtype = self.W_enc[0].dtype
 
+    def _fire(self, l: int, h: torch.Tensor) -> torch.Tensor:
+        return torch.relu(h) if self.clt.activation == "relu" else h * (h > self.thr[l].to(h.dtype))
+
     def _act(self, l: int, h: torch.Tensor) -> torch.Tensor:
-        a = torch.relu(h) if self.clt.activation == "relu" else h * (h > self.thr[l].to(h.dtype))
+        a = self._fire(l, h)
         a[..., 0, :] = 0  # BOS
         return a
 

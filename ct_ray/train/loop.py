@@ -57,10 +57,9 @@ def train_loop_per_worker(config: dict) -> None:
 
     from ..harvest.pipeline import quiet_ray_data
 
-    quiet_ray_data()  # a streamed harvest runs in this worker: its bars would drown the step lines
-    # Ray Train logs an INFO line per report and per checkpoint (some on the root logger); ct_ray prints its own
-    for name in ("ray.train", None):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    quiet_ray_data()  # a streamed harvest executes in this worker: its INFO lines would drown the step lines
+    # Ray Train logs each report at INFO on a root-level logger, which RunConfig's LoggingConfig does not cover
+    logging.getLogger().setLevel(logging.WARNING)
     spec = TrainSpec.model_validate(config["spec"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()

@@ -112,6 +112,11 @@ def resolve_paths(spec: TrainSpec) -> TrainSpec:
         "harvest": spec.harvest.model_copy(update={"out": absolute_url(spec.harvest.out)})})
 
 
+# ray.init options for a local Ray that runs Ray Train: the dashboard (localhost only) serves the state API that
+# Ray Train's placement-group cleaner polls every second; without it each poll logs a warning (hundreds per run)
+LOCAL_RAY_FOR_TRAINING = {"include_dashboard": True, "dashboard_host": "127.0.0.1"}
+
+
 def train(spec: TrainSpec, *, progress: bool = True) -> dict:
     """Harvest (unless `spec.activations`), train on Ray Train, export the CLT to `spec.out`. Returns a summary."""
     import ray
