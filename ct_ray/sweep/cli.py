@@ -11,6 +11,17 @@ def _storage_options(args) -> dict:
     return {"endpoint_url": args.endpoint_url} if getattr(args, "endpoint_url", None) else {}
 
 
+def store_of(args) -> Store:
+    """The store the command line names (--store, --endpoint-url, --catalog)."""
+    return Store(args.store or DEFAULT_STORE, catalog=getattr(args, "catalog", None), **_storage_options(args))
+
+
+def add_store_args(s, default: str | None = DEFAULT_STORE) -> None:
+    s.add_argument("--store", default=default, help=f"storage URL (default {DEFAULT_STORE})")
+    s.add_argument("--endpoint-url", help="S3-compatible endpoint (credentials come from the AWS env/chain)")
+    s.add_argument("--catalog", help="Iceberg catalog URI (default: $CT_RAY_CATALOG, else SQLite in the store)")
+
+
 def cmd_sweep(args) -> int:
     from ..errors import CTRayError
 
@@ -20,13 +31,11 @@ def cmd_sweep(args) -> int:
             raise CTRayError("usage: ct-ray sweep status SWEEP_ID [--store URL]")
         from .status import format_status, sweep_status
 
-        c = sweep_status(words[1], args.store or DEFAULT_STORE, **_storage_options(args))
+        c = sweep_status(words[1], store=store_of(args))
         print(json.dumps(c, indent=1, default=str) if args.json else format_status(c))
         return 0
     if words[0] == "list":
-        from ..store.tables import Store
-
-        for sid in Store(args.store or DEFAULT_STORE, **_storage_options(args)).sweeps():
+        for sid in store_of(args).sweeps():
             print(sid)
         return 0
     if len(words) != 1:
@@ -38,10 +47,11 @@ def cmd_sweep(args) -> int:
     upd = {}
     if args.sweep_id:
         upd["sweep_id"] = args.sweep_id
-    if args.store or args.endpoint_url:
+    if args.store or args.endpoint_url or args.catalog:
         st = spec.storage.model_dump()
         st["url"] = args.store or st["url"]
         st["endpoint_url"] = args.endpoint_url or st["endpoint_url"]
+        st["catalog"] = args.catalog or st["catalog"]
         upd["storage"] = st
     if args.workers:
         upd["resources"] = {**spec.resources.model_dump(), "workers": args.workers}
@@ -66,14 +76,11 @@ def cmd_sweep(args) -> int:
 
 def cmd_sql(args) -> int:
     from ..errors import CTRayError
-    from ..store.sql import external_table_ddl, format_table, query
+    from ..store.sql import format_table, query
 
-    if args.ddl:
-        print(external_table_ddl(args.ddl, args.store if "://" in args.store else Store(args.store).url), end="")
-        return 0
     if not args.query:
         raise CTRayError('give a query, e.g. ct-ray sql "SELECT sweep_id, count(*) FROM graphs GROUP BY 1"')
-    t = query(args.query, args.store, **_storage_options(args))
+    t = query(args.query, store=store_of(args))
     if t.num_columns:
         print(format_table(t, args.format, max_rows=args.max_rows))
     return 0
@@ -87,8 +94,7 @@ def add_parsers(sub) -> None:
                                    "ct-ray sweep list --store URL: sweeps in a store.")
     s.add_argument("what", nargs="+", metavar="SPEC.yaml | status SWEEP_ID | list")
     s.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
-    s.add_argument("--store", help=f"storage URL (overrides the spec's; default for status: {DEFAULT_STORE})")
-    s.add_argument("--endpoint-url", help="S3-compatible endpoint (credentials come from the AWS env/chain)")
+    add_store_args(s, default=None)
     s.add_argument("--sweep-id", help="override the spec's sweep_id")
     s.add_argument("--workers", type=int, help="override resources.workers")
     s.add_argument("--retry-errors", action="store_true", help="also retry prompts that failed permanently")
@@ -96,12 +102,10 @@ def add_parsers(sub) -> None:
     s.add_argument("--json", action="store_true", help="status as JSON")
     s.set_defaults(fn=cmd_sweep)
 
-    s = sub.add_parser("sql", help="SQL over the sweep tables (DuckDB; views graphs, nodes, edges, perturbations)")
+    s = sub.add_parser("sql", help="SQL over the result tables (DuckDB; views graphs, nodes, edges, perturbations, "
+                                   "features, train_metrics)")
     s.add_argument("query", nargs="?")
-    s.add_argument("--ddl", choices=("trino", "spark", "athena"),
-                   help="print CREATE statements mounting the store's tables in another engine, then exit")
-    s.add_argument("--store", default=DEFAULT_STORE, help=f"storage URL (default {DEFAULT_STORE})")
-    s.add_argument("--endpoint-url", help="S3-compatible endpoint (credentials come from the AWS env/chain)")
+    add_store_args(s)
     s.add_argument("--format", choices=("table", "csv", "json"), default="table")
     s.add_argument("--max-rows", type=int, default=100, help="rows shown by --format table")
     s.set_defaults(fn=cmd_sql)

@@ -24,4 +24,4 @@ def demo_sweep(prompts: list, *, model: str, clt: str | None = None, random_clt_
         "resources": {"workers": workers, "num_cpus": num_cpus or max(1, (os.cpu_count() or 2) // workers)},
         "storage": store}, where="demo sweep")
     result = run_sweep(spec, progress=progress)
-    return result, summary_table(sweep_id, spec.storage.url, **spec.storage.storage_options())
+    return result, summary_table(sweep_id, store=spec.storage.store())

@@ -1,9 +1,10 @@
 """The sweep driver: plan the keys, skip committed ones, fan prompts and perturbation jobs out to an actor pool.
 
-The driver only moves small things (prompts, keys, summaries); workers load the model and the CLT once and write
-their rows straight to storage. Worker deaths are absorbed by Ray (actor restarts + method retries); a prompt
-whose worker keeps dying becomes an error row. A storage failure stops the sweep with one clear error; since every
-file is committed atomically, a re-run then finishes only what is missing.
+The driver only moves small things (prompts, keys, summaries, data-file records); workers load the model and the CLT
+once, buffer their rows and write them as data files straight to storage; the driver commits those files in rounds
+(store/commit.py). Worker deaths are absorbed (actor restarts; what a dead worker had not reported is re-run); a
+prompt whose worker keeps dying becomes an error row. A storage failure stops the sweep with one clear error; since
+only commits make rows visible, a re-run then finishes only what is missing.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from ..errors import CTRayError, StorageError
+from ..store.commit import Committer, recover
+from ..store.schemas import TABLES_SCHEMA_VERSION
 from ..store.tables import SWEEPS_DIR, Store
 from .perturbation import resolve
 from .prompts import PromptItem, read_prompts
@@ -110,15 +113,13 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, progress: bool = F
     """Run (or finish) a sweep. Keys already committed in storage are skipped; error rows of transient kinds
     ('internal', 'worker') are retried, permanent ones ('prompt', 'input') only with `retry_errors`.
 
-    `on_event(kind, summary)` is called on the driver for each finished task (kind 'prompt' or 'perturbation'),
-    e.g. for tests that inject faults."""
+    `on_event(kind, summary)` is called on the driver for each finished task (kind 'prompt' or 'perturbation')
+    and each commit round (kind 'commit'), e.g. for tests that inject faults."""
     t0 = time.perf_counter()
     sid = spec.sweep_id
-    store = Store(spec.storage.url, **spec.storage.storage_options())
+    store = spec.storage.store()
     store.check_writable()
     items, dups = read_prompts(spec)
-    by_key = {it.key: it for it in items}
-    store.cleanup_tmp(sid)
     perturb_fn, perturb_skip = resolve(spec.perturbation)
     plan_hash = spec.perturbation.plan_hash()
     store.write_json(f"{SWEEPS_DIR}/{sid}/plan.json", {
@@ -127,8 +128,11 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, progress: bool = F
         "n_prompts": len(items), "duplicates": dups, "updated_at": _dt.datetime.now(_dt.timezone.utc).isoformat(),
         "spec": spec.model_dump(mode="json", exclude={"prompts"}), "keys": [it.key for it in items]})
 
-    # --- what is left ----------------------------------------------------------------------------------
-    done = store.read("graphs", sid, columns=["key", "status", "error_kind"])
+    # --- what is left: one scan of the committed keys (after removing rows of a round that never committed) ------
+    done = store.committed(sid)
+    committed_keys = set(done.column("key").to_pylist())
+    recover(store, sid, {sid: {k for k, s in zip(done.column("key").to_pylist(), done.column("status").to_pylist())
+                               if s == "ok"}})
     state = {k: (s, ek) for k, s, ek in zip(*(done.column(c).to_pylist() for c in ("key", "status", "error_kind")))}
     todo, ok_keys = [], []
     for it in items:
@@ -137,10 +141,12 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, progress: bool = F
             todo.append(it)
         elif st[0] == "ok":
             ok_keys.append(it.key)
-    pert_todo = []
+    perturbed = set()
     if perturb_fn is not None:
-        have = set(store.list_names("perturbations", sid))
-        pert_todo = [by_key[k] for k in ok_keys if f"{k}.{plan_hash}" not in have]
+        p = store.read("perturbations", sid, columns=["key", "plan"])
+        perturbed = {k for k, h in zip(p.column("key").to_pylist(), p.column("plan").to_pylist()) if h == plan_hash}
+    by_key = {it.key: it for it in items}
+    pert_todo = [by_key[k] for k in ok_keys if k not in perturbed]
     result = SweepResult(sid, store.url, len(items), dups, len(items) - len(todo),
                          perturbation_skipped="" if perturb_fn is not None else perturb_skip)
     if not spec.perturbation.empty and perturb_fn is None:
@@ -151,11 +157,8 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, progress: bool = F
         return result
 
     ray = _ensure_ray(address, ray_init_kwargs)
-    from ray.exceptions import ActorDiedError, RayActorError
-
     res = spec.resources
     device = "cuda" if res.num_gpus > 0 else "cpu"
-    cfg = worker_config(spec, store, device)
     env = {k: os.environ[k] for k in _OTHER_ENV if k in os.environ}
     if res.forward_aws_env:
         env.update({k: os.environ[k] for k in _FORWARD_ENV if k in os.environ})
@@ -164,31 +167,58 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, progress: bool = F
     actor_cls = ray.remote(SweepWorker).options(
         num_cpus=res.num_cpus, num_gpus=res.num_gpus, max_restarts=res.max_restarts, max_task_retries=0,
         runtime_env={"env_vars": env} if env else None, scheduling_strategy="SPREAD" if res.spread else "DEFAULT")
+    retried = {it.key for it in todo if it.key in state}
+    committer = Committer(store, sid, committed_keys - retried, perturbed, retried)
+    driver = _Driver(ray, spec, actor_cls, worker_config(spec, store, device), committer, result,
+                     _Progress(progress, len(items), result.skipped, sid), on_event, perturb_fn is not None)
+    driver.run(todo, pert_todo)
+    result.seconds = time.perf_counter() - t0
+    _write_run(store, sid, result)
+    return result
 
-    n_workers = max(1, min(res.workers, len(todo) + len(pert_todo)))
-    actors: list[dict] = []
-    inflight: dict = {}  # ref -> (kind, payload, actor); kind: 'prompt' | 'perturbation' | 'probe'
-    attr_q = collections.deque(todo)
-    pert_q: collections.deque = collections.deque((it, None, None) for it in pert_todo)  # (item, nodes, holder)
-    suspects: collections.deque = collections.deque()  # (kind, payload) whose worker died while they ran
-    attempts: collections.Counter = collections.Counter()
-    bar = _Progress(progress, len(items), result.skipped, sid)
-    waiting_since = time.monotonic()
-    n_work = 0  # work items in flight (probes excluded)
 
-    def probe(a):
-        inflight[a["h"].ready.remote()] = ("probe", None, a)
+class _Driver:
+    """The driver loop of one sweep run: an actor pool fed from queues, worker deaths absorbed, rows committed in
+    rounds (each worker's buffered rows flushed to data files, then one commit per table; see store/commit.py)."""
 
-    def new_actor():
-        a = {"h": actor_cls.remote(cfg), "ready": False, "inflight": 0, "solo": False}
-        probe(a)
+    def __init__(self, ray, spec, actor_cls, cfg, committer, result, bar, on_event, perturbing: bool):
+        self.ray, self.spec, self.actor_cls, self.cfg, self.perturbing = ray, spec, actor_cls, cfg, perturbing
+        self.committer, self.result, self.bar, self.on_event = committer, result, bar, on_event
+        self.res = spec.resources
+        self.actors: list[dict] = []
+        self.inflight: dict = {}  # ref -> (kind, payload, actor); kind: prompt | perturbation | probe | flush
+        self.attr_q: collections.deque = collections.deque()
+        self.pert_q: collections.deque = collections.deque()  # (item, nodes, holder actor or None)
+        self.suspects: collections.deque = collections.deque()  # (kind, payload) whose worker died while they ran
+        self.attempts: collections.Counter = collections.Counter()
+        self.n_work = 0  # work items in flight (probes and flushes excluded)
+        self.flushing: set = set()  # flush refs of the current round
+        self.last_commit = time.monotonic()
+        self.status: dict = {}  # key -> 'ok' | 'error' of prompts done in this run (for the counts)
+
+    # --- actors ------------------------------------------------------------------------------------------
+    def probe(self, a):
+        self.inflight[a["h"].ready.remote()] = ("probe", None, a)
+
+    def new_actor(self):
+        a = {"h": self.actor_cls.remote(self.cfg), "ready": False, "inflight": 0, "solo": False, "pending": {}}
+        self.probe(a)
         return a
 
-    for _ in range(n_workers):
-        actors.append(new_actor())
+    def replace(self, a):
+        if a in self.actors:
+            self.actors.remove(a)
+            self._kill(a)
+            self.result.worker_restarts += 1
+            self.actors.append(self.new_actor())
 
-    def submit(a, kind, payload, solo=False):
-        nonlocal n_work
+    def _kill(self, a):
+        try:
+            self.ray.kill(a["h"])
+        except Exception:
+            pass
+
+    def submit(self, a, kind, payload, solo=False):
         if kind == "prompt":
             ref = a["h"].run_prompt.remote(_item_dict(payload))
         else:
@@ -196,134 +226,222 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, progress: bool = F
             ref = a["h"].run_perturbation.remote(_item_dict(it), nodes)
         a["inflight"] += 1
         a["solo"] = solo
-        n_work += 1
-        inflight[ref] = (kind, payload, a)
+        self.n_work += 1
+        self.inflight[ref] = (kind, payload, a)
 
-    def fill():
-        for a in sorted((a for a in actors if a["ready"] and not a["solo"]), key=lambda a: a["inflight"]):
-            if suspects and a["inflight"] == 0:
-                submit(a, *suspects.popleft(), solo=True)
+    def fill(self):
+        for a in sorted((a for a in self.actors if a["ready"] and not a["solo"]), key=lambda a: a["inflight"]):
+            if self.suspects and a["inflight"] == 0:
+                self.submit(a, *self.suspects.popleft(), solo=True)
                 continue
-            while a["inflight"] < res.queue_depth and (attr_q or pert_q):
-                mine = next((j for j in pert_q if j[2] is a), None)  # a graph this actor holds
+            while a["inflight"] < self.res.queue_depth and (self.attr_q or self.pert_q):
+                mine = next((j for j in self.pert_q if j[2] is a), None)  # a graph this actor holds
+                # another worker may take a perturbation job only once its graph is committed: the job's rows must
+                # never outlive a lost graphs row (see Committer.add)
+                free = next((j for j in self.pert_q if j[2] is None or j[0].key in self.committer.keys), None)
                 if mine is not None:
-                    pert_q.remove(mine)
-                    submit(a, "perturbation", mine)
-                elif attr_q:
-                    submit(a, "prompt", attr_q.popleft())
+                    self.pert_q.remove(mine)
+                    self.submit(a, "perturbation", mine)
+                elif self.attr_q:
+                    self.submit(a, "prompt", self.attr_q.popleft())
+                elif free is not None and (free[2] is None or free[0].key in self.committer.keys):
+                    self.pert_q.remove(free)
+                    self.submit(a, "perturbation", free)  # steal: the worker recomputes the graph
                 else:
-                    submit(a, "perturbation", pert_q.popleft())  # steal: the worker recomputes the graph
+                    break
 
-    def replace(a):
-        if a in actors:
-            actors.remove(a)
-            try:
-                ray.kill(a["h"])
-            except Exception:
-                pass
-            result.worker_restarts += 1
-            actors.append(new_actor())
+    # --- completed-but-uncommitted work: lost with its worker, re-queued ----------------------------------
+    def _lose(self, a, instance: str | None = None):
+        """Re-queue what `a` completed but never reported (all of it, or that of instances other than `instance`)."""
+        lost = [k for k, (_, _, inst) in a["pending"].items() if instance is None or inst != instance]
+        for k in lost:
+            self._requeue(*a["pending"].pop(k)[:2])
+        if lost and instance is None:  # jobs waiting for this actor's graphs: recomputed elsewhere, or re-made
+            held = [j for j in self.pert_q if j[2] is a]
+            for j in held:
+                self.pert_q.remove(j)
+                if j[0].key in self.committer.keys:
+                    self.pert_q.append((j[0], None, None))
 
-    def record_error(it: PromptItem, kind: str, msg: str):
-        """A prompt whose worker kept dying: the driver writes its error row (small)."""
-        import pyarrow as pa
-
-        from ..store.tables import TABLES_SCHEMA_VERSION
-
-        row = {"key": it.key, "prompt_index": it.index, "prompt": it.prompt, "target": it.target, "status": "error",
-               "error_kind": kind, "error": msg, "model": spec.model, "clt": spec.clt_id(), "graph_rows": spec.graph_rows,
-               "worker": "driver", "created_at": _dt.datetime.now(_dt.timezone.utc),
-               "schema_version": TABLES_SCHEMA_VERSION}
-        store.write_table("graphs", sid, it.key, pa.Table.from_pylist([row]))
-        result.failed += 1
-        result.errors.append((it.index, kind, msg))
-        bar.failed += 1
-        bar.update()
-
-    try:
-        while n_work or attr_q or pert_q or suspects:
-            fill()
-            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=5.0)
-            if not ready:
-                if not any(a["ready"] for a in actors) and time.monotonic() - waiting_since > 60:
-                    bar.write(f"sweep {sid}: waiting for resources for {len(actors)} worker(s) "
-                              f"(num_cpus={res.num_cpus}, num_gpus={res.num_gpus} each)")
-                    waiting_since = time.monotonic()
-                continue
-            ref = ready[0]
-            kind, payload, a = inflight.pop(ref)
-            if kind != "probe":
-                a["inflight"] -= 1
-                a["solo"] = False
-                n_work -= 1
-            try:
-                out = ray.get(ref)
-            except StorageError as e:
-                raise StorageError(_one_line(_cause(e))) from None
-            except RayActorError as e:
-                if isinstance(e, ActorDiedError):  # gone for good (restarts exhausted, node lost): replace it
-                    if kind == "probe" and not a["ready"]:
-                        attempts["__start__"] += 1
-                        if attempts["__start__"] > spec.retries + res.workers:
-                            raise CTRayError(f"sweep workers keep dying at start: {_one_line(e)}") from None
-                    replace(a)
-                elif a in actors and (a["ready"] or kind == "probe"):  # restarting: use it again once it answers
-                    a["ready"] = False
-                    if kind == "probe":
-                        time.sleep(0.5)
-                    probe(a)
-                if kind == "probe":
-                    continue
-                it = payload if kind == "prompt" else payload[0]
-                attempts[(kind, it.key)] += 1
-                if attempts[(kind, it.key)] <= spec.retries:
-                    suspects.append((kind, payload if kind == "prompt" else (it, payload[1], None)))
-                elif kind == "prompt":
-                    record_error(it, "worker", f"the worker died {attempts[(kind, it.key)]} time(s) running this "
-                                               f"prompt: {_one_line(e)}")
-                else:
-                    bar.write(f"sweep {sid}: perturbation job of prompt {it.index} lost: {_one_line(e)}")
-                continue
-            if kind == "probe":
-                if out.get("error"):
-                    raise CTRayError(f"sweep worker cannot start: {out['error']}")
-                a["ready"] = True
-                continue
-            if kind == "prompt":
-                it = payload
-                if out["status"] == "ok":
-                    result.ok += 1
-                    bar.ok += 1
-                    if perturb_fn is not None:
-                        pert_q.append((it, out["perturb_nodes"], a))
-                else:
-                    result.failed += 1
-                    bar.failed += 1
-                    result.errors.append((it.index, out["error_kind"], out["error"]))
-                bar.update()
+    def _requeue(self, kind, payload):
+        """Undo the counts of work whose rows were lost or refused, and queue it again unless it is committed."""
+        it = payload if kind == "prompt" else payload[0]
+        if kind == "prompt":
+            if self.status.pop(it.key, None) == "ok":
+                self.result.ok -= 1
+                self.bar.ok -= 1
             else:
-                result.perturbed += 1
-                bar.pert += 1
-                bar.update(0)
-            if on_event is not None:
-                on_event(kind, out)
-    except BaseException:
-        for a in actors:
-            try:
-                ray.kill(a["h"])
-            except Exception:
-                pass
-        raise
-    finally:
-        bar.close()
-    for a in actors:
+                self.result.failed -= 1
+                self.bar.failed -= 1
+                self.result.errors = [e for e in self.result.errors if e[0] != it.index]
+            self.bar.update(-1)
+            if it.key not in self.committer.keys:
+                self.attr_q.appendleft(it)
+        else:
+            self.result.perturbed -= 1
+            self.bar.pert -= 1
+            if it.key in self.committer.keys and it.key not in self.committer.perturbed:
+                self.pert_q.append((it, None, None))
+            # else: its prompt was lost too and is re-queued; its job comes back when that prompt is done again
+
+    # --- commit rounds -----------------------------------------------------------------------------------
+    def maybe_commit(self, final: bool = False):
+        if self.flushing:
+            return
+        waiting = sum(len(a["pending"]) for a in self.actors) + self.committer.driver_rows.pending
+        due = (waiting >= self.spec.commit.every_prompts
+               or time.monotonic() - self.last_commit >= self.spec.commit.every_seconds or final)
+        if not waiting or not due:
+            return
+        for a in self.actors:
+            if a["pending"]:
+                ref = a["h"].flush.remote()
+                self.inflight[ref] = ("flush", set(a["pending"]), a)
+                self.flushing.add(ref)
+        if not self.flushing:
+            self._commit()
+
+    def _flushed(self, a, asked: set, out: dict):
+        reported = set(out["prompts"]) | {("p", k) for k in out["perturbations"]}
+        entries = {k: a["pending"].pop(k) for k in list(a["pending"]) if k in reported}
+        if not self.committer.add(out):  # would duplicate a key's rows: never commit it, re-run its keys
+            for kind, payload, _ in entries.values():
+                self._requeue(kind, payload)
+        for k in asked - reported:  # completed before the flush, yet not in it: the buffer was lost
+            if k in a["pending"]:
+                self._requeue(*a["pending"].pop(k)[:2])
+
+    def _commit(self):
+        counts = self.committer.commit()
+        self.last_commit = time.monotonic()
+        if self.on_event is not None and (counts["prompts"] or counts["perturbations"]):
+            self.on_event("commit", counts)
+
+    # --- the loop ----------------------------------------------------------------------------------------
+    def run(self, todo, pert_todo):
+        ray, res, spec = self.ray, self.res, self.spec
+        from ray.exceptions import ActorDiedError, RayActorError
+
+        self.attr_q.extend(todo)
+        self.pert_q.extend((it, None, None) for it in pert_todo)
+        for _ in range(max(1, min(res.workers, len(todo) + len(pert_todo)))):
+            self.actors.append(self.new_actor())
+        waiting_since = time.monotonic()
         try:
-            ray.kill(a["h"])
-        except Exception:
-            pass
-    result.seconds = time.perf_counter() - t0
-    _write_run(store, sid, result)
-    return result
+            while (self.n_work or self.attr_q or self.pert_q or self.suspects or self.flushing
+                   or self.committer.pending or any(a["pending"] for a in self.actors)):
+                self.fill()
+                self.maybe_commit(final=not (self.n_work or self.attr_q or self.pert_q or self.suspects))
+                if not self.inflight:
+                    continue
+                ready, _ = ray.wait(list(self.inflight), num_returns=1, timeout=5.0)
+                if not ready:
+                    if not any(a["ready"] for a in self.actors) and time.monotonic() - waiting_since > 60:
+                        self.bar.write(f"sweep {spec.sweep_id}: waiting for resources for {len(self.actors)} worker(s) "
+                                       f"(num_cpus={res.num_cpus}, num_gpus={res.num_gpus} each)")
+                        waiting_since = time.monotonic()
+                    continue
+                ref = ready[0]
+                kind, payload, a = self.inflight.pop(ref)
+                if kind in ("prompt", "perturbation"):
+                    a["inflight"] -= 1
+                    a["solo"] = False
+                    self.n_work -= 1
+                try:
+                    out = ray.get(ref)
+                except StorageError as e:
+                    raise StorageError(_one_line(_cause(e))) from None
+                except RayActorError as e:
+                    self._lose(a)  # its buffer died with it
+                    if kind == "flush":
+                        self.flushing.discard(ref)
+                        if not self.flushing:
+                            self._commit()
+                    if isinstance(e, ActorDiedError):  # gone for good (restarts exhausted, node lost): replace it
+                        if kind == "probe" and not a["ready"]:
+                            self.attempts["__start__"] += 1
+                            if self.attempts["__start__"] > spec.retries + res.workers:
+                                raise CTRayError(f"sweep workers keep dying at start: {_one_line(e)}") from None
+                        self.replace(a)
+                    elif a in self.actors and (a["ready"] or kind == "probe"):  # restarting: use it once it answers
+                        a["ready"] = False
+                        if kind == "probe":
+                            time.sleep(0.5)
+                        self.probe(a)
+                    if kind in ("probe", "flush"):
+                        continue
+                    self._died(kind, payload, e)
+                    continue
+                self._lose(a, out.get("instance"))  # a silent restart since the last answer lost the buffer
+                if kind == "probe":
+                    if out.get("error"):
+                        raise CTRayError(f"sweep worker cannot start: {out['error']}")
+                    a["ready"] = True
+                elif kind == "flush":
+                    self.flushing.discard(ref)
+                    self._flushed(a, payload, out)
+                    if not self.flushing:
+                        self._commit()
+                else:
+                    self._done(kind, payload, a, out)
+        except BaseException:
+            for a in self.actors:
+                self._kill(a)
+            raise
+        finally:
+            self.bar.close()
+        for a in self.actors:
+            self._kill(a)
+
+    def _done(self, kind, payload, a, out):
+        result, bar = self.result, self.bar
+        if kind == "prompt":
+            it = payload
+            a["pending"][it.key] = ("prompt", it, out["instance"])
+            self.status[it.key] = out["status"]
+            if out["status"] == "ok":
+                result.ok += 1
+                bar.ok += 1
+                if self.perturbing:
+                    self.pert_q.append((it, out["perturb_nodes"], a))
+            else:
+                result.failed += 1
+                bar.failed += 1
+                result.errors.append((it.index, out["error_kind"], out["error"]))
+            bar.update()
+        else:
+            if out["status"] != "skipped":
+                a["pending"][("p", payload[0].key)] = ("perturbation", payload, out["instance"])
+            result.perturbed += 1
+            bar.pert += 1
+            bar.update(0)
+        if self.on_event is not None:
+            self.on_event(kind, out)
+
+    def _died(self, kind, payload, e):
+        it = payload if kind == "prompt" else payload[0]
+        self.attempts[(kind, it.key)] += 1
+        if self.attempts[(kind, it.key)] <= self.spec.retries:
+            self.suspects.append((kind, payload if kind == "prompt" else (it, payload[1], None)))
+        elif kind == "prompt":
+            self.record_error(it, "worker", f"the worker died {self.attempts[(kind, it.key)]} time(s) running this "
+                                            f"prompt: {_one_line(e)}")
+        else:
+            self.bar.write(f"sweep {self.spec.sweep_id}: perturbation job of prompt {it.index} lost: {_one_line(e)}")
+
+    def record_error(self, it: PromptItem, kind: str, msg: str):
+        """A prompt whose worker kept dying: the driver writes its error row (small) into the next round."""
+        spec = self.spec
+        row = {"key": it.key, "prompt_index": it.index, "prompt": it.prompt, "target": it.target, "status": "error",
+               "error_kind": kind, "error": msg, "model": spec.model, "clt": spec.clt_id(), "params": self.cfg["params"],
+               "graph_rows": spec.graph_rows, "worker": "driver", "created_at": _dt.datetime.now(_dt.timezone.utc),
+               "schema_version": TABLES_SCHEMA_VERSION}
+        self.committer.add_driver_row(it.key, row)
+        self.status[it.key] = "error"
+        self.result.failed += 1
+        self.result.errors.append((it.index, kind, msg))
+        self.bar.failed += 1
+        self.bar.update()
 
 
 def _write_run(store: Store, sid: str, result: SweepResult) -> None:

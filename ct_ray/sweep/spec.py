@@ -89,10 +89,21 @@ class ResourceSpec(Spec):
     forward_aws_env: bool = Field(True, description="pass the driver's AWS_* env vars to the workers")
 
 
+class CommitSpec(Spec):
+    """How often the driver commits the workers' rows (one Iceberg snapshot per table and round): rows are visible,
+    and safe from a driver crash, once committed. Fewer, larger rounds mean fewer, larger data files."""
+
+    every_prompts: int = Field(512, ge=1, description="commit once this many prompts are done and not committed")
+    every_seconds: float = Field(60.0, gt=0, description="... or this many seconds after the last commit")
+
+
 class StorageSpec(Spec):
     url: str = DEFAULT_STORE
     endpoint_url: str | None = None
     options: dict = Field(default_factory=dict, description="extra fsspec options (no credentials)")
+    catalog: str | None = Field(None, description="Iceberg catalog URI: sqlite:///FILE, postgresql://USER@HOST/DB, "
+                                                  "rest:URL or glue[:REGION]; default: CT_RAY_CATALOG, else a SQLite "
+                                                  "catalog in the store (see docs/tables.md)")
 
     @model_validator(mode="before")
     @classmethod
@@ -112,11 +123,23 @@ class StorageSpec(Spec):
         walk(v)
         return v
 
+    @field_validator("catalog")
+    @classmethod
+    def _catalog(cls, v: str | None) -> str | None:
+        from ..store.catalog import check_catalog_uri
+
+        return check_catalog_uri(v) if v else v
+
     def storage_options(self) -> dict:
         opts = dict(self.options)
         if self.endpoint_url:
             opts["endpoint_url"] = self.endpoint_url
         return opts
+
+    def store(self):
+        from ..store.tables import Store
+
+        return Store(self.url, catalog=self.catalog, **self.storage_options())
 
 
 class CLTChoice(Spec):
@@ -149,6 +172,7 @@ class SweepSpec(CLTChoice):
     resources: ResourceSpec = ResourceSpec()
     storage: StorageSpec = StorageSpec()
     retries: int = Field(2, ge=0, le=100, description="re-tries of a prompt whose worker died")
+    commit: CommitSpec = CommitSpec()
 
     @field_validator("sweep_id")
     @classmethod

@@ -6,8 +6,8 @@ from ..errors import CTRayError
 from ..store.tables import DEFAULT_STORE, Store, sweep_counts
 
 
-def sweep_status(sweep_id: str, store: str = DEFAULT_STORE, **storage_options) -> dict:
-    st = Store(store, **storage_options)
+def sweep_status(sweep_id: str, url: str = DEFAULT_STORE, *, store: Store | None = None, **storage_options) -> dict:
+    st = store or Store(url, **storage_options)
     c = sweep_counts(st, sweep_id)
     if c["planned"] is None and c["committed"] == 0:
         known = st.sweeps()
@@ -27,7 +27,7 @@ def format_status(c: dict) -> str:
     lines.append(f"  errors:    {c['error']}" + (f" ({errs})" if errs else ""))
     p = c.get("plan") or {}
     if p.get("perturbation_active"):
-        lines.append(f"  perturbed: {c['perturbation_files']} graph(s)")
+        lines.append(f"  perturbed: {c['perturbed']} graph(s)")
     if p.get("model"):
         lines.append(f"  model:     {p['model']}   CLT: {p.get('clt')}")
     if p.get("updated_at"):
@@ -44,11 +44,11 @@ FROM graphs WHERE sweep_id = $sid ORDER BY prompt_index
 """
 
 
-def summary_table(sweep_id: str, store: str = DEFAULT_STORE, **storage_options) -> str:
+def summary_table(sweep_id: str, url: str = DEFAULT_STORE, *, store: Store | None = None, **storage_options) -> str:
     """A per-prompt summary of a sweep (one SQL query over its tables), formatted for the terminal."""
     from ..store.sql import connect, format_table
 
-    con = connect(store, **storage_options)
+    con = connect(url, store=store, sql=SUMMARY_SQL, **storage_options)
     try:
         t = con.sql(SUMMARY_SQL, params={"sid": sweep_id}).to_arrow_table()
     finally:

@@ -1,7 +1,8 @@
 """What one sweep worker does: hold the model and the CLT once, run prompts and perturbation jobs, write rows.
 
 `SweepWorker` is a plain class (usable in-process, e.g. by benchmarks); the runner wraps it as a Ray actor.
-Every task writes its own files straight to storage and returns a small summary dict.
+Every task buffers its rows in the worker and returns a small summary dict; `flush` writes the buffered rows as a
+few large data files straight to storage and reports them (and the keys they complete) for the driver to commit.
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ import os
 import socket
 import time
 import traceback
+import uuid
 
 import numpy as np
 import pyarrow as pa
 
 from ..errors import CTRayError, PromptError, StorageError
-from ..store.tables import TABLES_SCHEMA_VERSION, Store
+from ..store.schemas import TABLES_SCHEMA_VERSION
+from ..store.writer import RowBuffer, sweep_writer_configs
 from .perturbation import error_rows, finish_rows, resolve, select_nodes
 from .spec import PerturbationPlan
 
@@ -33,7 +36,7 @@ def _one_line(e: BaseException) -> str:
     return s.splitlines()[0][:500] if s else type(e).__name__
 
 
-def worker_config(spec, store: Store, device: str = "cpu") -> dict:
+def worker_config(spec, store, device: str = "cpu") -> dict:
     """The small, picklable description a worker is built from (never model objects)."""
     model = spec.model
     if os.path.isdir(os.path.expanduser(model)):
@@ -55,8 +58,7 @@ def worker_config(spec, store: Store, device: str = "cpu") -> dict:
         "graph_rows": spec.graph_rows,
         "params": json.dumps(spec.params(), sort_keys=True),
         "plan": spec.perturbation.model_dump(),
-        "store_url": store.url,
-        "storage_options": store.storage_options,
+        "writers": sweep_writer_configs(store),  # table metadata: workers write data files, never the catalog
         "device": device,
         "torch_threads": r.torch_threads or max(1, int(r.num_cpus)),
     }
@@ -67,6 +69,7 @@ class SweepWorker:
         self.cfg = cfg
         self.init_error = None
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        self.instance = uuid.uuid4().hex  # a restarted actor is a new instance: its predecessor's buffer is gone
         self.cache: collections.OrderedDict = collections.OrderedDict()
         try:
             self._load()
@@ -83,7 +86,7 @@ class SweepWorker:
 
         torch.set_num_threads(self.cfg["torch_threads"])
         cfg = self.cfg
-        self.store = Store(cfg["store_url"], **cfg["storage_options"])
+        self.rows = RowBuffer(cfg["writers"], cfg["sweep_id"])
         self.model = load_model(cfg["model"], device=cfg["device"])
         if cfg["clt"]:
             self.clt = load_clt(cfg["clt"], device=cfg["device"], **cfg["clt_options"])
@@ -98,7 +101,11 @@ class SweepWorker:
 
     # --- small calls ------------------------------------------------------------------------------------
     def ready(self) -> dict:
-        return {"error": self.init_error, "worker": self.worker, "pid": os.getpid()}
+        return {"error": self.init_error, "worker": self.worker, "pid": os.getpid(), "instance": self.instance}
+
+    def flush(self) -> dict:
+        """Write the buffered rows as data files; report them with the keys they complete (see store/writer.py)."""
+        return {**self.rows.flush(), "instance": self.instance, "pid": os.getpid()}
 
     def pid(self) -> int:
         return os.getpid()
@@ -133,11 +140,11 @@ class SweepWorker:
         return g, p, t1 - t0, time.perf_counter() - t1
 
     def run_prompt(self, item: dict) -> dict:
-        """Attribute + prune one prompt, write its nodes, edges and (last: the commit record) graphs row."""
+        """Attribute + prune one prompt; buffer its nodes, edges and graphs row (committed by the driver later)."""
         t_start = time.perf_counter()
         if os.environ.get(CRASH_ENV) and item["prompt"] == os.environ[CRASH_ENV]:
             os._exit(3)
-        key, sid = item["key"], self.cfg["sweep_id"]
+        key = item["key"]
         row = self._base_row(item)
         err = None
         if self.init_error:
@@ -157,16 +164,13 @@ class SweepWorker:
         perturb_nodes, t_compute = [], None
         if err is not None:
             row.update(status="error", error_kind=err[0], error=err[1])
-            # a previous, uncommitted attempt may have left rows: remove them (the views ignore them anyway)
-            self.store.delete("nodes", sid, key)
-            self.store.delete("edges", sid, key)
         else:
             m, fs, ps = g.meta, g.scores(), p.scores()
             t_w = time.perf_counter()
             t_compute = t_w - t_start  # attribute + prune + scores
             nodes, edges = self._tables(g, p, key)
-            self.store.write_table("nodes", sid, key, nodes)
-            self.store.write_table("edges", sid, key, edges)
+            self.rows.add("nodes", nodes)
+            self.rows.add("edges", edges)
             toks = m["logit_tokens"]
             logit_strs = self.model.decode(toks)
             row.update(
@@ -188,8 +192,10 @@ class SweepWorker:
                 perturb_nodes = select_nodes(p, self.plan)
                 self._remember(key, g)
             row["write_s"] = time.perf_counter() - t_w
-        self.store.write_table("graphs", sid, key, pa.Table.from_pylist([row]))  # the commit record
-        return {"key": key, "status": row["status"], "error_kind": row.get("error_kind"), "error": row.get("error"),
+        self.rows.add("graphs", pa.Table.from_pylist([row]))
+        self.rows.finish("prompts", key, ok=row["status"] == "ok")
+        return {"instance": self.instance,
+                "key": key, "status": row["status"], "error_kind": row.get("error_kind"), "error": row.get("error"),
                 "n_nodes": row.get("n_nodes"), "n_features_pruned": row.get("n_features_pruned"),
                 "perturb_nodes": perturb_nodes, "worker": self.worker, "pid": os.getpid(),
                 "compute_seconds": t_compute, "seconds": time.perf_counter() - t_start}
@@ -222,11 +228,12 @@ class SweepWorker:
     # --- one perturbation job --------------------------------------------------------------------------
     def run_perturbation(self, item: dict, nodes: list[int] | None) -> dict:
         """Run the plan on one graph (from this worker's cache, else recomputed: attribution is deterministic)
-        and write its perturbations file. `nodes=None`: select them again from the recomputed graph."""
+        and buffer its perturbation rows. `nodes=None`: select them again from the recomputed graph."""
         t0 = time.perf_counter()
-        key, sid = item["key"], self.cfg["sweep_id"]
+        key = item["key"]
         if self.perturb_fn is None:
-            return {"key": key, "status": "skipped", "error": self.perturb_skip, "rows": 0, "seconds": 0.0}
+            return {"key": key, "status": "skipped", "error": self.perturb_skip, "rows": 0, "seconds": 0.0,
+                    "instance": self.instance}
         g = self.cache.pop(key, None)
         hit = g is not None
         try:
@@ -242,10 +249,11 @@ class SweepWorker:
             log.error("perturbation of %s failed:\n%s", key, traceback.format_exc())
             table = finish_rows(error_rows(f"{type(e).__name__}: {_one_line(e)}"), g if g is not None else _NoGraph,
                                 key, self.plan_hash)
-        self.store.write_table("perturbations", sid, f"{key}.{self.plan_hash}", table)
+        self.rows.add("perturbations", table)
+        self.rows.finish("perturbations", key)
         bad = table.column("status").to_pylist().count("error")
-        return {"key": key, "status": "error" if bad else "ok", "rows": table.num_rows, "cache_hit": hit,
-                "worker": self.worker, "pid": os.getpid(), "seconds": time.perf_counter() - t0}
+        return {"instance": self.instance, "key": key, "status": "error" if bad else "ok", "rows": table.num_rows,
+                "cache_hit": hit, "worker": self.worker, "pid": os.getpid(), "seconds": time.perf_counter() - t0}
 
 
 class _NoGraph:

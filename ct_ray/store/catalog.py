@@ -1,0 +1,150 @@
+"""Which Iceberg catalog holds a store's tables, and how a table is created or evolved in it.
+
+A catalog is named by one URI (spec `storage.catalog`, or the CT_RAY_CATALOG environment variable):
+
+    sqlite:///path/catalog.db          embedded default (pyiceberg SqlCatalog on SQLite)
+    postgresql://user@host:5432/db     SqlCatalog on PostgreSQL (the Iceberg JDBC catalog layout: Spark/Trino read it)
+    rest:https://host/path             an Iceberg REST catalog (Polaris, Nessie, Gravitino, Tabular, ...)
+    glue  |  glue:REGION               AWS Glue (what Athena reads)
+
+Credentials never appear in a URI or a spec: PostgreSQL takes PGPASSWORD / ~/.pgpass, REST and Glue the standard
+pyiceberg environment (PYICEBERG_CATALOG__CT_RAY__TOKEN, ...) and the AWS chain. Without a URI the catalog is a
+SQLite file under a local store (`{store}/catalog.db`); for an object-storage store it is a SQLite file in the
+local cache (one per store URL), so a cluster should name a shared catalog.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+
+from ..errors import StorageError
+from .schemas import PARTITIONS, SCHEMAS, TABLES_SCHEMA_VERSION
+
+NAMESPACE = "ct_ray"
+CATALOG_ENV = "CT_RAY_CATALOG"
+CATALOG_NAME = "ct_ray"
+WAREHOUSE_DIR = "warehouse"
+TARGET_FILE_BYTES = 128 * 2**20
+# every table's properties: v2, zstd, 128 MB files, old metadata files removed as new ones are written, commit
+# retries for sweeps that commit to the same table at once (appends never conflict)
+TABLE_PROPERTIES = {
+    "format-version": "2",
+    "write.parquet.compression-codec": "zstd",
+    "write.target-file-size-bytes": str(TARGET_FILE_BYTES),
+    "write.metadata.delete-after-commit.enabled": "true",
+    "write.metadata.previous-versions-max": "20",
+    "commit.retry.num-retries": "20",
+    "commit.retry.min-wait-ms": "50",
+    "commit.retry.max-wait-ms": "2000",
+}
+_PASSWORD_RE = re.compile(r"^[a-z0-9+]+://[^/@:]*:[^/@]*@", re.I)
+
+
+def default_catalog_uri(store_url: str, local_root: str | None) -> str:
+    """The embedded catalog of a store: a SQLite file in the store when it is local, else in the local cache."""
+    if local_root is not None:
+        return f"sqlite:///{local_root}/catalog.db"
+    cache = os.environ.get("CT_RAY_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "ct_ray")
+    digest = hashlib.sha256(store_url.encode()).hexdigest()[:16]
+    return f"sqlite:///{os.path.join(os.path.abspath(cache), 'catalogs', digest + '.db')}"
+
+
+def check_catalog_uri(uri: str) -> str:
+    """A catalog URI as given, or a one-line ValueError (unknown kind, or a password in it)."""
+    uri = str(uri).strip()
+    if _PASSWORD_RE.match(uri):
+        raise ValueError("the catalog URI holds a password: give it through PGPASSWORD or ~/.pgpass instead")
+    kind = uri.split(":", 1)[0].split("+", 1)[0].lower()
+    if kind not in ("sqlite", "postgresql", "postgres", "rest", "glue"):
+        raise ValueError(f"unknown catalog {uri!r}: use sqlite:///FILE, postgresql://USER@HOST/DB, rest:URL or glue")
+    return uri
+
+
+def catalog_properties(uri: str, io_properties: dict) -> dict:
+    """pyiceberg `load_catalog` properties for a catalog URI (plus the FileIO properties of the warehouse)."""
+    uri = check_catalog_uri(uri)
+    kind = uri.split(":", 1)[0].split("+", 1)[0].lower()
+    props = dict(io_properties)
+    if kind == "sqlite":
+        path = uri.split(":///", 1)[1] if ":///" in uri else ""
+        if not path:
+            raise ValueError(f"bad SQLite catalog {uri!r}: use sqlite:///path/to/catalog.db")
+        os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+        props.update(type="sql", uri=f"sqlite:///{path}")
+    elif kind in ("postgresql", "postgres"):
+        rest = uri.split("://", 1)[1] if "://" in uri else ""
+        props.update(type="sql", uri=f"postgresql+psycopg2://{rest}")
+    elif kind == "rest":
+        props.update(type="rest", uri=uri.split(":", 1)[1])
+    else:  # glue
+        props["type"] = "glue"
+        if ":" in uri:
+            props["glue.region"] = uri.split(":", 1)[1]
+    return props
+
+
+def open_catalog(uri: str, io_properties: dict):
+    from pyiceberg.catalog import load_catalog
+
+    try:
+        cat = load_catalog(CATALOG_NAME, **catalog_properties(uri, io_properties))
+        cat.create_namespace_if_not_exists(NAMESPACE)
+    except ValueError:
+        raise
+    except Exception as e:
+        raise StorageError(f"cannot open the table catalog {_redact(uri)}: {_one_line(e)}") from e
+    return cat
+
+
+def _redact(uri: str) -> str:
+    return re.sub(r"//[^/@]*@", "//***@", uri)
+
+
+def _one_line(e: BaseException) -> str:
+    s = str(e).strip()
+    return s.splitlines()[0][:300] if s else type(e).__name__
+
+
+def identifier(name: str) -> str:
+    return f"{NAMESPACE}.{name}"
+
+
+def iceberg_schema(name: str):
+    """The Iceberg schema of a table (fresh field ids, in the Arrow schema's order)."""
+    from pyiceberg.catalog import Catalog
+
+    return Catalog._convert_schema_if_needed(SCHEMAS[name])
+
+
+def partition_spec(name: str, schema):
+    from pyiceberg.partitioning import PartitionField, PartitionSpec
+    from pyiceberg.transforms import IdentityTransform
+
+    col = PARTITIONS[name]
+    return PartitionSpec(PartitionField(source_id=schema.find_field(col).field_id, field_id=1000,
+                                        transform=IdentityTransform(), name=col))
+
+
+def ensure_table(catalog, name: str, location: str):
+    """Load a table, creating it (partitioned by identity on its partition column) when missing and adding any
+    column the code's schema has that the table lacks (schema evolution by name: older files read as null)."""
+    from pyiceberg.exceptions import NoSuchTableError, TableAlreadyExistsError
+
+    ident = identifier(name)
+    try:
+        table = catalog.load_table(ident)
+    except NoSuchTableError:
+        schema = iceberg_schema(name)
+        try:
+            table = catalog.create_table(ident, schema=schema, location=location, partition_spec=partition_spec(name, schema),
+                                         properties={**TABLE_PROPERTIES, "ct_ray.schema_version": str(TABLES_SCHEMA_VERSION)})
+        except TableAlreadyExistsError:  # created meanwhile by another process
+            table = catalog.load_table(ident)
+    have = {f.name for f in table.schema().fields}
+    if any(f.name not in have for f in SCHEMAS[name]):
+        with table.update_schema() as upd:
+            upd.union_by_name(SCHEMAS[name])
+        table = catalog.load_table(ident)
+    return table

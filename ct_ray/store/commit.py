@@ -1,0 +1,216 @@
+"""Committing data files to the Iceberg tables: batched, ordered and idempotent (the driver's side of writer.py).
+
+A sweep commits in rounds. Each round appends the workers' reported files to `nodes` and `edges`, then to `graphs`
+(the commit record of its keys: one row per key), then to `perturbations` (only for keys already in `graphs`).
+Every snapshot carries the properties `ct-ray.sweep`, `ct-ray.batch` (the round) and `ct-ray.first-key` (a key of the
+round with an 'ok' graphs row). Tables cannot be committed together, so a driver that dies between the `nodes`/`edges`
+and the `graphs` commit leaves rows of keys that have no graphs row: `recover` finds those snapshots (their first key
+has no 'ok' row in `graphs`) and removes their files before the sweep runs again, so a key's rows are never there
+twice. A key retried after an error row gets its new graphs row in the same commit that deletes the old one.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+
+from ..errors import StorageError
+from .schemas import PARTITIONS
+from .writer import RowBuffer
+
+log = logging.getLogger(__name__)
+PROP_SWEEP, PROP_BATCH, PROP_FIRST = "ct-ray.sweep", "ct-ray.batch", "ct-ray.first-key"
+GRAPH_PARTS = ("nodes", "edges")  # committed before graphs: the tables `recover` repairs
+
+
+def _one_line(e: BaseException) -> str:
+    s = str(e).strip()
+    return s.splitlines()[0][:300] if s else type(e).__name__
+
+
+def _revive(files: list, spec_id: int) -> list:
+    """DataFiles that crossed a process boundary lose their (unserialised) partition-spec id."""
+    for f in files:
+        try:
+            f.spec_id  # noqa: B018
+        except AttributeError:
+            f.spec_id = spec_id
+    return files
+
+
+def commit_files(store, name: str, add: list, properties: dict | None = None, delete: list | None = None,
+                 delete_where=None) -> None:
+    """One atomic commit on table `name`: remove the rows matching `delete_where` and the files `delete` (of the
+    current snapshot), and append the files `add`."""
+    if not add and not delete and delete_where is None:
+        return
+    t = store.table(name)
+    props = {k: str(v) for k, v in (properties or {}).items()}
+    try:
+        tx = t.transaction()
+        if delete_where is not None:
+            tx.delete(delete_where, snapshot_properties=props)
+        upd = tx.update_snapshot(snapshot_properties=props)
+        with (upd.overwrite() if delete else upd.fast_append()) as op:
+            for f in _revive(list(add), t.metadata.default_spec_id):
+                op.append_data_file(f)
+            for f in delete or []:
+                op.delete_data_file(f)
+        tx.commit_transaction()
+    except StorageError:
+        raise
+    except Exception as e:
+        raise StorageError(f"cannot commit to table {name} of {store.url}: {_one_line(e)}") from e
+
+
+def live_files(store, name: str, partition: str | None = None) -> list:
+    """DataFiles of the current snapshot (of one partition)."""
+    from pyiceberg.expressions import AlwaysTrue, EqualTo
+
+    t = store.existing_table(name)
+    if t is None or t.current_snapshot() is None:
+        return []
+    expr = EqualTo(PARTITIONS[name], partition) if partition is not None else AlwaysTrue()
+    return [task.file for task in t.scan(row_filter=expr).plan_files()]
+
+
+def replace_partition(store, name: str, partition: str, rows, properties: dict | None = None) -> int:
+    """Make `rows` the whole content of one partition of `name`, atomically (old files out, new in, one commit)."""
+    from .writer import TableWriter
+
+    t = store.table(name)
+    from .schemas import conform
+
+    files = TableWriter({"name": name, "metadata": t.metadata.model_dump_json(), "io": store.io_properties()}).write(
+        conform(rows, name, partition))
+    commit_files(store, name, files, properties, delete=live_files(store, name, partition))
+    return len(files)
+
+
+def added_files(table, snapshot) -> set[str]:
+    """Paths of the data files a snapshot added."""
+    from pyiceberg.manifest import ManifestEntryStatus
+
+    out = set()
+    for m in snapshot.manifests(table.io):
+        if m.added_snapshot_id != snapshot.snapshot_id:
+            continue
+        for e in m.fetch_manifest_entry(table.io, discard_deleted=True):
+            if e.snapshot_id == snapshot.snapshot_id and e.status == ManifestEntryStatus.ADDED:
+                out.add(e.data_file.file_path)
+    return out
+
+
+def ok_keys(store, sweep_id: str) -> set[str]:
+    c = store.committed(sweep_id)
+    return {k for k, s in zip(c.column("key").to_pylist(), c.column("status").to_pylist()) if s == "ok"}
+
+
+def recover(store, sweep_id: str | None = None, committed: dict[str, set] | None = None, older_than_s: float = 0.0) -> int:
+    """Remove the nodes/edges files of rounds whose graphs commit never happened (of one sweep, or all);
+    `committed`: sweep id -> keys with an 'ok' graphs row, where the caller has them. Only
+    rounds older than `older_than_s` are touched: a live driver's round is between two commits for a moment.
+    Returns the number of files removed."""
+    now_ms = time.time() * 1000
+    removed = 0
+    committed = dict(committed or {})
+    for name in GRAPH_PARTS:
+        t = store.existing_table(name)
+        if t is None:
+            continue
+        orphans: dict[str, set[str]] = {}
+        for snap in t.metadata.snapshots:
+            p = snap.summary.additional_properties if snap.summary else {}
+            sid, first = p.get(PROP_SWEEP), p.get(PROP_FIRST)
+            if not sid or not first or sweep_id is not None and sid != sweep_id:
+                continue
+            if now_ms - snap.timestamp_ms < older_than_s * 1000:
+                continue
+            if sid not in committed:
+                committed[sid] = ok_keys(store, sid)
+            if first not in committed[sid]:
+                orphans.setdefault(sid, set()).update(added_files(t, snap))
+        for sid, paths in orphans.items():
+            dead = [f for f in live_files(store, name, sid) if f.file_path in paths]
+            if dead:
+                log.warning("table %s: removing %d data file(s) of an uncommitted round of sweep %s", name, len(dead), sid)
+                commit_files(store, name, [], {"ct-ray.recover": sid}, delete=dead)
+                removed += len(dead)
+    return removed
+
+
+class Committer:
+    """The driver's side of a sweep's rounds: collects reported files, commits them in order, knows what is in.
+
+    `add` refuses (returns False) a worker's report that would put a key's rows in twice: one whose prompt keys are
+    already committed or already in the round, or whose perturbations are of keys with no graphs row (their prompt
+    was lost with a worker). The caller re-runs the report's keys instead; its files are never committed."""
+
+    def __init__(self, store, sweep_id: str, committed_keys=(), perturbed_keys=(), replace_keys=()):
+        self.store, self.sweep_id = store, sweep_id
+        self.keys = set(committed_keys)  # keys with a committed graphs row (not to be written again)
+        self.replace = set(replace_keys)  # keys whose committed (error) row a new row replaces
+        self.perturbed = set(perturbed_keys)  # keys with committed perturbation rows (of the current plan)
+        self.driver_rows = RowBuffer({"graphs": store.writer_config("graphs")}, sweep_id)
+        self._reset()
+        self.rounds = 0
+
+    def _reset(self):
+        self.files: dict[str, list] = {}
+        self.prompts: list[str] = []
+        self.ok: list[str] = []
+        self.perturbations: list[str] = []
+
+    def add(self, report: dict) -> bool:
+        prompts, perts = report.get("prompts", []), report.get("perturbations", [])
+        round_keys = set(self.prompts)
+        if (len(set(prompts)) != len(prompts) or any(k in self.keys or k in round_keys for k in prompts)
+                or any(k in self.perturbed or k in self.perturbations for k in perts)
+                or any(k not in self.keys and k not in round_keys and k not in prompts for k in perts)):
+            return False
+        for t, fs in report.get("files", {}).items():
+            self.files.setdefault(t, []).extend(fs)
+        self.prompts += prompts
+        self.ok += report.get("ok", [])
+        self.perturbations += perts
+        return True
+
+    def add_driver_row(self, key: str, row: dict) -> None:
+        """A graphs row the driver writes itself (a prompt whose worker kept dying)."""
+        self.driver_rows.add("graphs", [row])
+        self.driver_rows.finish("prompts", key)
+
+    @property
+    def pending(self) -> int:
+        return len(self.prompts) + len(self.perturbations) + self.driver_rows.pending
+
+    def commit(self) -> dict:
+        """Commit the round: nodes, edges, graphs (the commit record), perturbations. Returns counts."""
+        if self.driver_rows.pending:
+            self.add(self.driver_rows.flush())
+        if not self.prompts and not self.perturbations:
+            return {"prompts": 0, "perturbations": 0}
+        batch = uuid.uuid4().hex[:16]
+        props = {PROP_SWEEP: self.sweep_id, PROP_BATCH: batch}
+        if self.prompts:
+            from pyiceberg.expressions import And, EqualTo, In
+
+            if self.ok:
+                props[PROP_FIRST] = self.ok[0]
+            props["ct-ray.prompts"] = len(self.prompts)
+            for t in GRAPH_PARTS:
+                commit_files(self.store, t, self.files.get(t, []), props)
+            replaced = sorted(self.replace.intersection(self.prompts))
+            where = And(EqualTo(PARTITIONS["graphs"], self.sweep_id), In("key", replaced)) if replaced else None
+            commit_files(self.store, "graphs", self.files.get("graphs", []), props, delete_where=where)
+            self.keys.update(self.prompts)
+            self.replace.difference_update(self.prompts)
+        if self.perturbations:
+            commit_files(self.store, "perturbations", self.files.get("perturbations", []),
+                         {PROP_SWEEP: self.sweep_id, PROP_BATCH: batch, "ct-ray.graphs": len(self.perturbations)})
+            self.perturbed.update(self.perturbations)
+        out = {"prompts": len(self.prompts), "perturbations": len(self.perturbations)}
+        self._reset()
+        self.rounds += 1
+        return out

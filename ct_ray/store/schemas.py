@@ -1,0 +1,201 @@
+"""The result tables' schemas: one place from which every table (Iceberg schema, SQL views, docs) derives.
+
+Every table carries its partition column (`sweep_id`, `clt_id` or `run`, always a string) as the last column:
+Iceberg data files hold the partition column (unlike hive directories), so every engine reads it the same way.
+A schema version only ever adds nullable columns (Iceberg schema evolution, by name); see docs/tables.md.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+TABLES_SCHEMA_VERSION = 1
+
+GRAPHS_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),  # deterministic task key (prompt + model + CLT + parameters)
+        ("prompt_index", pa.int32()),  # position of the prompt in the sweep's input (first occurrence)
+        ("prompt", pa.string()),
+        ("target", pa.string()),  # optional target text from the prompt source
+        ("status", pa.string()),  # 'ok' | 'error'
+        ("error_kind", pa.string()),  # 'prompt' | 'input' | 'internal' | 'worker' (null when ok)
+        ("error", pa.string()),  # one-line message (null when ok)
+        ("model", pa.string()),
+        ("clt", pa.string()),
+        ("params", pa.string()),  # JSON: attribution + pruning parameters
+        ("n_tokens", pa.int32()),
+        ("tokens", pa.list_(pa.int32())),
+        ("token_strs", pa.list_(pa.string())),
+        ("logit_tokens", pa.list_(pa.int32())),
+        ("logit_strs", pa.list_(pa.string())),
+        ("logit_probs", pa.list_(pa.float32())),
+        ("top_token", pa.int32()),
+        ("top_token_str", pa.string()),
+        ("top_prob", pa.float32()),
+        ("target_token", pa.int32()),  # first token of `target`
+        ("target_prob", pa.float32()),  # the model's probability of target_token at the last position
+        ("target_rank", pa.int32()),  # 0 = the model's top token
+        ("target_in_graph", pa.bool_()),  # target_token is one of the graph's logit nodes
+        ("n_active_features", pa.int32()),
+        ("n_nodes", pa.int32()),  # full graph
+        ("n_edges", pa.int64()),
+        ("n_features", pa.int32()),
+        ("n_nodes_pruned", pa.int32()),
+        ("n_edges_pruned", pa.int64()),
+        ("n_features_pruned", pa.int32()),
+        ("replacement_score", pa.float64()),
+        ("completeness_score", pa.float64()),
+        ("replacement_score_pruned", pa.float64()),
+        ("completeness_score_pruned", pa.float64()),
+        ("graph_rows", pa.string()),  # which graph the nodes/edges rows hold: 'pruned' | 'full'
+        ("attribute_s", pa.float32()),
+        ("prune_s", pa.float32()),
+        ("write_s", pa.float32()),
+        ("worker", pa.string()),  # host:pid that produced the row
+        ("created_at", pa.timestamp("us", tz="UTC")),
+        ("schema_version", pa.int16()),
+    ]
+)
+
+NODES_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("node", pa.int32()),  # node index in the full graph (edges refer to it)
+        ("node_id", pa.string()),  # circuit-tracer / Neuronpedia id
+        ("kind", pa.string()),  # feature | error | embedding | logit
+        ("layer", pa.int32()),  # -1 embeddings, n_layers logits
+        ("position", pa.int32()),
+        ("feature", pa.int32()),  # feature index within its layer, -1 otherwise
+        ("token", pa.int32()),
+        ("token_str", pa.string()),
+        ("activation", pa.float32()),
+        ("probability", pa.float32()),  # logit nodes
+        ("influence", pa.float32()),  # influence on the logits (full graph)
+        ("kept", pa.bool_()),  # in the pruned graph
+    ]
+)
+
+EDGES_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("source", pa.int32()),  # `node` of the source
+        ("target", pa.int32()),  # `node` of the target
+        ("weight", pa.float32()),  # direct effect of source on target
+        ("kept", pa.bool_()),  # in the pruned graph
+    ]
+)
+
+PERTURBATIONS_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),  # the graph's key
+        ("plan", pa.string()),  # hash of the perturbation plan
+        ("intervention", pa.int32()),  # index of the intervention within the graph's job
+        ("node", pa.int32()),  # intervened node (`node` in nodes)
+        ("node_id", pa.string()),
+        ("layer", pa.int32()),
+        ("position", pa.int32()),
+        ("feature", pa.int32()),
+        ("influence", pa.float32()),  # the intervened node's influence on the logits
+        ("op", pa.string()),  # 'scale' | 'set' | 'add'
+        ("value", pa.float32()),
+        ("mode", pa.string()),  # 'constrained' | 'free'
+        ("target_node", pa.int32()),  # node whose change is measured (a logit or a feature)
+        ("target_id", pa.string()),
+        ("target_kind", pa.string()),
+        ("target_token", pa.int32()),  # logit targets: the token
+        ("baseline", pa.float32()),  # the target's value without intervention
+        ("predicted_delta", pa.float32()),  # change predicted by the graph
+        ("measured_delta", pa.float32()),  # change measured on the model (null when not measured)
+        ("status", pa.string()),  # 'ok' | 'error'
+        ("error", pa.string()),
+    ]
+)
+
+_CONTEXT = pa.struct([
+    ("context", pa.int64()),  # index of the context in the job's corpus contexts
+    ("doc", pa.int32()),  # document index in the corpus
+    ("offset", pa.int32()),  # token offset of the context in its document
+    ("position", pa.int32()),  # position of the max activation in the context (BOS = 0)
+    ("activation", pa.float32()),  # the max activation in the context
+    ("quantile", pa.float32()),  # quantile samples: the sample's quantile; top contexts: null
+    ("start", pa.int32()),  # position of the window's first token in the context
+    ("tokens", pa.list_(pa.string())),  # the window's tokens
+    ("acts", pa.list_(pa.float32())),  # the feature's activation at each token of the window
+])
+
+FEATURES_SCHEMA = pa.schema(
+    [
+        ("job", pa.string()),  # deterministic key of the features job (CLT + model + corpus + parameters)
+        ("clt", pa.string()),  # the CLT id as sweeps record it (`graphs.clt`)
+        ("model", pa.string()),
+        ("layer", pa.int32()),
+        ("feature", pa.int32()),  # index within its layer
+        ("node_prefix", pa.string()),  # `{layer}_{feature}_`: node ids of this feature start with it
+        ("n_tokens", pa.int64()),  # tokens seen (BOS excluded)
+        ("n_active", pa.int64()),  # tokens where the feature fires
+        ("density", pa.float64()),  # n_active / n_tokens
+        ("mean_activation", pa.float32()),  # mean activation when active (NaN when dead)
+        ("max_activation", pa.float32()),
+        ("top_contexts", pa.list_(_CONTEXT)),  # by decreasing max activation
+        ("quantile_samples", pa.list_(_CONTEXT)),  # contexts at a few quantiles of the active contexts' max
+        ("schema_version", pa.int16()),
+    ]
+)
+
+TRAIN_METRICS_SCHEMA = pa.schema(
+    [
+        ("step", pa.int64()),
+        ("loss_mse", pa.float64()),
+        ("fvu", pa.float64()),  # mean over layers of the batch's normalised MSE
+        ("l0", pa.float64()),  # active features per token, summed over layers
+        ("fvu_per_layer", pa.list_(pa.float64())),
+        ("l0_per_layer", pa.list_(pa.float64())),
+        ("dead_frac", pa.float64()),
+        ("dense_frac", pa.float64()),
+        ("lr", pa.float64()),
+        ("lambda", pa.float64()),  # sparsity coefficient at this step
+        ("tokens_per_s", pa.float64()),
+        ("schema_version", pa.int16()),
+    ]
+)
+
+# table -> partition column (identity-partitioned; always a string)
+PARTITIONS = {"graphs": "sweep_id", "nodes": "sweep_id", "edges": "sweep_id", "perturbations": "sweep_id",
+              "features": "clt_id", "train_metrics": "run"}
+SWEEP_TABLES = ("graphs", "nodes", "edges", "perturbations")
+TABLE_NAMES = tuple(PARTITIONS)
+_BASE = {"graphs": GRAPHS_SCHEMA, "nodes": NODES_SCHEMA, "edges": EDGES_SCHEMA, "perturbations": PERTURBATIONS_SCHEMA,
+         "features": FEATURES_SCHEMA, "train_metrics": TRAIN_METRICS_SCHEMA}
+
+
+def _full(name: str) -> pa.Schema:
+    s = _BASE[name].append(pa.field(PARTITIONS[name], pa.string()))
+    return s.with_metadata({b"ct_ray.table": name.encode(), b"ct_ray.schema_version": str(TABLES_SCHEMA_VERSION).encode()})
+
+
+# the full schema of each table, partition column included (what the data files hold)
+SCHEMAS = {name: _full(name) for name in _BASE}
+
+
+def conform(table: pa.Table | list[dict] | dict, name: str, partition: str | None = None) -> pa.Table:
+    """Cast `table` (an Arrow table, list of row dicts or dict of columns) to the table's schema: columns in order,
+    missing nullable columns filled with nulls, the partition column set to `partition` when given. Unknown columns
+    are an error (the schema is versioned)."""
+    schema = SCHEMAS[name]
+    if isinstance(table, list):
+        table = pa.Table.from_pylist(table)
+    elif isinstance(table, dict):
+        table = pa.table(table)
+    unknown = [c for c in table.column_names if schema.get_field_index(c) < 0]
+    if unknown:
+        raise ValueError(f"columns not in the {name} schema v{TABLES_SCHEMA_VERSION}: {', '.join(unknown)}")
+    part = PARTITIONS[name]
+    cols = []
+    for f in schema:
+        if f.name == part and partition is not None:
+            cols.append(pa.array([partition] * table.num_rows, pa.string()))
+        elif f.name in table.column_names:
+            cols.append(table.column(f.name).cast(f.type))
+        else:
+            cols.append(pa.nulls(table.num_rows, f.type))
+    return pa.Table.from_arrays(cols, schema=schema)

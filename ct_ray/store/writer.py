@@ -1,0 +1,91 @@
+"""Writing data files of the Iceberg tables where the rows are made (workers), without touching the catalog.
+
+A worker gets each table's metadata from the driver once (`Store.writer_config`), buffers rows, and writes them as
+a few large Parquet data files (Iceberg field ids, column statistics) when its buffer is full or the driver asks.
+It reports the files (`DataFile` records, small) with the keys they hold; only the driver's commit makes them
+visible. Files of a worker that dies before its report are never committed: `ct-ray tables vacuum` removes them.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from ..errors import StorageError
+from .schemas import SWEEP_TABLES, conform
+
+FLUSH_BYTES = 64 * 2**20  # Arrow bytes buffered per table before a worker writes a data file on its own
+
+
+class TableWriter:
+    """Writes rows of one table as Iceberg data files (partitioned like the table), from its metadata alone."""
+
+    def __init__(self, config: dict):
+        from pyiceberg.io import load_file_io
+        from pyiceberg.table.metadata import TableMetadataUtil
+
+        self.name = config["name"]
+        self.metadata = TableMetadataUtil.parse_raw(config["metadata"])
+        self.io = load_file_io(properties=config["io"], location=self.metadata.location)
+
+    def write(self, rows: pa.Table) -> list:
+        from pyiceberg.io.pyarrow import _dataframe_to_data_files
+
+        if not rows.num_rows:
+            return []
+        try:
+            return list(_dataframe_to_data_files(self.metadata, rows, self.io))
+        except Exception as e:
+            msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            raise StorageError(f"cannot write a data file of {self.name} under {self.metadata.location}: {msg}") from e
+
+
+class RowBuffer:
+    """A sweep worker's rows not yet reported to the driver, per table, with the keys they complete.
+
+    `add` buffers conformed rows (a table's buffer past FLUSH_BYTES is written out at once, keeping memory bounded);
+    `flush` writes what is left and hands over every file written since the last flush with its keys."""
+
+    def __init__(self, configs: dict[str, dict], partition: str, flush_bytes: int = FLUSH_BYTES):
+        self.writers = {name: TableWriter(cfg) for name, cfg in configs.items()}
+        self.partition, self.flush_bytes = partition, flush_bytes
+        self.rows: dict[str, list[pa.Table]] = {t: [] for t in configs}
+        self.nbytes: dict[str, int] = dict.fromkeys(configs, 0)
+        self.files: dict[str, list] = {t: [] for t in configs}
+        self.done: dict[str, list[str]] = {"prompts": [], "perturbations": [], "ok": []}
+
+    def add(self, name: str, rows: pa.Table | list[dict]) -> None:
+        t = conform(rows, name, self.partition)
+        self.rows[name].append(t)
+        self.nbytes[name] += t.nbytes
+        if self.nbytes[name] >= self.flush_bytes:
+            self._write(name)
+
+    def finish(self, kind: str, key: str, ok: bool = False) -> None:
+        """The rows of `key` for `kind` ('prompts' | 'perturbations') are all in the buffer; `ok`: a graph's rows
+        (nodes and edges), not an error row."""
+        self.done[kind].append(key)
+        if ok:
+            self.done["ok"].append(key)
+
+    @property
+    def pending(self) -> int:
+        return len(self.done["prompts"]) + len(self.done["perturbations"])
+
+    def _write(self, name: str) -> None:
+        parts, self.rows[name], self.nbytes[name] = self.rows[name], [], 0
+        if parts:
+            self.files[name] += self.writers[name].write(pa.concat_tables(parts))
+
+    def flush(self) -> dict:
+        """Write every buffered row; return {'files': {table: [DataFile]}, 'prompts': keys, 'perturbations': keys}."""
+        for name in self.rows:
+            self._write(name)
+        out = {"files": {t: f for t, f in self.files.items() if f}, **self.done}
+        self.files = {t: [] for t in self.files}
+        self.done = {"prompts": [], "perturbations": [], "ok": []}
+        return out
+
+
+def sweep_writer_configs(store) -> dict[str, dict]:
+    """The writer configs of the four sweep tables (created in the catalog if missing)."""
+    return {t: store.writer_config(t) for t in SWEEP_TABLES}
