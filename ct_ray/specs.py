@@ -89,7 +89,8 @@ class TrainSpec(Spec):
     metrics_every: int = Field(20, ge=1)
     eval_tokens: int = Field(1024, ge=0, description="held-out tokens for replacement-model metrics at the end")
     out: str = "ct_ray_data/clts/clt"
-    metrics: str | None = Field("ct_ray_data/tables/train_metrics", description="train_metrics Parquet table URL")
+    metrics: str | None = Field("ct_ray_data", description="store URL whose train_metrics table gets the run's "
+                                                       "metrics history (partition `run` = the run's name)")
     init_from: str | None = Field(None, description="warm start: a CLT URL of the same shape (e.g. the registry's "
                                                    "production version) instead of a random initialisation")
 

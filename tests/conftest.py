@@ -1,9 +1,12 @@
 import os
+import tempfile
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# the embedded catalogs of s3:// test stores: fresh per run (moto's buckets die with the run)
+os.environ["CT_RAY_CATALOG_DIR"] = tempfile.mkdtemp(prefix="ct_ray_catalogs-")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

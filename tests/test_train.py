@@ -162,6 +162,12 @@ def test_two_feature_shards_equal_one_worker(harvested):
     assert 0 <= rep["top1_agreement"] <= 1 and rep["kl"] >= 0 and rep["eval_tokens"] > 0
     assert held["eval_positions"] > 0 and len(held["fvu_per_layer"]) == 2
     assert 0 < held["fvu"] < 10 and held["l0"] >= 0
+    # the metrics history is committed to the store's train_metrics table, visible to ct-ray sql
+    from ct_ray.store.sql import query
+
+    m = query("SELECT run, step, fvu, fvu_per_layer FROM train_metrics ORDER BY step", spec.metrics).to_pylist()
+    assert [r["step"] for r in m] == [h["step"] for h in hist] and {r["run"] for r in m} == {"shard2"}
+    assert m[-1]["fvu"] == pytest.approx(summary["final"]["fvu"]) and len(m[-1]["fvu_per_layer"]) == 2
 
 
 def test_data_parallel_replicas_equal_one_worker_on_the_joint_batch(harvested):

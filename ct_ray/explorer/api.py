@@ -108,7 +108,7 @@ class ExplorerAPI:
         return clean(out[:limit])
 
     def _graph_row(self, sid: str, key: str) -> dict:
-        rows = self.store.read("graphs", sid, names=[key]).to_pylist() if key in self.store.list_names("graphs", sid) else []
+        rows = self.store.read("graphs", sid, keys=[key]).to_pylist()
         if not rows:
             raise NotFound(f"no graph {key} in sweep {sid}")
         return rows[0]
@@ -118,8 +118,8 @@ class ExplorerAPI:
         row = self._graph_row(sid, key)
         if row["status"] != "ok":
             raise NotFound(f"graph {key} failed: {row['error']}")
-        nodes = self.store.read("nodes", sid, names=[key]).drop_columns(["key"]).to_pylist()
-        e = self.store.read("edges", sid, names=[key])
+        nodes = self.store.read("nodes", sid, keys=[key]).drop_columns(["key"]).sort_by("node").to_pylist()
+        e = self.store.read("edges", sid, keys=[key])
         edges = {c: e.column(c).to_pylist() for c in ("source", "target", "weight")}
         row.pop("created_at", None)
         return clean({"sweep_id": sid, "meta": row, "nodes": nodes, "edges": edges,
@@ -129,7 +129,7 @@ class ExplorerAPI:
         """The features partition of a graph's CLT: its own id, else one whose job names the same CLT directory."""
         if not clt:
             return None
-        have = self.store.list_partitions("features")
+        have = self.store.partitions("features")
         cid = features_id(clt)
         if cid in have:
             return cid
@@ -149,11 +149,9 @@ class ExplorerAPI:
         with self._lock:
             t = self._features.get(cid)
             if t is None:
-                if cid not in self.store.list_partitions("features"):
+                t = self.store.read("features", cid)  # the committed job's rows only (one commit replaces them)
+                if not t.num_rows:
                     raise NotFound(f"no feature dashboards for {cid} (run ct-ray features)")
-                rec = self.store.read_json(f"{FEATURES_DIR}/{cid}/job.json") or {}
-                names = [n for n in self.store.list_names("features", cid) if n.startswith(f"{rec.get('job')}.")]
-                t = self.store.read("features", cid, names=names)
                 self._features[cid] = t
         import pyarrow.compute as pc
 
@@ -164,10 +162,9 @@ class ExplorerAPI:
 
     def perturbations(self, q: dict) -> list[dict]:
         sid, key = check_id(q.get("sweep"), "sweep"), check_id(q.get("key"), "key")
-        names = [n for n in self.store.list_names("perturbations", sid) if n.split(".", 1)[0] == key]
         cols = ["intervention", "node", "node_id", "layer", "position", "feature", "op", "value", "mode", "target_id",
                 "target_kind", "baseline", "predicted_delta", "measured_delta", "status", "error"]
-        return clean(self.store.read("perturbations", sid, columns=cols, names=names).to_pylist()) if names else []
+        return clean(self.store.read("perturbations", sid, columns=cols, keys=[key]).to_pylist())
 
     # --- supernodes -------------------------------------------------------------------------------------------
     def _supernodes(self, sid: str, key: str) -> list[dict]:
@@ -204,7 +201,7 @@ class ExplorerAPI:
         except Exception as e:
             raise BadRequest(f"bad supernodes: {str(e).splitlines()[-1].strip() if str(e) else e}") from None
         row = self._graph_row(sid, key)
-        have = set(self.store.read("nodes", sid, columns=["node_id"], names=[key]).column("node_id").to_pylist())
+        have = set(self.store.read("nodes", sid, columns=["node_id"], keys=[key]).column("node_id").to_pylist())
         missing = sorted({n for g in groups for n in g["nodes"]} - have)
         if missing:
             raise BadRequest(f"node {missing[0]} is not in the graph")

@@ -21,7 +21,8 @@ import pyarrow as pa
 from pydantic import Field, field_validator
 
 from ..specs import load_yaml, parse
-from ..store.tables import TABLES_SCHEMA_VERSION, Store
+from ..store.commit import replace_partition
+from ..store.schemas import TABLES_SCHEMA_VERSION, conform
 from ..sweep.spec import CLTChoice, RandomCLTSpec, StorageSpec
 from . import accumulate as acc
 
@@ -191,12 +192,11 @@ def _rows(spec: FeaturesSpec, state: dict, ctxs, tok, d_tc: list[int], job: str)
 
 def run_features(spec: FeaturesSpec, *, address: str | None = None, progress: bool = False) -> dict:
     """Compute and store the dashboards of `spec`'s CLT; a committed identical job is returned as is."""
-    store = Store(spec.storage.url, **spec.storage.storage_options())
+    store = spec.storage.store()
     cid, job = features_id(spec.clt_id()), spec.job_key()
     record = f"{FEATURES_DIR}/{cid}/job.json"
     prev = store.read_json(record)
-    names = store.list_names("features", cid)
-    if prev and prev.get("job") == job and all(f"{job}.{i:03d}" in names for i in range(prev["n_layers"])):
+    if prev and prev.get("job") == job and _committed_job(store, cid) == job:
         return {**prev, "skipped": True}
     store.check_writable()
     clt = spec.clt
@@ -208,16 +208,20 @@ def run_features(spec: FeaturesSpec, *, address: str | None = None, progress: bo
            "random_clt": spec.random_clt.model_dump() if spec.random_clt else None, "num_cpus": spec.num_cpus,
            **spec.model_dump(include={"batch_contexts", "top_k", "samples", "window"})}
     state = _run_actors(spec, cfg, ctxs, sum(d_tc), address, progress)
-    for layer, rows in enumerate(_rows(spec, state, ctxs, tok, d_tc, job)):
-        store.write_table("features", cid, f"{job}.{layer:03d}", pa.Table.from_pylist(rows))
+    rows = pa.concat_tables([conform(r, "features", cid) for r in _rows(spec, state, ctxs, tok, d_tc, job)])
+    # one commit replaces the CLT's dashboards whole: readers see the old job's rows or the new job's, never a mix
+    replace_partition(store, "features", cid, rows, {"ct-ray.job": job})
     rec = {"job": job, "clt_id": cid, "clt": spec.clt_id(), "model": spec.model, "n_layers": len(d_tc),
            "n_features": sum(d_tc), "n_contexts": len(ctxs), "n_tokens": int(state["n_tokens"]),
            "spec": spec.model_dump(mode="json"), "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat()}
-    store.write_json(record, rec)  # the commit record: files of other (older) jobs are dropped after it
-    for name in names:
-        if not name.startswith(f"{job}."):
-            store.delete("features", cid, name)
+    store.write_json(record, rec)  # what the committed job was (the explorer shows it); the commit is the table's
     return {**rec, "skipped": False}
+
+
+def _committed_job(store, cid: str) -> str | None:
+    """The job whose rows the features table holds for a CLT (one column scan of its partition)."""
+    jobs = set(store.read("features", cid, columns=["job"]).column("job").to_pylist())
+    return jobs.pop() if len(jobs) == 1 else None
 
 
 def _clt_widths(spec: FeaturesSpec, clt: str | None) -> list[int]:

@@ -10,7 +10,8 @@ A catalog is named by one URI (spec `storage.catalog`, or the CT_RAY_CATALOG env
 Credentials never appear in a URI or a spec: PostgreSQL takes PGPASSWORD / ~/.pgpass, REST and Glue the standard
 pyiceberg environment (PYICEBERG_CATALOG__CT_RAY__TOKEN, ...) and the AWS chain. Without a URI the catalog is a
 SQLite file under a local store (`{store}/catalog.db`); for an object-storage store it is a SQLite file in the
-local cache (one per store URL), so a cluster should name a shared catalog.
+local cache (`$CT_RAY_CATALOG_DIR`, default ~/.cache/ct_ray/catalogs, one per store URL), so a cluster should name
+a shared catalog.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from .schemas import PARTITIONS, SCHEMAS, TABLES_SCHEMA_VERSION
 
 NAMESPACE = "ct_ray"
 CATALOG_ENV = "CT_RAY_CATALOG"
+CATALOG_DIR_ENV = "CT_RAY_CATALOG_DIR"  # where the embedded catalogs of object-storage stores live
 CATALOG_NAME = "ct_ray"
 WAREHOUSE_DIR = "warehouse"
 TARGET_FILE_BYTES = 128 * 2**20
@@ -46,9 +48,9 @@ def default_catalog_uri(store_url: str, local_root: str | None) -> str:
     """The embedded catalog of a store: a SQLite file in the store when it is local, else in the local cache."""
     if local_root is not None:
         return f"sqlite:///{local_root}/catalog.db"
-    cache = os.environ.get("CT_RAY_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "ct_ray")
+    d = os.environ.get(CATALOG_DIR_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "ct_ray", "catalogs")
     digest = hashlib.sha256(store_url.encode()).hexdigest()[:16]
-    return f"sqlite:///{os.path.join(os.path.abspath(cache), 'catalogs', digest + '.db')}"
+    return f"sqlite:///{os.path.join(os.path.abspath(d), digest + '.db')}"
 
 
 def check_catalog_uri(uri: str) -> str:

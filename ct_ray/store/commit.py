@@ -12,15 +12,18 @@ twice. A key retried after an error row gets its new graphs row in the same comm
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import time
 import uuid
 
 from ..errors import StorageError
-from .schemas import PARTITIONS
+from .schemas import PARTITIONS, conform
 from .writer import RowBuffer
 
 log = logging.getLogger(__name__)
 PROP_SWEEP, PROP_BATCH, PROP_FIRST = "ct-ray.sweep", "ct-ray.batch", "ct-ray.first-key"
+FAULT_ENV = "CT_RAY_FAULT_DRIVER_DIES"
 GRAPH_PARTS = ("nodes", "edges")  # committed before graphs: the tables `recover` repairs
 
 
@@ -79,11 +82,7 @@ def replace_partition(store, name: str, partition: str, rows, properties: dict |
     """Make `rows` the whole content of one partition of `name`, atomically (old files out, new in, one commit)."""
     from .writer import TableWriter
 
-    t = store.table(name)
-    from .schemas import conform
-
-    files = TableWriter({"name": name, "metadata": t.metadata.model_dump_json(), "io": store.io_properties()}).write(
-        conform(rows, name, partition))
+    files = TableWriter(store.writer_config(name)).write(conform(rows, name, partition))
     commit_files(store, name, files, properties, delete=live_files(store, name, partition))
     return len(files)
 
@@ -140,6 +139,13 @@ def recover(store, sweep_id: str | None = None, committed: dict[str, set] | None
     return removed
 
 
+def _fault(where: str, round_no: int) -> None:
+    """Fault injection for the tests: FAULT_ENV='before-commit:N' (or before-graphs) SIGKILLs this process there,
+    in round N (0-based), as a driver dying at the worst moment would."""
+    if os.environ.get(FAULT_ENV) == f"{where}:{round_no}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 class Committer:
     """The driver's side of a sweep's rounds: collects reported files, commits them in order, knows what is in.
 
@@ -191,6 +197,7 @@ class Committer:
             self.add(self.driver_rows.flush())
         if not self.prompts and not self.perturbations:
             return {"prompts": 0, "perturbations": 0}
+        _fault("before-commit", self.rounds)
         batch = uuid.uuid4().hex[:16]
         props = {PROP_SWEEP: self.sweep_id, PROP_BATCH: batch}
         if self.prompts:
@@ -201,6 +208,7 @@ class Committer:
             props["ct-ray.prompts"] = len(self.prompts)
             for t in GRAPH_PARTS:
                 commit_files(self.store, t, self.files.get(t, []), props)
+            _fault("before-graphs", self.rounds)
             replaced = sorted(self.replace.intersection(self.prompts))
             where = And(EqualTo(PARTITIONS["graphs"], self.sweep_id), In("key", replaced)) if replaced else None
             commit_files(self.store, "graphs", self.files.get("graphs", []), props, delete_where=where)

@@ -25,7 +25,7 @@ import uuid
 import pyarrow as pa
 
 from ..errors import StorageError
-from .catalog import WAREHOUSE_DIR, check_catalog_uri, default_catalog_uri, ensure_table, identifier, open_catalog
+from .catalog import CATALOG_ENV, WAREHOUSE_DIR, check_catalog_uri, default_catalog_uri, ensure_table, identifier, open_catalog
 from .fs import filesystem, is_local
 from .schemas import PARTITIONS, SCHEMAS, SWEEP_TABLES, TABLE_NAMES, TABLES_SCHEMA_VERSION, conform  # noqa: F401
 
@@ -70,7 +70,7 @@ class Store:
             url = os.path.abspath(url.removeprefix("file://"))
         self.url = url.rstrip("/")
         self.storage_options = dict(storage_options)
-        catalog = catalog or os.environ.get("CT_RAY_CATALOG")
+        catalog = catalog or os.environ.get(CATALOG_ENV)
         self.catalog_uri = check_catalog_uri(catalog) if catalog else None
         self._fs = None
         self._catalog = None

@@ -146,7 +146,7 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, progress: bool = F
         p = store.read("perturbations", sid, columns=["key", "plan"])
         perturbed = {k for k, h in zip(p.column("key").to_pylist(), p.column("plan").to_pylist()) if h == plan_hash}
     by_key = {it.key: it for it in items}
-    pert_todo = [by_key[k] for k in ok_keys if k not in perturbed]
+    pert_todo = [by_key[k] for k in ok_keys if k not in perturbed] if perturb_fn is not None else []
     result = SweepResult(sid, store.url, len(items), dups, len(items) - len(todo),
                          perturbation_skipped="" if perturb_fn is not None else perturb_skip)
     if not spec.perturbation.empty and perturb_fn is None:

@@ -8,8 +8,6 @@ import sys
 import time
 import uuid
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from safetensors.torch import load_file
 
@@ -92,15 +90,17 @@ def assemble(ckpt_dir: str, spec: TrainSpec, n_layers: int, d_model: int, model_
 
 
 def write_metrics_table(url: str, run: str, history: list[dict]) -> None:
+    """Commit a run's metrics history as the `run` partition of the store's train_metrics table (replaced whole:
+    a re-run or resumed run rewrites it idempotently)."""
     if not history:
         return
-    rows = {k: [h.get(k) for h in history] for k in history[0]}
-    table = pa.table({"run": [run] * len(history), **rows})
-    fs, path = filesystem(url)
-    part = f"{path}/run={run}"
-    fs.makedirs(part, exist_ok=True)
-    with fs.open(f"{part}/part-0.parquet", "wb") as f:  # one file per run, rewritten whole: idempotent
-        pq.write_table(table, f)
+    from ..store.commit import replace_partition
+    from ..store.schemas import SCHEMAS, TABLES_SCHEMA_VERSION
+    from ..store.tables import Store
+
+    cols = set(SCHEMAS["train_metrics"].names)
+    rows = [{**{k: v for k, v in h.items() if k in cols}, "schema_version": TABLES_SCHEMA_VERSION} for h in history]
+    replace_partition(Store(url), "train_metrics", run, rows, {"ct-ray.run": run})
 
 
 def resolve_paths(spec: TrainSpec) -> TrainSpec:
