@@ -9,6 +9,7 @@ import pytest
 
 from ct_ray.cli import build_parser
 from ct_ray.explorer.server import MAX_BODY, make_server
+from ct_ray.store.commit import append_rows
 from ct_ray.store.tables import Store
 
 KEY = "abc123"
@@ -21,14 +22,14 @@ def _store(root) -> Store:
               "influence": 0.5, "kept": True}
              for i, (nid, k, l, p, f) in enumerate([("0_3_1", "feature", 0, 1, 3), ("1_2_1", "feature", 1, 1, 2),
                                                     ("E_5_1", "embedding", -1, 1, -1), ("3_7_1", "logit", 2, 1, -1)])]
-    st.write_table("nodes", "s1", KEY, pa.Table.from_pylist([{**n, "key": KEY} for n in nodes]))
+    append_rows(st, "nodes", "s1", pa.Table.from_pylist([{**n, "key": KEY} for n in nodes]))
     edges = ((2, 0, 0.5), (0, 1, -0.2), (1, 3, 1.0))
-    st.write_table("edges", "s1", KEY, pa.Table.from_pylist(
+    append_rows(st, "edges", "s1", pa.Table.from_pylist(
         [{"key": KEY, "source": s, "target": t, "weight": w, "kept": True} for s, t, w in edges]))
-    st.write_table("graphs", "s1", KEY, pa.Table.from_pylist([{
+    append_rows(st, "graphs", "s1", pa.Table.from_pylist([{
         "key": KEY, "prompt_index": 0, "prompt": "Hello there", "status": "ok", "clt": "random(x)", "n_tokens": 2,
         "token_strs": ["<s>", "x"], "completeness_score": 0.7, "replacement_score": 0.5, "top_token_str": "y"}]))
-    st.write_table("graphs", "s1", "bad1", pa.Table.from_pylist([{
+    append_rows(st, "graphs", "s1", pa.Table.from_pylist([{
         "key": "bad1", "prompt_index": 1, "prompt": "", "status": "error", "error": "empty prompt"}]))
     return st
 

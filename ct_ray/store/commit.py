@@ -78,6 +78,16 @@ def live_files(store, name: str, partition: str | None = None) -> list:
     return [task.file for task in t.scan(row_filter=expr).plan_files()]
 
 
+def append_rows(store, name: str, partition: str, rows, properties: dict | None = None) -> int:
+    """Write `rows` (Arrow table or row dicts) as data files of one partition and commit them (small writes made on
+    the committing process itself: tests, imports, a driver's own rows)."""
+    from .writer import TableWriter
+
+    files = TableWriter(store.writer_config(name)).write(conform(rows, name, partition))
+    commit_files(store, name, files, properties)
+    return len(files)
+
+
 def replace_partition(store, name: str, partition: str, rows, properties: dict | None = None) -> int:
     """Make `rows` the whole content of one partition of `name`, atomically (old files out, new in, one commit)."""
     from .writer import TableWriter
