@@ -1,4 +1,4 @@
-"""One real forward pass with hooks: every hook point of DESIGN.md plus the attention patterns."""
+"""One real forward pass with hooks: every hook point of docs/design.md plus the attention patterns."""
 
 from __future__ import annotations
 

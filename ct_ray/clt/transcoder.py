@@ -38,7 +38,7 @@ class CrossLayerTranscoder(nn.Module):
         self.W_dec = nn.ParameterList(
             [nn.Parameter(torch.zeros(d_tc[l], self.spans[l], d_model, dtype=dtype)) for l in range(n_layers)]
         )
-        # thresholds stay fp32 whatever the weights' dtype (DESIGN.md)
+        # thresholds stay fp32 whatever the weights' dtype (docs/design.md)
         self.threshold = nn.ParameterList(
             [nn.Parameter(torch.zeros(d_tc[l], dtype=torch.float32)) for l in range(n_layers)]
         )

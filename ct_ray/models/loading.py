@@ -65,7 +65,7 @@ class LoadedModel:
 
     def encode(self, prompt: str | Sequence[int] | torch.Tensor) -> torch.Tensor:
         """Token ids [P] for a prompt. Strings are tokenised; ids are used as given. BOS is prepended when the
-        tokenizer has one and the prompt does not start with it (DESIGN.md, "BOS")."""
+        tokenizer has one and the prompt does not start with it (docs/design.md, "BOS")."""
         if isinstance(prompt, str):
             if not prompt.strip():
                 raise PromptError("empty prompt")

@@ -74,16 +74,19 @@ class _Legacy:
         except Exception as e:
             raise StorageError(f"cannot list {self.url_of(path)}: {_one_line(e)}") from e
 
+    def path(self, rel: str) -> str:
+        return f"{self.root}/{rel}" if rel else self.root
+
     def url_of(self, path: str) -> str:
         return path if self.local else f"{self.url.split('://', 1)[0]}://{path}"
 
     def partitions(self, rel: str, col: str) -> list[str]:
         """Values of the hive partitions `{rel}/{col}=*`."""
-        return [b.split("=", 1)[1] for b in self._ls(f"{self.root}/{rel}") if b.startswith(f"{col}=")]
+        return [b.split("=", 1)[1] for b in self._ls(self.path(rel)) if b.startswith(f"{col}=")]
 
     def names(self, rel: str) -> list[str]:
         """Committed file names (without .parquet) in a directory: hidden temporary files are skipped."""
-        return [b[: -len(".parquet")] for b in self._ls(f"{self.root}/{rel}")
+        return [b[: -len(".parquet")] for b in self._ls(self.path(rel))
                 if b.endswith(".parquet") and not b.startswith(".")]
 
     def batches(self, rel: str, names: list[str], schema: pa.Schema, max_rows: int = _READ_ROWS):
@@ -113,7 +116,7 @@ class _Legacy:
                                f"{_one_line(e)}") from e
 
     def read_bytes(self, rel: str) -> bytes | None:
-        path = f"{self.root}/{rel}"
+        path = self.path(rel)
         try:
             with self.fs.open(path, "rb") as f:
                 return f.read()
@@ -123,7 +126,7 @@ class _Legacy:
             raise StorageError(f"cannot read {self.url_of(path)}: {_one_line(e)}") from e
 
     def rm_dir(self, rel: str) -> None:
-        path = f"{self.root}/{rel}"
+        path = self.path(rel)
         try:
             if self.fs.exists(path):
                 self.fs.rm(path, recursive=True)
@@ -170,15 +173,19 @@ def _import_sweep(store, old: _Legacy, sid: str, batch_prompts: int, counts: dic
     in_iceberg = set(done.column("key").to_pylist())
     todo = [k for k in graph_keys if k not in in_iceberg]
     counts["skipped_keys"] += len(graph_keys) - len(todo)
-    have_pert = set()
+    have_pert: set = set()
     if any(k in ok_now for k in pert_files):  # perturbation jobs already committed for keys already in
         p = store.read("perturbations", sid, columns=["key", "plan"])
         have_pert = set(zip(p.column("key").to_pylist(), p.column("plan").to_pylist()))
+        have_pert |= {(k, None) for k, _ in have_pert}
+
+    def missing(k: str, plan: str | None) -> bool:  # (plan None: a file name without its plan)
+        return (k, plan) not in have_pert
+
     # keys imported before whose perturbation files are not in yet (an import cut after its graphs commit); only
     # when the old graphs row was ok too (it is the same graph: keys are deterministic)
     old_ok_before = _ok_keys(old, part, [k for k in pert_files if k in ok_now])
-    late_pert = sorted(k for k in old_ok_before
-                       if any(plan is None or (k, plan) not in have_pert for _, plan in pert_files[k]))
+    late_pert = sorted(k for k in old_ok_before if any(missing(k, plan) for _, plan in pert_files[k]))
     _say(progress, f"sweep {sid}: {len(graph_keys)} committed keys in the old files, {len(todo)} to import"
                    + (f", {len(late_pert)} with perturbations to import" if late_pert else ""))
     if not todo and not late_pert:
@@ -211,7 +218,7 @@ def _import_sweep(store, old: _Legacy, sid: str, batch_prompts: int, counts: dic
             counts["dropped_files"] += sum(1 for k in keys if k not in ok_set and k in have_edges)
         else:
             pert_keys = keys
-        names = [n for k in pert_keys for n, plan in pert_files[k] if plan is None or (k, plan) not in have_pert]
+        names = [n for k in pert_keys for n, plan in pert_files[k] if missing(k, plan)]
         for t in old.batches(f"perturbations/{part}", names, _file_schema("perturbations")):
             buf.add("perturbations", t)
             counts["perturbations"] += t.num_rows
@@ -261,10 +268,11 @@ def _import_features(store, old: _Legacy, cid: str, counts: dict, progress: bool
     _say(progress, f"features {cid}: job {job}, {n} rows")
 
 
-def _import_metrics(store, old: _Legacy, metrics_rel: str, run: str, counts: dict, progress: bool) -> None:
+def _import_metrics(store, old: _Legacy, run: str, counts: dict, progress: bool) -> None:
     import pyarrow.compute as pc
+    import pyarrow.parquet as pq
 
-    rel = f"{metrics_rel}/run={run}"
+    rel = f"run={run}"
     names = old.names(rel)
     if not names:
         return
@@ -273,8 +281,6 @@ def _import_metrics(store, old: _Legacy, metrics_rel: str, run: str, counts: dic
     for n in names:  # one small file per run: read as written (its columns are the history's keys)
         path = f"{old.root}/{rel}/{n}.parquet"
         try:
-            import pyarrow.parquet as pq
-
             with old.fs.open(path, "rb") as f:
                 t = pq.read_table(f)
         except Exception as e:
@@ -335,12 +341,10 @@ def import_legacy(store, legacy_url: str | None = None, progress: bool = False, 
             url = root
         old = _Legacy(fs, root, url)
     if metrics_url is None:
-        metrics_rel = METRICS_DIR
+        metrics = _Legacy(old.fs, f"{old.root}/{METRICS_DIR}", f"{old.url}/{METRICS_DIR}")
     else:
-        mfs, mroot = filesystem(metrics_url)
-        if type(mfs) is not type(old.fs) or not (mroot.rstrip("/") + "/").startswith(old.root + "/"):
-            raise ValueError(f"metrics_url must lie under the old store root {old.url}")
-        metrics_rel = mroot.rstrip("/")[len(old.root) + 1:]
+        mfs, mroot = filesystem(str(metrics_url))
+        metrics = _Legacy(mfs, mroot, str(metrics_url).rstrip("/"))
     counts = {t: 0 for t in SCHEMAS}
     counts.update(files=0, skipped_keys=0, skipped_partitions=0, dropped_files=0, sweeps=[])
     t0 = time.perf_counter()
@@ -357,21 +361,21 @@ def import_legacy(store, legacy_url: str | None = None, progress: bool = False, 
             continue
         _import_features(store, old, cid, counts, progress)
     have = set(store.partitions("train_metrics"))
-    runs = old.partitions(metrics_rel, PARTITIONS["train_metrics"])
+    runs = metrics.partitions("", PARTITIONS["train_metrics"])
     for run in runs:
         if run in have:
             counts["skipped_partitions"] += 1
             continue
-        _import_metrics(store, old, metrics_rel, run, counts, progress)
+        _import_metrics(store, metrics, run, counts, progress)
     if remove_old:
-        _remove_old(store, old, sweeps, metrics_rel, runs)
+        _remove_old(store, old, sweeps, metrics, runs)
     counts["seconds"] = time.perf_counter() - t0
     _say(progress, "imported " + ", ".join(f"{t} {counts[t]}" for t in SCHEMAS)
          + f" ({counts['files']} data files, {counts['skipped_keys']} keys already there)")
     return counts
 
 
-def _remove_old(store, old: _Legacy, sweeps: list[str], metrics_rel: str, runs: list[str]) -> None:
+def _remove_old(store, old: _Legacy, sweeps: list[str], metrics: _Legacy, runs: list[str]) -> None:
     """Delete the old table directories, after checking that every committed old key is in the Iceberg tables."""
     for sid in sweeps:
         have = set(store.committed(sid).column("key").to_pylist())
@@ -384,4 +388,4 @@ def _remove_old(store, old: _Legacy, sweeps: list[str], metrics_rel: str, runs: 
     for cid in old.partitions("features", PARTITIONS["features"]):
         old.rm_dir(f"features/clt_id={cid}")
     for run in runs:
-        old.rm_dir(f"{metrics_rel}/run={run}")
+        metrics.rm_dir(f"run={run}")

@@ -12,7 +12,7 @@ from ..harvest.store import ActivationStore
 
 
 def norm_scales(x_mean_norm, y_mean_norm, d_model: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-layer factors that bring the mean activation norm to sqrt(d_model) (DESIGN.md)."""
+    """Per-layer factors that bring the mean activation norm to sqrt(d_model) (docs/design.md)."""
     sx = d_model**0.5 / torch.tensor(x_mean_norm, dtype=torch.float32).clamp_min(1e-12)
     sy = d_model**0.5 / torch.tensor(y_mean_norm, dtype=torch.float32).clamp_min(1e-12)
     return sx, sy
