@@ -5,11 +5,10 @@ In one process:
      pruned graphs stored, a graph-only perturbation job per prompt; --model smollm2-135m for the real model,
      --graph-rows full to store whole graphs: ~3M edges per prompt here) into a local store;
   2. the docs/sql.md example queries plus a few lookups, each timed (median of --repeats) through
-     `ct_ray.store.sql.connect` (views over one file per prompt and table, committed-rows filter);
+     `ct_ray.store.sql.connect` (views over the Iceberg tables' current data files, committed-rows filter);
   3. baseline: the same queries over compacted copies (one Parquet file per table, no commit filter) - the ratio
-     is the price of the per-task file layout;
-  4. the same views on an S3 endpoint (moto's server on 127.0.0.1, files uploaded once), through s3fs registered
-     in DuckDB.
+     is the price of the sweep's data files and views.
+Query times at 10^5 prompts and on S3: benchmarks/tables.py.
 
     python benchmarks/sql.py              # tiny model, 100 prompts, ~3 minutes on 2 cores
     python benchmarks/sql.py --prompts 30 --repeats 1
@@ -132,42 +131,12 @@ def main() -> int:
         print(f"{name[:60]:<60} {n:>6} rows  local {t_local:7.3f} s  compacted {t_base:7.3f} s  "
               f"({t_local / t_base:5.1f}x)", flush=True)
 
-    # the same on S3 (moto)
-    import logging
-
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_DEFAULT_REGION": "us-east-1"})
-    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bench")
-    from ct_ray.store.fs import filesystem
-
-    fs, _ = filesystem("s3://bench/store", endpoint_url=endpoint)
-    t0 = time.perf_counter()
-    fs.put(store + "/", "bench/store/", recursive=True)
-    t_upload = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    s3con = connect("s3://bench/store", endpoint_url=endpoint)
-    t_connect_s3 = time.perf_counter() - t0
-    for row in rows:
-        t_s3, n = timed(s3con, queries[row["query"]], 1)
-        assert n == row["rows"], (row, n)
-        row["s3_s"] = t_s3
-        print(f"{row['query'][:60]:<60} s3 {t_s3:7.3f} s", flush=True)
-    server.stop()
-
     out = {"date": _dt.date.today().isoformat(), "cores": os.cpu_count(), "argv": sys.argv, "model": args.model,
            "graph_rows": args.graph_rows, "n_prompts": args.prompts, "table_rows": sizes, "files": nfiles,
-           "bytes": nbytes, "connect_s": t_connect, "connect_s3_s": t_connect_s3, "upload_s3_s": t_upload,
+           "bytes": nbytes, "connect_s": t_connect,
            "queries": rows, "total_s": time.perf_counter() - t_start}
-    print(f"tables: {sizes}, {nfiles} files, {nbytes / 2**20:.1f} MiB; connect {t_connect:.3f} s local, "
-          f"{t_connect_s3:.3f} s s3; total {out['total_s']:.0f} s")
+    print(f"tables: {sizes}, {nfiles} files, {nbytes / 2**20:.1f} MiB; connect {t_connect:.3f} s; "
+          f"total {out['total_s']:.0f} s")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
     return 0

@@ -11,8 +11,8 @@ In one process:
        C. 2 workers x 1 CPU           (scaling: throughput C / (2 x throughput B))
      Steady-state time per prompt = (last result - first result) / (n - 1): worker start-up (a Ray actor
      importing torch and loading the model + CLT) and the first graph's warm-up are reported separately.
-The sweep per-prompt time includes what the sweep adds: the Ray round trip, building the Arrow rows, the Parquet
-writes (nodes, edges, graphs row) and the driver's bookkeeping. The headline overhead compares sweep A's steady
+The sweep per-prompt time includes what the sweep adds: the Ray round trip, building the Arrow rows, buffering and
+writing them as data files, the driver's Iceberg commits and its bookkeeping. The headline overhead compares sweep A's steady
 per-prompt time with its workers' own compute time in the same run (robust on a shared machine); the comparison
 with the in-process loop is printed too (meaningful only when the load average stays low: see --wait-idle).
 
@@ -118,12 +118,21 @@ def sweep(model, clt_dir, prompts, store, sweep_id, workers, cpus, threads, attr
     spec = parse_sweep_spec({"sweep_id": sweep_id, "model": model, "clt": clt_dir, "prompts": prompts,
                              "attribution": attr_kw, "storage": str(store),
                              "resources": {"workers": workers, "num_cpus": cpus, "torch_threads": threads}})
-    stamps, outs = [], []
+    stamps, outs, commits = [], [], []
+
+    def on_event(kind, out):
+        if kind == "prompt":
+            stamps.append(time.perf_counter())
+            outs.append(out)
+        elif kind == "commit":
+            commits.append(time.perf_counter())
+
     t0 = time.perf_counter()
-    r = run_sweep(spec, on_event=lambda kind, out: (stamps.append(time.perf_counter()), outs.append(out)))
+    r = run_sweep(spec, on_event=on_event)
     n = len(stamps)
     assert r.ok == len(prompts) and r.failed == 0, r
-    steady = (stamps[-1] - stamps[0]) / (n - 1)
+    # up to the last commit: rows count once they are durable (the final round's data files and commits included)
+    steady = (max(stamps[-1], commits[-1] if commits else 0.0) - stamps[0]) / (n - 1)
     task = statistics.mean(o["seconds"] for o in outs[1:])
     compute = statistics.mean(o["compute_seconds"] for o in outs[1:])
     return {"workers": workers, "cpus_per_worker": cpus, "threads": threads, "total_s": r.seconds,
