@@ -67,9 +67,9 @@ def run_demo(path: str | Path = "workflows/quickstart.yaml", address: str | None
     r = run_sweep(spec.sweep, progress=True)
     print(f"      {r.ok} attributed, {r.skipped} already done, {r.failed} failed, {r.perturbed} perturbation jobs "
           f"({r.seconds:.0f} s)")
-    print("[3/3] SQL summary (DuckDB over the Parquet tables)")
+    print("[3/3] SQL summary (DuckDB over the Iceberg tables)")
     for q in spec.summary_sql:
         print(f"\n> {q.strip()}")
-        print(format_table(query(q, spec.sweep.storage.url, **spec.sweep.storage.storage_options())))
+        print(format_table(query(q, store=spec.sweep.storage.store())))
     print(f"\ndone in {time.perf_counter() - t0:.0f} s. Try: .venv/bin/ct-ray sql \"SELECT * FROM graphs\"")
     return 0

@@ -131,6 +131,8 @@ class Store:
 
         if name in self._tables:
             return self.table(name)
+        if self.catalog_uri is None and self.local and not os.path.exists(f"{self.root}/catalog.db"):
+            return None  # no embedded catalog yet: nothing committed (and reading creates nothing)
         try:
             t = self.catalog.load_table(identifier(name))
         except NoSuchTableError:
