@@ -28,7 +28,7 @@ EXCLUDES = [".venv", "ct_ray_data", ".git", "__pycache__", "*.pyc", "*.egg-info"
             "build", "dist", "out", "benchmarks/_work"]
 JOB_SPEC = "_job/spec.yaml"
 # harmless settings worth carrying into the job; secrets stay out on purpose (see the module docstring)
-_FORWARD_ENV = ("HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM", "CT_RAY_CACHE")
+_FORWARD_ENV = ("HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM", "CT_RAY_CACHE", "CT_RAY_CATALOG", "CT_RAY_CATALOG_DIR")
 
 
 def _one_line(e: BaseException) -> str:

@@ -75,10 +75,11 @@ class Store:
         self._fs = None
         self._catalog = None
         self._tables: dict = {}
+        self._ensured: set = set()
 
     def __getstate__(self):
         return {"url": self.url, "storage_options": self.storage_options, "catalog_uri": self.catalog_uri,
-                "_fs": None, "_catalog": None, "_tables": {}}
+                "_fs": None, "_catalog": None, "_tables": {}, "_ensured": set()}
 
     def __repr__(self):
         return f"Store({self.url!r})"
@@ -115,8 +116,9 @@ class Store:
     def table(self, name: str, refresh: bool = True):
         """The Iceberg table `name`, created (or evolved to the code's schema) on first use by this Store."""
         try:
-            if name not in self._tables:
+            if name not in self._ensured:  # created or evolved once per Store (readers only load: existing_table)
                 self._tables[name] = ensure_table(self.catalog, name, self.table_location(name))
+                self._ensured.add(name)
             elif refresh:
                 self._tables[name] = self._tables[name].refresh()
             return self._tables[name]
@@ -130,7 +132,8 @@ class Store:
         from pyiceberg.exceptions import NoSuchTableError
 
         if name in self._tables:
-            return self.table(name)
+            self._tables[name] = self._tables[name].refresh()
+            return self._tables[name]
         if self.catalog_uri is None and self.local and not os.path.exists(f"{self.root}/catalog.db"):
             return None  # no embedded catalog yet: nothing committed (and reading creates nothing)
         try:
