@@ -136,7 +136,7 @@ def test_sigkill_worker_mid_sweep_and_a_prompt_that_kills_its_worker(ray_local, 
     killed = []
 
     def on_event(kind, out):
-        if not killed:
+        if kind == "prompt" and not killed:
             killed.append(out["pid"])
             os.kill(out["pid"], signal.SIGKILL)  # its queued prompt is in flight
 

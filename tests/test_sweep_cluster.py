@@ -141,6 +141,8 @@ def _cluster_main(spec_json: str) -> None:
     state = {"removed": False, "pids": set()}
 
     def on_event(kind, out):
+        if kind == "commit":
+            return
         state["pids"].add(out["pid"])
         if not state["removed"] and len(state["pids"]) == 2:  # both workers (one per node) are producing
             cluster.remove_node(node, allow_graceful=False)  # as if the machine died
