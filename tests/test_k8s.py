@@ -1,6 +1,6 @@
 """k8s/: every kustomization renders, every manifest validates (KubeRay CRDs made strict, core kinds with
 kubernetes-validate), and the deployment rules hold (pinned images, resources, non-root, head does no work,
-GPU from zero)."""
+GPU from zero, every Ray container on the shared table catalog)."""
 
 import copy
 import filecmp
@@ -159,12 +159,14 @@ def test_credentials_come_from_secrets_that_have_templates():
                     ref = (env.get("valueFrom") or {}).get("secretKeyRef")
                     if ref:
                         refs.add((ref["name"], ref["key"], ref.get("optional", False)))
-                    assert "SECRET" not in env["name"] or ref, f"{env['name']} set literally"
+                    assert not any(w in env["name"] for w in ("SECRET", "PASSWORD", "TOKEN", "CT_RAY_CATALOG")) \
+                        or ref, f"{env['name']} set literally"
             for cluster in _cluster_specs(doc):
                 if cluster.get("authOptions", {}).get("secretName"):
                     refs.add((cluster["authOptions"]["secretName"], "auth_token", False))
     assert ("ct-ray-object-store", "AWS_ACCESS_KEY_ID", False) in refs
     assert ("ct-ray-object-store", "AWS_SECRET_ACCESS_KEY", False) in refs
+    assert (CATALOG_SECRET, "CT_RAY_CATALOG", False) in refs and (CATALOG_SECRET, "PGPASSWORD", True) in refs
     for name, key, optional in refs:
         assert optional or key in templates.get(name, set()), f"no template for Secret {name} key {key}"
 
@@ -175,6 +177,121 @@ def test_sweep_spec_in_configmap_parses():
     (cm,) = [d for d in render(K8S / "sweep") if d["kind"] == "ConfigMap"]
     spec = parse_sweep_spec(yaml.safe_load(cm["data"]["sweep.yaml"]))
     assert spec.storage.url.startswith("s3://")
+    assert spec.storage.catalog is None, "the catalog comes from CT_RAY_CATALOG (the Secret), not the spec"
+
+
+CATALOG_SECRET = "ct-ray-catalog"
+
+
+def _secret_ref(container: dict, name: str) -> dict | None:
+    for env in container.get("env", []):
+        if env["name"] == name:
+            return (env.get("valueFrom") or {}).get("secretKeyRef") or {"literal": env.get("value")}
+    return None
+
+
+def _catalog_env_problems(container: dict) -> list[str]:
+    """Why a Ray container would not reach the shared catalog: CT_RAY_CATALOG must come from the Secret, and not
+    optionally (a pod without it would commit to a SQLite catalog on its own ephemeral disk); PGPASSWORD from the
+    same Secret, optionally (REST and Glue catalogs have none)."""
+    out = []
+    if _secret_ref(container, "CT_RAY_CATALOG") != {"name": CATALOG_SECRET, "key": "CT_RAY_CATALOG"}:
+        out.append(f"CT_RAY_CATALOG is {_secret_ref(container, 'CT_RAY_CATALOG')}, not required from {CATALOG_SECRET}")
+    if _secret_ref(container, "PGPASSWORD") != {"name": CATALOG_SECRET, "key": "PGPASSWORD", "optional": True}:
+        out.append(f"PGPASSWORD is {_secret_ref(container, 'PGPASSWORD')}, not optional from {CATALOG_SECRET}")
+    return out
+
+
+def _ray_containers(cluster: dict) -> list[tuple[str, dict]]:
+    groups = [("head", cluster["headGroupSpec"])] + [(g["groupName"], g) for g in cluster.get("workerGroupSpecs", [])]
+    return [(f"{group}/{c['name']}", c) for group, spec in groups for c in spec["template"]["spec"]["containers"]]
+
+
+@pytest.mark.parametrize("directory", KUSTOMIZATIONS)
+def test_every_ray_container_gets_the_catalog_from_the_secret(directory):
+    """Drivers (a RayJob's entrypoint, `ct-ray submit` jobs, the nightly retraining) run on a head and commit to
+    the catalog; workers may read tables. Each one of them names the shared catalog."""
+    for doc in _all_docs(directory):
+        for where, cluster in ray_cluster_specs(doc):
+            for name, c in _ray_containers(cluster):
+                assert _catalog_env_problems(c) == [], (directory, doc["kind"], where, name)
+
+
+def test_catalog_reaches_the_drivers_of_every_kind_of_job():
+    clusters = [(d["kind"], d["metadata"]["name"], c) for directory in KUSTOMIZATIONS for d in _all_docs(directory)
+                for _, c in ray_cluster_specs(d)]
+    assert {kind for kind, _, _ in clusters} >= {"RayCluster", "RayJob"}  # long-running and a sweep's own
+    assert sum(len(_ray_containers(c)) for _, _, c in clusters) >= 5
+    for overlay in OVERLAYS:
+        docs = render(K8S / "overlays" / overlay)
+        heads = {d["metadata"]["name"]: d["spec"]["headGroupSpec"]["template"]["spec"]["containers"]
+                 for d in docs if d["kind"] == "RayCluster"}
+        jobs = [d["spec"]["jobTemplate"] for d in docs if d["kind"] == "RayCronJob"]
+        jobs += [e["spec"] for d in docs for e in embedded_manifests(d) if e["kind"] == "RayJob"]
+        assert jobs
+        for job in jobs:
+            # a job on an existing cluster: its driver inherits the env of that cluster's head
+            (head,) = heads[job["clusterSelector"]["ray.io/cluster"]]
+            assert _catalog_env_problems(head) == [], overlay
+            assert "CT_RAY_CATALOG" not in job.get("runtimeEnvYAML", ""), "a literal would override the Secret"
+
+
+def test_catalog_check_catches_a_missing_or_literal_catalog():
+    (cluster,) = [d for d in render(K8S / "base") if d["kind"] == "RayCluster"]
+    head = cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert _catalog_env_problems(head) == []
+    missing = copy.deepcopy(head)
+    missing["env"] = [e for e in missing["env"] if e["name"] != "CT_RAY_CATALOG"]
+    assert "CT_RAY_CATALOG is None" in _catalog_env_problems(missing)[0]
+    literal = copy.deepcopy(head)
+    for e in literal["env"]:
+        if e["name"] == "CT_RAY_CATALOG":
+            e.pop("valueFrom")
+            e["value"] = "sqlite:////tmp/catalog.db"
+    assert "literal" in _catalog_env_problems(literal)[0]
+    optional = copy.deepcopy(head)
+    for e in optional["env"]:
+        if e["name"] == "CT_RAY_CATALOG":
+            e["valueFrom"]["secretKeyRef"]["optional"] = True
+    assert _catalog_env_problems(optional)
+
+
+def test_dev_overlay_runs_the_catalog_database_the_secret_template_names():
+    from urllib.parse import urlsplit
+
+    from ct_ray.store.catalog import catalog_properties, check_catalog_uri
+
+    docs = {(d["kind"], d["metadata"]["name"]): d for d in render(K8S / "overlays" / "dev")}
+    sts = docs[("StatefulSet", "ct-ray-catalog-db")]
+    svc = docs[("Service", "ct-ray-catalog-db")]
+    pod = sts["spec"]["template"]
+    assert sts["spec"]["replicas"] == 1 and sts["spec"]["serviceName"] == "ct-ray-catalog-db"
+    assert sts["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    assert svc["spec"]["type"] == "ClusterIP"
+    assert svc["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    (db,) = pod["spec"]["containers"]
+    assert db["image"] == "postgres:16"
+    env = {e["name"]: e for e in db["env"]}
+    assert env["POSTGRES_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": CATALOG_SECRET, "key": "PGPASSWORD"}
+    # the data directory lives on the claim, not on the pod's disk
+    (claim,) = sts["spec"]["volumeClaimTemplates"]
+    mounts = {m["name"]: m["mountPath"] for m in db["volumeMounts"]}
+    assert env["PGDATA"]["value"].startswith(mounts[claim["metadata"]["name"]] + "/")
+
+    # the URI the Secret template holds for dev is this database, as the Ray pods reach it, with no password in it
+    (template,) = kustomize.load_documents(K8S / "secrets" / "catalog.example.yaml")
+    uri = check_catalog_uri(template["stringData"]["CT_RAY_CATALOG"])
+    parts = urlsplit(uri)
+    (port,) = svc["spec"]["ports"]
+    assert (parts.scheme, parts.hostname, parts.port) == ("postgresql", svc["metadata"]["name"], port["port"])
+    assert (parts.username, parts.path.lstrip("/")) == (env["POSTGRES_USER"]["value"], env["POSTGRES_DB"]["value"])
+    assert port["targetPort"] in (db["ports"][0]["name"], db["ports"][0]["containerPort"])
+    assert catalog_properties(uri, {})["uri"].startswith("postgresql+psycopg2://ct_ray@")
+
+    # prod names a managed catalog: no database of its own
+    prod = render(K8S / "overlays" / "prod")
+    assert not [d for d in prod if d["kind"] in ("StatefulSet", "Deployment", "Service")]
+    assert not [c for d in prod for _, c, _ in containers(d) if "postgres" in c.get("image", "")]
 
 
 def test_images_match_the_project_version():
