@@ -140,3 +140,11 @@ def test_format_table():
     assert format_table(t, "csv").splitlines() == ["a,s,f", "1,x,0.5", "22,,0.3333333333333333"]
     assert format_table(t, "json").splitlines()[0] == '{"a": 1, "s": "x", "f": 0.5}'
     assert "1 not shown" in format_table(t, max_rows=1)
+
+
+def test_rest_catalog_settings_come_from_the_environment():
+    from ct_ray.store.catalog import env_properties
+
+    env = {"PYICEBERG_CATALOG__CT_RAY__TOKEN": "t0k", "PYICEBERG_CATALOG__CT_RAY__WAREHOUSE": "wh",
+           "PYICEBERG_CATALOG__CT_RAY__S3__ENDPOINT": "http://x", "PYICEBERG_CATALOG__OTHER__TOKEN": "no"}
+    assert env_properties(env) == {"token": "t0k", "warehouse": "wh", "s3.endpoint": "http://x"}

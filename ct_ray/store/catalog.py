@@ -8,7 +8,7 @@ A catalog is named by one URI (spec `storage.catalog`, or the CT_RAY_CATALOG env
     glue  |  glue:REGION               AWS Glue (what Athena reads)
 
 Credentials never appear in a URI or a spec: PostgreSQL takes PGPASSWORD / ~/.pgpass, REST and Glue the standard
-pyiceberg environment (PYICEBERG_CATALOG__CT_RAY__TOKEN, ...) and the AWS chain. Without a URI the catalog is a
+environment (PYICEBERG_CATALOG__CT_RAY__TOKEN, __CREDENTIAL, __WAREHOUSE: see `env_properties`) and the AWS chain. Without a URI the catalog is a
 SQLite file under a local store (`{store}/catalog.db`); for an object-storage store it is a SQLite file in the
 local cache (`$CT_RAY_CATALOG_DIR`, default ~/.cache/ct_ray/catalogs, one per store URL), so a cluster should name
 a shared catalog.
@@ -87,11 +87,21 @@ def catalog_properties(uri: str, io_properties: dict) -> dict:
     return props
 
 
+def env_properties(environ=None) -> dict:
+    """Catalog properties from PYICEBERG_CATALOG__CT_RAY__<NAME> variables (TOKEN, CREDENTIAL, WAREHOUSE, ...).
+    pyiceberg's own reading of them turns `_` into `-` in the catalog name (they would configure `ct-ray`), so
+    ct_ray reads them itself; `__` inside NAME becomes `.`, `_` becomes `-` (pyiceberg's rule for the rest)."""
+    env = os.environ if environ is None else environ
+    prefix = "PYICEBERG_CATALOG__CT_RAY__"
+    return {k[len(prefix):].lower().replace("__", ".").replace("_", "-"): v
+            for k, v in env.items() if k.startswith(prefix) and v}
+
+
 def open_catalog(uri: str, io_properties: dict):
     from pyiceberg.catalog import load_catalog
 
     try:
-        cat = load_catalog(CATALOG_NAME, **catalog_properties(uri, io_properties))
+        cat = load_catalog(CATALOG_NAME, **{**env_properties(), **catalog_properties(uri, io_properties)})
         cat.create_namespace_if_not_exists(NAMESPACE)
     except ValueError:
         raise
