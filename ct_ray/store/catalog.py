@@ -7,9 +7,9 @@ A catalog is named by one URI (spec `storage.catalog`, or the CT_RAY_CATALOG env
     rest:https://host/path             an Iceberg REST catalog (Polaris, Nessie, Gravitino, Tabular, ...)
     glue  |  glue:REGION               AWS Glue (what Athena reads)
 
-Credentials never appear in a URI or a spec: PostgreSQL takes PGPASSWORD / ~/.pgpass, REST and Glue the standard
-environment (PYICEBERG_CATALOG__CT_RAY__TOKEN, __CREDENTIAL, __WAREHOUSE: see `env_properties`) and the AWS chain. Without a URI the catalog is a
-SQLite file under a local store (`{store}/catalog.db`); for an object-storage store it is a SQLite file in the
+Credentials never appear in a URI or a spec: PostgreSQL takes PGPASSWORD / ~/.pgpass, REST the environment
+(PYICEBERG_CATALOG__CT_RAY__TOKEN, __CREDENTIAL, __WAREHOUSE: see `env_properties`), Glue and S3 the AWS chain.
+Without a URI the catalog is a SQLite file under a local store (`{store}/catalog.db`); for an object-storage store it is a SQLite file in the
 local cache (`$CT_RAY_CATALOG_DIR`, default ~/.cache/ct_ray/catalogs, one per store URL), so a cluster should name
 a shared catalog.
 """
