@@ -9,9 +9,9 @@ A catalog is named by one URI (spec `storage.catalog`, or the CT_RAY_CATALOG env
 
 Credentials never appear in a URI or a spec: PostgreSQL takes PGPASSWORD / ~/.pgpass, REST the environment
 (PYICEBERG_CATALOG__CT_RAY__TOKEN, __CREDENTIAL, __WAREHOUSE: see `env_properties`), Glue and S3 the AWS chain.
-Without a URI the catalog is a SQLite file under a local store (`{store}/catalog.db`); for an object-storage store it is a SQLite file in the
-local cache (`$CT_RAY_CATALOG_DIR`, default ~/.cache/ct_ray/catalogs, one per store URL), so a cluster should name
-a shared catalog.
+Without a URI the catalog is a SQLite file under a local store (`{store}/catalog.db`); for an object-storage
+store it is a SQLite file in the local cache (`$CT_RAY_CATALOG_DIR`, default ~/.cache/ct_ray/catalogs, one per
+store URL), so a cluster should name a shared catalog.
 """
 
 from __future__ import annotations
