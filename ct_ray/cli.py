@@ -203,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .explorer.cli import add_parsers as _add_explorer_parsers  # `features` and `serve` (ct_ray/explorer/cli.py)
 
     _add_explorer_parsers(sub)
+    __import__("ct_ray.store.cli", fromlist=["add_parsers"]).add_parsers(sub)  # `tables` (ct_ray/store/cli.py)
     return p
 
 
