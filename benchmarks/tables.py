@@ -56,6 +56,7 @@ SID = "bench"
 SEED = 20261201
 N_NODES, N_EDGES = 150, 1500
 TARGET = {"count(*) edges": 2.0, "avg(completeness) graphs": 2.0, "resume planning": 5.0}
+TARGET_S3 = dict.fromkeys(TARGET, 5.0)
 QUERIES = {"count(*) edges": "SELECT count(*) FROM edges",
            "avg(completeness) graphs": "SELECT avg(completeness_score) FROM graphs"}
 PROMPTS = ["The capital of France is", "The opposite of hot is", "Fact: Michael Jordan plays the sport of",
@@ -283,7 +284,7 @@ def time_new(url: str, catalog: str | None, n: int, repeats: int) -> dict:
 
     out = {}
     for name, sql in QUERIES.items():
-        med, mx, r = timed(lambda: query(sql, store=Store(url, catalog=catalog)), repeats)
+        med, mx, r = timed(lambda sql=sql: query(sql, store=Store(url, catalog=catalog)), repeats)
         v = r.column(0)[0].as_py()
         if name.startswith("count"):
             assert v == n * N_EDGES, (name, v)
@@ -395,7 +396,7 @@ def main() -> int:
     try:
         print(f"write: {n} prompts ({N_NODES} nodes, {N_EDGES} edges each), {args.workers} workers, "
               f"rounds of {args.round}, into {url}", flush=True)
-        w = res["write"] = write_new(url, cat, n, args.workers, min(args.round, n), "new")
+        res["write"] = write_new(url, cat, n, args.workers, min(args.round, n), "new")
         res["files_before"] = file_stats(url, cat)
         print(f"  {fmt_files(res['files_before'])}", flush=True)
         res["queries"] = time_new(url, cat, n, args.repeats)
@@ -468,13 +469,15 @@ def report(res: dict, args) -> None:
     head = f"{'operation (fresh Store each)':<28}{'target':>8}{'new':>10}"
     if "queries_after" in res:
         head += f"{'compacted':>11}"
-    head += f"{'old@' + str(n_old):>12}{'new@' + str(n_old):>12}{'old/new@' + str(n_old):>15}{'old x' + str(n // n_old) + '/new':>14}"
+    head += (f"{'old@' + str(n_old):>12}{'new@' + str(n_old):>12}{'old/new@' + str(n_old):>15}"
+             f"{'old x' + str(n // n_old) + '/new':>14}")
     lines += ["", head]
+    target = TARGET_S3 if res["s3"] else TARGET
     for k in res["queries"]:
         new = res["queries"][k]["median_s"]
         old, small = res["old_queries"][k]["median_s"], res["small_queries"][k]["median_s"]
-        ok = "ok" if new < TARGET[k] else "MISSED"
-        s = f"{k:<28}{'< %g s' % TARGET[k]:>8}{new:>8.3f} s"
+        ok = "ok" if max([new] + [res[q][k]["median_s"] for q in ("queries_after",) if q in res]) < target[k] else "MISSED"
+        s = f"{k:<28}{f'< {target[k]:g} s':>8}{new:>8.3f} s"
         if "queries_after" in res:
             s += f"{res['queries_after'][k]['median_s']:>9.3f} s"
         s += f"{old:>10.3f} s{small:>10.3f} s{old / small:>14.1f}x{old * n / n_old / new:>13.0f}x  {ok}"
