@@ -26,6 +26,7 @@ def _spec_dict(tiny_dir, store, sweep_id, workers=1, **kw):
 
 def test_sigkill_driver_then_rerun(ray_local, tiny_dir, tmp_path, capsys):
     from ct_ray.cli import main as cli_main
+    from ct_ray.store.commit import FAULT_ENV
     from ct_ray.sweep.status import summary_table
 
     from .test_sweep import check_consistent
@@ -35,7 +36,8 @@ def test_sigkill_driver_then_rerun(ray_local, tiny_dir, tmp_path, capsys):
     spec_path.write_text(yaml.safe_dump(_spec_dict(tiny_dir, store, "drvkill", commit={"every_prompts": 3})))
     gcs = ray_local.get_runtime_context().gcs_address
     proc = subprocess.Popen([sys.executable, "-m", "ct_ray.cli", "sweep", str(spec_path), "--address", gcs,
-                             "--no-progress"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                             "--no-progress"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, FAULT_ENV: "slow:0.3"})  # >= 13 rounds: the kill lands mid-sweep
     committed = lambda: Store(str(store)).committed("drvkill").column("key").to_pylist()
     deadline = time.monotonic() + 120
     try:

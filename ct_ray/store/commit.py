@@ -152,8 +152,11 @@ def recover(store, sweep_id: str | None = None, committed: dict[str, set] | None
 def _fault(where: str, round_no: int) -> None:
     """Fault injection for the tests: FAULT_ENV='before-commit:N' (or before-graphs) SIGKILLs this process there,
     in round N (0-based), as a driver dying at the worst moment would."""
-    if os.environ.get(FAULT_ENV) == f"{where}:{round_no}":
+    fault = os.environ.get(FAULT_ENV, "")
+    if fault == f"{where}:{round_no}":
         os.kill(os.getpid(), signal.SIGKILL)
+    if fault.startswith("slow:") and where == "before-commit":  # 'slow:S': each round waits S s (a test's kill window)
+        time.sleep(float(fault[5:]))
 
 
 class Committer:
