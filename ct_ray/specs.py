@@ -113,15 +113,51 @@ SPEC_KINDS = {"harvest": "HarvestSpec", "train": "TrainSpec", "sweep": "SweepSpe
               "demo": "QuickstartSpec", "features": "FeaturesSpec"}
 
 
+MAX_SPEC_BYTES = 4 << 20  # the largest real spec (10^4 inline prompts) is ~1 MB; prompt sets go in prompt files
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """SafeLoader without anchors/aliases: an 851-byte file of nested aliases expands to hundreds of MB ("billion
+    laughs"); specs never need them."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            ev = self.peek_event()
+            raise yaml.YAMLError(f"YAML aliases (*{ev.anchor}) are not allowed in ct_ray files "
+                                 f"(line {ev.start_mark.line + 1})")
+        return super().compose_node(parent, index)
+
+
+def safe_yaml(text: str | bytes, where: str):
+    """Parse untrusted YAML (or JSON): no aliases, no Python tags, bounded size; one-line `CTRayError` otherwise."""
+    if len(text) > MAX_SPEC_BYTES:
+        raise CTRayError(f"{where} is too large ({len(text)} bytes > {MAX_SPEC_BYTES})")
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError:
+            raise CTRayError(f"{where} is not a UTF-8 text file") from None
+    try:
+        return yaml.load(text, Loader=_NoAliasLoader)
+    except yaml.YAMLError as e:
+        raise CTRayError(f"{where} is not valid YAML: {' '.join(str(e).split())[:300]}") from None
+    except RecursionError:
+        raise CTRayError(f"{where} is nested too deeply") from None
+
+
 def read_yaml(path: str | Path) -> dict:
     """A spec file's mapping, unvalidated."""
     p = Path(path)
-    if not p.exists():
-        raise CTRayError(f"spec file not found: {p}")
+    if not p.is_file():
+        raise CTRayError(f"spec file not found: {p}" if not p.exists() else f"spec path is not a file: {p}")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise CTRayError(f"{p} is not valid YAML: {str(e).splitlines()[0]}") from e
+        size = p.stat().st_size
+        if size > MAX_SPEC_BYTES:
+            raise CTRayError(f"{p} is too large ({size} bytes > {MAX_SPEC_BYTES})")
+        raw = p.read_bytes()
+    except OSError as e:
+        raise CTRayError(f"cannot read spec file {p}: {e.strerror}") from None
+    data = safe_yaml(raw, str(p)) or {}
     if not isinstance(data, dict):
         raise CTRayError(f"{p} must hold a mapping of spec fields")
     return data

@@ -10,6 +10,7 @@ import pytest
 from ct_ray.errors import CTRayError
 from ct_ray.store.schemas import SCHEMAS, conform
 from ct_ray.sweep import PromptFile, load_sweep_spec, parse_sweep_spec, read_prompts, task_key
+from ct_ray.sweep.spec import PLUGINS_ENV
 
 BASE = {"sweep_id": "s1", "model": "tiny", "random_clt": {"features": 8}, "prompts": ["a b", "c"]}
 
@@ -117,3 +118,44 @@ def test_conform_rejects_unknown_columns_and_fills_nulls():
     assert t.schema.metadata[b"ct_ray.schema_version"] == b"1"
     with pytest.raises(ValueError, match="not in the graphs schema"):
         conform([{"key": "k", "bogus": 1}], "graphs")
+
+
+@pytest.mark.parametrize("fn, ok", [("ct_ray.perturb:perturbation_rows", True),
+                                    ("ct_ray.sweep.perturbation:predicted_only", True),
+                                    ("os:system", False), ("subprocess:run", False),
+                                    ("ct_ray.perturbx:f", False), ("myplug.rows:fn", False)])
+def test_perturbation_function_allow_list(fn, ok, monkeypatch):
+    monkeypatch.delenv(PLUGINS_ENV, raising=False)
+    data = {**BASE, "perturbation": {"top_k": 1, "interventions": [{}], "function": fn}}
+    if ok:
+        assert parse_sweep_spec(data).perturbation.function == fn
+    else:
+        with pytest.raises(CTRayError, match="not an allowed perturbation plugin"):
+            parse_sweep_spec(data)
+    monkeypatch.setenv(PLUGINS_ENV, "myplug")
+    assert parse_sweep_spec({**data, "perturbation": {**data["perturbation"], "function": "myplug.rows:fn"}})
+
+
+@pytest.mark.parametrize("text, msg", [("a: &x [1, 2]\nb: *x\n", "aliases"),
+                                       ("!!python/object/apply:os.system ['true']\n", "not valid YAML"),
+                                       ("[" * 5000, "nested too deeply|not valid YAML"),
+                                       (b"\xff\xfe\x00", "not a UTF-8"),
+                                       ("- 1\n- 2\n", "must hold a mapping")])
+def test_hostile_yaml_specs(tmp_path, text, msg):
+    from ct_ray.specs import read_yaml
+
+    p = tmp_path / "s.yaml"
+    p.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(CTRayError, match=msg):
+        read_yaml(p)
+
+
+def test_alias_bomb_refused_before_expansion(tmp_path):
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}]" for i in range(1, 12)]
+    p = tmp_path / "bomb.yaml"
+    p.write_text("\n".join(lines) + "\n")
+    from ct_ray.sweep.spec import load_sweep_spec
+
+    with pytest.raises(CTRayError, match="aliases"):
+        load_sweep_spec(str(p))

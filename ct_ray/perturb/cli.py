@@ -57,19 +57,16 @@ def _parse_layers(text: str | None) -> tuple[int, int] | None:
 def _load_supernodes(path: str | None):
     if path is None:
         return None
-    import yaml
-
     from ..errors import CTRayError
+    from ..specs import safe_yaml
     from .supernodes import SupernodeSet
 
     try:
-        with open(path) as f:
-            data = yaml.safe_load(f)  # JSON is YAML
+        with open(path, "rb") as f:
+            raw = f.read()
     except OSError as e:
         raise CTRayError(f"cannot read supernodes file {path}: {e.strerror}") from e
-    except yaml.YAMLError as e:
-        raise CTRayError(f"{path} is not valid YAML/JSON: {str(e).splitlines()[0]}") from e
-    return SupernodeSet.parse(data)
+    return SupernodeSet.parse(safe_yaml(raw, path))  # JSON is YAML
 
 
 def cmd_perturb(args) -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from typing import Literal
 
@@ -45,6 +46,15 @@ class RandomCLTSpec(Spec):
     span: int | None = Field(None, ge=1)
 
 
+PLUGINS_ENV = "CT_RAY_PLUGIN_MODULES"
+
+
+def plugin_modules() -> list[str]:
+    """Packages a spec's `perturbation.function` may name: ct_ray's own, plus those the operator (not the spec) lists."""
+    extra = [m.strip() for m in os.environ.get(PLUGINS_ENV, "").split(",") if m.strip()]
+    return ["ct_ray.perturb", "ct_ray.sweep.perturbation", *extra]
+
+
 class InterventionSpec(Spec):
     op: Literal["scale", "set", "add"] = "scale"
     value: float = -1.0
@@ -67,6 +77,12 @@ class PerturbationPlan(Spec):
     def _fn(cls, v: str) -> str:
         if not re.match(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", v):
             raise ValueError("must be 'package.module:function'")
+        mod = v.partition(":")[0]
+        allowed = plugin_modules()
+        if not any(mod == a or mod.startswith(a + ".") for a in allowed):
+            # a spec is untrusted input: importing an arbitrary module runs its top-level code on every worker
+            raise ValueError(f"module {mod!r} is not an allowed perturbation plugin (allowed: {', '.join(allowed)}; "
+                             f"an operator adds packages with {PLUGINS_ENV}=pkg1,pkg2)")
         return v
 
     @property
