@@ -36,8 +36,11 @@ def report(store, sid, rows: dict[str, str | None]) -> dict:
 
 def test_views_on_an_empty_store(tmp_path):
     for t in TABLE_NAMES:
-        r = query(f"SELECT * FROM {t}", str(tmp_path / "nothing"))
+        r = query(f"SELECT * FROM {t}", str(tmp_path))
         assert r.num_rows == 0 and r.column_names == SCHEMAS[t].names
+    assert not list(tmp_path.iterdir())  # reading created nothing
+    with pytest.raises(CTRayError, match="no store at"):  # a mistyped path is not an empty store
+        query("SELECT * FROM graphs", str(tmp_path / "nothing"))
 
 
 def test_views_show_exactly_the_committed_rows(tmp_path):
@@ -148,3 +151,71 @@ def test_rest_catalog_settings_come_from_the_environment():
     env = {"PYICEBERG_CATALOG__CT_RAY__TOKEN": "t0k", "PYICEBERG_CATALOG__CT_RAY__WAREHOUSE": "wh",
            "PYICEBERG_CATALOG__CT_RAY__S3__ENDPOINT": "http://x", "PYICEBERG_CATALOG__OTHER__TOKEN": "no"}
     assert env_properties(env) == {"token": "t0k", "warehouse": "wh", "s3.endpoint": "http://x"}
+
+
+def _committed_store(tmp_path, sid="s"):
+    st = Store(str(tmp_path))
+    c = Committer(st, sid)
+    assert c.add(report(st, sid, {"a": "ok", "b": "error"}))
+    c.commit()
+    return st
+
+
+@pytest.mark.parametrize("sql, msg", [
+    ("SELECT * FROM read_csv('/etc/passwd')", "Permission Error"),
+    ("SELECT * FROM read_text('{root}/catalog.db')", "Permission Error"),  # the store, but no data file
+    ("SELECT * FROM glob('/*')", "Permission Error"),
+    ("COPY graphs TO '{root}/forged.csv'", "not COPY"),
+    ("EXPLAIN ANALYZE COPY graphs TO '{root}/forged.parquet'", "only EXPLAIN of a read-only"),
+    ("ATTACH '{root}/x.db' AS x", "not ATTACH"),
+    ("INSTALL httpfs", "read-only"),
+    ("LOAD httpfs", "read-only"),
+    ("SET enable_external_access = true", "not SET"),
+    ("PRAGMA database_list", "not PRAGMA"),
+    ("CREATE TABLE t AS SELECT 1", "not CREATE"),
+    ("SELECT 1; SELECT 2", "exactly one SQL statement"),
+    ("SELECT 1; COPY graphs TO '{root}/forged.csv'", "exactly one SQL statement"),
+])
+def test_sql_is_sandboxed(tmp_path, sql, msg):
+    st = _committed_store(tmp_path)
+    before = sorted(p for p in tmp_path.rglob("*"))
+    with pytest.raises(CTRayError, match=msg) as e:
+        query(sql.format(root=tmp_path), store=st)
+    assert "\n" not in str(e.value)
+    assert sorted(p for p in tmp_path.rglob("*")) == before  # nothing written
+
+
+def test_read_only_statements_still_run(tmp_path):
+    st = _committed_store(tmp_path)
+    assert query("WITH k AS (SELECT key FROM graphs) SELECT count(*) n FROM k", store=st).column("n").to_pylist() == [2]
+    assert query("EXPLAIN ANALYZE SELECT count(*) FROM nodes", store=st).num_rows == 1
+    assert "graphs" in query("SHOW TABLES", store=st).column("name").to_pylist()
+    assert query("DESCRIBE graphs", store=st).num_rows == len(SCHEMAS["graphs"])
+
+
+def test_corrupt_data_file_is_one_line(tmp_path):
+    st = _committed_store(tmp_path)
+    for f in (tmp_path / "warehouse" / "graphs" / "data").rglob("*.parquet"):
+        f.write_bytes(b"PAR1 not really")
+    with pytest.raises(CTRayError, match="cannot read table graphs") as e:
+        query("SELECT * FROM graphs", store=st)
+    assert "\n" not in str(e.value)
+
+
+def test_store_urls_with_glob_characters_are_refused(tmp_path):
+    _committed_store(tmp_path / "a1")
+    with pytest.raises(CTRayError, match="glob characters"):
+        query("SELECT * FROM graphs", str(tmp_path / "a*"))
+
+
+def test_sql_on_s3_is_sandboxed(s3, tmp_path):
+    url = f"s3://{s3['bucket']}/sandboxed"
+    st = Store(url)
+    c = Committer(st, "s")
+    assert c.add(report(st, "s", {"a": "ok"}))
+    c.commit()
+    assert query("SELECT key FROM nodes", url).column("key").to_pylist() == ["a"]
+    with pytest.raises(CTRayError, match="Permission Error"):
+        query(f"SELECT * FROM read_parquet('{url}/warehouse/*/data/*/*.parquet')", url)
+    with pytest.raises(CTRayError, match="no store at"):
+        query("SELECT * FROM graphs", f"s3://{s3['bucket']}/not-there")

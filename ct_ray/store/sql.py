@@ -5,6 +5,10 @@ and iceberg extensions cannot be installed offline).
 Views: `graphs` (every committed prompt row, ok or error), `nodes`, `edges`, `perturbations` (rows of keys whose
 graphs row is 'ok'), `raw_nodes`, `raw_edges`, `raw_perturbations` (every committed row), `features` and
 `train_metrics`. Every view has every column of the current schema (older files read as null). See docs/sql.md.
+
+The SQL text is untrusted: `query` runs exactly one read-only statement (checked on DuckDB's own parse, not by
+pattern), in a connection whose file access is limited to the planned data files (`allowed_paths`, external access
+off, configuration locked, no extension installs or loads). See docs/security.md.
 """
 
 from __future__ import annotations
@@ -38,6 +42,60 @@ def _needed(sql: str | None) -> set[str]:
     return need
 
 
+def check_statement(sql: str) -> str:
+    """`sql` if it is exactly one read-only statement (SELECT, WITH, VALUES, DESCRIBE, SHOW, SUMMARIZE, or EXPLAIN
+    of one of them), else a one-line CTRayError. DuckDB parses it: its statement types decide, not a pattern."""
+    import duckdb
+
+    try:
+        stmts = duckdb.extract_statements(sql)
+    except duckdb.Error as e:
+        raise CTRayError(f"SQL error: {_first_line(e)}") from e
+    if len(stmts) != 1:
+        raise CTRayError(f"give exactly one SQL statement (got {len(stmts)})")
+    st = stmts[0]
+    if st.type == duckdb.StatementType.EXPLAIN:  # EXPLAIN ANALYZE runs its statement: check that one too
+        inner = _explained(st.query)
+        if inner is None or len(inner) != 1 or inner[0].type != duckdb.StatementType.SELECT:
+            raise CTRayError("only EXPLAIN of a read-only statement (SELECT ...) runs here")
+    elif st.type != duckdb.StatementType.SELECT:
+        raise CTRayError(f"only read-only statements run here (SELECT, WITH, DESCRIBE, SHOW, EXPLAIN), not "
+                         f"{st.type.name}")
+    return sql
+
+
+def _explained(text: str):
+    """The statements after `EXPLAIN [ANALYZE] [(options)]`, found with DuckDB's tokenizer (None if unparsable)."""
+    import duckdb
+
+    toks = [(pos, kind) for pos, kind in duckdb.tokenize(text) if kind != duckdb.token_type.comment]
+    ends = [p for p, _ in toks[1:]] + [len(text)]
+    words = [text[p:e].strip().upper() for (p, _), e in zip(toks, ends)]
+    if not words or words[0] != "EXPLAIN":
+        return None
+    i = 1
+    if i < len(words) and words[i] in ("ANALYZE", "ANALYSE"):
+        i += 1
+    if i < len(words) and words[i] == "(":
+        depth = 0
+        while i < len(words):
+            depth += (words[i] == "(") - (words[i] == ")")
+            i += 1
+            if depth == 0:
+                break
+    if i >= len(words):
+        return None
+    try:
+        return duckdb.extract_statements(text[toks[i][0]:])
+    except duckdb.Error:
+        return None
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip()
+    return s.splitlines()[0][:300] if s else type(e).__name__
+
+
 def data_files(store: Store, name: str) -> list[str]:
     """URLs of the data files of a table's current snapshot (empty when the table has no commit yet)."""
     t = store.existing_table(name)
@@ -58,38 +116,60 @@ def connect(url: str = DEFAULT_STORE, *, store: Store | None = None, sql: str | 
     import duckdb
 
     store = store or Store(url, **storage_options)
-    con = duckdb.connect()
+    store.check_exists()
+    # no extension is installed or loaded behind the statement's back (views read through the fsspec filesystem)
+    con = duckdb.connect(config={"autoinstall_known_extensions": False, "autoload_known_extensions": False,
+                                 "allow_community_extensions": False})
     if not store.local:
         con.register_filesystem(store.fs)
     need = _needed(sql)
+    allowed: list[str] = []
     for t in TABLE_NAMES:
         empty = SCHEMAS[t].empty_table()
         con.register(f"_empty_{t}", empty)
         files = data_files(store, t) if t in need else []
         src = f"_empty_{t}"
         if files:
+            allowed += files
             lst = "[" + ", ".join(_sql_str(f) for f in files) + "]"
             # by name: files written before a column was added lack it; the empty relation brings every column
             src = f"(SELECT * FROM read_parquet({lst}, union_by_name=true) UNION ALL BY NAME SELECT * FROM _empty_{t})"
         cols = ", ".join(f'"{f.name}"' for f in SCHEMAS[t])
         name = f"raw_{t}" if t in FILTERED else t
-        con.execute(f"CREATE VIEW {name} AS SELECT {cols} FROM {src}")
+        try:  # binding the view opens its files: a corrupt or unreachable one fails here
+            con.execute(f"CREATE VIEW {name} AS SELECT {cols} FROM {src}")
+        except (duckdb.Error, OSError) as e:
+            con.close()
+            raise StorageError(f"cannot read table {t} of {store.url}: {_first_line(e)}") from e
     for t in FILTERED:
         con.execute(f"CREATE VIEW {t} AS SELECT r.* FROM raw_{t} r SEMI JOIN graphs g "
                     f"ON r.{PARTITION} = g.{PARTITION} AND r.key = g.key AND g.status = 'ok'")
+    _sandbox(con, allowed)
     return con
 
 
+def _sandbox(con, files: list[str]) -> None:
+    """From here on the connection reads only `files` (the views' data files), writes nothing outside memory and
+    cannot change these settings back."""
+    con.execute("SET allowed_paths = [" + ", ".join(_sql_str(f) for f in files) + "]")
+    con.execute("SET allowed_directories = []")
+    con.execute("SET enable_external_access = false")
+    con.execute("SET lock_configuration = true")
+
+
 def query(sql: str, url: str = DEFAULT_STORE, *, store: Store | None = None, **storage_options) -> pa.Table:
-    """Run one SQL statement over the store's views; the result as an Arrow table."""
+    """Run one read-only SQL statement over the store's views (sandboxed: see the module doc); an Arrow table."""
     import duckdb
 
+    check_statement(sql)
     con = connect(url, store=store, sql=sql, **storage_options)
     try:
         rel = con.sql(sql)
         return rel.to_arrow_table() if rel is not None else pa.table({})
-    except duckdb.Error as e:
-        raise CTRayError(f"SQL error: {str(e).strip().splitlines()[0]}") from e
+    except duckdb.Error as e:  # a corrupt data file, a type error, a path outside the store: all one line
+        raise CTRayError(f"SQL error: {_first_line(e)}") from e
+    except OSError as e:  # the store's filesystem (s3fs) failing under DuckDB
+        raise StorageError(f"cannot read {store.url if store else url}: {_first_line(e)}") from e
     finally:
         con.close()
 

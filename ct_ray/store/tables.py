@@ -69,6 +69,8 @@ class Store:
         elif url.startswith("file://"):
             url = os.path.abspath(url.removeprefix("file://"))
         self.url = url.rstrip("/")
+        if any(c in self.url.split("://", 1)[-1] for c in "*?[]"):  # DuckDB and fsspec would expand them: other stores' files
+            raise StorageError(f"store URL {self.url!r} has glob characters (* ? [ ]): name a plain folder")
         self.storage_options = dict(storage_options)
         catalog = catalog or os.environ.get(CATALOG_ENV)
         self.catalog_uri = check_catalog_uri(catalog) if catalog else None
@@ -98,6 +100,19 @@ class Store:
     @property
     def local(self) -> bool:
         return is_local(self.fs)
+
+    def check_exists(self) -> None:
+        """For readers: a store that is not there is an error (a mistyped path must not read as an empty store)."""
+        try:
+            if self.local:
+                found = os.path.isdir(self.root)
+            else:
+                self.fs.invalidate_cache(self.root)
+                found = self.fs.exists(self.root)
+        except Exception as e:
+            raise StorageError(f"cannot reach the store {self.url}: {_one_line(e)}") from e
+        if not found:
+            raise StorageError(f"no store at {self.url} (check --store; a store appears with its first write)")
 
     # --- the catalog and its tables --------------------------------------------------------------------
     @property

@@ -31,11 +31,15 @@ def cmd_sweep(args) -> int:
             raise CTRayError("usage: ct-ray sweep status SWEEP_ID [--store URL]")
         from .status import format_status, sweep_status
 
-        c = sweep_status(words[1], store=store_of(args))
+        st = store_of(args)
+        st.check_exists()  # a mistyped --store is an error, not an empty sweep
+        c = sweep_status(words[1], store=st)
         print(json.dumps(c, indent=1, default=str) if args.json else format_status(c))
         return 0
     if words[0] == "list":
-        for sid in store_of(args).sweeps():
+        st = store_of(args)
+        st.check_exists()
+        for sid in st.sweeps():
             print(sid)
         return 0
     if len(words) != 1:
