@@ -77,15 +77,9 @@ def _cmd_clt_random(args) -> int:
 
 
 def _ray_init(address: str | None) -> None:
-    import ray
+    from .executor import ensure_ray
 
-    if not ray.is_initialized():
-        # no address: a fresh local Ray for this command (never attach to someone else's by accident)
-        from .train.run import LOCAL_RAY_FOR_TRAINING
-
-        local = LOCAL_RAY_FOR_TRAINING if address in (None, "local") else {}
-        ray.init(address=address or "local", log_to_driver=True, configure_logging=True, logging_level="WARNING",
-                 **local)
+    ensure_ray(address, training=True, log_to_driver=True)
 
 
 def _cmd_harvest(args) -> int:

@@ -43,17 +43,14 @@ def _trained(spec: TrainSpec) -> bool:
 
 
 def run_demo(path: str | Path = "workflows/quickstart.yaml", address: str | None = None) -> int:
-    import ray
-
+    from .executor import ensure_ray
     from .store.sql import format_table, query
     from .sweep.runner import run_sweep
     from .train.run import train
 
     spec = load_yaml(path, QuickstartSpec)
     t0 = time.perf_counter()
-    if not ray.is_initialized():
-        ray.init(address=address or "local", include_dashboard=False, log_to_driver=False,
-                 configure_logging=True, logging_level="WARNING")
+    ensure_ray(address)
     tr = spec.train
     if _trained(tr):
         print(f"[1/3] reusing the trained CLT at {tr.out}")

@@ -19,3 +19,9 @@ class PromptError(CTRayError):
 
 class StorageError(CTRayError):
     pass
+
+
+def one_line(e: BaseException, limit: int = 500) -> str:
+    """An exception as the one line the CLI prints: its message's first line (its type when it has none)."""
+    s = str(e).strip()
+    return s.splitlines()[0][:limit] if s else type(e).__name__

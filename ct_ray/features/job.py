@@ -120,9 +120,9 @@ def _contexts(spec: FeaturesSpec):
 def _run_actors(spec: FeaturesSpec, cfg: dict, ctxs, F: int, address: str | None, progress: bool) -> dict:
     from tqdm.auto import tqdm
 
-    from ..sweep.runner import _ensure_ray
+    from ..executor import ensure_ray
 
-    ray = _ensure_ray(address, None)
+    ray = ensure_ray(address)
     n = len(ctxs)
     chunks = [(i, min(n, i + spec.chunk_contexts)) for i in range(0, n, spec.chunk_contexts)]
     actor = ray.remote(FeatureWorker).options(num_cpus=spec.num_cpus, num_gpus=spec.num_gpus, max_restarts=-1,

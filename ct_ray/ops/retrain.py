@@ -169,11 +169,9 @@ class Retrain:
         return self.state["stages"].get(stage)
 
     def _ray(self):
-        from ..sweep.runner import _ensure_ray
-        from ..train.run import LOCAL_RAY_FOR_TRAINING
+        from ..executor import ensure_ray
 
-        local = LOCAL_RAY_FOR_TRAINING if self.address in (None, "local") else {}
-        return _ensure_ray(self.address, {"log_to_driver": True, **local})
+        return ensure_ray(self.address, training=True, log_to_driver=True)
 
     # --- stages ---------------------------------------------------------------------------------------------
     def train_spec(self, init_from: str | None) -> TrainSpec:

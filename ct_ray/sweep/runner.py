@@ -12,11 +12,11 @@ from __future__ import annotations
 import collections
 import datetime as _dt
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass, field
 
-from ..errors import CTRayError, StorageError
+from ..errors import CTRayError, StorageError, one_line
+from ..executor import ensure_ray, worker_env
 from ..store.commit import Committer, recover
 from ..store.schemas import TABLES_SCHEMA_VERSION
 from ..store.tables import SWEEPS_DIR, Store
@@ -29,9 +29,6 @@ log = logging.getLogger(__name__)
 
 # permanent failures: re-running cannot change them (bad prompt, bad input); others are retried by a re-run
 PERMANENT_ERRORS = ("prompt", "input")
-_FORWARD_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION",
-                "AWS_ENDPOINT_URL", "AWS_PROFILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE")
-_OTHER_ENV = ("HF_HUB_OFFLINE", "CT_RAY_CACHE", "HF_HOME", "TOKENIZERS_PARALLELISM", "CT_RAY_FAULT_CRASH_PROMPT")
 
 
 @dataclass
@@ -59,28 +56,6 @@ def _item_dict(it: PromptItem) -> dict:
 
 def _cause(e: BaseException) -> BaseException:
     return getattr(e, "cause", None) or e
-
-
-def _one_line(e: BaseException) -> str:
-    s = str(e).strip()
-    return s.splitlines()[0][:500] if s else type(e).__name__
-
-
-def _ensure_ray(address: str | None, init_kwargs: dict | None):
-    import ray
-
-    if ray.is_initialized():
-        return ray
-    kw = dict(init_kwargs or {})
-    kw.setdefault("log_to_driver", False)
-    if address in (None, "local"):  # a fresh local Ray: never attach to someone else's by accident
-        address = "local"
-        kw.setdefault("include_dashboard", False)
-    try:
-        ray.init(address=address, **kw)
-    except Exception as e:
-        raise CTRayError(f"cannot start or reach Ray at {address}: {_one_line(e)}") from e
-    return ray
 
 
 class _Progress:
@@ -156,12 +131,10 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, progress: bool = F
         _write_run(store, sid, result)
         return result
 
-    ray = _ensure_ray(address, ray_init_kwargs)
+    ray = ensure_ray(address, **(ray_init_kwargs or {}))
     res = spec.resources
     device = "cuda" if res.num_gpus > 0 else "cpu"
-    env = {k: os.environ[k] for k in _OTHER_ENV if k in os.environ}
-    if res.forward_aws_env:
-        env.update({k: os.environ[k] for k in _FORWARD_ENV if k in os.environ})
+    env = worker_env(ray, res.forward_aws_env)
     # Retries are the driver's (max_task_retries=0): a prompt in flight when its worker died is re-queued as a
     # *suspect* and re-run alone on an idle worker, so a prompt that kills its worker uses up only its own retries.
     actor_cls = ray.remote(SweepWorker).options(
@@ -350,7 +323,7 @@ class _Driver:
                 try:
                     out = ray.get(ref)
                 except StorageError as e:
-                    raise StorageError(_one_line(_cause(e))) from None
+                    raise StorageError(one_line(_cause(e))) from None
                 except RayActorError as e:
                     self._lose(a)  # its buffer died with it
                     if kind == "flush":
@@ -361,7 +334,7 @@ class _Driver:
                         if kind == "probe" and not a["ready"]:
                             self.attempts["__start__"] += 1
                             if self.attempts["__start__"] > spec.retries + res.workers:
-                                raise CTRayError(f"sweep workers keep dying at start: {_one_line(e)}") from None
+                                raise CTRayError(f"sweep workers keep dying at start: {one_line(e)}") from None
                         self.replace(a)
                     elif a in self.actors and (a["ready"] or kind == "probe"):  # restarting: use it once it answers
                         a["ready"] = False
@@ -425,9 +398,9 @@ class _Driver:
             self.suspects.append((kind, payload if kind == "prompt" else (it, payload[1], None)))
         elif kind == "prompt":
             self.record_error(it, "worker", f"the worker died {self.attempts[(kind, it.key)]} time(s) running this "
-                                            f"prompt: {_one_line(e)}")
+                                            f"prompt: {one_line(e)}")
         else:
-            self.bar.write(f"sweep {self.spec.sweep_id}: perturbation job of prompt {it.index} lost: {_one_line(e)}")
+            self.bar.write(f"sweep {self.spec.sweep_id}: perturbation job of prompt {it.index} lost: {one_line(e)}")
 
     def record_error(self, it: PromptItem, kind: str, msg: str):
         """A prompt whose worker kept dying: the driver writes its error row (small) into the next round."""

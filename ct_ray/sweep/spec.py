@@ -102,7 +102,8 @@ class ResourceSpec(Spec):
     queue_depth: int = Field(2, ge=1, le=64, description="tasks queued per actor (1 running + the rest waiting)")
     max_restarts: int = Field(-1, ge=-1, description="actor restarts (-1: unlimited)")
     spread: bool = Field(False, description="place workers on different nodes (Ray SPREAD scheduling)")
-    forward_aws_env: bool = Field(True, description="pass the driver's AWS_* env vars to the workers")
+    forward_aws_env: bool = Field(True, description="pass the driver's AWS settings (endpoint, region, profile) to the "
+                                  "workers; keys never go in a runtime_env (ct_ray/executor/worker_env.py)")
 
 
 class CommitSpec(Spec):

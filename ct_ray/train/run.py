@@ -112,17 +112,12 @@ def resolve_paths(spec: TrainSpec) -> TrainSpec:
         "harvest": spec.harvest.model_copy(update={"out": absolute_url(spec.harvest.out)})})
 
 
-# ray.init options for a local Ray that runs Ray Train: the dashboard (localhost only) serves the state API that
-# Ray Train's placement-group cleaner polls every second; without it each poll logs a warning (hundreds per run)
-LOCAL_RAY_FOR_TRAINING = {"include_dashboard": True, "dashboard_host": "127.0.0.1"}
-
-
 def train(spec: TrainSpec, *, progress: bool = True) -> dict:
     """Harvest (unless `spec.activations`), train on Ray Train, export the CLT to `spec.out`. Returns a summary."""
-    import ray
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from ..executor import ensure_ray
     from ..harvest.pipeline import build_contexts, harvest_dataset, harvest_to_store
     from ..models import load_model
 
@@ -131,8 +126,7 @@ def train(spec: TrainSpec, *, progress: bool = True) -> dict:
         _check_writable(url)
     # Ray Train's print patch logs every worker print() a second time: each step line would show twice
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    if not ray.is_initialized():
-        ray.init(log_to_driver=True)
+    ensure_ray(None, training=True, log_to_driver=True)  # local unless the caller already joined a cluster
     t0 = time.time()
     model = load_model(spec.harvest.model)
     if spec.init_from:  # fail before any work when the warm-start CLT does not fit this spec
