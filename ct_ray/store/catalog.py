@@ -20,7 +20,7 @@ import hashlib
 import os
 import re
 
-from ..errors import StorageError
+from ..errors import StorageError, one_line
 from .schemas import PARTITIONS, SCHEMAS, TABLES_SCHEMA_VERSION
 
 NAMESPACE = "ct_ray"
@@ -106,17 +106,12 @@ def open_catalog(uri: str, io_properties: dict):
     except ValueError:
         raise
     except Exception as e:
-        raise StorageError(f"cannot open the table catalog {_redact(uri)}: {_one_line(e)}") from e
+        raise StorageError(f"cannot open the table catalog {_redact(uri)}: {one_line(e)}") from e
     return cat
 
 
 def _redact(uri: str) -> str:
     return re.sub(r"//[^/@]*@", "//***@", uri)
-
-
-def _one_line(e: BaseException) -> str:
-    s = str(e).strip()
-    return s.splitlines()[0][:300] if s else type(e).__name__
 
 
 def identifier(name: str) -> str:

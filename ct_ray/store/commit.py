@@ -17,7 +17,7 @@ import signal
 import time
 import uuid
 
-from ..errors import StorageError
+from ..errors import StorageError, one_line
 from .schemas import PARTITIONS, conform
 from .writer import RowBuffer
 
@@ -25,11 +25,6 @@ log = logging.getLogger(__name__)
 PROP_SWEEP, PROP_BATCH, PROP_FIRST = "ct-ray.sweep", "ct-ray.batch", "ct-ray.first-key"
 FAULT_ENV = "CT_RAY_FAULT_DRIVER_DIES"
 GRAPH_PARTS = ("nodes", "edges")  # committed before graphs: the tables `recover` repairs
-
-
-def _one_line(e: BaseException) -> str:
-    s = str(e).strip()
-    return s.splitlines()[0][:300] if s else type(e).__name__
 
 
 def _revive(files: list, spec_id: int) -> list:
@@ -64,7 +59,7 @@ def commit_files(store, name: str, add: list, properties: dict | None = None, de
     except StorageError:
         raise
     except Exception as e:
-        raise StorageError(f"cannot commit to table {name} of {store.url}: {_one_line(e)}") from e
+        raise StorageError(f"cannot commit to table {name} of {store.url}: {one_line(e)}") from e
 
 
 def live_files(store, name: str, partition: str | None = None) -> list:

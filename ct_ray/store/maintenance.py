@@ -29,7 +29,7 @@ from datetime import datetime, timezone
 
 import pyarrow as pa
 
-from ..errors import StorageError
+from ..errors import StorageError, one_line
 from .catalog import TARGET_FILE_BYTES
 from .commit import commit_files, recover
 from .schemas import TABLE_NAMES
@@ -42,11 +42,6 @@ ROW_GROUP_BYTES = 32 * 2**20  # Arrow bytes buffered per Parquet row group while
 EXPIRE_ORDER = ("nodes", "edges", "perturbations", "features", "train_metrics", "graphs")  # graphs last (recover)
 _METADATA_SUFFIXES = (".metadata.json", ".avro", ".puffin", ".stats")  # what Iceberg writes under metadata/
 _COMMIT_RETRIES = 5
-
-
-def _one_line(e: BaseException) -> str:
-    s = str(e).strip()
-    return s.splitlines()[0][:300] if s else type(e).__name__
 
 
 def _names(tables, order=TABLE_NAMES) -> list[str]:
@@ -85,7 +80,7 @@ def table_stats(store, tables=None) -> list[dict]:
                 try:
                     tasks = list(t.scan().plan_files())
                 except Exception as e:
-                    raise StorageError(f"cannot read table {name} of {store.url}: {_one_line(e)}") from e
+                    raise StorageError(f"cannot read table {name} of {store.url}: {one_line(e)}") from e
                 row["files"] = len(tasks)
                 row["rows"] = sum(task.file.record_count for task in tasks)
                 row["bytes"] = sum(task.file.file_size_in_bytes for task in tasks)
@@ -306,7 +301,7 @@ def compact(store, tables=None, target_bytes: int = TARGET_FILE_BYTES, older_tha
             added = _added_ms(t)
             tasks = list(t.scan().plan_files())
         except Exception as e:
-            raise StorageError(f"cannot read table {name} of {store.url}: {_one_line(e)}") from e
+            raise StorageError(f"cannot read table {name} of {store.url}: {one_line(e)}") from e
         by_part: dict[tuple, list] = defaultdict(list)
         for task in tasks:
             if task.file.spec_id == t.metadata.default_spec_id:
@@ -329,7 +324,7 @@ def compact(store, tables=None, target_bytes: int = TARGET_FILE_BYTES, older_tha
             except StorageError:
                 raise
             except Exception as e:
-                raise StorageError(f"cannot compact {label} of {store.url}: {_one_line(e)}") from e
+                raise StorageError(f"cannot compact {label} of {store.url}: {one_line(e)}") from e
             before = sum(task.file.record_count for task in pick)
             written = sum(f.record_count for f in new)
             if written != rows or (not deletes and rows != before):
@@ -420,11 +415,11 @@ def expire(store, older_than_s: float = 7 * 86400, retain_last: int = 1, tables=
                 break
             except CommitFailedException as e:  # another commit landed meanwhile: plan again on the new metadata
                 if attempt == _COMMIT_RETRIES - 1:
-                    raise StorageError(f"cannot expire snapshots of table {name} of {store.url}: {_one_line(e)}") from e
+                    raise StorageError(f"cannot expire snapshots of table {name} of {store.url}: {one_line(e)}") from e
                 time.sleep(0.1 * 2**attempt)
                 t = t.refresh()
             except Exception as e:
-                raise StorageError(f"cannot expire snapshots of table {name} of {store.url}: {_one_line(e)}") from e
+                raise StorageError(f"cannot expire snapshots of table {name} of {store.url}: {one_line(e)}") from e
         t = store.existing_table(name)
         n1 = len(t.metadata.snapshots)
         out["snapshots_before"] += n0
@@ -507,7 +502,7 @@ def _plan_vacuum(store, name: str, cutoff_s: float) -> list[tuple[str, int]]:
         refs = {strip(r).rstrip("/") for r in _referenced(t)}
     except Exception as e:  # a manifest that cannot be read: then nobody can tell what is referenced
         raise StorageError(f"cannot read the metadata of table {name} of {store.url} (nothing deleted): "
-                           f"{_one_line(e)}") from e
+                           f"{one_line(e)}") from e
     orphans = []
     for path, info in sorted(listed.items()):
         p = strip(path).rstrip("/")
@@ -554,7 +549,7 @@ def vacuum(store, older_than_s: float = 3 * 86400, dry_run: bool = False, tables
         except StorageError:
             raise
         except Exception as e:
-            raise StorageError(f"cannot list the files of table {name} of {store.url}: {_one_line(e)}") from e
+            raise StorageError(f"cannot list the files of table {name} of {store.url}: {one_line(e)}") from e
     out = {"tables": len(plans), "files": 0, "bytes": 0, "paths": [], "dry_run": bool(dry_run),
            "per_table": {n: len(p) for n, p in plans.items()}}
     fs = store.fs
@@ -572,7 +567,7 @@ def vacuum(store, older_than_s: float = 3 * 86400, dry_run: bool = False, tables
                     for i in range(0, len(paths), 1000):
                         fs.rm(paths[i:i + 1000])
             except Exception as e:
-                raise StorageError(f"cannot delete orphan files of table {name} of {store.url}: {_one_line(e)}") from e
+                raise StorageError(f"cannot delete orphan files of table {name} of {store.url}: {one_line(e)}") from e
             log.info("vacuum %s: removed %d file(s)", name, len(paths))
         out["files"] += len(paths)
         out["bytes"] += sum(b for _, b in orphans)

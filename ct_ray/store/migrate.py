@@ -36,7 +36,7 @@ import time
 
 import pyarrow as pa
 
-from ..errors import StorageError
+from ..errors import StorageError, one_line
 from .commit import Committer, commit_files, live_files, recover, replace_partition
 from .fs import filesystem, is_local
 from .schemas import PARTITIONS, SCHEMAS, SWEEP_TABLES, TABLES_SCHEMA_VERSION, conform
@@ -48,11 +48,6 @@ FEATURES_DIR = "_features"
 SWEEPS_DIR = "_sweeps"
 METRICS_DIR = "tables/train_metrics"  # where the old `train` wrote its metrics table by default
 _READ_ROWS = 1 << 16  # rows gathered from the old files before they are handed to a writer
-
-
-def _one_line(e: BaseException) -> str:
-    s = str(e).strip()
-    return s.splitlines()[0][:300] if s else type(e).__name__
 
 
 class _Legacy:
@@ -72,7 +67,7 @@ class _Legacy:
         except FileNotFoundError:
             return []
         except Exception as e:
-            raise StorageError(f"cannot list {self.url_of(path)}: {_one_line(e)}") from e
+            raise StorageError(f"cannot list {self.url_of(path)}: {one_line(e)}") from e
 
     def path(self, rel: str) -> str:
         return f"{self.root}/{rel}" if rel else self.root
@@ -113,7 +108,7 @@ class _Legacy:
             raise
         except Exception as e:
             raise StorageError(f"cannot read the old files under {self.url_of(f'{self.root}/{rel}')}: "
-                               f"{_one_line(e)}") from e
+                               f"{one_line(e)}") from e
 
     def read_bytes(self, rel: str) -> bytes | None:
         path = self.path(rel)
@@ -123,7 +118,7 @@ class _Legacy:
         except FileNotFoundError:
             return None
         except Exception as e:
-            raise StorageError(f"cannot read {self.url_of(path)}: {_one_line(e)}") from e
+            raise StorageError(f"cannot read {self.url_of(path)}: {one_line(e)}") from e
 
     def rm_dir(self, rel: str) -> None:
         path = self.path(rel)
@@ -131,7 +126,7 @@ class _Legacy:
             if self.fs.exists(path):
                 self.fs.rm(path, recursive=True)
         except Exception as e:
-            raise StorageError(f"cannot remove {self.url_of(path)}: {_one_line(e)}") from e
+            raise StorageError(f"cannot remove {self.url_of(path)}: {one_line(e)}") from e
 
 
 def _file_schema(name: str) -> pa.Schema:
@@ -284,7 +279,7 @@ def _import_metrics(store, old: _Legacy, run: str, counts: dict, progress: bool)
             with old.fs.open(path, "rb") as f:
                 t = pq.read_table(f)
         except Exception as e:
-            raise StorageError(f"cannot read {old.url_of(path)}: {_one_line(e)}") from e
+            raise StorageError(f"cannot read {old.url_of(path)}: {one_line(e)}") from e
         t = t.select([c for c in t.column_names if c in cols])
         if "schema_version" not in t.column_names:
             t = t.append_column("schema_version", pa.array([TABLES_SCHEMA_VERSION] * t.num_rows, pa.int16()))
@@ -307,7 +302,7 @@ def _copy_blobs(store, old: _Legacy, sid: str) -> None:
     except FileNotFoundError:
         return
     except Exception as e:
-        raise StorageError(f"cannot list {old.url_of(base)}: {_one_line(e)}") from e
+        raise StorageError(f"cannot list {old.url_of(base)}: {one_line(e)}") from e
     for p in paths:
         rel = f"{SWEEPS_DIR}/{sid}/{p[len(base) + 1:]}"
         if store.fs.exists(f"{store.root}/{rel}"):

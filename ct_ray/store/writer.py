@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from ..errors import StorageError
+from ..errors import StorageError, one_line
 from .schemas import SWEEP_TABLES, conform
 
 FLUSH_BYTES = 64 * 2**20  # Arrow bytes buffered per table before a worker writes a data file on its own
@@ -35,7 +35,7 @@ class TableWriter:
         try:
             return list(_dataframe_to_data_files(self.metadata, rows, self.io))
         except Exception as e:
-            msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            msg = one_line(e, 300)
             raise StorageError(f"cannot write a data file of {self.name} under {self.metadata.location}: {msg}") from e
 
 

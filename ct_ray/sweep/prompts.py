@@ -7,7 +7,7 @@ import io
 import json
 from dataclasses import dataclass
 
-from ..errors import CTRayError, StorageError
+from ..errors import CTRayError, StorageError, one_line
 from ..store.fs import filesystem
 from .spec import PromptEntry, PromptFile, SweepSpec
 
@@ -64,7 +64,7 @@ def _read_file(src: PromptFile, storage_options: dict) -> list[tuple[str, str | 
     except FileNotFoundError as e:
         raise CTRayError(f"prompt file not found: {src.url}") from e
     except Exception as e:
-        raise StorageError(f"cannot read prompt file {src.url}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+        raise StorageError(f"cannot read prompt file {src.url}: {one_line(e)}") from e
 
     rows: list[tuple[str, str | None, str | None, bytes | None]] = []  # (prompt, target, invalid, raw)
     if fmt == "text":

@@ -20,7 +20,7 @@ import uuid
 import numpy as np
 import pyarrow as pa
 
-from ..errors import CTRayError, PromptError, StorageError
+from ..errors import CTRayError, PromptError, StorageError, one_line
 from ..store.schemas import TABLES_SCHEMA_VERSION
 from ..store.writer import RowBuffer, sweep_writer_configs
 from .perturbation import error_rows, finish_rows, resolve, select_nodes
@@ -29,11 +29,6 @@ from .spec import PerturbationPlan
 log = logging.getLogger(__name__)
 _GRAPH_CACHE = 4  # graphs kept per worker for their perturbation jobs
 CRASH_ENV = "CT_RAY_FAULT_CRASH_PROMPT"  # fault injection (tests): a worker handed exactly this prompt dies
-
-
-def _one_line(e: BaseException) -> str:
-    s = str(e).strip()
-    return s.splitlines()[0][:500] if s else type(e).__name__
 
 
 def worker_config(spec, store, device: str = "cpu") -> dict:
@@ -74,9 +69,9 @@ class SweepWorker:
         try:
             self._load()
         except CTRayError as e:
-            self.init_error = _one_line(e)
+            self.init_error = one_line(e)
         except Exception as e:  # report, do not crash-loop the actor
-            self.init_error = f"{type(e).__name__}: {_one_line(e)}"
+            self.init_error = f"{type(e).__name__}: {one_line(e)}"
             log.error("sweep worker failed to start:\n%s", traceback.format_exc())
 
     def _load(self):
@@ -155,11 +150,11 @@ class SweepWorker:
             try:
                 g, p, t_attr, t_prune = self._compute(item["prompt"])
             except PromptError as e:
-                err = ("prompt", _one_line(e))
+                err = ("prompt", one_line(e))
             except CTRayError as e:
-                err = ("input", _one_line(e))
+                err = ("input", one_line(e))
             except Exception as e:
-                err = ("internal", f"{type(e).__name__}: {_one_line(e)}")
+                err = ("internal", f"{type(e).__name__}: {one_line(e)}")
                 log.error("prompt %s failed:\n%s", key, traceback.format_exc())
         perturb_nodes, t_compute = [], None
         if err is not None:
@@ -247,7 +242,7 @@ class SweepWorker:
             raise
         except Exception as e:
             log.error("perturbation of %s failed:\n%s", key, traceback.format_exc())
-            table = finish_rows(error_rows(f"{type(e).__name__}: {_one_line(e)}"), g if g is not None else _NoGraph,
+            table = finish_rows(error_rows(f"{type(e).__name__}: {one_line(e)}"), g if g is not None else _NoGraph,
                                 key, self.plan_hash)
         self.rows.add("perturbations", table)
         self.rows.finish("perturbations", key)

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from ..clt.io import save_clt
 from ..clt.transcoder import CrossLayerTranscoder
-from ..errors import CTRayError, StorageError
+from ..errors import CTRayError, StorageError, one_line
 from ..specs import TrainSpec
 from ..store.fs import absolute_url, filesystem, is_local
 from .loop import CKPT_STATE, shard_file, train_loop_per_worker
@@ -34,7 +34,7 @@ def _check_writable(url: str) -> None:
     except CTRayError:
         raise
     except Exception as e:
-        raise StorageError(f"cannot write to {url}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+        raise StorageError(f"cannot write to {url}: {one_line(e)}") from e
 
 
 def _storage_path(url: str) -> str:
