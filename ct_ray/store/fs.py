@@ -14,18 +14,38 @@ from ..errors import StorageError
 COMMIT_MARKER = "_COMMITTED"
 
 
+# An endpoint that accepts and never answers must fail in well under a minute, not hang: per request a connect
+# and a read (socket inactivity) timeout, one botocore attempt, and S3_RETRIES tries by s3fs with its backoff.
+# CT_RAY_S3_CONNECT_TIMEOUT / CT_RAY_S3_READ_TIMEOUT / CT_RAY_S3_RETRIES override; storage options win.
+S3_CONNECT_TIMEOUT = 5.0
+S3_READ_TIMEOUT = 6.0
+S3_RETRIES = 2
+
+
+def s3_config_kwargs(storage_options: dict) -> dict:
+    """botocore config of an S3 filesystem: the given `config_kwargs` over the timeout defaults."""
+    env = os.environ.get
+    return {"connect_timeout": float(env("CT_RAY_S3_CONNECT_TIMEOUT") or S3_CONNECT_TIMEOUT),
+            "read_timeout": float(env("CT_RAY_S3_READ_TIMEOUT") or S3_READ_TIMEOUT),
+            "retries": {"max_attempts": 1, "mode": "standard"}, **(storage_options.get("config_kwargs") or {})}
+
+
 def filesystem(url: str, **storage_options):
     """(filesystem, path) for a URL. S3 endpoints come from `endpoint_url` or AWS_ENDPOINT_URL; credentials only
-    from the standard AWS chain (never from spec files)."""
+    from the standard AWS chain (never from spec files); timeouts and retries bounded (see S3_READ_TIMEOUT)."""
     url = str(url)
     if url.startswith("s3://") and "endpoint_url" not in storage_options and os.environ.get("AWS_ENDPOINT_URL"):
         storage_options["endpoint_url"] = os.environ["AWS_ENDPOINT_URL"]
     if url.startswith("s3://") and "endpoint_url" in storage_options:
         storage_options = {"client_kwargs": {"endpoint_url": storage_options.pop("endpoint_url")}, **storage_options}
+    if url.startswith("s3://"):
+        storage_options["config_kwargs"] = s3_config_kwargs(storage_options)
     try:
         fs, path = fsspec.core.url_to_fs(url, **storage_options)
     except (ImportError, ValueError) as e:
         raise StorageError(f"cannot open storage {url!r}: {e}") from e
+    if url.startswith("s3://"):
+        fs.retries = int(os.environ.get("CT_RAY_S3_RETRIES") or S3_RETRIES)  # s3fs's own retry loop (default 5)
     return fs, path.rstrip("/")
 
 

@@ -26,7 +26,7 @@ import pyarrow as pa
 
 from ..errors import StorageError
 from .catalog import CATALOG_ENV, WAREHOUSE_DIR, check_catalog_uri, default_catalog_uri, ensure_table, identifier, open_catalog
-from .fs import filesystem, is_local
+from .fs import filesystem, is_local, s3_config_kwargs
 from .schemas import PARTITIONS, SCHEMAS, SWEEP_TABLES, TABLE_NAMES, TABLES_SCHEMA_VERSION, conform  # noqa: F401
 
 DEFAULT_STORE = "./ct_ray_data"
@@ -51,11 +51,9 @@ def io_properties(url: str, storage_options: dict) -> dict:
         props["s3.endpoint"] = endpoint
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     props["s3.region"] = region or "us-east-1"
-    ck = storage_options.get("config_kwargs") or {}
-    if ck.get("connect_timeout"):
-        props["s3.connect-timeout"] = str(float(ck["connect_timeout"]))
-    if ck.get("read_timeout"):
-        props["s3.request-timeout"] = str(float(ck["read_timeout"]))
+    ck = s3_config_kwargs(storage_options)  # the same bounded timeouts as the store's own filesystem
+    props["s3.connect-timeout"] = str(float(ck["connect_timeout"]))
+    props["s3.request-timeout"] = str(float(ck["read_timeout"]))
     return props
 
 
@@ -106,9 +104,11 @@ class Store:
         try:
             if self.local:
                 found = os.path.isdir(self.root)
-            else:
+            else:  # one listing request (exists() may take two, each with its timeouts)
                 self.fs.invalidate_cache(self.root)
-                found = self.fs.exists(self.root)
+                found = bool(self.fs.ls(self.root, detail=False))
+        except FileNotFoundError:
+            found = False
         except Exception as e:
             raise StorageError(f"cannot reach the store {self.url}: {_one_line(e)}") from e
         if not found:
