@@ -1,7 +1,9 @@
 """`attribute(model, clt, prompt) -> Graph`: the attribution graph of one prompt.
 
 Edges are computed one adjacency row per target, in batches of targets, by the exact transpose of the frozen
-replacement model (see replacement.py): a target's row holds the direct effect of every source on it.
+replacement model (see replacement.py): a target's row holds the direct effect of every source on it. Rows exist
+only for kept targets (logits and kept features); memory is O((kept features + logits) x sources), estimated and
+checked against a budget before anything large is allocated (budget.py).
 """
 
 from __future__ import annotations
@@ -12,12 +14,13 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from . import budget as _budget
+from .budget import DEFAULT_MAX_FEATURE_NODES
 from .capture import capture
 from .graph import Graph
 from .replacement import Replacement
-
-# bytes of per-batch gradient buffers ([B, P, L, d] floats) we allow before shrinking the target batch
-_BATCH_BYTES = 256 * 2**20
+from .rows import RowEngine
+from .select import assemble, select
 
 
 def select_logits(probs: torch.Tensor, max_n_logits: int, desired_logit_prob: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,14 +41,18 @@ def attribute(
     max_n_logits: int = 10,
     desired_logit_prob: float = 0.95,
     batch_size: int = 128,
-    max_feature_nodes: int | None = None,
+    max_feature_nodes: int | None = DEFAULT_MAX_FEATURE_NODES,
+    memory_budget: int | None = None,
     verbose: bool = False,
 ) -> Graph:
     """Attribution graph of `prompt` under `model` (a LoadedModel) with `clt` in place of its MLPs.
 
-    Node order: active features (sorted by layer, position, index), error nodes (layer-major), token embeddings,
+    Node order: feature nodes (sorted by layer, position, index), error nodes (layer-major), token embeddings,
     logit nodes. `Graph.adjacency[t, s]` is the direct effect of source s on target t.
-    With `max_feature_nodes`, only the most influential features (found iteratively from the logits) become nodes.
+    At most `max_feature_nodes` features (default 7500, as circuit-tracer) become nodes: the most influential
+    ones, found iteratively from the logits; None keeps every active feature. `memory_budget` (bytes; default:
+    $CT_RAY_ATTRIBUTION_MEMORY or 80% of the available memory) bounds what the graph may allocate: a larger
+    graph raises GraphTooLargeError (a PromptError) before allocating it.
     """
     t0 = time.perf_counter()
     tokens = model.encode(prompt)
@@ -63,44 +70,46 @@ def attribute(
     logit_tok, logit_p = select_logits(cache.probs, max_n_logits, desired_logit_prob)
     nL = len(logit_tok)
     n_active = len(f_layer)
+    n_keep = n_active if max_feature_nodes is None else min(max_feature_nodes, n_active)
 
-    selected = torch.arange(n_active)
-    if max_feature_nodes is not None and max_feature_nodes < n_active:
-        selected = _select_features(rep, f_layer, f_pos, f_idx, f_act, logit_tok, logit_p, max_feature_nodes,
-                                    batch_size)
-    f_layer, f_pos, f_idx, f_act = f_layer[selected], f_pos[selected], f_idx[selected], f_act[selected]
-    nF = len(f_layer)
-    N = nF + L * P + P + nL
-    emb0, log0 = nF + L * P, nF + L * P + P
+    # --- memory: estimate, then allocate ---------------------------------------------------------------
+    S = n_active + L * P + P
+    bsz = _budget.batch_size_for(batch_size, P, L, d, S)
+    budget = _budget.default_budget() if memory_budget is None else int(memory_budget)
+    dec_bytes = sum(int((f_layer == l).sum()) * rep.clt.spans[l] * d * 4 for l in range(L))
+    cache_cap = int(budget * _budget.CACHE_FRACTION)
 
-    A = torch.zeros(N, N)
-    targets = torch.full((N,), float("nan"))
-    consts = torch.full((N,), float("nan"))
+    def estimate_for(k):
+        return _budget.estimate(n_active=n_active, n_keep=k, n_logits=nL, L=L, P=P, d=d, bsz=bsz,
+                                decoder_cache=min(2 * dec_bytes, cache_cap))
 
-    # --- source blocks: features grouped by (layer, position), decoders scaled by activations ----------
-    blocks = _feature_blocks(rep, f_layer, f_pos, f_idx, f_act)
-
-    # --- target read-outs ------------------------------------------------------------------------------
-    enc = torch.zeros(nF, d)
-    for l in range(L):
-        m = f_layer == l
-        if m.any():
-            enc[m] = rep.encoder_readout(l, f_pos[m], f_idx[m])
+    parts = _budget.check(estimate_for, budget, n_tokens=P, n_active=n_active, n_keep=n_keep)
+    engine = RowEngine(rep, f_layer, f_pos, f_idx, f_act, cache_bytes=cache_cap, chunk_bytes=_budget.CHUNK_BYTES)
     lvec, _ = rep.logit_readout(logit_tok)
 
-    # targets: (node row, layer or L for logits, position, read-out vector); batched by layer so a batch's
-    # backward pass starts at its highest layer and stops at its last position
-    rows = torch.cat([torch.arange(log0, N), torch.arange(nF)])
-    t_layer = torch.cat([torch.full((nL,), L), f_layer])
-    t_pos = torch.cat([torch.full((nL,), P - 1), f_pos])
-    vecs = torch.cat([lvec, enc])
-    order = torch.argsort(t_layer * P + t_pos, descending=True, stable=True)
-    bsz = max(1, min(batch_size, _BATCH_BYTES // max(1, P * L * d * 4)))
+    def readout(sel):
+        v = torch.empty(len(sel), d)
+        for l in torch.unique(f_layer[sel]).tolist():
+            m = f_layer[sel] == l
+            v[m] = rep.encoder_readout(l, f_pos[sel][m], f_idx[sel][m])
+        return v
+
     t_rows = time.perf_counter()
-    for i in tqdm(range(0, len(order), bsz), desc="attribution", unit="batch", disable=not verbose):
-        sel = order[i : i + bsz]
-        A[rows[sel]] = _rows(rep, blocks, t_layer[sel], t_pos[sel], vecs[sel], N, nF, emb0)
+    with _budget.torch_threads(_budget.threads_for(P, d, bsz)):
+        if n_keep < n_active:
+            selected, st = select(engine, readout, f_layer, f_pos, lvec, logit_p, n_keep, batch_size, bsz, verbose)
+            del engine
+            A = assemble(st, selected, n_active, L * P + P)
+            f_layer, f_pos, f_idx, f_act = f_layer[selected], f_pos[selected], f_idx[selected], f_act[selected]
+        else:
+            A = _all_rows(engine, readout, f_layer, f_pos, lvec, bsz, verbose)
+            del engine
     t_done = time.perf_counter()
+    nF = len(f_layer)
+    N = nF + L * P + P + nL
+    log0 = N - nL
+    targets = torch.full((N,), float("nan"))
+    consts = torch.full((N,), float("nan"))
 
     # --- target values and constant terms (for the exactness invariant) ---------------------------------
     mids, fin = rep.forward(rep.real_sources())
@@ -128,6 +137,8 @@ def attribute(
         "max_n_logits": max_n_logits,
         "desired_logit_prob": desired_logit_prob,
         "max_feature_nodes": max_feature_nodes,
+        "memory_estimate_bytes": parts["total"],
+        "memory_budget_bytes": budget,
         "timings_s": {
             "forward": t_fwd - t0,
             "setup": t_rows - t_fwd,
@@ -147,73 +158,25 @@ def _const_logits(rep: Replacement, cfin: torch.Tensor, logit_tok: torch.Tensor)
     return lg[logit_tok] - lg.mean()
 
 
-def _feature_blocks(rep: Replacement, f_layer, f_pos, f_idx, f_act):
-    """[(layer, pos, start, end, D)] with D [n, span*d] the activation-scaled decoder rows of a contiguous run
-    of feature nodes that share layer and position."""
-    blocks = []
-    if len(f_layer) == 0:
-        return blocks
-    key = f_layer * rep.P + f_pos
-    bounds = torch.nonzero(torch.diff(key)).squeeze(1) + 1
-    starts = torch.cat([torch.tensor([0]), bounds]).tolist()
-    ends = torch.cat([bounds, torch.tensor([len(key)])]).tolist()
-    for s, e in zip(starts, ends):
-        l, p = int(f_layer[s]), int(f_pos[s])
-        D = rep.clt.W_dec[l][f_idx[s:e]].detach() * f_act[s:e, None, None]
-        blocks.append((l, p, s, e, D.reshape(e - s, -1)))
-    return blocks
-
-
-def _rows(rep: Replacement, blocks, t_layer, t_pos, vecs, N: int, nF: int, emb0: int) -> torch.Tensor:
-    """Adjacency rows of one batch of targets."""
-    B, L = len(t_layer), rep.L
-    P = int(t_pos.max()) + 1
-    top = int(t_layer.max())
-    b = torch.arange(B)
-    logit = t_layer == L
-    inject = {}
-    for l in torch.unique(t_layer[~logit]).tolist():
-        m = t_layer == l
-        inject[l] = (b[m], t_pos[m], vecs[m])
-    final = (b[logit], vecs[logit]) if logit.any() else None
-    G_post, G_emb = rep.backward(min(top, L - 1), inject, B, P, final)
-
-    out = torch.zeros(B, N)
-    # feature sources: only layers below the batch's top layer can reach it
-    for l, p, s, e, D in blocks:
-        if p >= P or l >= top:
-            continue
-        span = rep.clt.spans[l]
-        out[:, s:e] = G_post[:, p, l : l + span].reshape(B, -1) @ D.T
-    # error sources: [B, L, P]
-    err = torch.einsum("bpld,lpd->blp", G_post, rep.error[:, :P])
-    out[:, nF : nF + L * rep.P].view(B, L, rep.P)[:, :, :P] = err
-    out[:, emb0 : emb0 + P] = (G_emb * rep.cache.resid_pre0[:P]).sum(-1)
-    return out
-
-
-def _select_features(rep, f_layer, f_pos, f_idx, f_act, logit_tok, logit_p, max_feature_nodes, batch_size):
-    """Choose the `max_feature_nodes` most influential features: compute logit rows, then repeatedly the rows of
-    the most influential not-yet-visited features, re-ranking by influence (as circuit-tracer does)."""
-    from .prune import influence
-
-    L, P = rep.L, rep.P
-    n = len(f_layer)
-    nL = len(logit_tok)
-    blocks = _feature_blocks(rep, f_layer, f_pos, f_idx, f_act)
-    N = n + L * P + P + nL
+def _all_rows(engine: RowEngine, readout, f_layer, f_pos, lvec, bsz: int, verbose: bool) -> torch.Tensor:
+    """Every feature is a node: rows go straight into the square adjacency. Targets are batched by layer and
+    position, deepest first, so a batch's backward pass starts at its highest layer and stops at its last
+    position."""
+    rep = engine.rep
+    L, P, nF, nL = rep.L, rep.P, engine.nF, len(lvec)
+    N = engine.S + nL
     A = torch.zeros(N, N)
-    lvec, _ = rep.logit_readout(logit_tok)
-    A[N - nL :] = _rows(rep, blocks, torch.full((nL,), L), torch.full((nL,), P - 1), lvec, N, n, n + L * P)
-    w = torch.zeros(N)
-    w[N - nL :] = logit_p
-    visited = torch.zeros(n, dtype=torch.bool)
-    while int(visited.sum()) < max_feature_nodes:
-        inf = influence(A, w)[:n].clone()
-        inf[visited] = -1
-        k = min(batch_size, max_feature_nodes - int(visited.sum()))
-        pick = torch.topk(inf, k).indices
-        vecs = torch.stack([rep.encoder_readout(int(f_layer[i]), f_pos[i : i + 1], f_idx[i : i + 1])[0] for i in pick])
-        A[pick] = _rows(rep, blocks, f_layer[pick], f_pos[pick], vecs, N, n, n + L * P)
-        visited[pick] = True
-    return torch.nonzero(visited).squeeze(1)
+    rows = torch.cat([torch.arange(N - nL, N), torch.arange(nF)])
+    t_layer = torch.cat([torch.full((nL,), L), f_layer])
+    t_pos = torch.cat([torch.full((nL,), P - 1), f_pos])
+    order = torch.argsort(t_layer * P + t_pos, descending=True, stable=True)
+    for i in tqdm(range(0, len(order), bsz), desc="attribution", unit="batch", disable=not verbose):
+        sel = order[i : i + bsz]
+        is_logit = sel < nL
+        vecs = torch.empty(len(sel), rep.d)
+        if is_logit.any():
+            vecs[is_logit] = lvec[sel[is_logit]]
+        if (~is_logit).any():
+            vecs[~is_logit] = readout(sel[~is_logit] - nL)
+        A[rows[sel], : engine.S] = engine.rows(t_layer[sel], t_pos[sel], vecs)
+    return A

@@ -152,3 +152,46 @@ def graph_scores(A: torch.Tensor, logit_weights: torch.Tensor, err_slice: slice,
     out_inf = inf + logit_weights
     completeness = float(((1 - err_frac) * out_inf).sum() / out_inf.sum())
     return {"replacement_score": replacement, "completeness_score": completeness}
+
+
+def block_influence(blocks: list[torch.Tensor], row_sums_: torch.Tensor, row_col: torch.Tensor,
+                    row_layer: torch.Tensor, weights: torch.Tensor, n_cols: int,
+                    chunk_bytes: int = 64 * 2**20) -> torch.Tensor:
+    """Influence of every source column from a rectangular matrix: rows only for some targets, stacked as
+    `blocks` ([k_i, n_cols] each; row r's node is column `row_col[r]`, or -1 for a logit, which is no source).
+    Columns without a row are leaves: influence reaches them but does not flow on.
+
+    Same quantity as `influence` on the square matrix with zero rows elsewhere, computed without it: the outflow
+    x_r = w_r + influence(row r's node) solves x = w + x M on the rows alone (M[r, r'] = Â[r, col(r')]); the graph
+    is layered (sources sit at lower layers than their targets), so ordering rows by layer makes M triangular and
+    that is one triangular solve. Then one pass over the rows: influence = x Â."""
+    n = len(row_col)
+    is_src = row_col >= 0
+    src_rows = torch.nonzero(is_src).squeeze(1)
+    M = torch.zeros(n, n)
+    r0 = 0
+    for blk in blocks:
+        k = blk.shape[0]
+        M[r0 : r0 + k, src_rows] = blk[:, row_col[src_rows]].abs() / row_sums_[r0 : r0 + k, None]
+        r0 += k
+    order = torch.argsort(row_layer, descending=True, stable=True)  # targets before their sources
+    Mo = M[order][:, order]
+    del M
+    # x (I - Mo) = w  <=>  (I - Mo)^T x^T = w^T, lower triangular since Mo is strictly upper triangular
+    I_M = torch.eye(n) - Mo
+    del Mo
+    xo = torch.linalg.solve_triangular(I_M.T, weights[order][:, None], upper=False).squeeze(1)
+    x = torch.empty(n)
+    x[order] = xo
+    out = torch.zeros(n_cols)
+    xs = x / row_sums_
+    r0 = 0
+    for blk in blocks:
+        k = blk.shape[0]
+        step = max(1, chunk_bytes // max(1, 4 * n_cols))
+        for i in range(0, k, step):
+            j = min(k, i + step)
+            if xs[r0 + i : r0 + j].any():
+                out += xs[r0 + i : r0 + j] @ blk[i:j].abs()
+        r0 += k
+    return out

@@ -1,0 +1,118 @@
+"""Memory estimate of one attribution graph, checked before the large allocations, and the thread count for it."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+from ..errors import PromptError
+
+DEFAULT_MAX_FEATURE_NODES = 7500  # circuit-tracer's default (docs/attribution.md)
+BATCH_BYTES = 512 * 2**20  # per-batch gradient buffers ([B, P, L, d] floats) before shrinking the target batch
+CHUNK_BYTES = 128 * 2**20  # decoder rows gathered at once when they are not cached
+CACHE_FRACTION = 0.25  # share of the budget the padded decoders may keep between batches
+SMALL_OP_FLOPS = 16e6  # below this per op, one thread: OpenMP fork/join costs more than it saves
+
+
+class GraphTooLargeError(PromptError):
+    """The prompt's attribution graph does not fit the memory budget (a sweep records an error row)."""
+
+
+def available_bytes() -> int:
+    """Memory this process may still use: MemAvailable, or less under a cgroup (container) limit."""
+    avail = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    for limit_f, usage_f in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                             ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                              "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            with open(limit_f) as f:
+                lim = f.read().strip()
+            with open(usage_f) as f:
+                use = int(f.read().strip())
+        except (OSError, ValueError):
+            continue
+        if lim.isdigit() and int(lim) < 2**60:
+            room = int(lim) - use
+            avail = room if avail is None else min(avail, room)
+        break
+    return avail if avail is not None else 8 * 2**30
+
+
+def default_budget() -> int:
+    """`CT_RAY_ATTRIBUTION_MEMORY` (bytes, or with a G/M suffix) if set, else 80% of the available memory."""
+    env = os.environ.get("CT_RAY_ATTRIBUTION_MEMORY", "").strip()
+    if env:
+        mult = {"G": 2**30, "M": 2**20, "K": 2**10}.get(env[-1].upper(), 1)
+        try:
+            return int(float(env[:-1] if mult > 1 else env) * mult)
+        except ValueError as e:
+            raise PromptError(f"CT_RAY_ATTRIBUTION_MEMORY must be a number of bytes (e.g. 8G), got {env!r}") from e
+    return int(0.8 * available_bytes())
+
+
+def batch_size_for(batch_size: int, P: int, L: int, d: int, S: int) -> int:
+    """Targets per backward pass: `batch_size`, fewer where the gradient buffers would exceed BATCH_BYTES."""
+    per_target = 4 * (2 * P * L * d + S)
+    return max(1, min(batch_size, BATCH_BYTES // per_target))
+
+
+def estimate(*, n_active: int, n_keep: int, n_logits: int, L: int, P: int, d: int, bsz: int,
+             decoder_cache: int) -> dict:
+    """Bytes attribution still allocates (beyond the model, the CLT and the forward's cache), by part."""
+    S = n_active + L * P + P
+    N = n_keep + L * P + P + n_logits
+    parts = {"graph": 4 * N * N}  # the kept nodes' square adjacency
+    if n_keep < n_active:
+        R = n_keep + n_logits
+        parts["rows"] = 4 * R * S  # [kept targets, all sources] during selection
+        parts["influence"] = 3 * 4 * R * R  # the rows x rows system of the triangular solve
+    parts["batch"] = 4 * bsz * (2 * P * L * d + 2 * S)  # gradients, the rows of a batch and their copy
+    parts["decoders"] = decoder_cache + 2 * CHUNK_BYTES
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def check(estimate_for, budget: int, *, n_tokens: int, n_active: int, n_keep: int) -> dict:
+    """`estimate_for(k)` -> parts for k kept features; raise GraphTooLargeError if `n_keep` does not fit."""
+    parts = estimate_for(n_keep)
+    if parts["total"] <= budget:
+        return parts
+    lo, hi = 0, n_keep  # the largest k that fits, for the message
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if estimate_for(mid)["total"] <= budget else (lo, mid - 1)
+    hint = f"; max_feature_nodes <= {lo} would fit" if lo > 0 else ""
+    raise GraphTooLargeError(
+        f"attribution graph too large for the memory budget: {n_tokens} tokens, {n_active} active features, "
+        f"{n_keep} feature nodes need ~{parts['total'] / 2**30:.1f} GiB, budget {budget / 2**30:.1f} GiB"
+        f" (lower max_feature_nodes or shorten the prompt{hint})"
+    )
+
+
+def threads_for(P: int, d: int, bsz: int) -> int:
+    """Torch threads for this graph's ops: the caller's setting, or one thread when the largest ops (the
+    attention transpose, [bsz * P, d] x [d, d]) are too small to split."""
+    if 2.0 * bsz * P * d * d < SMALL_OP_FLOPS:
+        return 1
+    return torch.get_num_threads()
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    old = torch.get_num_threads()
+    if n != old:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if n != old:
+            torch.set_num_threads(old)
