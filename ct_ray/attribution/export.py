@@ -1,88 +1,219 @@
-"""Graph JSON in the circuit-tracer / Neuronpedia format, so existing graph viewers open ct_ray graphs."""
+"""Graph JSON in the circuit-tracer / Neuronpedia format, so existing graph viewers open ct_ray graphs.
+
+The JSON is built from node rows and edge rows (never a dense adjacency), so an in-memory graph (`graph_json`)
+and a sweep's table rows (export_sweep.py) go through the same code and give the same file. The format follows
+Neuronpedia's published graph schema (apps/webapp/app/api/graph/graph-schema.json in
+https://github.com/hijohnnylin/neuronpedia) and circuit-tracer's frontend models and `graph-metadata.json` index
+(circuit_tracer/frontend/graph_models.py, utils.py in https://github.com/safety-research/circuit-tracer).
+See docs/export.md.
+"""
 
 from __future__ import annotations
 
-import torch
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+# built-in model names (ct_ray.models) -> the Hugging Face id of the weights their package ships
+HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+_HUB_RE = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+_KIND_TYPE = {"feature": "cross layer transcoder", "error": "mlp reconstruction error", "embedding": "embedding",
+              "logit": "logit"}
+NODE_COLUMNS = ["node", "node_id", "kind", "layer", "position", "feature", "token", "token_str", "activation",
+                "probability", "influence"]
+INDEX_FIELDS = ("slug", "scan", "transcoder_list", "prompt_tokens", "prompt", "node_threshold", "schema_version",
+                "title_prefix")
+
+
+def _generator() -> dict:
+    from .. import __version__
+
+    return {"name": "ct_ray", "version": __version__}
 
 
 def cantor(a: int, b: int) -> int:
     return (a + b) * (a + b + 1) // 2 + b
 
 
-def cumulative_influence(inf: torch.Tensor) -> torch.Tensor:
-    """Each node's cumulative share of the total influence, nodes sorted by decreasing influence (circuit-tracer's
-    `influence` field: smaller means more important)."""
-    order = torch.argsort(inf, descending=True)
-    cum = torch.cumsum(inf[order], 0) / inf.sum().clamp_min(1e-30)
-    out = torch.empty_like(inf)
-    out[order] = cum
+def process_token(s: str) -> str:
+    """Whitespace tokens made visible, as circuit-tracer writes `prompt_tokens`."""
+    return s.replace("\n", "⏎").replace("\t", "→").replace("\r", "↵")
+
+
+def _is_local(s: str) -> bool:
+    return "://" not in s or s.startswith("file://")
+
+
+def hub_id(model: str) -> str | None:
+    """The Hugging Face id of a model as sweeps record it (built-in name, local directory or hub id), if known."""
+    if model in HUB_IDS:
+        return HUB_IDS[model]
+    p = Path(model.removeprefix("file://")).expanduser()
+    if p.is_dir():  # a local copy: its config names the hub id it came from, when it does
+        try:
+            name = str(json.loads((p / "config.json").read_text()).get("_name_or_path") or "")
+        except (OSError, ValueError, AttributeError):
+            name = ""
+        return name if _HUB_RE.match(name) and not Path(name).exists() else None
+    return model if _HUB_RE.match(model) and not p.exists() else None
+
+
+def scan_id(model: str | None) -> str:
+    """`metadata.scan`: Neuronpedia uses it as a model id (e.g. gemma-2-2b, for google/gemma-2-2b), so it is the
+    lower-cased name of the model's hub id, else of its directory; never a path."""
+    name = hub_id(model or "") or (model or "").removeprefix("file://").rstrip("/\\")
+    base = re.split(r"[/\\]", name)[-1].lower()
+    return re.sub(r"[^a-z0-9._\-]+", "-", base).strip("-.") or "model"
+
+
+def transcoder_id(clt: str | None) -> str:
+    """The CLT as the JSON names it: a remote URL whole, a local directory by its name only (no local paths)."""
+    clt = clt or ""
+    return clt if not _is_local(clt) or clt.startswith("random(") else Path(clt.rstrip("/\\")).name
+
+
+def cumulative_influence(inf: np.ndarray) -> np.ndarray | None:
+    """circuit-tracer's `influence` field: a node's influence plus that of every more influential node, over the
+    total (smaller = more important), clamped to [0, 1] (the float cumulative sum overshoots 1). None when no
+    influence is known."""
+    x = np.nan_to_num(np.asarray(inf, dtype=np.float64), nan=0.0).clip(min=0.0)
+    total = x.sum()
+    if not np.isfinite(inf).any() or total <= 0:
+        return None
+    order = np.argsort(-x, kind="stable")
+    out = np.empty_like(x)
+    out[order] = np.cumsum(x[order]) / total
+    return out.clip(0.0, 1.0)
+
+
+def supernode_params(groups, present: set[str]) -> tuple[list[list[str]], list[str]]:
+    """Supernodes ({name, nodes} records or [name, *ids] lists) as `qParams.supernodes` ([name, *node ids]) and
+    the pinned ids that make the viewers draw them; members not in the exported graph are left out."""
+    out, pinned = [], []
+    for g in groups or []:
+        name, ids = (g["name"], g["nodes"]) if isinstance(g, dict) else (g[0], g[1:])
+        ids = [i for i in ids if i in present]
+        if ids:
+            out.append([str(name), *ids])
+            pinned += [i for i in ids if i not in pinned]
+    return out, pinned
+
+
+def _settings(d: dict, ints: tuple, floats: tuple) -> dict:
+    """Known settings with the schema's types; unknown (None) values left out (the schema has no nulls there)."""
+    out = {k: int(d[k]) for k in ints if d.get(k) is not None}
+    out.update({k: float(d[k]) for k in floats if d.get(k) is not None})
     return out
 
 
-def graph_json(graph, slug: str | None = None) -> dict:
-    """The JSON dict of `graph` (typically a pruned graph). Links are its non-zero edges."""
-    meta = graph.meta
-    L = meta["n_layers"]
-    nodes = graph.nodes.to_pylist()
-    inf = graph.column("influence")
-    cum = cumulative_influence(torch.nan_to_num(inf, nan=0.0)) if torch.isfinite(inf).any() else None
+def build_graph_json(nodes: pa.Table, edges: pa.Table, meta: dict, *, slug: str, influence=None, scan: str | None = None,
+                     feature_details: dict | None = None, supernodes=None, title_prefix: str | None = None) -> dict:
+    """The JSON dict of one graph from its rows.
+
+    nodes: NODE_COLUMNS rows of the exported graph; edges: `source`, `target` (`node` values) and `weight`;
+    influence: each node row's cumulative influence (see `cumulative_influence`; None: not known); meta: prompt,
+    token_strs, n_layers, logit_tokens, model, clt, attribution / pruning settings, created_at_ms (all optional
+    but token_strs and n_layers)."""
+    cols = {c: nodes.column(c).to_pylist() for c in NODE_COLUMNS if c != "influence"}
+    L = int(meta["n_layers"])
+    target = (meta.get("logit_tokens") or [None])[0]
+    ids = cols["node_id"]
+    by_node = dict(zip(cols["node"], ids))
+    order = np.lexsort((edges.column("source").to_numpy(), edges.column("target").to_numpy()))
+    src = edges.column("source").to_numpy()[order].tolist()
+    tgt = edges.column("target").to_numpy()[order].tolist()
+    w = edges.column("weight").to_numpy()[order].tolist()
+    links = [{"source": by_node[s], "target": by_node[t], "weight": x} for s, t, x in zip(src, tgt, w)]
+    # viewers expect every feature / error node to take part in a link
+    linked = set(src) | set(tgt)
     out_nodes = []
-    for i, n in enumerate(nodes):
-        k, l, p, f, t = n["kind"], n["layer"], n["position"], n["feature"], n["token"]
-        rec = {
-            "node_id": n["node_id"],
-            "feature": None,
-            "layer": str(l),
-            "ctx_idx": p,
-            "feature_type": None,
-            "token_prob": 0.0,
-            "is_target_logit": False,
-            "run_idx": 0,
-            "reverse_ctx_idx": 0,
-            "jsNodeId": None,
-            "clerp": "",
-            "influence": float(cum[i]) if cum is not None else None,
-            "activation": None,
-        }
+    for i in range(nodes.num_rows):
+        k, l, p, f, t = (cols[c][i] for c in ("kind", "layer", "position", "feature", "token"))
+        if k in ("feature", "error") and cols["node"][i] not in linked:
+            continue
+        cum = float(influence[i]) if influence is not None else None
+        rec = {"node_id": ids[i], "feature": None, "layer": str(l), "ctx_idx": p, "feature_type": _KIND_TYPE[k],
+               "token_prob": 0.0, "is_target_logit": False, "run_idx": 0, "reverse_ctx_idx": 0, "jsNodeId": "",
+               "clerp": "", "influence": cum, "activation": None}
         if k == "feature":
-            rec.update(feature=cantor(l, f), feature_type="cross layer transcoder", jsNodeId=f"{l}_{f}-0",
-                       activation=n["activation"])
+            rec.update(feature=cantor(l, f), jsNodeId=f"{l}_{f}-0", activation=float(cols["activation"][i]))
         elif k == "error":
-            rec.update(feature=-1, feature_type="mlp reconstruction error", jsNodeId=f"{l}_-1-{p}")
+            rec.update(feature=-1, jsNodeId=f"{l}_-1-{p}")
         elif k == "embedding":
-            rec.update(feature=p, layer="E", feature_type="embedding", jsNodeId=f"E_{t}-{p}")
+            rec.update(feature=p, layer="E", jsNodeId=f"E_{t}-{p}")
         else:
-            prob = n["probability"]
-            rec.update(feature=t, layer=str(L + 1), feature_type="logit", jsNodeId=f"L_{t}-{p}", token_prob=prob,
-                       is_target_logit=(t == meta["logit_tokens"][0]), influence=None,
-                       clerp=f'Output "{n["token_str"]}" (p={prob:.3f})')
+            prob = float(cols["probability"][i])
+            rec.update(feature=t, layer=str(L + 1), jsNodeId=f"L_{t}-{p}", token_prob=prob, is_target_logit=t == target,
+                       influence=None, clerp=f'Output "{process_token(cols["token_str"][i] or "")}" (p={prob:.3f})')
         out_nodes.append(rec)
-    ids = [n["node_id"] for n in nodes]
-    tgt, src = torch.nonzero(graph.adjacency, as_tuple=True)
-    w = graph.adjacency[tgt, src].tolist()
-    links = [{"source": ids[s], "target": ids[t], "weight": x} for s, t, x in zip(src.tolist(), tgt.tolist(), w)]
-    # viewers expect every non-fixed node to take part in a link
-    linked = {x["source"] for x in links} | {x["target"] for x in links}
-    out_nodes = [n for n in out_nodes if n["node_id"] in linked or n["feature_type"] in ("embedding", "logit")]
-    pruning = meta.get("pruning", {})
-    return {
-        "metadata": {
-            "slug": slug or "ct-ray-graph",
-            "scan": meta.get("clt") or meta.get("model"),
-            "transcoder_list": [],
-            "prompt_tokens": meta["token_strs"],
-            "prompt": meta.get("prompt") or "".join(meta["token_strs"]),
-            "node_threshold": pruning.get("node_threshold"),
-            "schema_version": 1,
-            "info": {"generator": {"name": "ct_ray", "version": "0.1.0"}, "model": meta.get("model"),
-                     "transcoder_set": meta.get("clt")},
-            "generation_settings": {"max_n_logits": meta.get("max_n_logits"),
-                                    "desired_logit_prob": meta.get("desired_logit_prob"),
-                                    "max_feature_nodes": meta.get("max_feature_nodes")},
-            "pruning_settings": {"node_threshold": pruning.get("node_threshold"),
-                                 "edge_threshold": pruning.get("edge_threshold")},
-        },
-        "qParams": {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""},
-        "nodes": out_nodes,
-        "links": links,
+    present = {n["node_id"] for n in out_nodes}
+    sn, pinned = supernode_params(supernodes, present)
+    cums = [n["influence"] for n in out_nodes if n["feature_type"] in (_KIND_TYPE["feature"], _KIND_TYPE["error"])]
+    pruning = meta.get("pruning") or {}
+    metadata = {
+        "slug": slug,
+        "scan": scan or scan_id(meta.get("model")),
+        "transcoder_list": [],
+        "prompt_tokens": [process_token(s) for s in meta["token_strs"]],
+        "prompt": meta.get("prompt") or "".join(meta["token_strs"]),
+        "schema_version": 1,
+        "feature_details": dict(feature_details or {}),
+        "info": {"generator": _generator(), "model": hub_id(meta.get("model") or "") or scan_id(meta.get("model")),
+                 "transcoder_set": transcoder_id(meta.get("clt")),
+                 "source_urls": [meta["clt"]] if meta.get("clt") and not _is_local(meta["clt"]) else []},
+        "generation_settings": _settings(meta, ("max_n_logits", "batch_size", "max_feature_nodes"),
+                                         ("desired_logit_prob",)),
+        "pruning_settings": _settings(pruning, (), ("node_threshold", "edge_threshold")),
     }
+    if meta.get("created_at_ms") is not None:
+        metadata["info"]["create_time_ms"] = int(meta["created_at_ms"])
+    if title_prefix:
+        metadata["title_prefix"] = title_prefix
+    # the viewers' default dynamic pruning keeps nodes with influence <= node_threshold: the smallest value that
+    # shows every exported node (the graph is pruned already; the slider prunes further from there)
+    if any(c is not None for c in cums):
+        metadata["node_threshold"] = max(c for c in cums if c is not None)
+    elif pruning.get("node_threshold") is not None:
+        metadata["node_threshold"] = float(pruning["node_threshold"])
+    return {"metadata": metadata,
+            "qParams": {"pinnedIds": pinned, "supernodes": sn, "linkType": "both", "clickedId": "", "sg_pos": ""},
+            "nodes": out_nodes, "links": links}
+
+
+def graph_json(graph, slug: str | None = None, *, full=None, scan: str | None = None,
+               feature_details: dict | None = None, supernodes=None) -> dict:
+    """The JSON dict of `graph` (typically a pruned graph): its nodes and non-zero edges. Influence is each node's
+    cumulative share over `full` (the graph it was pruned from; circuit-tracer's definition) when given, else over
+    `graph`'s own nodes."""
+    ref = full if full is not None else graph
+    inf = ref.column("influence").numpy()
+    if not np.isfinite(inf).any():  # an unpruned graph: influence not computed yet
+        inf = ref.influence().numpy()
+    cum = cumulative_influence(inf)
+    if cum is not None and full is not None:
+        pos = {n: i for i, n in enumerate(full.nodes.column("node").to_pylist())}
+        cum = cum[[pos[n] for n in graph.nodes.column("node").to_pylist()]]
+    return build_graph_json(graph.nodes.select(NODE_COLUMNS), graph.edges(), graph.meta, slug=slug or "ct-ray-graph",
+                            influence=cum, scan=scan, feature_details=feature_details, supernodes=supernodes)
+
+
+def index_entry(data: dict) -> dict:
+    """A graph's entry in `graph-metadata.json` (circuit-tracer's Metadata fields, as its server lists them)."""
+    return {k: data["metadata"][k] for k in INDEX_FIELDS if k in data["metadata"]}
+
+
+def merge_index(old: dict | None, entries: list[dict]) -> dict:
+    """`graph-metadata.json` with `entries` added, replacing entries of the same slug in place (as circuit-tracer's
+    add_graph_metadata does, but keeping their order so a re-run writes the same file)."""
+    graphs = list((old or {}).get("graphs") or [])
+    at = {g.get("slug"): i for i, g in enumerate(graphs)}
+    for e in entries:
+        if e["slug"] in at:
+            graphs[at[e["slug"]]] = e
+        else:
+            at[e["slug"]] = len(graphs)
+            graphs.append(e)
+    return {**(old or {}), "graphs": graphs}

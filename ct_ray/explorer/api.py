@@ -205,9 +205,14 @@ class ExplorerAPI:
         missing = sorted({n for g in groups for n in g["nodes"]} - have)
         if missing:
             raise BadRequest(f"node {missing[0]} is not in the graph")
+        from ..attribution.export import supernode_params
+
+        # also in the viewers' qParams form ([name, *node ids], members pinned): paste into a graph JSON as is
+        sn, pinned = supernode_params(groups, have)
         try:
             self.store.write_json(f"{SWEEPS_DIR}/{sid}/supernodes/{key}.json",
-                                  {"sweep_id": sid, "key": key, "prompt": row["prompt"], "supernodes": groups})
+                                  {"sweep_id": sid, "key": key, "prompt": row["prompt"], "supernodes": groups,
+                                   "qParams": {"supernodes": sn, "pinnedIds": pinned}})
         except CTRayError as e:
             raise BadRequest(str(e)) from None
         return {"supernodes": groups}

@@ -1,0 +1,159 @@
+"""A sweep's committed graphs as circuit-tracer / Neuronpedia graph JSON files, rebuilt from the tables alone.
+
+`DIR/{sweep_id}-{key}.json` for each committed ('ok') graph and `DIR/graph-metadata.json`, the index that
+circuit-tracer's local server lists (`circuit_tracer.frontend.local_server.serve(data_dir=DIR)`). No model or CLT
+is loaded: nodes, edges and the graphs row hold everything. Files are written atomically and only when their bytes
+change, so re-running is idempotent and cheap. See docs/export.md.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+
+from ..errors import CTRayError, StorageError
+from ..store.tables import SWEEPS_DIR, Store
+from .export import NODE_COLUMNS, build_graph_json, cumulative_influence, index_entry, merge_index
+
+INDEX = "graph-metadata.json"
+BATCH = 32  # graphs whose node and edge rows are read in one scan (bounds memory, amortises scan planning)
+_GRAPH_COLS = ["key", "prompt_index", "prompt", "status", "error", "model", "clt", "params", "token_strs",
+               "logit_tokens", "graph_rows", "created_at"]
+
+
+def slug_of(sweep_id: str, key: str) -> str:
+    return f"{sweep_id}-{key}"
+
+
+def _select(graphs: pa.Table, sweep_id: str, keys: list[str] | None, store: Store) -> list[dict]:
+    rows = {r["key"]: r for r in graphs.to_pylist()}
+    if not rows:
+        have = store.partitions("graphs")
+        raise CTRayError(f"no committed graphs in sweep {sweep_id!r} of {store.url}"
+                         + (f"; sweeps there: {', '.join(have[:10])}" if have else " (the store has no graphs)"))
+    if keys is None:
+        sel = [r for r in rows.values() if r["status"] == "ok"]
+        if not sel:
+            raise CTRayError(f"sweep {sweep_id!r} has no committed ('ok') graphs to export ({len(rows)} error rows)")
+        return sorted(sel, key=lambda r: (r["prompt_index"] is None, r["prompt_index"] or 0, r["key"]))
+    out = []
+    for k in dict.fromkeys(keys):
+        r = rows.get(k)
+        if r is None:
+            raise CTRayError(f"key {k!r} is not a committed graph of sweep {sweep_id!r}")
+        if r["status"] != "ok":
+            raise CTRayError(f"graph {k} of sweep {sweep_id!r} failed ({r['error']}): only 'ok' graphs export")
+        out.append(r)
+    return out
+
+
+def _by_key(t: pa.Table) -> dict[str, pa.Table]:
+    if not t.num_rows:
+        return {}
+    t = t.sort_by("key")
+    keys = t.column("key").to_numpy(zero_copy_only=False)
+    uniq, start = np.unique(keys, return_index=True)
+    ends = list(start[1:]) + [t.num_rows]
+    return {k: t.slice(s, e - s) for k, s, e in zip(uniq.tolist(), start.tolist(), ends)}
+
+
+def graph_from_rows(row: dict, nodes: pa.Table | None, edges: pa.Table | None, *, slug: str, scan: str | None = None,
+                    feature_details: dict | None = None, supernodes=None, title_prefix: str | None = None) -> dict:
+    """One graph's JSON from its graphs row and its node / edge rows (with `kept`). When the rows hold the full
+    graph (`graph_rows: full`), the kept part is exported and influence is cumulative over the full graph, exactly
+    as circuit-tracer writes it; pruned rows: cumulative over the pruned graph."""
+    if nodes is None or not nodes.num_rows:
+        raise CTRayError(f"graph {row['key']}: no node rows committed (the tables are inconsistent)")
+    if edges is None:
+        edges = pa.table({"source": pa.array([], pa.int32()), "target": pa.array([], pa.int32()),
+                          "weight": pa.array([], pa.float32()), "kept": pa.array([], pa.bool_())})
+    nodes = nodes.sort_by("node")
+    cum = cumulative_influence(nodes.column("influence").to_numpy(zero_copy_only=False))
+    kept = np.asarray(nodes.column("kept").fill_null(True).to_numpy(zero_copy_only=False), dtype=bool)
+    if not kept.all():
+        nodes = nodes.filter(pa.array(kept))
+        cum = cum[kept] if cum is not None else None
+        edges = edges.filter(edges.column("kept").fill_null(True))
+    kinds = nodes.column("kind").to_pylist()
+    layers = nodes.column("layer").to_pylist()
+    n_layers = max([l for k, l in zip(kinds, layers) if k == "logit"] or [max(layers) + 1])
+    params = json.loads(row["params"] or "{}")
+    created = row.get("created_at")
+    meta = {"prompt": row["prompt"], "token_strs": row["token_strs"] or [], "n_layers": n_layers,
+            "logit_tokens": row["logit_tokens"] or [], "model": row["model"], "clt": row["clt"],
+            **(params.get("attribution") or {}), "pruning": params.get("pruning") or {},
+            "created_at_ms": int(created.timestamp() * 1000) if created is not None else None}
+    return build_graph_json(nodes.select(NODE_COLUMNS), edges, meta, slug=slug, influence=cum, scan=scan,
+                            feature_details=feature_details, supernodes=supernodes, title_prefix=title_prefix)
+
+
+def _dumps(data: dict, what: str) -> bytes:
+    try:
+        return json.dumps(data, separators=(",", ":"), allow_nan=False).encode()
+    except ValueError as e:
+        raise CTRayError(f"{what}: not exportable as JSON ({e})") from None
+
+
+def _same(dest: Store, path: str, data: bytes) -> bool:
+    try:
+        return dest.fs.size(path) == len(data) and dest.fs.cat_file(path) == data
+    except FileNotFoundError:
+        return False
+    except Exception as e:
+        raise StorageError(f"cannot read {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+
+
+def _put(dest: Store, name: str, data: bytes) -> bool:
+    """Write DIR/name atomically unless it holds these bytes already; True when written."""
+    path = f"{dest.root}/{name}"
+    if _same(dest, path, data):
+        return False
+    dest.put_bytes(path, data)
+    return True
+
+
+def _old_index(dest: Store) -> dict | None:
+    try:
+        old = dest.read_json(INDEX)
+    except StorageError as e:
+        raise CTRayError(f"{dest.url}/{INDEX} is not a graph-metadata.json index: {e}") from None
+    if old is not None and not (isinstance(old, dict) and isinstance(old.get("graphs", []), list)):
+        raise CTRayError(f"{dest.url}/{INDEX} is not a graph-metadata.json index (no 'graphs' list)")
+    return old
+
+
+def export_sweep(store: Store, sweep_id: str, out: str, *, keys: list[str] | None = None, scan: str | None = None,
+                 feature_details: dict | None = None, progress: bool = False, **out_options) -> dict:
+    """Export the committed graphs of `sweep_id` (all 'ok' ones, or `keys`) to the directory URL `out`."""
+    from tqdm.auto import tqdm
+
+    rows = _select(store.read("graphs", sweep_id, columns=_GRAPH_COLS), sweep_id, keys, store)
+    dest = Store(out, **out_options)  # only its atomic file writes and reads are used (no catalog)
+    if dest.local and dest.fs.isfile(dest.root):
+        raise CTRayError(f"--out {out} is a file, not a directory")
+    old = _old_index(dest)
+    entries, written = [], 0
+    bar = tqdm(total=len(rows), desc=f"export {sweep_id}", unit="graph", disable=not progress)
+    try:
+        for i in range(0, len(rows), BATCH):
+            batch = rows[i : i + BATCH]
+            ks = [r["key"] for r in batch]
+            nodes = _by_key(store.read("nodes", sweep_id, columns=["key", *NODE_COLUMNS, "kept"], keys=ks))
+            edges = _by_key(store.read("edges", sweep_id, columns=["key", "source", "target", "weight", "kept"], keys=ks))
+            for r in batch:
+                slug = slug_of(sweep_id, r["key"])
+                sn = (store.read_json(f"{SWEEPS_DIR}/{sweep_id}/supernodes/{r['key']}.json") or {}).get("supernodes")
+                data = graph_from_rows(r, nodes.get(r["key"]), edges.get(r["key"]), slug=slug, scan=scan,
+                                       feature_details=feature_details, supernodes=sn, title_prefix=sweep_id)
+                written += _put(dest, f"{slug}.json", _dumps(data, f"graph {r['key']}"))
+                entries.append(index_entry(data))
+                bar.update()
+    finally:
+        bar.close()
+    index = merge_index(old, entries)
+    index_written = _put(dest, INDEX, json.dumps(index, indent=1).encode())
+    return {"sweep_id": sweep_id, "out": dest.url, "graphs": len(rows), "written": written,
+            "unchanged": len(rows) - written, "index": f"{dest.url}/{INDEX}", "index_graphs": len(index["graphs"]),
+            "index_written": index_written}
