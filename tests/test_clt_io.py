@@ -111,3 +111,76 @@ def test_clt_for_another_model_rejected(tiny_models):
     clt = random_clt(other, 8)
     with pytest.raises(CLTError, match="shape mismatch"):
         attribute(tiny_models["llama"], clt, "hello")
+
+
+# --- untrusted CLT folders (docs/security.md) ---------------------------------------------------------------------
+def _tset(d, entries=None, W_enc=None):
+    """A one-layer transcoder_set by hand (d_model 4, 3 features); `entries` replaces config.yaml's file list."""
+    d.mkdir(parents=True, exist_ok=True)
+    save_file({"W_enc": torch.ones(3, 4) if W_enc is None else W_enc, "W_dec": torch.ones(3, 4),
+               "b_enc": torch.zeros(3), "b_dec": torch.zeros(4)}, d / "layer_0.safetensors")
+    (d / "config.yaml").write_text(yaml.safe_dump({"model_kind": "transcoder_set",
+                                                   "transcoders": entries or ["layer_0.safetensors"]}))
+    return d
+
+
+def test_a_hand_built_transcoder_set_loads(tmp_path):
+    assert load_clt(str(_tset(tmp_path / "ok"))).n_layers == 1
+
+
+@pytest.mark.parametrize("entry", ["/etc/passwd", "file:///etc/passwd", "s3://bucket/x.safetensors",
+                                   "../outside.safetensors", "sub/../../outside.safetensors", "~/x.safetensors",
+                                   "C:/x.safetensors", ""])
+def test_transcoder_files_must_stay_in_the_folder(tmp_path, entry):
+    d = _tset(tmp_path / "clt", [entry])
+    with pytest.raises(CLTError, match="relative path inside the CLT folder"):
+        load_clt(str(d))
+
+
+@pytest.mark.parametrize("target", ["/etc/passwd", "/dev/zero", "outside"])
+def test_symlinks_out_of_the_folder_are_refused(tmp_path, target):
+    (tmp_path / "outside").write_bytes(b"x" * 100)
+    d = _tset(tmp_path / "clt")
+    (d / "layer_0.safetensors").unlink()
+    (d / "layer_0.safetensors").symlink_to(target if target.startswith("/") else tmp_path / target)
+    with pytest.raises(CLTError, match="points outside the CLT folder"):
+        load_clt(str(d))
+
+
+def test_a_special_file_inside_the_folder_is_refused(tmp_path):
+    import os
+
+    d = _tset(tmp_path / "clt")
+    (d / "layer_0.safetensors").unlink()
+    os.mkfifo(d / "layer_0.safetensors")  # would block forever on read
+    with pytest.raises(CLTError, match="not a regular file"):
+        load_clt(str(d))
+
+
+def test_file_size_is_checked_against_the_header(tmp_path):
+    d = _tset(tmp_path / "clt")
+    f = d / "layer_0.safetensors"
+    f.write_bytes(f.read_bytes()[:-4])  # truncated
+    with pytest.raises(CLTError, match="its header describes"):
+        load_clt(str(d))
+    f.write_bytes((10**12).to_bytes(8, "little") + b"{}")  # a header length beyond the file
+    with pytest.raises(CLTError, match="not a safetensors file"):
+        load_clt(str(d))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused(tmp_path, bad):
+    W = torch.ones(3, 4)
+    W[1, 2] = bad
+    with pytest.raises(CLTError, match="non-finite values"):
+        load_clt(str(_tset(tmp_path / "clt", W_enc=W)))
+
+
+def test_config_yaml_aliases_and_size(tmp_path):
+    d = _tset(tmp_path / "clt")
+    (d / "config.yaml").write_text("a: &a [x, x]\nb: [*a, *a]\nmodel_kind: transcoder_set\n")
+    with pytest.raises(CLTError, match="aliases"):
+        load_clt(str(d))
+    (d / "config.yaml").write_text("model_kind: transcoder_set\n#" + "x" * (1 << 20))
+    with pytest.raises(CLTError, match="larger than"):
+        load_clt(str(d))

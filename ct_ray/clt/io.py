@@ -7,11 +7,16 @@ Per-layer transcoder set (`model_kind: transcoder_set`): config.yaml's `transcod
   (default `layer_{l}.safetensors`) holding W_enc [d_tc, d], W_dec [d_tc, d], b_enc [d_tc], b_dec [d] and
   optionally `activation_function.threshold` [d_tc] (JumpReLU; ReLU without it).
 Sidecar `ct_ray.json`: training spec, metrics, data hash, anything else ct_ray knows.
+
+CLT folders are untrusted input (docs/security.md): every file read is inside the folder (relative names only, no
+`..`, symlinks resolved and checked), a safetensors file's size must match its header before its data is read,
+config files are small and alias-free YAML, and weights must be finite.
 """
 
 from __future__ import annotations
 
 import json
+import os
 
 import torch
 import yaml
@@ -20,7 +25,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from ..errors import CLTError
-from ..store.fs import atomic_dir, filesystem
+from ..store.fs import atomic_dir, filesystem, is_local
 from .transcoder import CrossLayerTranscoder
 
 HOOK_NAMES = {"resid_mid": "hook_resid_mid", "mlp_in": "ln2.hook_normalized"}
@@ -63,16 +68,66 @@ def save_clt(clt: CrossLayerTranscoder, url: str, extra: dict | None = None, **s
             json.dump(side, f, indent=1)
 
 
-def _read(fs, path: str, url: str) -> dict[str, torch.Tensor]:
+MAX_CONFIG_BYTES = 1 << 20  # config.yaml and ct_ray.json: a few KB in practice
+MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit on its JSON header
+
+
+def _confine(fs, root: str, path: str, url: str) -> None:
+    """A local file's real path (symlinks resolved) must lie inside the CLT folder and be a regular file."""
+    if not is_local(fs):
+        return
+    real, top = os.path.realpath(path), os.path.realpath(root)
+    fname = path.rsplit("/", 1)[-1]
+    if os.path.commonpath([real, top]) != top:
+        raise CLTError(f"{fname} in {url} points outside the CLT folder")
+    if os.path.exists(real) and not os.path.isfile(real):
+        raise CLTError(f"{fname} in {url} is not a regular file")
+
+
+def _small_text(fs, root: str, path: str, url: str) -> str:
+    """A small config file's text (FileNotFoundError when absent)."""
+    _confine(fs, root, path, url)
+    with fs.open(path, "rb") as f:
+        data = f.read(MAX_CONFIG_BYTES + 1)
+    fname = path.rsplit("/", 1)[-1]
+    if len(data) > MAX_CONFIG_BYTES:
+        raise CLTError(f"{fname} in {url} is larger than {MAX_CONFIG_BYTES} bytes: not a CLT config")
     try:
+        return data.decode()
+    except UnicodeDecodeError as e:
+        raise CLTError(f"{fname} in {url} is not UTF-8 text") from e
+
+
+def _read(fs, path: str, url: str, root: str) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors; its size is checked against its header before the data is read."""
+    fname = path.rsplit("/", 1)[-1]
+    _confine(fs, root, path, url)
+    try:
+        size = fs.size(path)
         with fs.open(path, "rb") as f:
-            data = f.read()
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if n < 2 or n > MAX_HEADER_BYTES or 8 + n > size:
+                raise CLTError(f"corrupt CLT file {fname} in {url}: not a safetensors file ({size} bytes)")
+            try:
+                header = json.loads(f.read(n))
+                end = max([int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"], default=0)
+            except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+                raise CLTError(f"corrupt CLT file {fname} in {url}: bad safetensors header") from e
+            if size != 8 + n + end:
+                raise CLTError(f"corrupt CLT file {fname} in {url}: {size} bytes, its header describes {8 + n + end}")
+            f.seek(0)
+            data = f.read(size)
     except FileNotFoundError as e:
-        raise CLTError(f"CLT file missing: {path.rsplit('/', 1)[-1]} in {url}") from e
+        raise CLTError(f"CLT file missing: {fname} in {url}") from e
     try:
-        return st_load(data)
+        tensors = st_load(data)
     except (SafetensorError, ValueError, RuntimeError) as e:
-        raise CLTError(f"corrupt CLT file {path.rsplit('/', 1)[-1]} in {url}: {str(e).splitlines()[0]}") from e
+        raise CLTError(f"corrupt CLT file {fname} in {url}: {str(e).splitlines()[0]}") from e
+    for k, v in tensors.items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise CLTError(f"{fname} in {url}: tensor {k!r} has non-finite values (NaN or inf)")
+    return tensors
 
 
 def _get(t: dict, key: str, fname: str) -> torch.Tensor:
@@ -92,8 +147,10 @@ def load_clt(url: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu
     if not exists:
         raise CLTError(f"no CLT at {url}")
     try:
-        with fs.open(f"{path}/config.yaml") as f:
-            cfg = yaml.safe_load(f) or {}
+        text = _small_text(fs, path, f"{path}/config.yaml", url)
+        if any(isinstance(ev, yaml.AliasEvent) for ev in yaml.parse(text)):  # no alias expansion from a CLT
+            raise CLTError(f"{url}/config.yaml uses YAML aliases (*name): write the values out")
+        cfg = yaml.safe_load(text) or {}
     except FileNotFoundError as e:
         raise CLTError(f"{url} has no config.yaml: not a CLT directory") from e
     except yaml.YAMLError as e:
@@ -113,9 +170,10 @@ def load_clt(url: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu
         raise CLTError(f"unknown model_kind {kind!r} in {url}/config.yaml")
     clt.source = str(url)
     try:
-        with fs.open(f"{path}/ct_ray.json") as f:
-            clt.meta = json.load(f)
+        clt.meta = json.loads(_small_text(fs, path, f"{path}/ct_ray.json", url))
     except (FileNotFoundError, json.JSONDecodeError):
+        clt.meta = {}
+    if not isinstance(clt.meta, dict):
         clt.meta = {}
     clt.requires_grad_(False)
     return clt.to(device)
@@ -136,7 +194,7 @@ def _load_cross_layer(fs, path, url, cfg, hook, dtype) -> CrossLayerTranscoder:
     encs, decs = [], []
     for l in range(L):
         fname = f"W_enc_{l}.safetensors"
-        t = _read(fs, f"{path}/{fname}", url)
+        t = _read(fs, f"{path}/{fname}", url, path)
         W_enc = _get(t, f"W_enc_{l}", fname)
         d_tc, d = W_enc.shape
         b_enc, b_dec = _get(t, f"b_enc_{l}", fname), _get(t, f"b_dec_{l}", fname)
@@ -144,7 +202,7 @@ def _load_cross_layer(fs, path, url, cfg, hook, dtype) -> CrossLayerTranscoder:
         if thr is None and f"log_threshold_{l}" in t:
             thr = t[f"log_threshold_{l}"].exp()
         fname = f"W_dec_{l}.safetensors"
-        W_dec = _get(_read(fs, f"{path}/{fname}", url), f"W_dec_{l}", fname)
+        W_dec = _get(_read(fs, f"{path}/{fname}", url, path), f"W_dec_{l}", fname)
         if W_dec.ndim == 2:  # a per-layer decoder stored flat
             W_dec = W_dec[:, None]
         if W_dec.shape[0] != d_tc or W_dec.shape[-1] != d or W_dec.shape[1] > L - l or b_enc.shape != (d_tc,):
@@ -184,9 +242,11 @@ def _load_transcoder_set(fs, path, url, cfg, hook, dtype) -> CrossLayerTranscode
         raise CLTError(f"{url} has no per-layer transcoder files (layer_0.safetensors, ...)")
     tensors = []
     for fp in files:
-        full = fp if "://" in fp or fp.startswith("/") else f"{path}/{fp}"
+        parts = fp.replace("\\", "/").split("/")
+        if not fp.strip() or "://" in fp or fp.startswith(("/", "\\", "~")) or ".." in parts or ":" in parts[0]:
+            raise CLTError(f"{url}/config.yaml: transcoder file {fp[:200]!r} must be a relative path inside the CLT folder")
         fname = fp.rsplit("/", 1)[-1]
-        t = _read(fs, full, url)
+        t = _read(fs, f"{path}/{fp}", url, path)
         if "W_skip" in t:
             raise CLTError(f"{fname}: transcoders with a skip connection (W_skip) are not supported")
         W_enc, W_dec = _get(t, "W_enc", fname), _get(t, "W_dec", fname)
