@@ -55,14 +55,17 @@ def _cmd_attribute(args) -> int:
 
         fs, out = filesystem(args.out)
         fs.makedirs(out, exist_ok=True)
-        pruned.to_json(f"{args.out.rstrip('/')}/{args.slug}.json", slug=args.slug)
+        from .attribution.export_files import write_graph
+
+        write_graph(pruned, args.out, args.slug, full=graph)  # + graph-metadata.json: circuit-tracer's server lists it
         for name, table in (("nodes", graph.nodes), ("edges", graph.edges()), ("pruned_nodes", pruned.nodes),
                             ("pruned_edges", pruned.edges())):
             with fs.open(f"{out}/{name}.parquet", "wb") as f:
                 pq.write_table(table, f)
         with fs.open(f"{out}/summary.json", "w") as f:
             json.dump({"full": {**graph.summary()}, "pruned": {**pruned.summary()}, "meta": graph.meta}, f, indent=1)
-        print(f"wrote {args.out}/{args.slug}.json (graph viewer JSON) and nodes/edges Parquet files")
+        print(f"wrote {args.out}/{args.slug}.json (graph viewer JSON, listed in graph-metadata.json) and nodes/edges "
+              f"Parquet files")
     return 0
 
 

@@ -145,6 +145,24 @@ def test_supernode_params():
     assert sn == [["a", "x", "y"], ["b", "z"]] and pinned == ["x", "y", "z"]
 
 
+def test_attribute_out_lists_the_graph(tiny_dir, clt_dir, tmp_path, capsys):
+    out = tmp_path / "att"
+    for slug in ("one", "two", "one"):  # a second slug adds an entry; the same slug again replaces its entry
+        rc = cli_main(["attribute", "The cat sat on", "--model", str(tiny_dir), "--clt", clt_dir, "--out", str(out),
+                       "--slug", slug, "--quiet", "--max-n-logits", "5", "--batch-size", "64"])
+        assert rc == 0
+    index = json.loads((out / "graph-metadata.json").read_text())
+    jsonschema.validate(index, INDEX_SCHEMA)
+    assert [g["slug"] for g in index["graphs"]] == ["one", "two"]
+    data = json.loads((out / "one.json").read_text())
+    check_graph(data)
+    assert data["metadata"]["node_threshold"] < 1  # influence over the full graph, as circuit-tracer writes it
+    capsys.readouterr()
+    assert cli_main(["attribute", "x", "--model", str(tiny_dir), "--clt", clt_dir, "--out", str(out), "--slug", "../up",
+                     "--quiet"]) == 2
+    assert "slug '../up'" in capsys.readouterr().err
+
+
 # --- sweeps ---------------------------------------------------------------------------------------------------
 PROMPTS = ["The cat sat on", "Once upon a time", "1 2 3 4", ""]  # the empty prompt is an error row
 

@@ -39,6 +39,11 @@ def test_json_export(graph, tmp_path):
     assert data["metadata"]["prompt_tokens"][1:] == list("Graphs travel well")
     logits = [n for n in data["nodes"] if n["feature_type"] == "logit"]
     assert sum(n["is_target_logit"] for n in logits) == 1
+    # Neuronpedia's graph schema; scan a model id; influence a cumulative share in [0, 1]
+    from .test_export import check_graph
+
+    check_graph(data)
+    assert "/" not in data["metadata"]["scan"] and "feature_details" in data["metadata"]
 
 
 def test_error_ids_never_collide_with_features():

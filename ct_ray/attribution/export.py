@@ -1,7 +1,7 @@
 """Graph JSON in the circuit-tracer / Neuronpedia format, so existing graph viewers open ct_ray graphs.
 
 The JSON is built from node rows and edge rows (never a dense adjacency), so an in-memory graph (`graph_json`)
-and a sweep's table rows (export_sweep.py) go through the same code and give the same file. The format follows
+and a sweep's table rows (export_files.py) go through the same code and give the same file. The format follows
 Neuronpedia's published graph schema (apps/webapp/app/api/graph/graph-schema.json in
 https://github.com/hijohnnylin/neuronpedia) and circuit-tracer's frontend models and `graph-metadata.json` index
 (circuit_tracer/frontend/graph_models.py, utils.py in https://github.com/safety-research/circuit-tracer).

@@ -9,7 +9,7 @@ from ..errors import CTRayError
 
 def cmd_export(args) -> int:
     from ..sweep.cli import store_of
-    from .export_sweep import export_sweep
+    from .export_files import export_sweep
 
     if bool(args.keys) == bool(args.all):
         raise CTRayError("give --keys K1,K2 (graphs of the sweep) or --all (every committed graph)")

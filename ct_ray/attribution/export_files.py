@@ -1,21 +1,23 @@
-"""A sweep's committed graphs as circuit-tracer / Neuronpedia graph JSON files, rebuilt from the tables alone.
+"""Graph JSON files for the circuit-tracer / Neuronpedia viewers: a sweep's committed graphs, rebuilt from the
+tables alone (`export_sweep`), or one in-memory graph (`write_graph`).
 
-`DIR/{sweep_id}-{key}.json` for each committed ('ok') graph and `DIR/graph-metadata.json`, the index that
-circuit-tracer's local server lists (`circuit_tracer.frontend.local_server.serve(data_dir=DIR)`). No model or CLT
-is loaded: nodes, edges and the graphs row hold everything. Files are written atomically and only when their bytes
-change, so re-running is idempotent and cheap. See docs/export.md.
+`DIR/{slug}.json` per graph (a sweep's: `{sweep_id}-{key}`, committed 'ok' graphs only) and `DIR/graph-metadata.json`,
+the index that circuit-tracer's local server lists (`circuit_tracer.frontend.local_server.serve(data_dir=DIR)`).
+No model or CLT is loaded for a sweep: nodes, edges and the graphs row hold everything. Files are written atomically
+and only when their bytes change, so re-running is idempotent and cheap. See docs/export.md.
 """
 
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pyarrow as pa
 
 from ..errors import CTRayError, StorageError
 from ..store.tables import SWEEPS_DIR, Store
-from .export import NODE_COLUMNS, build_graph_json, cumulative_influence, index_entry, merge_index
+from .export import NODE_COLUMNS, build_graph_json, cumulative_influence, graph_json, index_entry, merge_index
 
 INDEX = "graph-metadata.json"
 BATCH = 32  # graphs whose node and edge rows are read in one scan (bounds memory, amortises scan planning)
@@ -157,3 +159,16 @@ def export_sweep(store: Store, sweep_id: str, out: str, *, keys: list[str] | Non
     return {"sweep_id": sweep_id, "out": dest.url, "graphs": len(rows), "written": written,
             "unchanged": len(rows) - written, "index": f"{dest.url}/{INDEX}", "index_graphs": len(index["graphs"]),
             "index_written": index_written}
+
+
+def write_graph(graph, out: str, slug: str, *, full=None, **out_options) -> dict:
+    """Write `graph` (a pruned one; `full`: the graph it was pruned from) as DIR/{slug}.json and list it in
+    DIR/graph-metadata.json. Returns the JSON dict."""
+    if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,127}$", slug):
+        raise CTRayError(f"slug {slug!r}: 1-128 letters, digits, '.', '_' or '-' (it names the file)")
+    dest = Store(out, **out_options)
+    old = _old_index(dest)
+    data = graph_json(graph, slug, full=full)
+    _put(dest, f"{slug}.json", _dumps(data, f"graph {slug}"))
+    _put(dest, INDEX, json.dumps(merge_index(old, [index_entry(data)]), indent=1).encode())
+    return data
