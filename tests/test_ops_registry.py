@@ -132,3 +132,40 @@ def test_decide_margins():
     assert not ok and any(r.startswith("kl:") and r.endswith("FAILED") for r in reasons)
     assert decide({**better, "kl": 0.21}, prod, {**m, "kl": -0.05})[0]  # a tolerated regression
     assert not decide({**better, "fvu": float("nan")}, prod, m)[0]
+
+
+def test_symlinks_out_of_a_clt_are_never_registered(clts, tmp_path):
+    import shutil
+
+    src = tmp_path / "clt"
+    shutil.copytree(clts[0], src)
+    (tmp_path / "secret.txt").write_text("do not ship")
+    (src / "notes.txt").symlink_to(tmp_path / "secret.txt")
+    reg = Registry(str(tmp_path / "reg"))
+    with pytest.raises(CTRayError, match="symlink out of the CLT folder"):
+        reg.register(str(src))
+    assert not list((tmp_path / "reg").rglob("secret*")) and not list((tmp_path / "reg").rglob("notes.txt"))
+
+
+@pytest.mark.parametrize("pointer", [
+    {"version": "../../etc", "previous": None, "seq": 1},
+    {"version": "ok", "previous": "../x", "seq": 2},
+    {"version": "ok", "previous": None},
+    ["not", "a", "record"],
+])
+def test_a_tampered_production_pointer_is_refused(clts, tmp_path, capsys, pointer):
+    url = str(tmp_path / "reg")
+    reg = Registry(url)
+    v1 = reg.register(clts[0])
+    reg.promote(v1)
+    (tmp_path / "reg" / "production.json").write_text(json.dumps(pointer))
+    (tmp_path / "reg" / "history" / "00000009.json").write_text(json.dumps(pointer))
+    before = sorted(p.name for p in (tmp_path / "reg" / "history").iterdir())
+    for argv in (["clt", "list", "--registry", url], ["clt", "promote", v1, "--registry", url],
+                 ["clt", "rollback", "--registry", url]):
+        capsys.readouterr()
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "production.json is invalid" in err and err.count("\n") == 1, err
+    assert sorted(p.name for p in (tmp_path / "reg" / "history").iterdir()) == before  # nothing recorded
+    assert [m["version"] for m in reg.versions()] == [v1]

@@ -265,3 +265,24 @@ def test_submit_sweep_job_to_a_token_auth_head(ray_head, tiny_dir, tmp_path):
     assert "nothing to stop" in out[4]
     assert "no job 'no-such-job'" in err[5] and err[5].count("\n") == 1
     assert ray_head["token"] not in r.stdout + r.stderr  # never logged
+
+
+def test_staging_never_follows_symlinks_out_of_the_project(tmp_path):
+    spec = tmp_path / "s.yaml"
+    spec.write_text("sweep_id: x\n")
+    proj = tmp_path / "proj"
+    (proj / "ct_ray").mkdir(parents=True)
+    (proj / "pyproject.toml").write_text("x")
+    (proj / "ct_ray" / "cli.py").write_text("x")
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets" / "key").write_text("SENTINEL-SECRET")
+    (proj / "creds").symlink_to(tmp_path / "secrets")  # a folder link out
+    (proj / "ct_ray" / "key").symlink_to(tmp_path / "secrets" / "key")  # a file link out
+    (proj / "ct_ray" / "alias.py").symlink_to(proj / "ct_ray" / "cli.py")  # inside: shipped
+    d = Path(stage_working_dir(str(spec), "project", str(proj)))
+    try:
+        assert sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file()) == [
+            JOB_SPEC, "ct_ray/alias.py", "ct_ray/cli.py", "pyproject.toml"]
+        assert not any("SENTINEL" in p.read_text() for p in d.rglob("*") if p.is_file())
+    finally:
+        shutil.rmtree(d)

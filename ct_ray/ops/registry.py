@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import os
 import re
 import shutil
 
 from ..errors import CTRayError, StorageError
-from ..store.fs import COMMIT_MARKER, atomic_dir, filesystem
+from ..store.fs import COMMIT_MARKER, atomic_dir, filesystem, is_local
 from ..store.tables import Store
 
 FORMAT = "ct_ray-clt-registry"
@@ -41,6 +42,15 @@ def _one_line(e: BaseException) -> str:
     return s.splitlines()[0] if s else type(e).__name__
 
 
+def _valid_pointer(p) -> bool:
+    """A production.json / history record as the registry writes it: version ids match _VID_RE, seq >= 1."""
+    if not isinstance(p, dict):
+        return False
+    ok_id = lambda v: isinstance(v, str) and bool(_VID_RE.match(v)) and ".." not in v
+    return (ok_id(p.get("version")) and (p.get("previous") is None or ok_id(p.get("previous")))
+            and isinstance(p.get("seq"), int) and not isinstance(p.get("seq"), bool) and p["seq"] >= 1)
+
+
 def clt_files(url: str, **storage_options) -> tuple[object, str, list[str]]:
     """(fs, root, relative file names) of a committed CLT directory, markers and hidden files left out."""
     fs, root = filesystem(url, **storage_options)
@@ -48,6 +58,11 @@ def clt_files(url: str, **storage_options) -> tuple[object, str, list[str]]:
         if not fs.exists(f"{root}/config.yaml"):
             raise CTRayError(f"no CLT at {url} (no config.yaml)")
         names = sorted(p[len(root) + 1:] for p in fs.find(root))
+        if is_local(fs):  # the registry copies bytes: none from outside the CLT folder
+            top = os.path.realpath(root)
+            for n in names:
+                if os.path.commonpath([os.path.realpath(f"{root}/{n}"), top]) != top:
+                    raise CTRayError(f"{n} in {url} is a symlink out of the CLT folder: not registered")
     except CTRayError:
         raise
     except Exception as e:
@@ -113,11 +128,17 @@ class Registry:
 
     def versions(self) -> list[dict]:
         """Committed versions' meta, oldest first."""
-        metas = [self.store.read_json(f"versions/{n}/meta.json") for n in self._ls("versions")]
-        return sorted((m for m in metas if m), key=lambda m: (m.get("created_at", ""), m["version"]))
+        metas = [(n, self.store.read_json(f"versions/{n}/meta.json")) for n in self._ls("versions") if _VID_RE.match(n)]
+        return sorted((m for n, m in metas if isinstance(m, dict) and m.get("version") == n),
+                      key=lambda m: (str(m.get("created_at", "")), m["version"]))
 
     def production(self) -> dict | None:
-        return self.store.read_json("production.json")
+        """The pointer, validated: a tampered one (a `../` version, a missing seq) is an error, never followed."""
+        p = self.store.read_json("production.json")
+        if p is not None and not _valid_pointer(p):
+            v = str(p.get("version"))[:80] if isinstance(p, dict) else "?"
+            raise CTRayError(f"{self.url}/production.json is invalid (version {v!r}): restore it from history/")
+        return p
 
     def production_url(self) -> str | None:
         p = self.production()
@@ -126,8 +147,9 @@ class Registry:
     def history(self) -> list[dict]:
         entries = [self.store.read_json(f"history/{n}") for n in self._ls("history") if n.endswith(".json")]
         cur = self.production()
-        # an entry written by a writer that died before moving the pointer is not part of the history
-        return [e for e in entries if e and cur and e["seq"] <= cur["seq"]]
+        # an entry written by a writer that died before moving the pointer is not part of the history; an invalid
+        # (tampered) entry is left out too
+        return [e for e in entries if _valid_pointer(e) and cur and e["seq"] <= cur["seq"]]
 
     # --- writing -----------------------------------------------------------------------------------------
     def register(self, clt_url: str, *, metrics: dict | None = None, provenance: dict | None = None,

@@ -135,11 +135,19 @@ def _ignore(root: Path):
     names_pat = [p for p in EXCLUDES if "/" not in p]
     paths_pat = [p for p in EXCLUDES if "/" in p]
 
+    top = root.resolve()
+
     def ignore(directory: str, names: list[str]) -> set[str]:
-        rel = Path(directory).resolve().relative_to(root.resolve())
+        rel = Path(directory).resolve().relative_to(top)
         return {n for n in names if any(fnmatch.fnmatch(n, p) for p in names_pat)
-                or any(fnmatch.fnmatch((rel / n).as_posix(), p) for p in paths_pat)}
+                or any(fnmatch.fnmatch((rel / n).as_posix(), p) for p in paths_pat)
+                or _outside(Path(directory) / n, top)}
     return ignore
+
+
+def _outside(path: Path, top: Path) -> bool:
+    """A symlink whose target is not inside the project: never shipped (copytree would copy the target's bytes)."""
+    return path.is_symlink() and not path.resolve().is_relative_to(top)
 
 
 def stage_working_dir(spec_path: str, code: str, project: str | None = None) -> str:
