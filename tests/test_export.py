@@ -242,6 +242,19 @@ def test_export_full_rows_use_circuit_tracer_influence(sweeps, lm, clt_dir, tmp_
     assert data["metadata"]["node_threshold"] == mem["metadata"]["node_threshold"] < 1
 
 
+def test_sweep_spec_export_dir(sweeps, tiny_dir, clt_dir, tmp_path, capsys):
+    import yaml
+
+    out = tmp_path / "from_spec"
+    spec = {"sweep_id": "s1", "model": str(tiny_dir), "clt": clt_dir, "prompts": PROMPTS, "storage": sweeps["store"],
+            "attribution": {"max_n_logits": 5, "batch_size": 64}, "export_dir": str(out)}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    assert cli_main(["sweep", str(tmp_path / "spec.yaml"), "--no-progress"]) == 0  # all committed: no worker starts
+    assert "graph JSON: 3 graph(s)" in capsys.readouterr().out
+    index = json.loads((out / "graph-metadata.json").read_text())
+    assert len(index["graphs"]) == 3 and all((out / f"{g['slug']}.json").exists() for g in index["graphs"])
+
+
 def test_explorer_supernodes_reach_qparams(sweeps, tmp_path, capsys):
     from ct_ray.explorer.api import ExplorerAPI
 

@@ -75,6 +75,12 @@ def cmd_sweep(args) -> int:
         print(f"  ... {len(r.errors) - 10} more (see the graphs table)")
     print(f"tables in {r.store}; try: ct-ray sql --store {r.store} "
           f"\"SELECT status, count(*) FROM graphs WHERE sweep_id = '{r.sweep_id}' GROUP BY status\"")
+    if spec.export_dir and "ok" in spec.storage.store().committed(r.sweep_id).column("status").to_pylist():
+        from ..attribution.export_files import export_sweep
+
+        opts = spec.storage.storage_options() if spec.export_dir.startswith("s3://") else {}
+        e = export_sweep(spec.storage.store(), r.sweep_id, spec.export_dir, progress=not args.no_progress, **opts)
+        print(f"graph JSON: {e['graphs']} graph(s) in {e['out']} ({e['written']} written), listed in {e['index']}")
     return 0
 
 

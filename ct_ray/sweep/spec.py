@@ -190,6 +190,8 @@ class SweepSpec(CLTChoice):
     storage: StorageSpec = StorageSpec()
     retries: int = Field(2, ge=0, le=100, description="re-tries of a prompt whose worker died")
     commit: CommitSpec = CommitSpec()
+    export_dir: str | None = Field(None, min_length=1, description="`ct-ray sweep` then writes the committed graphs as "
+                                   "circuit-tracer / Neuronpedia graph JSON here (docs/export.md)")
 
     @field_validator("sweep_id")
     @classmethod
