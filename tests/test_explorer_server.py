@@ -34,21 +34,30 @@ def _store(root) -> Store:
     return st
 
 
+def launch(store: str, servers: list, **kw) -> int:
+    """make_server on an ephemeral port of 127.0.0.1, served on a thread; its port. The caller stops `servers`."""
+    srv = make_server(store, **{"port": 0, **kw})
+    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    servers.append(srv)
+    return srv.server_address[1]
+
+
+def stop(servers: list):
+    for s in servers:
+        s.shutdown()
+        s.server_close()
+
+
 @pytest.fixture
 def serve(tmp_path):
     servers = []
 
     def start(**kw):
         _store(tmp_path / "store")
-        srv = make_server(str(tmp_path / "store"), port=0, **kw)
-        threading.Thread(target=srv.serve_forever, daemon=True).start()
-        servers.append(srv)
-        return srv.server_address[1]
+        return launch(str(tmp_path / "store"), servers, **kw)
 
     yield start
-    for s in servers:
-        s.shutdown()
-        s.server_close()
+    stop(servers)
 
 
 def req(port, method, path, body=None, headers=None):

@@ -19,6 +19,7 @@ _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")  # sweep ids, keys, clt
 _NODE_ID = re.compile(r"^(E|-?\d{1,6})_-?\d{1,9}_\d{1,7}$")
 _NAME = re.compile(r"^[^\x00-\x1f\x7f<>]{1,64}$")  # printable, no markup
 MAX_SUPERNODES, MAX_SUPERNODE_NODES = 200, 2000
+MAX_LIMIT = 5000  # graph rows per /api/graphs answer
 GRAPH_COLS = ["key", "prompt_index", "prompt", "status", "error", "model", "clt", "n_tokens", "top_token_str", "top_prob",
               "n_nodes_pruned", "n_edges_pruned", "n_features_pruned", "replacement_score", "completeness_score",
               "replacement_score_pruned", "completeness_score_pruned", "created_at"]
@@ -53,6 +54,18 @@ def check_id(v, what: str) -> str:
     if not isinstance(v, str) or not _ID.match(v):
         raise BadRequest(f"bad {what}")
     return v
+
+
+def _int(v, what: str, lo: int, hi: int) -> int:
+    """An integer query field within [lo, hi]: a negative `limit` would slice rows off the end, a huge layer
+    overflows Arrow's int64 compare."""
+    try:
+        i = int(v)
+    except (TypeError, ValueError):
+        raise BadRequest(f"bad {what}: not an integer") from None
+    if not lo <= i <= hi:
+        raise BadRequest(f"bad {what}: give {lo}..{hi}")
+    return i
 
 
 def _float(v, what: str) -> float | None:
@@ -92,10 +105,7 @@ class ExplorerAPI:
         if status not in (None, "ok", "error"):
             raise BadRequest("status must be ok or error")
         mins = {c: _float(q.get(f"min_{c}"), f"min_{c}") for c in ("completeness", "replacement")}
-        try:
-            limit = min(int(q.get("limit") or 500), 5000)
-        except ValueError:
-            raise BadRequest("bad limit") from None
+        limit = _int(q.get("limit") or 500, "limit", 1, MAX_LIMIT)
         out = []
         for sid in sweeps:
             for r in self.store.read("graphs", sid, columns=GRAPH_COLS).to_pylist():
@@ -142,10 +152,7 @@ class ExplorerAPI:
 
     def feature(self, q: dict) -> dict:
         cid = check_id(q.get("clt_id"), "clt_id")
-        try:
-            layer, feat = int(q.get("layer", "")), int(q.get("feature", ""))
-        except ValueError:
-            raise BadRequest("layer and feature must be integers") from None
+        layer, feat = _int(q.get("layer"), "layer", -1, 1 << 20), _int(q.get("feature"), "feature", 0, (1 << 31) - 1)
         with self._lock:
             t = self._features.get(cid)
             if t is None:
@@ -180,7 +187,7 @@ class ExplorerAPI:
         sid, key = check_id(q.get("sweep"), "sweep"), check_id(q.get("key"), "key")
         try:
             data = json.loads(body.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (ValueError, RecursionError):  # also numbers past int's digit limit
             raise BadRequest("body must be JSON") from None
         groups = data.get("supernodes") if isinstance(data, dict) else None
         if not isinstance(groups, list) or len(groups) > MAX_SUPERNODES:

@@ -7,10 +7,14 @@ def cmd_serve(args) -> int:
     from .server import make_server
 
     srv = make_server(args.store, host=args.host, port=args.port, allow_write=args.allow_write,
-                      graph_json=args.graph_json, endpoint_url=args.endpoint_url)
+                      graph_json=args.graph_json, endpoint_url=args.endpoint_url, allow_hosts=args.allow_host or ())
     host, port = srv.server_address[:2]
     mode = "read-write (supernodes can be saved)" if args.allow_write else "read-only"
     print(f"ct-ray explorer on http://{host}:{port}/  store {srv.api.store.url}  {mode}  (Ctrl-C stops)", flush=True)
+    if host not in ("127.0.0.1", "::1"):
+        names = ", ".join(sorted(srv.allowed_names))
+        print(f"reachable from other machines; answers to IP addresses and the names {names} "
+              "(--allow-host adds names; see docs/security.md)", flush=True)
     try:
         srv.serve_forever()
     finally:
@@ -30,6 +34,9 @@ def add_parsers(sub) -> None:
     s.add_argument("--endpoint-url", help="S3-compatible endpoint (credentials come from the AWS env/chain)")
     s.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--allow-host", action="append", metavar="NAME",
+                   help="also answer requests addressed to this host name (repeatable; IP addresses, localhost and "
+                        "the --host name always work; other names are refused against DNS rebinding)")
     s.add_argument("--allow-write", action="store_true", help="let the page save supernode groupings to the store")
     s.add_argument("--graph-json", help="also serve this graph JSON file (circuit-tracer / Neuronpedia format)")
     s.set_defaults(fn=cmd_serve)

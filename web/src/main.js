@@ -3,6 +3,8 @@
 // format) open too. Everything is served by `ct-ray serve`; nothing is fetched from elsewhere.
 import { select } from "d3-selection";
 import { scaleLinear } from "d3-scale";
+import { setHTML } from "./html.js";
+import { featureDetails, fmt, hint, nodeHead } from "./render.js";
 
 const $ = (id) => document.getElementById(id);
 const state = { info: null, graph: null, selected: new Set(), supernodes: [], featureCache: new Map() };
@@ -14,7 +16,6 @@ async function api(path, opts) {
   return body;
 }
 const qs = (o) => new URLSearchParams(Object.entries(o).filter(([, v]) => v !== "" && v != null)).toString();
-const fmt = (x, d = 3) => (x == null ? "–" : Number(x).toFixed(d));
 
 // --- the list of graphs --------------------------------------------------------------------------------------
 async function loadList() {
@@ -89,6 +90,7 @@ function visible(g, nodeTh, edgeTh) {
 
 // --- drawing ---------------------------------------------------------------------------------------------------
 const COLORS = { feature: "#4e79a7", error: "#bab0ac", embedding: "#59a14f", logit: "#e15759" };
+const kindClass = (k) => (Object.prototype.hasOwnProperty.call(COLORS, k) ? k : "other");  // a stored kind names no other CSS class
 
 function draw() {
   const g = state.graph;
@@ -125,7 +127,7 @@ function draw() {
     .attr("stroke-width", (e) => 0.3 + 4 * Math.abs(e.w) / maxW);
   const inSn = new Set(state.supernodes.flatMap((s) => s.nodes));
   const gn = svg.append("g").selectAll("g").data(v.nodes).enter().append("g")
-    .attr("class", (n) => `node ${n.kind}` + (state.selected.has(n.id) ? " selected" : "") + (inSn.has(n.id) ? " in-sn" : ""))
+    .attr("class", (n) => `node ${kindClass(n.kind)}` + (state.selected.has(n.id) ? " selected" : "") + (inSn.has(n.id) ? " in-sn" : ""))
     .attr("data-id", (n) => n.id).attr("data-cum", (n) => n.cum ?? "").attr("transform", (n) => `translate(${n.x},${n.y})`)
     .on("mouseenter", (_, n) => showNode(n)).on("click", (_, n) => { toggle(n); showNode(n); });
   gn.each(function (n) {
@@ -133,30 +135,20 @@ function draw() {
     if (n.kind === "feature") el.append("circle").attr("r", 5);
     else el.append("rect").attr("x", -5).attr("y", -5).attr("width", 10).attr("height", 10)
       .attr("transform", n.kind === "logit" ? "rotate(45)" : null);
-    el.select(":first-child").attr("fill", COLORS[n.kind]).attr("stroke", "#333").attr("stroke-width", 0.5);
+    el.select(":first-child").attr("fill", COLORS[kindClass(n.kind)] || "#999").attr("stroke", "#333").attr("stroke-width", 0.5);
     el.append("title").text(`${n.id} (${n.kind}) act=${fmt(n.act)}` + (n.kind === "logit" ? ` p=${fmt(n.prob)}` : ""));
     if (n.label) el.append("text").attr("transform", n.kind === "logit" ? "translate(3,-8) rotate(-50)" : "translate(7,12)").text(n.label);
   });
   $("counts").textContent = `${v.nodes.length}/${g.nodes.length} nodes, ${v.edges.length}/${g.edges.length} edges`;
 }
 
-// --- details: feature dashboards -------------------------------------------------------------------------------
-function tokens(c, max) {
-  return c.tokens.map((t, i) => {
-    const a = c.acts[i] || 0, alpha = max > 0 ? Math.min(1, Math.max(0, a) / max) : 0;
-    const cls = c.start + i === c.position ? "tok max" : "tok";
-    return `<span class="${cls}" style="background:rgba(255,140,0,${alpha.toFixed(3)})" title="${fmt(a)}">${esc(t)}</span>`;
-  }).join("");
-}
-const esc = (s) => String(s).replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
-
+// --- details: feature dashboards (markup built in render.js, every stored string escaped) -------------------------
 async function showNode(n) {
   const box = $("feature");
-  const head = `<h3>${esc(n.id)} <small>${n.kind}${n.kind === "feature" ? ` L${n.layer} #${n.feature}` : ""}</small></h3>` +
-    `<div class="stats">activation ${fmt(n.act)}${n.kind === "logit" ? `, p=${fmt(n.prob)}` : ""}${n.cum !== undefined ? `, cumulative influence ${fmt(n.cum, 2)}` : ""}</div>`;
+  const head = nodeHead(n);
   box.dataset.node = n.id;
   if (n.kind !== "feature" || !state.graph.featuresId) {
-    box.innerHTML = head + (n.kind === "feature" ? '<p class="hint">no feature dashboards for this CLT (run ct-ray features)</p>' : "");
+    setHTML(box, n.kind === "feature" ? hint(head, "no feature dashboards for this CLT (run ct-ray features)") : head);
     return;
   }
   const key = `${state.graph.featuresId}/${n.layer}/${n.feature}`;
@@ -168,12 +160,7 @@ async function showNode(n) {
     state.featureCache.set(key, d);
   }
   if (box.dataset.node !== n.id) return;  // the pointer moved on meanwhile
-  if (d.error) { box.innerHTML = head + `<p class="hint">${esc(d.error)}</p>`; return; }
-  const ctx = (c) => `<div class="ctx">${c.quantile != null ? `<span class="q">q${fmt(c.quantile, 2)}</span>` : ""}` +
-    `<span class="q">${fmt(c.activation, 2)}</span>${tokens(c, d.max_activation)}</div>`;
-  box.innerHTML = head + `<div class="stats">density ${(100 * d.density).toPrecision(3)}% · mean when active ${fmt(d.mean_activation)} · max ${fmt(d.max_activation)} · ${d.n_tokens} tokens</div>` +
-    `<h4>Top activating contexts</h4><div id="top-contexts" data-count="${d.top_contexts.length}">${d.top_contexts.map(ctx).join("")}</div>` +
-    `<h4>Quantile samples</h4><div id="quantile-samples">${d.quantile_samples.map(ctx).join("")}</div>`;
+  setHTML(box, d.error ? hint(head, d.error) : featureDetails(head, d));
 }
 
 // --- supernodes ------------------------------------------------------------------------------------------------
