@@ -255,6 +255,21 @@ def test_sweep_spec_export_dir(sweeps, tiny_dir, clt_dir, tmp_path, capsys):
     assert len(index["graphs"]) == 3 and all((out / f"{g['slug']}.json").exists() for g in index["graphs"])
 
 
+def test_export_to_s3(sweeps, s3, capsys):
+    import fsspec
+
+    url = f"s3://{s3['bucket']}/exported"
+    args = ["--store", sweeps["store"], "--sweep", "s1", "--all", "--out", url, "--endpoint-url", s3["endpoint"]]
+    rc, so, _ = _export(capsys, *args)
+    assert rc == 0 and "3 written" in so
+    fs = fsspec.filesystem("s3", client_kwargs={"endpoint_url": s3["endpoint"]})
+    index = json.loads(fs.cat_file(f"{url}/graph-metadata.json"))
+    for g in index["graphs"]:
+        check_graph(json.loads(fs.cat_file(f"{url}/{g['slug']}.json")))
+    rc, so, _ = _export(capsys, *args)
+    assert rc == 0 and "0 written, 3 unchanged" in so
+
+
 def test_explorer_supernodes_reach_qparams(sweeps, tmp_path, capsys):
     from ct_ray.explorer.api import ExplorerAPI
 
