@@ -20,6 +20,10 @@ def _cmd_models(args) -> int:
     return 0
 
 
+def _feature_nodes(v: str) -> int | None:
+    return None if v == "all" else int(v)  # argparse reports a ValueError as "invalid _feature_nodes value"
+
+
 def _cmd_attribute(args) -> int:
     import pyarrow.parquet as pq
 
@@ -152,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-n-logits", type=int, default=10)
     s.add_argument("--desired-logit-prob", type=float, default=0.95)
     s.add_argument("--batch-size", type=int, default=128)
-    s.add_argument("--max-feature-nodes", type=int, default=None)
+    s.add_argument("--max-feature-nodes", type=_feature_nodes, default=7500,
+                   help="feature nodes kept, chosen by influence (default 7500, as circuit-tracer); 'all': every one")
     s.add_argument("--node-threshold", type=float, default=0.8)
     s.add_argument("--edge-threshold", type=float, default=0.98)
     s.add_argument("--quiet", action="store_true")

@@ -19,7 +19,7 @@ class AttributionSpec(Spec):
     max_n_logits: int = Field(10, ge=1, le=1000)
     desired_logit_prob: float = Field(0.95, gt=0.0, le=1.0)
     batch_size: int = Field(128, ge=1)
-    max_feature_nodes: int | None = Field(None, ge=1)
+    max_feature_nodes: int | None = Field(7500, ge=1, description="kept features (by influence); null: all active")
 
 
 class PruneSpec(Spec):
