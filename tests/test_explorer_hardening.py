@@ -83,6 +83,13 @@ def test_stored_strings_are_escaped_in_the_page(rendered, field):
     assert "<img" not in out and "<a " not in out and "&lt;img src=x" in out
 
 
+def test_dashboard_markup_keeps_its_structure(rendered):
+    """What the page and tests/test_explorer_e2e.py select on survives the escaping."""
+    out = rendered["dashboard"]
+    assert '<div id="top-contexts" data-count="1"><div class="ctx">' in out
+    assert out.count('<span class="tok max"') == 2 and "density 10.0%" in out and "&lt;img" in out
+
+
 def test_only_the_html_helper_writes_markup():
     """innerHTML is assigned in one place, which takes escaped `html` fragments only."""
     users = sorted(p.name for p in (WEB / "src").glob("*.js") if "innerHTML" in p.read_text())
