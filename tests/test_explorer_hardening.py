@@ -161,8 +161,22 @@ def test_body_that_never_arrives_is_408(start):
     one_line_error(code, body, 408)
 
 
+def test_idle_connections_hold_no_thread_and_block_nobody(start):
+    """200 silent sockets used to hold 200 threads; now they wait in one selector and requests are still served."""
+    port = start(threads=2, waiting=250, timeout=30)
+    before = threading.active_count()
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(200)]
+    try:
+        time.sleep(0.3)
+        assert [req(port, "GET", "/api/info")[0] for _ in range(5)] == [200] * 5
+        assert threading.active_count() == before
+    finally:
+        for s in idle:
+            s.close()
+
+
 def test_threads_are_bounded_and_overflow_is_503(start):
-    port = start(threads=3, pending=2, timeout=30)
+    port = start(threads=3, waiting=2, timeout=30)
     before = threading.active_count()
     idle = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(40)]
     try:

@@ -1,10 +1,11 @@
-"""An HTTP server with a fixed number of worker threads and a bounded queue, and a socket reader with a deadline.
+"""An HTTP server with a fixed number of worker threads, and a socket reader with a deadline.
 
 The stdlib ThreadingHTTPServer starts a thread per connection and lets a silent connection hold it forever, so a
-few hundred idle sockets hold a few hundred threads. Here `threads` workers take accepted connections from a queue
-of `pending`; past that a connection gets an immediate 503 and is closed. Each read waits at most `timeout`
-seconds and a whole request must arrive within `deadline` seconds, so a slow sender (one byte at a time) cannot
-hold a worker either.
+few hundred idle sockets held a few hundred threads. Here one waiter thread holds accepted connections in a
+selector until they have something to read (at most `timeout` seconds, then they are closed) and only then hands
+them to one of `threads` workers; past `threads + waiting` open connections a new one gets an immediate 503.
+Each read waits at most `timeout` seconds and a whole request must arrive within `deadline` seconds, so a slow
+sender (one byte at a time) cannot hold a worker for long either.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import io
 import json
 import logging
 import queue
+import selectors
 import socket
 import threading
 import time
@@ -42,24 +44,34 @@ class DeadlineReader(io.RawIOBase):
 class BoundedHTTPServer(HTTPServer):
     request_queue_size = 128  # the listen backlog: a burst of connects waits here instead of retrying SYNs for seconds
 
-    def __init__(self, addr, handler, *, threads: int = 16, pending: int = 64, timeout: float = 10.0,
+    def __init__(self, addr, handler, *, threads: int = 16, waiting: int = 256, timeout: float = 10.0,
                  deadline: float = 30.0):
         if ":" in addr[0]:
             self.address_family = socket.AF_INET6
         self.request_timeout, self.request_deadline = timeout, deadline
-        self._queue: queue.Queue = queue.Queue()
-        self._slots = threading.BoundedSemaphore(threads + pending)  # connections accepted and not yet finished
+        self._ready: queue.Queue = queue.Queue()  # connections with a request to read, for the workers
+        self._new: queue.Queue = queue.Queue()  # accepted connections, for the waiter
+        self._slots = threading.BoundedSemaphore(threads + waiting)  # connections accepted and not yet closed
         super().__init__(addr, handler)  # binds first: nothing to stop if the port is taken
-        self._workers = [threading.Thread(target=self._work, daemon=True, name=f"ct-ray-explorer-{i}")
-                         for i in range(threads)]
-        for t in self._workers:
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_w.setblocking(False)
+        self._threads = [threading.Thread(target=self._wait, daemon=True, name="ct-ray-explorer-wait")]
+        self._threads += [threading.Thread(target=self._work, daemon=True, name=f"ct-ray-explorer-{i}")
+                          for i in range(threads)]
+        for t in self._threads:
             t.start()
 
     def process_request(self, request, client_address):
-        if self._slots.acquire(blocking=False):
-            self._queue.put((request, client_address))
-        else:
-            self._busy(request)
+        if not self._slots.acquire(blocking=False):
+            return self._busy(request)
+        self._new.put((request, client_address))
+        self._wake()
+
+    def _wake(self):
+        try:
+            self._wake_w.send(b"\0")
+        except (BlockingIOError, OSError):
+            pass  # a wake-up is pending already (or the server is closing)
 
     def _busy(self, request):
         body = json.dumps({"error": "server busy: too many connections, try again"}).encode()
@@ -72,29 +84,66 @@ class BoundedHTTPServer(HTTPServer):
             pass
         self.shutdown_request(request)
 
+    def _drop(self, request):
+        self.shutdown_request(request)
+        self._slots.release()
+
+    def _wait(self):
+        """Hold connections until readable (-> a worker) or idle for `timeout` (-> closed); oldest first."""
+        sel = selectors.DefaultSelector()
+        sel.register(self._wake_r, selectors.EVENT_READ)
+        held: dict[socket.socket, tuple] = {}  # in arrival order: (client address, since)
+        running = True
+        while running:
+            first = next(iter(held.values()), None)
+            wait = None if first is None else max(0.0, first[1] + self.request_timeout - time.monotonic())
+            for key, _ in sel.select(wait):
+                if key.fileobj is self._wake_r:
+                    self._wake_r.recv(4096)
+                    while running and not self._new.empty():
+                        item = self._new.get()
+                        if item is _STOP:
+                            running = False
+                        else:
+                            held[item[0]] = (item[1], time.monotonic())
+                            sel.register(item[0], selectors.EVENT_READ)
+                elif key.fileobj in held:
+                    sel.unregister(key.fileobj)
+                    self._ready.put((key.fileobj, held.pop(key.fileobj)[0]))
+            now = time.monotonic()
+            for sock, (_, since) in list(held.items()):
+                if running and since + self.request_timeout > now:
+                    break
+                sel.unregister(sock)
+                del held[sock]
+                self._drop(sock)
+        sel.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
     def _work(self):
-        while (item := self._queue.get()) is not _STOP:
+        while (item := self._ready.get()) is not _STOP:
             request, client_address = item
             try:
                 self.finish_request(request, client_address)
             except Exception:
                 self.handle_error(request, client_address)
             finally:
-                self.shutdown_request(request)
-                self._slots.release()
+                self._drop(request)
 
     def handle_error(self, request, client_address):
         log.debug("explorer connection from %s failed", client_address, exc_info=True)
 
     def server_close(self):
         super().server_close()
-        while True:  # drop connections nobody will serve now, then stop the workers
+        self._new.put(_STOP)  # the waiter closes what it holds
+        self._wake()
+        while True:  # connections no worker will serve now
             try:
-                item = self._queue.get_nowait()
+                item = self._ready.get_nowait()
             except queue.Empty:
                 break
             if item is not _STOP:
-                self.shutdown_request(item[0])
-                self._slots.release()
-        for _ in self._workers:
-            self._queue.put(_STOP)
+                self._drop(item[0])
+        for _ in self._threads[1:]:
+            self._ready.put(_STOP)

@@ -214,7 +214,7 @@ class ExplorerServer(BoundedHTTPServer):
 def make_server(store: str, *, host: str = "127.0.0.1", port: int = 8000, allow_write: bool = False,
                 graph_json: str | None = None, endpoint_url: str | None = None, allow_hosts=(),
                 **limits) -> ExplorerServer:
-    """`limits`: threads, pending, timeout, deadline of the connection pool (pool.BoundedHTTPServer)."""
+    """`limits`: threads, waiting, timeout, deadline of the connection pool (pool.BoundedHTTPServer)."""
     opts = {"endpoint_url": endpoint_url} if endpoint_url else {}
     st = Store(store, **opts)
     if graph_json and not os.path.isfile(graph_json) and "://" not in graph_json:
