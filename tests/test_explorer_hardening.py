@@ -7,6 +7,7 @@ import socket
 import subprocess
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -161,34 +162,34 @@ def test_body_that_never_arrives_is_408(start):
     one_line_error(code, body, 408)
 
 
+@contextmanager
+def silent_sockets(port, n):
+    """`n` connections that never send a byte; the threads the server has while they are open."""
+    before = threading.active_count()
+    socks = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(n)]
+    try:
+        time.sleep(0.3)
+        yield lambda: threading.active_count() - before
+    finally:
+        for s in socks:
+            s.close()
+
+
 def test_idle_connections_hold_no_thread_and_block_nobody(start):
     """200 silent sockets used to hold 200 threads; now they wait in one selector and requests are still served."""
     port = start(threads=2, waiting=250, timeout=30)
-    before = threading.active_count()
-    idle = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(200)]
-    try:
-        time.sleep(0.3)
+    with silent_sockets(port, 200) as new_threads:
         assert [req(port, "GET", "/api/info")[0] for _ in range(5)] == [200] * 5
-        assert threading.active_count() == before
-    finally:
-        for s in idle:
-            s.close()
+        assert new_threads() == 0
 
 
-def test_threads_are_bounded_and_overflow_is_503(start):
+def test_over_the_connection_cap_is_503(start):
     port = start(threads=3, waiting=2, timeout=30)
-    before = threading.active_count()
-    idle = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(40)]
-    try:
-        time.sleep(0.3)
-        assert threading.active_count() - before <= 1  # the pool's threads exist already; none per connection
+    with silent_sockets(port, 40) as new_threads:
         code, body = req(port, "GET", "/api/info")
-        assert code == 503 and "busy" in body["error"]
-    finally:
-        for s in idle:
-            s.close()
+        assert code == 503 and "busy" in body["error"] and new_threads() == 0
     deadline = time.monotonic() + 5
-    while req(port, "GET", "/api/info")[0] != 200:  # the idle sockets are gone: served again
+    while req(port, "GET", "/api/info")[0] != 200:  # the silent sockets are gone: served again
         assert time.monotonic() < deadline
         time.sleep(0.1)
 
