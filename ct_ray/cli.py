@@ -62,12 +62,17 @@ def _cmd_attribute(args) -> int:
         from .attribution.export_files import write_graph
 
         write_graph(pruned, args.out, args.slug, full=graph)  # + graph-metadata.json: circuit-tracer's server lists it
+        import pyarrow as pa
+
+        from .store.tables import Store
+
+        dest = Store(args.out)  # each file written whole (temporary + rename), never half
         for name, table in (("nodes", graph.nodes), ("edges", graph.edges()), ("pruned_nodes", pruned.nodes),
                             ("pruned_edges", pruned.edges())):
-            with fs.open(f"{out}/{name}.parquet", "wb") as f:
-                pq.write_table(table, f)
-        with fs.open(f"{out}/summary.json", "w") as f:
-            json.dump({"full": {**graph.summary()}, "pruned": {**pruned.summary()}, "meta": graph.meta}, f, indent=1)
+            buf = pa.BufferOutputStream()
+            pq.write_table(table, buf)
+            dest.put_bytes(f"{dest.root}/{name}.parquet", buf.getvalue().to_pybytes())
+        dest.write_json("summary.json", {"full": {**graph.summary()}, "pruned": {**pruned.summary()}, "meta": graph.meta})
         print(f"wrote {args.out}/{args.slug}.json (graph viewer JSON, listed in graph-metadata.json) and nodes/edges "
               f"Parquet files")
     return 0
@@ -81,6 +86,20 @@ def _cmd_clt_random(args) -> int:
     save_clt(clt, args.out, extra={"random": True, "seed": args.seed})
     print(f"wrote a random CLT ({args.features} features/layer, {model.n_layers} layers) to {args.out}")
     return 0
+
+
+def _positive_int(v: str) -> int:
+    n = int(v)  # argparse reports a ValueError as "invalid _positive_int value"
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line, like every other error (the usage is one `--help` away)."""
+
+    def error(self, message):
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _ray_init(address: str | None) -> None:
@@ -138,7 +157,7 @@ def _cmd_perturb(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ct-ray", description="Circuit tracing of language models on Ray.")
+    p = _Parser(prog="ct-ray", description="Circuit tracing of language models on Ray.")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -149,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("prompt")
     s.add_argument("--model", default="smollm2-135m", help="built-in name, local HF directory or hub id")
     s.add_argument("--clt", help="CLT directory URL (circuit-tracer layout; local path or s3://)")
-    s.add_argument("--random-clt", type=int, metavar="N", help="use a seeded random CLT with N features per layer")
+    s.add_argument("--random-clt", type=_positive_int, metavar="N", help="use a seeded random CLT with N features per layer")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", help="directory for graph JSON + Parquet nodes/edges")
     s.add_argument("--slug", default="graph")
@@ -188,8 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     csub = s.add_subparsers(dest="clt_cmd", required=True)
     r = csub.add_parser("random", help="write a seeded random CLT for a model (for tests and demos)")
     r.add_argument("--model", default="smollm2-135m")
-    r.add_argument("--features", type=int, default=256)
-    r.add_argument("--span", type=int, default=None, help="layers each decoder writes (1 = per-layer transcoder)")
+    r.add_argument("--features", type=_positive_int, default=256)
+    r.add_argument("--span", type=_positive_int, default=None, help="layers each decoder writes (1 = per-layer transcoder)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--out", required=True)
     r.set_defaults(fn=_cmd_clt_random)
@@ -212,7 +231,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    for i, a in enumerate(argv, 1):  # undecodable bytes arrive as lone surrogates and break every layer below
+        try:
+            a.encode("utf-8")
+        except UnicodeEncodeError:
+            print(f"ct-ray: error: argument {i} is not valid UTF-8 text", file=sys.stderr)
+            return EXIT_USER_ERROR
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, or a usage error (printed already)
+        return e.code if isinstance(e.code, int) else EXIT_USER_ERROR
     from .errors import CTRayError
 
     try:
@@ -220,9 +249,19 @@ def main(argv: list[str] | None = None) -> int:
     except CTRayError as e:
         print(f"ct-ray: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except BrokenPipeError:  # `ct-ray sql ... | head`: the reader left; stop quietly like other tools
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # nothing left to flush into the closed pipe at exit
+        return 141
     except KeyboardInterrupt:
         print("ct-ray: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # the environment (permissions, a full disk, a file where a folder goes), not a bug
+        if args.debug:
+            raise
+        what = f": {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"ct-ray: error: {e.strerror or type(e).__name__}{what}", file=sys.stderr)
+        return EXIT_USER_ERROR
     except Exception as e:  # a bug: keep it to one line unless --debug
         if args.debug:
             raise

@@ -170,7 +170,8 @@ def load_model(name_or_path: str | Path = DEFAULT_MODEL, *, dtype=torch.float32,
     else:
         raise ModelError(f"unknown model {name!r}; built-in models: {', '.join(BUILTIN_MODELS)}, or a local HF directory")
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        # safetensors only: pickle weights (pytorch_model.bin) are never unpickled, and their absence is an error
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
     except ModelError:
         raise
     except (OSError, ValueError, KeyError) as e:
