@@ -10,9 +10,11 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 
 from ct_ray.cli import build_parser, main
+from ct_ray.store.commit import append_rows
 
 from .test_explorer_server import KEY, _store, launch, req, stop
 
@@ -23,7 +25,10 @@ EVIL = '<img src=x onerror=alert(1)><a href="//evil.example">x</a>'
 @pytest.fixture(scope="module")
 def store_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("explorer") / "store"
-    _store(root)  # one store for the module: only supernodes are ever written, and no test reads them back
+    st = _store(root)  # one store for the module: only supernodes are ever written, and no test reads them back
+    append_rows(st, "graphs", "s2", pa.Table.from_pylist([{
+        "key": "tb1", "prompt_index": 0, "prompt": "p", "status": "error",
+        "error": "Traceback (most recent call last):\n  File x\nValueError: <b>boom</b>"}]))
     return str(root)
 
 
@@ -180,14 +185,14 @@ def test_idle_connections_hold_no_thread_and_block_nobody(start):
     port = start(threads=2, waiting=250, timeout=30)
     with silent_sockets(port, 200) as new_threads:
         assert [req(port, "GET", "/api/info")[0] for _ in range(5)] == [200] * 5
-        assert new_threads() == 0
+        assert new_threads() <= 0  # (threads of servers stopped by earlier tests may still be ending)
 
 
 def test_over_the_connection_cap_is_503(start):
     port = start(threads=3, waiting=2, timeout=30)
     with silent_sockets(port, 40) as new_threads:
         code, body = req(port, "GET", "/api/info")
-        assert code == 503 and "busy" in body["error"] and new_threads() == 0
+        assert code == 503 and "busy" in body["error"] and new_threads() <= 0
     deadline = time.monotonic() + 5
     while req(port, "GET", "/api/info")[0] != 200:  # the silent sockets are gone: served again
         assert time.monotonic() < deadline
@@ -208,8 +213,14 @@ def test_bad_query_is_a_json_400(start, path):
 
 def test_limit_keeps_the_first_rows(start):
     port = start()
-    assert [r["key"] for r in req(port, "GET", "/api/graphs?limit=1")[1]] == [KEY]
-    assert [r["key"] for r in req(port, "GET", "/api/graphs?limit=5000")[1]] == [KEY, "bad1"]
+    assert [r["key"] for r in req(port, "GET", "/api/graphs?sweep=s1&limit=1")[1]] == [KEY]
+    assert [r["key"] for r in req(port, "GET", "/api/graphs?sweep=s1&limit=5000")[1]] == [KEY, "bad1"]
+
+
+def test_stored_multiline_error_is_one_line(start):
+    code, body = req(start(), "GET", "/api/graph?sweep=s2&key=tb1")
+    one_line_error(code, body, 404)
+    assert body["error"] == "graph tb1 failed: Traceback (most recent call last):"
 
 
 @pytest.mark.parametrize("body", [

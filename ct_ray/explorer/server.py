@@ -79,7 +79,8 @@ class Handler(BaseHTTPRequestHandler):
         self._send(code, json.dumps(obj, allow_nan=False).encode(), "application/json")
 
     def _error(self, code: int, msg: str):
-        self._json(code, {"error": msg})
+        # one line: messages can quote stored text (a failed graph's error may be a whole traceback)
+        self._json(code, {"error": (msg.strip().splitlines() or ["error"])[0][:500]})
 
     def send_error(self, code, message=None, explain=None):
         """The stdlib's own refusals (malformed request line, 414, 431, 501) as JSON too, not an HTML page."""
@@ -141,8 +142,8 @@ class Handler(BaseHTTPRequestHandler):
             return
         self.wfile.flush()
         self.connection.settimeout(1.0)
-        try:
-            while n > 0 and (chunk := self.rfile.read1(min(n, 1 << 16))):
+        try:  # from the socket itself: the request's read deadline may be spent already
+            while n > 0 and (chunk := self.connection.recv(min(n, 1 << 16))):
                 n -= len(chunk)
         except OSError:
             pass
