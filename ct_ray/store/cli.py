@@ -33,7 +33,9 @@ def _run(fn, *a, **kw):
 def _store(args):
     from ..sweep.cli import store_of
 
-    return store_of(args)
+    st = store_of(args)
+    st.check_exists()  # a mistyped --store is an error, not a store of empty tables
+    return st
 
 
 def cmd_list(args) -> int:

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 
 from ..errors import CTRayError, StorageError, one_line
 from ..executor import ensure_ray, worker_env
+from ..executor.capacity import no_room, resource_wait_s
 from ..store.commit import Committer, recover
 from ..store.schemas import TABLES_SCHEMA_VERSION
 from ..store.tables import SWEEPS_DIR, Store
@@ -299,7 +300,7 @@ class _Driver:
         self.pert_q.extend((it, None, None) for it in pert_todo)
         for _ in range(max(1, min(res.workers, len(todo) + len(pert_todo)))):
             self.actors.append(self.new_actor())
-        waiting_since = time.monotonic()
+        waiting_since = started = time.monotonic()
         try:
             while (self.n_work or self.attr_q or self.pert_q or self.suspects or self.flushing
                    or self.committer.pending or any(a["pending"] for a in self.actors)):
@@ -308,7 +309,11 @@ class _Driver:
                 if not self.inflight:
                     continue
                 ready, _ = ray.wait(list(self.inflight), num_returns=1, timeout=5.0)
+                if any(a["ready"] for a in self.actors):
+                    started = time.monotonic()  # the wait below counts from the last moment no worker was up
                 if not ready:
+                    if time.monotonic() - started > resource_wait_s():
+                        raise no_room(ray, "sweep", res.num_cpus, res.num_gpus)  # never pending forever
                     if not any(a["ready"] for a in self.actors) and time.monotonic() - waiting_since > 60:
                         self.bar.write(f"sweep {spec.sweep_id}: waiting for resources for {len(self.actors)} worker(s) "
                                        f"(num_cpus={res.num_cpus}, num_gpus={res.num_gpus} each)")
