@@ -14,6 +14,8 @@ For every case the benchmark
 
     python benchmarks/attribution.py            # full run (tiny-plt, tiny-clt, smollm2-clt, smollm2-plt; ~11 min)
     python benchmarks/attribution.py --quick    # small smoke configuration (tiny model only, ~1 minute)
+    python benchmarks/attribution.py --lengths 16,32,64 --max-feature-nodes 512 --budget-gb 6   # peak RSS and
+        # time vs prompt length on SmolLM2 with a realistic-density CLT (benchmarks/attribution_lengths.py)
 
 Numbers are wall-clock seconds for one attribution graph (model loading excluded; ct_ray: best and median of
 --repeats graphs, circuit-tracer: one graph; speedup and CPU columns use ct_ray's best graph),
@@ -243,13 +245,15 @@ def _worker_ctray(case_dir: Path) -> None:
     rss_loaded = _rss_mb()
     tokens = info["tokens"]
     kw = dict(max_n_logits=spec["max_n_logits"], desired_logit_prob=spec["desired_logit_prob"],
-              batch_size=spec["batch_size"])
+              batch_size=spec["batch_size"], max_feature_nodes=None)  # every feature, as circuit-tracer's run
     t_warm = 0.0
     if spec["warmup"] != "none":
+        kw.pop("max_feature_nodes")
         t1 = time.perf_counter()
         ct_ray.attribute(lm, clt, tokens,
                          max_feature_nodes=LIGHT_WARMUP_FEATURES if spec["warmup"] == "light" else None, **kw)
         t_warm = time.perf_counter() - t1
+    kw["max_feature_nodes"] = None
     times, cpus, loads, others = [], [], [], []
     g = None
     for _ in range(max(1, spec["repeats"])):
@@ -503,10 +507,24 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", default=None, help="keep inputs/outputs here (default: a temporary directory)")
     ap.add_argument("--json", default=None, help="write all results to this JSON file")
     ap.add_argument("--timeout", type=float, default=1800, help="per-subprocess timeout, seconds")
+    g = ap.add_argument_group("prompt length scaling (benchmarks/attribution_lengths.py; ct_ray only)")
+    g.add_argument("--lengths", default=None, help="comma-separated prompt lengths in tokens, e.g. 16,32,64,128")
+    g.add_argument("--features", type=int, default=2048, help="CLT features per layer")
+    g.add_argument("--firing-rate", type=float, default=0.02, help="random_clt firing_rate")
+    g.add_argument("--span", default=None, help="CLT decoder span (default: full cross-layer)")
+    g.add_argument("--max-feature-nodes", default="7500", help="an integer, or 'all'")
+    g.add_argument("--budget-gb", type=float, default=None, help="attribute(memory_budget=...) in GiB")
+    g.add_argument("--busy", type=int, default=0, help="processes burning a core each beside every measurement")
+    g.add_argument("--impl", default=None, help="another attribute.py to time instead of the working tree's")
     ap.add_argument("--_worker", choices=("prepare", "ctray"), help=argparse.SUPPRESS)
     ap.add_argument("--_case-dir", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
 
+    if a.lengths:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import attribution_lengths
+
+        return attribution_lengths.run(a, REPO)
     if a._worker:
         {"prepare": _worker_prepare, "ctray": _worker_ctray}[a._worker](Path(a._case_dir))
         return 0

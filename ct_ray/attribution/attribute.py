@@ -76,15 +76,17 @@ def attribute(
     S = n_active + L * P + P
     bsz = _budget.batch_size_for(batch_size, P, L, d, S)
     budget = _budget.default_budget() if memory_budget is None else int(memory_budget)
-    dec_bytes = sum(int((f_layer == l).sum()) * rep.clt.spans[l] * d * 4 for l in range(L))
-    cache_cap = int(budget * _budget.CACHE_FRACTION)
+    engine = RowEngine(rep, f_layer, f_pos, f_idx, f_act, chunk_bytes=_budget.CHUNK_BYTES)  # index structures
+    dec_cache = engine.decoder_bytes()
+    if dec_cache > int(budget * _budget.CACHE_FRACTION):
+        dec_cache = 0  # gathered per batch instead
 
     def estimate_for(k):
         return _budget.estimate(n_active=n_active, n_keep=k, n_logits=nL, L=L, P=P, d=d, bsz=bsz,
-                                decoder_cache=min(2 * dec_bytes, cache_cap))
+                                decoder_cache=dec_cache)
 
     parts = _budget.check(estimate_for, budget, n_tokens=P, n_active=n_active, n_keep=n_keep)
-    engine = RowEngine(rep, f_layer, f_pos, f_idx, f_act, cache_bytes=cache_cap, chunk_bytes=_budget.CHUNK_BYTES)
+    engine.fill_cache(dec_cache)
     lvec, _ = rep.logit_readout(logit_tok)
 
     def readout(sel):

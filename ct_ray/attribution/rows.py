@@ -34,7 +34,7 @@ class _Layer:
 
 
 class RowEngine:
-    def __init__(self, rep: Replacement, f_layer, f_pos, f_idx, f_act, *, cache_bytes: int, chunk_bytes: int):
+    def __init__(self, rep: Replacement, f_layer, f_pos, f_idx, f_act, *, chunk_bytes: int):
         self.rep = rep
         L, P, d = rep.L, rep.P, rep.d
         self.nF = len(f_layer)
@@ -59,12 +59,17 @@ class RowEngine:
             act_pad[group, slot] = a.float()
             self.layers.append(_Layer(int(m[0]), pos, start.tolist(), idx_pad, act_pad, group * C + slot,
                                       int(pos[-1] - pos[0]) + 1 == len(pos), rep.clt.spans[l]))
-        # decoders scaled by activations, padded: cached when they fit, else gathered per batch
         self.cache: dict[int, torch.Tensor] = {}
-        if 0 < self.decoder_bytes() <= cache_bytes:
-            for l, ly in enumerate(self.layers):
-                if ly is not None:
-                    self.cache[l] = self._decoders(l, 0, len(ly.pos))
+
+    def fill_cache(self, cache_bytes: int) -> int:
+        """Keep the padded, activation-scaled decoders if they fit in `cache_bytes` (else they are gathered per
+        batch); returns the bytes kept."""
+        if not 0 < self.decoder_bytes() <= cache_bytes:
+            return 0
+        for l, ly in enumerate(self.layers):
+            if ly is not None:
+                self.cache[l] = self._decoders(l, 0, len(ly.pos))
+        return self.decoder_bytes()
 
     def decoder_bytes(self) -> int:
         """Bytes of all padded, activation-scaled decoder rows."""
