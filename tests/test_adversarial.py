@@ -381,3 +381,11 @@ def test_sql_into_a_closed_pipe_exits_quietly(world, tmp_path):
     p.wait(timeout=120)
     assert "BrokenPipe" not in err and "Traceback" not in err and "Exception ignored" not in err, err
     assert p.returncode == 141
+
+
+def test_the_explorer_refuses_a_missing_store(world, capsys):
+    before = _tree(world["root"])
+    assert main(["serve", "--store", f"{world['root']}/no_store", "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "no store at" in err and len(err.strip().splitlines()) == 1, err
+    assert _tree(world["root"]) == before

@@ -218,6 +218,8 @@ def make_server(store: str, *, host: str = "127.0.0.1", port: int = 8000, allow_
     """`limits`: threads, waiting, timeout, deadline of the connection pool (pool.BoundedHTTPServer)."""
     opts = {"endpoint_url": endpoint_url} if endpoint_url else {}
     st = Store(store, **opts)
+    if not graph_json:  # a mistyped --store is an error, not an empty explorer (a graph JSON alone needs none)
+        st.check_exists()
     if graph_json and not os.path.isfile(graph_json) and "://" not in graph_json:
         raise CTRayError(f"--graph-json: no such file: {graph_json}")
     try:
