@@ -318,3 +318,45 @@ def test_checkpoints_of_another_run_are_refused(tmp_path):
     (d / "state.json").write_text("{")
     with pytest.raises(CTRayError, match="unreadable checkpoint"):
         check_resumable(spec, 2, 16)
+
+
+def test_harvest_starts_no_swarm_of_workers(harvested, tmp_path):
+    """Ray Data ran the context lookup as num_cpus=0 tasks with no concurrency bound: Ray started ~45 worker
+    processes on 2 cores (250-470 MB each; OOM kills). The actors now look their rows up themselves."""
+    import threading
+    import time
+
+    import psutil
+
+    from ct_ray.harvest.pipeline import harvest_to_store
+
+    def workers() -> set[int]:
+        out = set()
+        for p in psutil.Process().children(recursive=True):
+            try:
+                cmd = " ".join(p.cmdline())
+            except psutil.Error:
+                continue
+            if cmd.startswith("ray::") or "default_worker.py" in cmd:
+                out.add(p.pid)
+        return out
+
+    before, seen, stop = workers(), set(), threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            seen.update(workers())
+            time.sleep(0.05)
+
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    spec = _spec(harvested, harvest={"batch_contexts": 1, "n_tokens": 800}).harvest  # 50 one-context blocks
+    try:
+        harvest_to_store(spec, str(tmp_path / "acts"), progress=False)
+    finally:
+        stop.set()
+        t.join()
+    new = seen - before
+    # measured: 2 now (the actor + one), 8 to 45 before; Ray Data's own actors exist already (the fixture's harvest);
+    # one more allowed for an idle worker Ray may prestart under load
+    assert len(new) <= spec.workers + 2, f"{len(new)} new Ray worker processes"

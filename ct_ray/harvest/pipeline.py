@@ -22,10 +22,15 @@ from .corpus import Contexts, iter_documents, tokenize_contexts
 class HarvestActor:
     """Loads the model once; turns a batch of contexts into activations (or a written shard)."""
 
-    def __init__(self, model: str, read_point: str, outlier_factor: float, out: str | None, dtype: str):
+    def __init__(self, model: str, read_point: str, outlier_factor: float, out: str | None, dtype: str,
+                 contexts=None):
+        import ray
+
         from ..models import load_model
 
         torch.set_grad_enabled(False)
+        # the token ids, fetched once per actor from the object store (batches carry context indices only)
+        self.contexts = ray.get(contexts[0]) if isinstance(contexts, list) else contexts
         self.model = load_model(model, attn="sdpa")
         self.read_point, self.outlier_factor, self.out, self.dtype = read_point, outlier_factor, out, dtype
         # Two calls run at once (see harvest_dataset): the forward (hooks on one shared model) is serialised by this
@@ -33,6 +38,10 @@ class HarvestActor:
         self.compute = threading.Lock()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if "tokens" not in batch:  # context indices: look the rows up here rather than in tasks of their own
+            ids = np.asarray(batch["data"])
+            c = self.contexts
+            batch = {"ctx": ids, "tokens": c.tokens[ids], "doc": c.doc[ids], "offset": c.offset[ids]}
         tokens = torch.from_numpy(np.asarray(batch["tokens"], np.int64))
         with self.compute:
             x, y = harvest_batch(self.model, tokens, self.read_point)
@@ -73,17 +82,15 @@ def harvest_dataset(spec: HarvestSpec, contexts: Contexts, out: str | None = Non
     # one block per batch (capped) so that several actors can work in parallel. The context ids are put in the
     # object store from here rather than read by `ray.data.range` tasks: a read task holds a whole CPU, and beside
     # streaming training workers that own the other CPUs it starved the harvest actors (a deadlock on 2 cores).
+    # The token rows are looked up by the actors from one object-store copy: a separate lookup map with
+    # num_cpus=0 had no concurrency bound, and Ray started ~45 worker processes for it (250-470 MB each, OOM kills).
     blocks = max(1, min(256, len(contexts) // spec.batch_contexts))
     ids = ray.data.from_numpy(np.array_split(np.arange(len(contexts)), blocks))
-    items = ids.map_batches(
-        lambda b: {"ctx": b["data"], "tokens": contexts.tokens[b["data"]], "doc": contexts.doc[b["data"]],
-                   "offset": contexts.offset[b["data"]]},
-        batch_size=spec.batch_contexts, num_cpus=0,  # an index lookup: never worth a CPU slot of its own
-    )
-    return items.map_batches(
+    return ids.map_batches(
         HarvestActor,
         fn_constructor_kwargs={"model": spec.model, "read_point": spec.read_point,
-                               "outlier_factor": spec.outlier_factor, "out": out, "dtype": spec.dtype},
+                               "outlier_factor": spec.outlier_factor, "out": out, "dtype": spec.dtype,
+                               "contexts": [ray.put(contexts)]},  # in a list: the actor fetches it itself
         batch_size=spec.batch_contexts,
         # 2 concurrent calls per actor: the write of one shard overlaps the next forward (HarvestActor.compute)
         compute=ray.data.ActorPoolStrategy(size=spec.workers, max_concurrent_calls_per_actor=2,
