@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from attribution import _busy_s, _rss_mb  # noqa: E402  (benchmarks/ is on sys.path: script dir)
+
 TEXT = (
     "The history of the city begins with a small settlement on the river, where traders met to exchange salt, "
     "grain and cloth. Over the centuries the town grew into a busy port. Its harbour was deepened, new bridges "
@@ -27,20 +29,6 @@ TEXT = (
     "the largest city of Germany is Berlin, and the river that flows through London is called the Thames. "
     "Children learn to read, write and count at school; later they study physics, music, languages and art. "
 )
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024.0
-    return float("nan")
-
-
-def _busy_s() -> float:
-    with open("/proc/stat") as f:
-        v = [int(x) for x in f.readline().split()[1:]]
-    return (v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) / os.sysconf("SC_CLK_TCK")
 
 
 def worker(spec_path: str) -> None:

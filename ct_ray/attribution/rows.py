@@ -1,9 +1,10 @@
 """Adjacency rows of a batch of targets: the direct effect of every source on each target.
 
 Source columns: feature nodes (sorted by layer, position, index), error nodes (layer-major), token embeddings.
-Feature sources are handled per source layer with one batched matmul over positions (features of a position padded
-to the layer's largest count), instead of one small matmul per (layer, position): fewer, larger ops keep the
-OpenMP threads busy and make the speed robust when another process shares the cores.
+Feature sources are handled per source layer with a few batched matmuls over positions, instead of one small
+matmul per (layer, position): fewer, larger ops keep the OpenMP threads busy and make the speed robust when
+another process shares the cores. Positions are grouped by their number of active features (each group padded to
+its largest count, so padding wastes at most a third) into chunks of bounded size.
 """
 
 from __future__ import annotations
@@ -16,17 +17,15 @@ from .replacement import Replacement
 
 
 @dataclass
-class _Layer:
-    """Feature sources of one CLT layer, grouped by position."""
+class _Chunk:
+    """Positions of one layer with similar feature counts, their features padded to [g, C]."""
 
-    col0: int  # column of the layer's first feature
-    pos: torch.Tensor  # [G] positions that have features (ascending)
-    start: list  # [G + 1] first feature (within the layer) of each position group
-    idx_pad: torch.Tensor  # [G, C] feature indices, padded with 0
-    act_pad: torch.Tensor  # [G, C] activations, padded with 0 (padding contributes nothing)
-    flat: torch.Tensor  # [n] slot of each feature in the flattened [G, C] grid
-    contiguous: bool  # pos is a run of consecutive positions: slice instead of gather
-    span: int
+    pos: torch.Tensor  # [g] positions
+    idx_pad: torch.Tensor  # [g, C] feature indices, padded with 0
+    act_pad: torch.Tensor  # [g, C] activations, padded with 0 (padding contributes nothing)
+    group: torch.Tensor  # [n] the group (row of the grid) of each feature
+    slot: torch.Tensor  # [n] its column in the grid
+    cols: torch.Tensor  # [n] its source column
 
     @property
     def width(self) -> int:
@@ -40,47 +39,59 @@ class RowEngine:
         self.nF = len(f_layer)
         self.S = self.nF + L * P + P  # source columns
         self.emb0 = self.nF + L * P
-        self.chunk_bytes = chunk_bytes
-        self.layers: list[_Layer | None] = []
+        self.spans = rep.clt.spans
+        self.chunks: list[list[_Chunk]] = []
         for l in range(L):
             m = torch.nonzero(f_layer == l).squeeze(1)
-            if len(m) == 0:
-                self.layers.append(None)
-                continue
-            p, i, a = f_pos[m], f_idx[m], f_act[m]
-            pos, counts = torch.unique_consecutive(p, return_counts=True)
-            start = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(counts, 0)])
-            group = torch.repeat_interleave(torch.arange(len(pos)), counts)
-            slot = torch.arange(len(m)) - start[group]
-            C = int(counts.max())
-            idx_pad = torch.zeros(len(pos), C, dtype=torch.long)
-            act_pad = torch.zeros(len(pos), C)
-            idx_pad[group, slot] = i
-            act_pad[group, slot] = a.float()
-            self.layers.append(_Layer(int(m[0]), pos, start.tolist(), idx_pad, act_pad, group * C + slot,
-                                      int(pos[-1] - pos[0]) + 1 == len(pos), rep.clt.spans[l]))
-        self.cache: dict[int, torch.Tensor] = {}
+            self.chunks.append(self._chunks(m, f_pos[m], f_idx[m], f_act[m], chunk_bytes // (4 * self.spans[l] * d)))
+        self.cache: dict[tuple[int, int], torch.Tensor] = {}
+
+    @staticmethod
+    def _chunks(cols, p, i, a, max_slots: int) -> list[_Chunk]:
+        if len(cols) == 0:
+            return []
+        pos, counts = torch.unique_consecutive(p, return_counts=True)
+        start = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(counts, 0)])
+        order = torch.argsort(counts, descending=True, stable=True).tolist()
+        cl = counts.tolist()
+        out, k = [], 0
+        while k < len(order):
+            C = cl[order[k]]
+            j = k + 1
+            while j < len(order) and (j - k + 1) * C <= max(max_slots, C) and 4 * cl[order[j]] >= 3 * C:
+                j += 1
+            members = torch.tensor(sorted(order[k:j]))
+            cnt = counts[members]
+            group = torch.repeat_interleave(torch.arange(len(members)), cnt)
+            first = torch.repeat_interleave(start[members], cnt)
+            feat = first + torch.arange(len(group)) - torch.repeat_interleave(torch.cumsum(cnt, 0) - cnt, cnt)
+            slot = feat - first
+            idx_pad = torch.zeros(len(members), C, dtype=torch.long)
+            act_pad = torch.zeros(len(members), C)
+            idx_pad[group, slot] = i[feat]
+            act_pad[group, slot] = a[feat].float()
+            out.append(_Chunk(pos[members], idx_pad, act_pad, group, slot, cols[feat]))
+            k = j
+        return out
+
+    def decoder_bytes(self) -> int:
+        """Bytes of all padded, activation-scaled decoder rows."""
+        d = self.rep.d
+        return sum(c.idx_pad.numel() * self.spans[l] * d * 4 for l, cs in enumerate(self.chunks) for c in cs)
 
     def fill_cache(self, cache_bytes: int) -> int:
         """Keep the padded, activation-scaled decoders if they fit in `cache_bytes` (else they are gathered per
         batch); returns the bytes kept."""
         if not 0 < self.decoder_bytes() <= cache_bytes:
             return 0
-        for l, ly in enumerate(self.layers):
-            if ly is not None:
-                self.cache[l] = self._decoders(l, 0, len(ly.pos))
+        for l, cs in enumerate(self.chunks):
+            for k, c in enumerate(cs):
+                self.cache[l, k] = self._decoders(l, c.idx_pad, c.act_pad)
         return self.decoder_bytes()
 
-    def decoder_bytes(self) -> int:
-        """Bytes of all padded, activation-scaled decoder rows."""
-        d = self.rep.d
-        return sum(len(ly.pos) * ly.width * ly.span * d * 4 for ly in self.layers if ly is not None)
-
-    def _decoders(self, l: int, g0: int, g1: int) -> torch.Tensor:
-        ly = self.layers[l]
+    def _decoders(self, l: int, idx_pad: torch.Tensor, act_pad: torch.Tensor) -> torch.Tensor:
         W = self.rep.clt.W_dec[l].detach()
-        D = W[ly.idx_pad[g0:g1]].float() * ly.act_pad[g0:g1, :, None, None]  # [g, C, span, d]
-        return D.flatten(2)
+        return (W[idx_pad].float() * act_pad[:, :, None, None]).flatten(2)  # [g, C, span * d]
 
     def rows(self, t_layer: torch.Tensor, t_pos: torch.Tensor, vecs: torch.Tensor) -> torch.Tensor:
         """[B, S] rows of targets at (layer, position) with read-out vectors `vecs`; layer L means a logit."""
@@ -99,30 +110,28 @@ class RowEngine:
 
         out = torch.zeros(B, self.S)
         for l in range(min(top, L)):  # only layers below the batch's top layer can reach it
-            if self.layers[l] is not None:
-                self._feature_cols(out, l, G_post, P)
+            self._feature_cols(out, l, G_post, P)
         err = torch.einsum("bpld,lpd->blp", G_post, rep.error[:, :P])
         out[:, self.nF : self.emb0].view(B, L, rep.P)[:, :, :P] = err
         out[:, self.emb0 : self.emb0 + P] = (G_emb * rep.cache.resid_pre0[:P]).sum(-1)
         return out
 
     def _feature_cols(self, out: torch.Tensor, l: int, G_post: torch.Tensor, P: int) -> None:
-        ly, d, B = self.layers[l], self.rep.d, out.shape[0]
-        G = int(torch.searchsorted(ly.pos, torch.tensor(P)))  # position groups inside the batch's positions
-        if G == 0:
-            return
-        C, sd = ly.width, ly.span * d
-        step = max(1, self.chunk_bytes // max(1, C * sd * 4)) if l not in self.cache else G
-        for g0 in range(0, G, step):
-            g1 = min(G, g0 + step)
-            D = self.cache[l][g0:g1] if l in self.cache else self._decoders(l, g0, g1)  # [g, C, sd]
-            if ly.contiguous:
-                p0 = int(ly.pos[g0])
-                Gl = G_post[:, p0 : p0 + g1 - g0, l : l + ly.span]
-            else:
-                Gl = G_post[:, ly.pos[g0:g1], l : l + ly.span]
-            Gl = Gl.flatten(2).transpose(0, 1)  # [g, B, sd]
+        span, B = self.spans[l], out.shape[0]
+        for k, c in enumerate(self.chunks[l]):
+            inside = c.pos < P  # positions of the batch's targets and before
+            if not inside.any():
+                continue
+            D = self.cache.get((l, k))
+            group, slot, cols, pos = c.group, c.slot, c.cols, c.pos
+            if not inside.all():
+                keep = torch.nonzero(inside).squeeze(1)
+                fsel = inside[group]
+                remap = torch.cumsum(inside, 0) - 1
+                group, slot, cols, pos = remap[group[fsel]], slot[fsel], cols[fsel], pos[keep]
+                D = D[keep] if D is not None else self._decoders(l, c.idx_pad[keep], c.act_pad[keep])
+            elif D is None:
+                D = self._decoders(l, c.idx_pad, c.act_pad)
+            Gl = G_post[:, pos, l : l + span].flatten(2).transpose(0, 1)  # [g, B, span * d]
             res = torch.bmm(Gl, D.transpose(1, 2))  # [g, B, C]
-            j0, j1 = ly.start[g0], ly.start[g1]
-            res = res.transpose(0, 1).reshape(B, (g1 - g0) * C)
-            out[:, ly.col0 + j0 : ly.col0 + j1] = res[:, ly.flat[j0:j1] - g0 * C]
+            out[:, cols] = res.transpose(0, 1).reshape(B, -1)[:, group * c.width + slot]
