@@ -30,11 +30,12 @@ def _run(fn, *a, **kw):
         raise CTRayError(str(e).strip().splitlines()[0] if str(e).strip() else "invalid argument") from e
 
 
-def _store(args):
+def _store(args, must_exist: bool = True):
     from ..sweep.cli import store_of
 
     st = store_of(args)
-    st.check_exists()  # a mistyped --store is an error, not a store of empty tables
+    if must_exist:  # a mistyped --store is an error, not a store of empty tables
+        st.check_exists()
     return st
 
 
@@ -101,7 +102,7 @@ def cmd_vacuum(args) -> int:
 def cmd_import(args) -> int:
     from .migrate import import_legacy
 
-    r = _run(import_legacy, _store(args), progress=True)
+    r = _run(import_legacy, _store(args, must_exist=False), progress=True)  # may start a store
 
     def show(v):
         if isinstance(v, float):
