@@ -11,7 +11,7 @@ def cmd_serve(args) -> int:
     host, port = srv.server_address[:2]
     mode = "read-write (supernodes can be saved)" if args.allow_write else "read-only"
     print(f"ct-ray explorer on http://{host}:{port}/  store {srv.api.store.url}  {mode}  (Ctrl-C stops)", flush=True)
-    if host not in ("127.0.0.1", "::1"):
+    if args.host not in ("127.0.0.1", "::1", "localhost"):
         names = ", ".join(sorted(srv.allowed_names))
         print(f"reachable from other machines; answers to IP addresses and the names {names} "
               "(--allow-host adds names; see docs/security.md)", flush=True)
