@@ -139,13 +139,14 @@ def build_graph_json(nodes: pa.Table, edges: pa.Table, meta: dict, *, slug: str,
                "token_prob": 0.0, "is_target_logit": False, "run_idx": 0, "reverse_ctx_idx": 0, "jsNodeId": "",
                "clerp": "", "influence": cum, "activation": None}
         if k == "feature":
-            rec.update(feature=cantor(l, f), jsNodeId=f"{l}_{f}-0", activation=float(cols["activation"][i]))
+            act = cols["activation"][i]
+            rec.update(feature=cantor(l, f), jsNodeId=f"{l}_{f}-0", activation=float(act) if act is not None else None)
         elif k == "error":
             rec.update(feature=-1, jsNodeId=f"{l}_-1-{p}")
         elif k == "embedding":
             rec.update(feature=p, layer="E", jsNodeId=f"E_{t}-{p}")
         else:
-            prob = float(cols["probability"][i])
+            prob = float(cols["probability"][i] or 0.0)
             rec.update(feature=t, layer=str(L + 1), jsNodeId=f"L_{t}-{p}", token_prob=prob, is_target_logit=t == target,
                        influence=None, clerp=f'Output "{process_token(cols["token_str"][i] or "")}" (p={prob:.3f})')
         out_nodes.append(rec)

@@ -16,11 +16,11 @@ import numpy as np
 import pyarrow as pa
 
 from ..errors import CTRayError, StorageError
+from ..store.schemas import SCHEMAS
 from ..store.tables import SWEEPS_DIR, Store
 from .export import NODE_COLUMNS, build_graph_json, cumulative_influence, graph_json, index_entry, merge_index
 
 INDEX = "graph-metadata.json"
-BATCH = 32  # graphs whose node and edge rows are read in one scan (bounds memory, amortises scan planning)
 _GRAPH_COLS = ["key", "prompt_index", "prompt", "status", "error", "model", "clt", "params", "token_strs",
                "logit_tokens", "graph_rows", "created_at"]
 
@@ -126,6 +126,57 @@ def _old_index(dest: Store) -> dict | None:
     return old
 
 
+class _KeyedRows:
+    """A sweep partition's rows of one table, read data file by data file for the keys asked.
+
+    Keys are hashes, so file statistics cannot prune a scan filtered by key: each `Store.read(keys=...)` reads the
+    whole partition, and exporting a sweep batch by batch would read it once per batch. Instead the files are
+    planned once, each file's `key` column says which keys it holds, and every file is read once, when its keys
+    are exported (a key's rows are written by one worker flush, so they sit in one file)."""
+
+    def __init__(self, store: Store, name: str, sweep_id: str, keys: set[str]):
+        from pyiceberg.expressions import AlwaysTrue, EqualTo
+        from pyiceberg.io.pyarrow import ArrowScan
+
+        self.table, self.name = store.existing_table(name), name
+        self.tasks, self.files_of = [], {}
+        if self.table is None or self.table.current_snapshot() is None:
+            return
+        try:
+            self.tasks = list(self.table.scan(row_filter=EqualTo("sweep_id", sweep_id)).plan_files())
+            scan = ArrowScan(self.table.metadata, self.table.io, self.table.schema().select("key"), AlwaysTrue())
+            for i, task in enumerate(self.tasks):
+                for k in scan.to_table([task]).column("key").unique().to_pylist():
+                    if k in keys:
+                        self.files_of.setdefault(k, []).append(i)
+        except Exception as e:
+            raise StorageError(f"cannot read table {name} of {store.url}: {_first_line(e)}") from e
+
+    def read(self, keys: list[str], columns: list[str]) -> dict[str, pa.Table]:
+        """{key: its rows} of `keys`, reading only the files that hold them."""
+        from pyiceberg.expressions import In
+        from pyiceberg.io.pyarrow import ArrowScan
+
+        tasks = sorted({i for k in keys for i in self.files_of.get(k, [])})
+        schema = pa.schema([SCHEMAS[self.name].field(c) for c in columns])
+        if not tasks:
+            return {}
+        have = {f.name for f in self.table.schema().fields}
+        try:
+            scan = ArrowScan(self.table.metadata, self.table.io, self.table.schema().select(*[c for c in columns if c in have]),
+                             In("key", list(keys)))
+            t = scan.to_table([self.tasks[i] for i in tasks])
+        except Exception as e:
+            raise StorageError(f"cannot read table {self.name}: {_first_line(e)}") from e
+        t = pa.Table.from_arrays([t.column(c).cast(f.type) if c in t.column_names else pa.nulls(t.num_rows, f.type)
+                                  for c, f in zip(columns, schema)], schema=schema)
+        return _by_key(t)
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+
+
 def export_sweep(store: Store, sweep_id: str, out: str, *, keys: list[str] | None = None, scan: str | None = None,
                  feature_details: dict | None = None, progress: bool = False, **out_options) -> dict:
     """Export the committed graphs of `sweep_id` (all 'ok' ones, or `keys`) to the directory URL `out`."""
@@ -136,25 +187,35 @@ def export_sweep(store: Store, sweep_id: str, out: str, *, keys: list[str] | Non
     if dest.local and dest.fs.isfile(dest.root):
         raise CTRayError(f"--out {out} is a file, not a directory")
     old = _old_index(dest)
-    entries, written = [], 0
+    want = {r["key"] for r in rows}
+    nodes, edges = _KeyedRows(store, "nodes", sweep_id, want), _KeyedRows(store, "edges", sweep_id, want)
+    # graphs grouped by the edges file that holds them: each edges file is read once (memory: one file's rows)
+    first = {k: min(v) for k, v in edges.files_of.items()}
+    todo = sorted(rows, key=lambda r: first.get(r["key"], -1))
+    entries, written = {}, 0
     bar = tqdm(total=len(rows), desc=f"export {sweep_id}", unit="graph", disable=not progress)
     try:
-        for i in range(0, len(rows), BATCH):
-            batch = rows[i : i + BATCH]
+        i = 0
+        while i < len(todo):
+            f = first.get(todo[i]["key"], -1)
+            batch = [todo[i]]
+            while i + len(batch) < len(todo) and first.get(todo[i + len(batch)]["key"], -1) == f:
+                batch.append(todo[i + len(batch)])
+            i += len(batch)
             ks = [r["key"] for r in batch]
-            nodes = _by_key(store.read("nodes", sweep_id, columns=["key", *NODE_COLUMNS, "kept"], keys=ks))
-            edges = _by_key(store.read("edges", sweep_id, columns=["key", "source", "target", "weight", "kept"], keys=ks))
+            n_by = nodes.read(ks, ["key", *NODE_COLUMNS, "kept"])
+            e_by = edges.read(ks, ["key", "source", "target", "weight", "kept"])
             for r in batch:
                 slug = slug_of(sweep_id, r["key"])
                 sn = (store.read_json(f"{SWEEPS_DIR}/{sweep_id}/supernodes/{r['key']}.json") or {}).get("supernodes")
-                data = graph_from_rows(r, nodes.get(r["key"]), edges.get(r["key"]), slug=slug, scan=scan,
+                data = graph_from_rows(r, n_by.get(r["key"]), e_by.get(r["key"]), slug=slug, scan=scan,
                                        feature_details=feature_details, supernodes=sn, title_prefix=sweep_id)
                 written += _put(dest, f"{slug}.json", _dumps(data, f"graph {r['key']}"))
-                entries.append(index_entry(data))
+                entries[r["key"]] = index_entry(data)
                 bar.update()
     finally:
         bar.close()
-    index = merge_index(old, entries)
+    index = merge_index(old, [entries[r["key"]] for r in rows])  # in prompt order, whatever the file order
     index_written = _put(dest, INDEX, json.dumps(index, indent=1).encode())
     return {"sweep_id": sweep_id, "out": dest.url, "graphs": len(rows), "written": written,
             "unchanged": len(rows) - written, "index": f"{dest.url}/{INDEX}", "index_graphs": len(index["graphs"]),
