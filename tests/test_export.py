@@ -167,6 +167,34 @@ def test_attribute_out_lists_the_graph(tiny_dir, clt_dir, tmp_path, capsys):
     assert "slug '../up'" in capsys.readouterr().err
 
 
+def test_rows_of_other_writers_export():
+    """Rows with flat settings, unreadable params, null activations/probabilities (e.g. a benchmark's or an older
+    writer's) still make a valid file."""
+    import datetime as dt
+
+    import pyarrow as pa
+
+    from ct_ray.attribution.export_files import graph_from_rows
+
+    nodes = pa.table({"node": [0, 1, 2, 3], "node_id": ["0_5_1", "0_-1_1", "E_7_1", "2_9_1"],
+                      "kind": ["feature", "error", "embedding", "logit"], "layer": [0, 0, -1, 2],
+                      "position": [1, 1, 1, 1], "feature": [5, -1, -1, -1], "token": [7, 7, 7, 9],
+                      "token_str": ["a", "a", "a", None], "activation": [None, 1.0, 1.0, 2.0],
+                      "probability": [None, None, None, None], "influence": [0.5, 0.2, 0.3, 0.0],
+                      "kept": [True, True, True, None]})
+    edges = pa.table({"source": [2, 1, 0], "target": [0, 3, 3], "weight": [1.0, 0.5, 2.0], "kept": [True] * 3})
+    row = {"key": "k", "prompt": "a", "token_strs": ["<s>", "a"], "logit_tokens": [9], "model": "/local/x",
+           "clt": "/local/clt", "created_at": dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)}
+    for params in ('{"max_n_logits": 3, "node_threshold": 0.7}', "not json", None):
+        data = graph_from_rows({**row, "params": params}, nodes, edges, slug="s")
+        check_graph(data)
+        assert data["metadata"]["scan"] == "x" and "/local" not in json.dumps(data)
+    assert data["nodes"][0]["activation"] is None and data["nodes"][-1]["clerp"] == 'Output "" (p=0.000)'
+    flat = graph_from_rows({**row, "params": '{"max_n_logits": 3, "node_threshold": 0.7}'}, nodes, edges, slug="s")
+    assert flat["metadata"]["generation_settings"] == {"max_n_logits": 3}
+    assert flat["metadata"]["pruning_settings"] == {"node_threshold": 0.7}
+
+
 # --- sweeps ---------------------------------------------------------------------------------------------------
 PROMPTS = ["The cat sat on", "Once upon a time", "1 2 3 4", ""]  # the empty prompt is an error row
 

@@ -81,11 +81,14 @@ def graph_from_rows(row: dict, nodes: pa.Table | None, edges: pa.Table | None, *
     kinds = nodes.column("kind").to_pylist()
     layers = nodes.column("layer").to_pylist()
     n_layers = max([l for k, l in zip(kinds, layers) if k == "logit"] or [max(layers) + 1])
-    params = json.loads(row["params"] or "{}")
+    try:
+        params = json.loads(row["params"] or "{}")
+    except ValueError:  # settings are informative only: a row without readable ones still exports
+        params = {}
     created = row.get("created_at")
-    meta = {"prompt": row["prompt"], "token_strs": row["token_strs"] or [], "n_layers": n_layers,
+    meta = {**(params.get("attribution") or params), "pruning": params.get("pruning") or params,  # nested or flat
+            "prompt": row["prompt"], "token_strs": row["token_strs"] or [], "n_layers": n_layers,
             "logit_tokens": row["logit_tokens"] or [], "model": row["model"], "clt": row["clt"],
-            **(params.get("attribution") or {}), "pruning": params.get("pruning") or {},
             "created_at_ms": int(created.timestamp() * 1000) if created is not None else None}
     return build_graph_json(nodes.select(NODE_COLUMNS), edges, meta, slug=slug, influence=cum, scan=scan,
                             feature_details=feature_details, supernodes=supernodes, title_prefix=title_prefix)
