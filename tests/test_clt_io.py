@@ -184,3 +184,18 @@ def test_config_yaml_aliases_and_size(tmp_path):
     (d / "config.yaml").write_text("model_kind: transcoder_set\n#" + "x" * (1 << 20))
     with pytest.raises(CLTError, match="larger than"):
         load_clt(str(d))
+
+
+def test_shapes_in_the_header_are_checked_before_the_data_is_read(tmp_path, monkeypatch):
+    import ct_ray.clt.io as io
+
+    d = _tset(tmp_path / "clt")
+    save_file({"W_enc": torch.ones(3, 4), "W_dec": torch.ones(3, 4), "b_enc": torch.zeros(3), "b_dec": torch.zeros(5)},
+              d / "layer_1.safetensors")
+    (d / "config.yaml").write_text(yaml.safe_dump({"model_kind": "transcoder_set",
+                                                   "transcoders": ["layer_0.safetensors", "layer_1.safetensors"]}))
+    loaded, st_load = [], io.st_load
+    monkeypatch.setattr(io, "st_load", lambda data: loaded.append(len(data)) or st_load(data))
+    with pytest.raises(CLTError, match=r"tensor 'b_dec' has shape \(5,\), expected \(4,\)"):
+        load_clt(str(d))
+    assert len(loaded) == 1  # only layer 0's data was read

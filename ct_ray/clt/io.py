@@ -98,8 +98,13 @@ def _small_text(fs, root: str, path: str, url: str) -> str:
         raise CLTError(f"{fname} in {url} is not UTF-8 text") from e
 
 
-def _read(fs, path: str, url: str, root: str) -> dict[str, torch.Tensor]:
-    """A safetensors file's tensors; its size is checked against its header before the data is read."""
+def _fits(shape, pattern) -> bool:
+    return isinstance(shape, list) and len(shape) == len(pattern) and all(p is None or s == p for s, p in zip(shape, pattern))
+
+
+def _read(fs, path: str, url: str, root: str, expect: dict | None = None) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors. Before the data is read: the file's size must match its header, and the
+    header's shapes the `expect`ed ones (tensor name -> allowed shapes, None for any size), as far as known."""
     fname = path.rsplit("/", 1)[-1]
     _confine(fs, root, path, url)
     try:
@@ -116,6 +121,11 @@ def _read(fs, path: str, url: str, root: str) -> dict[str, torch.Tensor]:
                 raise CLTError(f"corrupt CLT file {fname} in {url}: bad safetensors header") from e
             if size != 8 + n + end:
                 raise CLTError(f"corrupt CLT file {fname} in {url}: {size} bytes, its header describes {8 + n + end}")
+            for key, pats in (expect or {}).items():
+                shape = header.get(key, {}).get("shape") if isinstance(header.get(key), dict) else None
+                if shape is not None and not any(_fits(shape, p) for p in pats):
+                    want = " or ".join(str(tuple("*" if x is None else x for x in p)) for p in pats)
+                    raise CLTError(f"{fname} in {url}: tensor {key!r} has shape {tuple(shape)}, expected {want}")
             f.seek(0)
             data = f.read(size)
     except FileNotFoundError as e:
@@ -194,7 +204,8 @@ def _load_cross_layer(fs, path, url, cfg, hook, dtype) -> CrossLayerTranscoder:
     encs, decs = [], []
     for l in range(L):
         fname = f"W_enc_{l}.safetensors"
-        t = _read(fs, f"{path}/{fname}", url, path)
+        d0 = encs[0][0].shape[1] if encs else None  # the model width, once layer 0 is read
+        t = _read(fs, f"{path}/{fname}", url, path, {f"W_enc_{l}": [(None, d0)], f"b_dec_{l}": [(d0,)]})
         W_enc = _get(t, f"W_enc_{l}", fname)
         d_tc, d = W_enc.shape
         b_enc, b_dec = _get(t, f"b_enc_{l}", fname), _get(t, f"b_dec_{l}", fname)
@@ -202,7 +213,8 @@ def _load_cross_layer(fs, path, url, cfg, hook, dtype) -> CrossLayerTranscoder:
         if thr is None and f"log_threshold_{l}" in t:
             thr = t[f"log_threshold_{l}"].exp()
         fname = f"W_dec_{l}.safetensors"
-        W_dec = _get(_read(fs, f"{path}/{fname}", url, path), f"W_dec_{l}", fname)
+        W_dec = _get(_read(fs, f"{path}/{fname}", url, path, {f"W_dec_{l}": [(d_tc, None, d), (d_tc, d)]}),
+                     f"W_dec_{l}", fname)
         if W_dec.ndim == 2:  # a per-layer decoder stored flat
             W_dec = W_dec[:, None]
         if W_dec.shape[0] != d_tc or W_dec.shape[-1] != d or W_dec.shape[1] > L - l or b_enc.shape != (d_tc,):
@@ -246,7 +258,9 @@ def _load_transcoder_set(fs, path, url, cfg, hook, dtype) -> CrossLayerTranscode
         if not fp.strip() or "://" in fp or fp.startswith(("/", "\\", "~")) or ".." in parts or ":" in parts[0]:
             raise CLTError(f"{url}/config.yaml: transcoder file {fp[:200]!r} must be a relative path inside the CLT folder")
         fname = fp.rsplit("/", 1)[-1]
-        t = _read(fs, f"{path}/{fp}", url, path)
+        d0 = tensors[0][2].shape[0] if tensors else None  # the model width, once the first file is read
+        t = _read(fs, f"{path}/{fp}", url, path, {"b_dec": [(d0,)], "W_enc": [(None, d0), (d0, None)],
+                                                   "W_dec": [(None, d0), (d0, None)]})
         if "W_skip" in t:
             raise CLTError(f"{fname}: transcoders with a skip connection (W_skip) are not supported")
         W_enc, W_dec = _get(t, "W_enc", fname), _get(t, "W_dec", fname)
