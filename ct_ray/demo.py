@@ -8,21 +8,7 @@ import json
 import time
 from pathlib import Path
 
-from pydantic import Field, field_validator
-
-from .specs import Spec, TrainSpec, load_yaml
-from .sweep.spec import SweepSpec
-
-
-class QuickstartSpec(Spec):
-    train: TrainSpec | str = Field(description="a TrainSpec, or the path of a TrainSpec YAML")
-    sweep: SweepSpec
-    summary_sql: list[str] = Field(default_factory=list)
-
-    @field_validator("train", mode="before")
-    @classmethod
-    def _train_file(cls, v):
-        return load_yaml(v, TrainSpec) if isinstance(v, str) else v
+from .specs import QuickstartSpec, TrainSpec, load_yaml
 
 
 def _trained(spec: TrainSpec) -> bool:

@@ -172,7 +172,7 @@ def test_credentials_come_from_secrets_that_have_templates():
 
 
 def test_sweep_spec_in_configmap_parses():
-    from ct_ray.sweep.spec import parse_sweep_spec
+    from ct_ray.sweep import parse_sweep_spec
 
     (cm,) = [d for d in render(K8S / "sweep") if d["kind"] == "ConfigMap"]
     spec = parse_sweep_spec(yaml.safe_load(cm["data"]["sweep.yaml"]))

@@ -8,9 +8,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from ct_ray.errors import CTRayError
+from ct_ray.specs import PLUGINS_ENV
 from ct_ray.store.schemas import SCHEMAS, conform
 from ct_ray.sweep import PromptFile, load_sweep_spec, parse_sweep_spec, read_prompts, task_key
-from ct_ray.sweep.spec import PLUGINS_ENV
 
 BASE = {"sweep_id": "s1", "model": "tiny", "random_clt": {"features": 8}, "prompts": ["a b", "c"]}
 
@@ -155,7 +155,6 @@ def test_alias_bomb_refused_before_expansion(tmp_path):
     lines += [f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}]" for i in range(1, 12)]
     p = tmp_path / "bomb.yaml"
     p.write_text("\n".join(lines) + "\n")
-    from ct_ray.sweep.spec import load_sweep_spec
 
     with pytest.raises(CTRayError, match="aliases"):
         load_sweep_spec(str(p))

@@ -11,57 +11,20 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
-import json
 import logging
 import os
 import re
 
 import numpy as np
 import pyarrow as pa
-from pydantic import Field, field_validator
 
-from ..specs import load_yaml, parse
+from ..specs import FeaturesSpec, load_yaml, parse
 from ..store.commit import replace_partition
 from ..store.schemas import TABLES_SCHEMA_VERSION, conform
-from ..sweep.spec import CLTChoice, RandomCLTSpec, StorageSpec
 from . import accumulate as acc
 
 log = logging.getLogger(__name__)
 FEATURES_DIR = "_features"
-
-
-class FeaturesSpec(CLTChoice):
-    model: str = Field("smollm2-135m", min_length=1)
-    clt: str | None = Field(None, description="CLT directory URL (local or s3://)")
-    random_clt: RandomCLTSpec | None = None
-    corpus: list[str] = Field(default_factory=lambda: ["wiki-summaries"],
-                              description="built-in names (wiki-summaries, bbc-news) or fsspec URLs/globs")
-    text_column: str = "text"
-    context_len: int = Field(64, ge=4, le=8192)
-    n_contexts: int = Field(256, ge=1)
-    top_k: int = Field(10, ge=1, le=100)
-    samples: int = Field(16, ge=1, le=256, description="reservoir of active contexts the quantiles come from")
-    quantiles: list[float] = Field(default_factory=lambda: [0.1, 0.5, 0.9])
-    window: int = Field(16, ge=2, le=256, description="tokens shown around a context's max activation")
-    batch_contexts: int = Field(8, ge=1)
-    chunk_contexts: int = Field(32, ge=1, description="contexts per actor call")
-    workers: int = Field(1, ge=1)
-    num_cpus: float = Field(1.0, ge=0)
-    num_gpus: float = Field(0.0, ge=0)
-    storage: StorageSpec = StorageSpec()
-
-    @field_validator("quantiles")
-    @classmethod
-    def _q(cls, v):
-        if not v or any(not 0.0 <= q <= 1.0 for q in v):
-            raise ValueError("give quantiles between 0 and 1")
-        return v
-
-
-    def job_key(self) -> str:
-        d = self.model_dump(exclude={"workers", "num_cpus", "num_gpus", "storage", "batch_contexts", "chunk_contexts"})
-        d["clt_id"] = self.clt_id()
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def features_id(clt: str) -> str:

@@ -15,88 +15,20 @@ recorded the production pointer is untouched, so the registry is consistent at e
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import os
 import re
 import subprocess
 
-from pydantic import Field, field_validator
-
 from ..errors import CTRayError
-from ..specs import AttributionSpec, PruneSpec, Spec, TrainSpec, load_yaml
-from ..sweep.spec import PerturbationPlan, PromptEntry, ResourceSpec, StorageSpec
+from ..specs import CanarySpec, RetrainSpec, TrainSpec, load_yaml
+from ..specs.retrain import stable_hash as _hash
 from .evaluate import decide, eval_id, evaluate_clt
 from .registry import Registry
 
 STAGES = ("harvested", "trained", "registered", "evaluated", "decided", "promoted", "canary")
 FAULT_ENV = "CT_RAY_FAULT_RETRAIN"  # tests: raise right after this stage is recorded
 _DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
-
-
-class EvalSetSpec(Spec):
-    """The fixed held-out evaluation text: keep it apart from the training corpus and never change it in place
-    (its hash keys the cached results)."""
-
-    corpus: list[str] = Field(min_length=1, description="built-in names or fsspec URLs")
-    text_column: str = "text"
-    context_len: int = Field(64, ge=2, le=8192)
-    n_contexts: int = Field(32, ge=1)
-
-
-class CanarySpec(Spec):
-    """Fixed prompts: scored for every candidate, then swept (tables in `storage`) with each new production CLT."""
-
-    prompts: list[str | PromptEntry] = Field(min_length=1)
-    attribution: AttributionSpec = AttributionSpec()
-    pruning: PruneSpec = PruneSpec()
-    perturbation: PerturbationPlan = PerturbationPlan()
-    resources: ResourceSpec = ResourceSpec()
-    storage: StorageSpec = StorageSpec()
-    sweep_prefix: str = Field("canary", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,100}$")
-
-    @field_validator("storage", mode="before")
-    @classmethod
-    def _storage_str(cls, v):
-        return {"url": v} if isinstance(v, str) else v
-
-
-class MarginsSpec(Spec):
-    """Least improvement of the candidate over production for promotion, per metric (None: not compared;
-    negative: that much regression tolerated). fvu/kl/l0: lower is better; the others: higher is better."""
-
-    fvu: float | None = 0.0
-    kl: float | None = 0.0
-    top1_agreement: float | None = 0.0
-    l0: float | None = None
-    replacement_score: float | None = None
-    completeness_score: float | None = None
-
-
-class RetrainSpec(Spec):
-    name: str = Field("nightly", pattern=r"^[A-Za-z0-9_.-]+$")
-    registry: str = Field(min_length=1, description="CLT registry URL (local directory or s3://)")
-    work: str = Field(min_length=1, description="scratch URL; each date uses <work>/<date>/ (activations, "
-                                                "checkpoints, candidate CLT)")
-    corpus: list[str] | None = Field(None, description="training corpus for the night; `{date}` is replaced by "
-                                                       "the run date (default: train.harvest.corpus)")
-    warm_start: bool = Field(True, description="initialise from the production CLT (when one exists)")
-    train: TrainSpec | str = Field(description="a TrainSpec, or the path of a TrainSpec YAML")
-    eval: EvalSetSpec
-    canary: CanarySpec
-    promote: MarginsSpec = MarginsSpec()
-
-    @field_validator("train", mode="before")
-    @classmethod
-    def _train_file(cls, v):
-        return load_yaml(v, TrainSpec) if isinstance(v, str) else v
-
-    def spec_hash(self) -> str:
-        return _hash(self.model_dump(mode="json"))
-
-
-def _hash(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _now() -> str:
@@ -286,8 +218,8 @@ class Retrain:
         self._save("promoted", {"version": d["version"], "seq": rec["seq"], "previous": rec["previous"]})
 
     def canary(self) -> None:
+        from ..specs import parse_sweep_spec
         from ..sweep.runner import run_sweep
-        from ..sweep.spec import parse_sweep_spec
 
         c, vid = self.spec.canary, self._done("promoted")["version"]
         sweep = parse_sweep_spec({

@@ -36,16 +36,6 @@ def _one_line(e: BaseException) -> str:
     return s.splitlines()[0][:300] if s else type(e).__name__
 
 
-def _spec_class(kind: str):
-    from ..demo import QuickstartSpec
-    from ..features.job import FeaturesSpec
-    from ..sweep.spec import SweepSpec
-    from .retrain import RetrainSpec
-
-    return {"harvest": HarvestSpec, "train": TrainSpec, "sweep": SweepSpec, "retrain": RetrainSpec,
-            "demo": QuickstartSpec, "features": FeaturesSpec}[kind]
-
-
 def detect_kind(data: dict, where: str) -> str:
     """What a spec file is, from an explicit `kind:` or from its keys (spec files written before `kind:` existed
     keep working)."""
@@ -75,7 +65,7 @@ def read_spec(path: str):
     from ..specs import load_yaml, read_yaml
 
     kind = detect_kind(read_yaml(path), str(path))
-    return kind, load_yaml(path, _spec_class(kind))
+    return kind, load_yaml(path, SPEC_KINDS[kind])
 
 
 def spec_hash(spec) -> str:

@@ -8,9 +8,9 @@
     v = validate(model, clt, graph.prune(), top_k=10)              # v.metrics, v.table (`perturbations` rows)
 """
 
+from ..specs.intervention import Intervention, InterventionError, PositionRange, SpliceMode, ablate, steer
 from .interventions import Generation, generate, intervene, node_intervention
 from .predict import Predictor
-from .specs import Intervention, InterventionError, PositionRange, SpliceMode, ablate, steer
 from .splice import InterventionResult, Splice
 from .supernodes import (
     CollapsedGraph,

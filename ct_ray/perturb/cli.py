@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 
-from .specs import InterventionError
+from ..specs.intervention import InterventionError
 
 
 def add_arguments(s) -> None:

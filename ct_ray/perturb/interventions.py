@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .specs import Intervention, InterventionError, SpliceMode
+from ..specs.intervention import Intervention, InterventionError, SpliceMode
 from .splice import InterventionResult, Splice
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .specs import InterventionError
+from ..specs.intervention import InterventionError
 
 
 def new_activation(a: torch.Tensor, op: str, value: float) -> torch.Tensor:

@@ -28,9 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import CLTError
-from .linear import constrained_pass
-from .modules import splice_modules
-from .specs import (
+from ..specs.intervention import (
     Intervention,
     InterventionError,
     PositionRange,
@@ -38,6 +36,8 @@ from .specs import (
     parse_intervention,
     parse_mode,
 )
+from .linear import constrained_pass
+from .modules import splice_modules
 
 _OPS = {"set": 0, "scale": 1, "add": 2}
 _PEND_ALL_MAX = 2**25  # floats in the pending-decoder buffer of one batch (128 MiB in fp32)

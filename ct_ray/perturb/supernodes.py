@@ -7,9 +7,10 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .specs import Intervention, InterventionError
+from ..specs import parse
+from ..specs.intervention import Intervention, InterventionError
 
 
 class Supernode(BaseModel):
@@ -50,12 +51,7 @@ class SupernodeSet(BaseModel):
             return data
         if isinstance(data, list):
             data = {"supernodes": data}
-        try:
-            return cls.model_validate(data)
-        except ValidationError as e:
-            err = e.errors()[0]
-            loc = ".".join(str(p) for p in err["loc"]) or "supernodes"
-            raise InterventionError(f"invalid supernodes: {loc}: {err['msg']}") from e
+        return parse(cls, data, "supernodes", InterventionError, root="supernodes")
 
     def get(self, name: str) -> Supernode:
         for s in self.supernodes:

@@ -28,8 +28,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..errors import CTRayError
+from ..specs.intervention import InterventionError, SpliceMode, parse_mode
 from .predict import Predictor, new_activation
-from .specs import InterventionError, SpliceMode, parse_mode
 from .splice import Splice
 from .supernodes import SupernodeSet, member_interventions
 from .table import graph_id as _graph_id

@@ -1,9 +1,7 @@
 """Prompt sweeps on Ray: one task per prompt (attribute + prune + write rows), perturbation jobs per graph,
 Parquet tables in object storage (ct_ray.store), resumable and idempotent. See docs/tables.md and docs/sql.md."""
 
-from .prompts import PromptItem, read_prompts, task_key
-from .runner import SweepResult, run_sweep
-from .spec import (
+from ..specs import (
                    InterventionSpec,
                    PerturbationPlan,
                    PromptEntry,
@@ -15,6 +13,8 @@ from .spec import (
                    load_sweep_spec,
                    parse_sweep_spec,
 )
+from .prompts import PromptItem, read_prompts, task_key
+from .runner import SweepResult, run_sweep
 from .status import sweep_status
 
 __all__ = ["SweepSpec", "PromptEntry", "PromptFile", "RandomCLTSpec", "PerturbationPlan", "InterventionSpec",

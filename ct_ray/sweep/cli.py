@@ -44,8 +44,8 @@ def cmd_sweep(args) -> int:
         return 0
     if len(words) != 1:
         raise CTRayError("usage: ct-ray sweep SPEC.yaml [--address ADDR] | ct-ray sweep status SWEEP_ID [--store URL]")
+    from ..specs import load_sweep_spec
     from .runner import run_sweep
-    from .spec import load_sweep_spec
 
     spec = load_sweep_spec(words[0])
     upd = {}
@@ -60,7 +60,7 @@ def cmd_sweep(args) -> int:
     if args.workers:
         upd["resources"] = {**spec.resources.model_dump(), "workers": args.workers}
     if upd:
-        from .spec import parse_sweep_spec
+        from ..specs import parse_sweep_spec
 
         spec = parse_sweep_spec({**spec.model_dump(), **upd}, where=words[0])
     r = run_sweep(spec, address=args.address, progress=not args.no_progress, retry_errors=args.retry_errors)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 
+from ..specs import parse_sweep_spec
 from ..store.tables import DEFAULT_STORE
 from .runner import SweepResult, run_sweep
-from .spec import parse_sweep_spec
 from .status import summary_table
 
 

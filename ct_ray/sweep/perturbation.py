@@ -20,8 +20,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from ..specs import PerturbationPlan
 from ..store.tables import conform
-from .spec import PerturbationPlan
 
 
 def resolve(plan: PerturbationPlan):

@@ -8,8 +8,8 @@ import json
 from dataclasses import dataclass
 
 from ..errors import CTRayError, StorageError, one_line
+from ..specs import PromptEntry, PromptFile, SweepSpec
 from ..store.fs import filesystem
-from .spec import PromptEntry, PromptFile, SweepSpec
 
 KEY_VERSION = 1
 

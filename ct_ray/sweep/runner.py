@@ -18,12 +18,12 @@ from dataclasses import asdict, dataclass, field
 from ..errors import CTRayError, StorageError, one_line
 from ..executor import ensure_ray, worker_env
 from ..executor.capacity import no_room, resource_wait_s
+from ..specs import SweepSpec
 from ..store.commit import Committer, recover
 from ..store.schemas import TABLES_SCHEMA_VERSION
 from ..store.tables import SWEEPS_DIR, Store
 from .perturbation import resolve
 from .prompts import PromptItem, read_prompts
-from .spec import SweepSpec
 from .worker import SweepWorker, worker_config
 
 log = logging.getLogger(__name__)

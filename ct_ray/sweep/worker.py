@@ -21,10 +21,10 @@ import numpy as np
 import pyarrow as pa
 
 from ..errors import CTRayError, PromptError, StorageError, one_line
+from ..specs import PerturbationPlan
 from ..store.schemas import TABLES_SCHEMA_VERSION
 from ..store.writer import RowBuffer, sweep_writer_configs
 from .perturbation import error_rows, finish_rows, resolve, select_nodes
-from .spec import PerturbationPlan
 
 log = logging.getLogger(__name__)
 _GRAPH_CACHE = 4  # graphs kept per worker for their perturbation jobs

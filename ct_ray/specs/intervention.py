@@ -8,20 +8,17 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from ..errors import CTRayError
+from .base import Spec, parse
 
 
 class InterventionError(CTRayError):
     """An intervention that cannot be applied: unknown feature/layer/position, bad value, empty list, ..."""
 
 
-class _Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class PositionRange(_Spec):
+class PositionRange(Spec):
     """Positions `start <= p < stop` (a Python slice without step). BOS (position 0) is skipped."""
 
     start: int = Field(0, ge=0)
@@ -37,7 +34,7 @@ class PositionRange(_Spec):
 Positions = int | list[int] | PositionRange | Literal["all"]
 
 
-class Intervention(_Spec):
+class Intervention(Spec):
     """Change the activation of one feature or a group of features at chosen positions.
 
     `features` are (layer, feature index) pairs; `positions` one position (negative counts from the end), a list,
@@ -91,7 +88,7 @@ class Intervention(_Spec):
         return f"{self.op}({self.value:g}) {feats} @ {pos}"
 
 
-class SpliceMode(_Spec):
+class SpliceMode(Spec):
     """How the spliced model responds to an intervention.
 
     free: every layer recomputes its CLT features from its (changed) input; MLP outputs are CLT reconstructions
@@ -131,12 +128,7 @@ def parse_intervention(x) -> Intervention:
         return x
     if not isinstance(x, dict):
         raise InterventionError(f"expected an Intervention or a dict, got {type(x).__name__}")
-    try:
-        return Intervention.model_validate(x)
-    except ValidationError as e:
-        err = e.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"]) or "intervention"
-        raise InterventionError(f"invalid intervention: {loc}: {err['msg']}") from e
+    return parse(Intervention, x, "intervention", InterventionError, root="intervention")
 
 
 def parse_mode(mode: str | SpliceMode | dict | None = None, **kw) -> SpliceMode:
@@ -147,12 +139,7 @@ def parse_mode(mode: str | SpliceMode | dict | None = None, **kw) -> SpliceMode:
     else:
         data = dict(mode) if isinstance(mode, dict) else {"mode": mode or "free"}
     data.update({k: v for k, v in kw.items() if v is not None})
-    try:
-        return SpliceMode.model_validate(data)
-    except ValidationError as e:
-        err = e.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"]) or "mode"
-        raise InterventionError(f"invalid splice mode: {loc}: {err['msg']}") from e
+    return parse(SpliceMode, data, "splice mode", InterventionError, root="mode")
 
 
 # shorthands -------------------------------------------------------------------------------------------------

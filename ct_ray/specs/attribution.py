@@ -1,0 +1,73 @@
+"""What a prompt's graph job does: attribution, pruning, and the perturbation plan run on each pruned graph."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from .base import Spec
+
+
+class AttributionSpec(Spec):
+    max_n_logits: int = Field(10, ge=1, le=1000)
+    desired_logit_prob: float = Field(0.95, gt=0.0, le=1.0)
+    batch_size: int = Field(128, ge=1)
+    max_feature_nodes: int | None = Field(7500, ge=1, description="kept features (by influence); null: all active")
+
+
+class PruneSpec(Spec):
+    node_threshold: float = Field(0.8, ge=0.0, le=1.0)
+    edge_threshold: float = Field(0.98, ge=0.0, le=1.0)
+
+
+PLUGINS_ENV = "CT_RAY_PLUGIN_MODULES"
+
+
+def plugin_modules() -> list[str]:
+    """Packages a spec's `perturbation.function` may name: ct_ray's own, plus those the operator (not the spec) lists."""
+    extra = [m.strip() for m in os.environ.get(PLUGINS_ENV, "").split(",") if m.strip()]
+    return ["ct_ray.perturb", "ct_ray.sweep.perturbation", *extra]
+
+
+class InterventionSpec(Spec):
+    op: Literal["scale", "set", "add"] = "scale"
+    value: float = -1.0
+    mode: Literal["constrained", "free"] = "constrained"
+
+
+class PerturbationPlan(Spec):
+    """Per-graph perturbation validation: intervene on the `top_k` most influential feature nodes of the pruned
+    graph (or on explicit `nodes`), with each of `interventions`. Empty plan (top_k 0 / no interventions): skipped."""
+
+    top_k: int = Field(0, ge=0, le=10_000)
+    interventions: list[InterventionSpec] = Field(default_factory=list)
+    nodes: list[int] | None = Field(None, description="explicit node indices (`node`); the sweep fills in the "
+                                                      "top_k selection of each graph when absent")
+    function: str = Field("ct_ray.perturb:perturbation_rows",
+                          description="module:function(model, clt, graph, plan) -> rows of the perturbations table")
+
+    @field_validator("function")
+    @classmethod
+    def _fn(cls, v: str) -> str:
+        if not re.match(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", v):
+            raise ValueError("must be 'package.module:function'")
+        mod = v.partition(":")[0]
+        allowed = plugin_modules()
+        if not any(mod == a or mod.startswith(a + ".") for a in allowed):
+            # a spec is untrusted input: importing an arbitrary module runs its top-level code on every worker
+            raise ValueError(f"module {mod!r} is not an allowed perturbation plugin (allowed: {', '.join(allowed)}; "
+                             f"an operator adds packages with {PLUGINS_ENV}=pkg1,pkg2)")
+        return v
+
+    @property
+    def empty(self) -> bool:
+        return (self.top_k == 0 and not self.nodes) or not self.interventions
+
+    def plan_hash(self) -> str:
+        d = self.model_dump()
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
