@@ -305,8 +305,8 @@ def test_bad_input(world, case, capsys):
 
 # --- faults that need a server or a cluster ------------------------------------------------------------------------
 @pytest.fixture
-def silent_s3():
-    """An 'S3 endpoint' that accepts connections and never answers."""
+def silent_server():
+    """A server (an 'S3 endpoint', a 'PostgreSQL catalog') that accepts connections and never answers."""
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))
     srv.listen(64)
@@ -321,7 +321,7 @@ def silent_s3():
                 pass
     t = threading.Thread(target=accept, daemon=True)
     t.start()
-    yield f"http://127.0.0.1:{srv.getsockname()[1]}"
+    yield f"127.0.0.1:{srv.getsockname()[1]}"
     stop.set()
     t.join()
     for c in held:
@@ -330,16 +330,25 @@ def silent_s3():
 
 
 @pytest.mark.parametrize("argv", [["sql", "SELECT * FROM graphs"], ["sweep", "list"], ["tables", "list"]])
-def test_an_s3_endpoint_that_never_answers_fails_in_bounded_time(silent_s3, monkeypatch, capsys, argv):
+def test_an_s3_endpoint_that_never_answers_fails_in_bounded_time(silent_server, monkeypatch, capsys, argv):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     monkeypatch.setenv("CT_RAY_S3_READ_TIMEOUT", "1")  # the defaults (5 s connect, 6 s read, 2 tries) take ~30 s
     t = time.monotonic()
-    code = main(argv + ["--store", "s3://bucket/store", "--endpoint-url", silent_s3])
+    code = main(argv + ["--store", "s3://bucket/store", "--endpoint-url", f"http://{silent_server}"])
     took = time.monotonic() - t
     err = capsys.readouterr().err
     assert code == 2 and "cannot reach the store" in err and len(err.strip().splitlines()) == 1, err
     assert took < 20, took
+
+
+def test_a_catalog_that_never_answers_fails_in_bounded_time(world, silent_server, capsys):
+    t = time.monotonic()
+    code = main(["sql", "--store", world["store"], "--catalog", f"postgresql://ct_ray@{silent_server}/db",
+                 "SELECT * FROM graphs"])
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot open the table catalog" in err and len(err.strip().splitlines()) == 1, err
+    assert time.monotonic() - t < 60
 
 
 def test_s3_timeouts_are_bounded_by_default():

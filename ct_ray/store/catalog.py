@@ -77,6 +77,8 @@ def catalog_properties(uri: str, io_properties: dict) -> dict:
         props.update(type="sql", uri=f"sqlite:///{path}")
     elif kind in ("postgresql", "postgres"):
         rest = uri.split("://", 1)[1] if "://" in uri else ""
+        if "connect_timeout=" not in rest:  # libpq waits for an unanswering host as long as TCP does (minutes)
+            rest += ("&" if "?" in rest else "?") + "connect_timeout=10"
         props.update(type="sql", uri=f"postgresql+psycopg2://{rest}")
     elif kind == "rest":
         props.update(type="rest", uri=uri.split(":", 1)[1])
