@@ -23,7 +23,6 @@ changes are decoded entry by entry (few features change per position).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
@@ -38,159 +37,13 @@ from ..specs.intervention import (
 )
 from .linear import constrained_pass
 from .modules import splice_modules
+from .result import InterventionResult
+from .splice_run import LayerOps, RunState, SpliceForward, first
 
 _OPS = {"set": 0, "scale": 1, "add": 2}
-_PEND_ALL_MAX = 2**25  # floats in the pending-decoder buffer of one batch (128 MiB in fp32)
-_CHUNK = 2**22  # floats of decoder rows gathered at once
 
 
-def _nonzero_rows(x: torch.Tensor) -> torch.Tensor:
-    """Mask of the vectors (last dim) of `x` that are not all zero (several times faster than ne(0).any(-1))."""
-    return x.abs().amax(-1) > 0
-
-
-def _first(x):
-    return x[0] if isinstance(x, (tuple, list)) else x
-
-
-@dataclass
-class InterventionResult:
-    """Outputs of a batch of intervened passes (row b = the b-th intervention set).
-
-    logits: pre-softcap logits at the last position [B, V] (what graph logit nodes are built from);
-    out_logits: the model's output logits (post-softcap) at the last position [B, V], for probabilities and KL;
-    acts / pre_acts: per layer [B, P, d_tc] feature activations / pre-activations (when requested);
-    watched_acts / watched_pre: [B, n] activations / pre-activations of the `watch` (layer, pos, feature) triples;
-    mlp_real: [B, L, P, d] the real MLP's output on the spliced model's MLP input (when requested);
-    mlp_response: [B, L, P, d] change of the CLT reconstruction at each layer due to that layer's own features
-      being recomputed (no intervention applied), i.e. the CLT's model of the MLP's response;
-    mlp_real_at / mlp_response_at: [B, P, d] the same two at one layer per row (`record_mlp_at`; zero where none).
-    """
-
-    logits: torch.Tensor
-    out_logits: torch.Tensor
-    clean_logits: torch.Tensor
-    clean_out_logits: torch.Tensor
-    acts: list[torch.Tensor] | None = None
-    pre_acts: list[torch.Tensor] | None = None
-    watched_acts: torch.Tensor | None = None
-    watched_pre: torch.Tensor | None = None
-    mlp_real: torch.Tensor | None = None
-    mlp_response: torch.Tensor | None = None
-    all_logits: torch.Tensor | None = None
-    mlp_real_at: torch.Tensor | None = None
-    mlp_response_at: torch.Tensor | None = None
-
-    @property
-    def probs(self) -> torch.Tensor:
-        return torch.softmax(self.out_logits.float(), -1)
-
-    @property
-    def clean_probs(self) -> torch.Tensor:
-        return torch.softmax(self.clean_out_logits.float(), -1)
-
-    def logit_delta(self, tokens, demean: bool = True) -> torch.Tensor:
-        """Change of the logits of `tokens` [B, n]; demeaned (logit - mean logit) like graph logit nodes."""
-        tokens = torch.as_tensor(tokens, dtype=torch.long)
-        new, old = self.logits.double(), self.clean_logits.double()
-        d = new[:, tokens] - old[tokens]
-        if demean:
-            d = d - (new.mean(-1, keepdim=True) - old.mean())
-        return d.float()
-
-    def kl(self) -> torch.Tensor:
-        """KL(clean ‖ intervened) of the output distribution at the last position, per row [B]."""
-        lp = torch.log_softmax(self.clean_out_logits.double(), -1)
-        lq = torch.log_softmax(self.out_logits.double(), -1)
-        return (lp.exp() * (lp - lq)).sum(-1).float()
-
-    def take(self, idx: torch.Tensor) -> InterventionResult:
-        """The rows `idx` (in that order)."""
-        pick = lambda x: None if x is None else x[idx.to(x.device)]  # noqa: E731
-        return InterventionResult(
-            logits=pick(self.logits), out_logits=pick(self.out_logits), clean_logits=self.clean_logits,
-            clean_out_logits=self.clean_out_logits,
-            acts=None if self.acts is None else [pick(a) for a in self.acts],
-            pre_acts=None if self.pre_acts is None else [pick(a) for a in self.pre_acts],
-            watched_acts=pick(self.watched_acts), watched_pre=pick(self.watched_pre), mlp_real=pick(self.mlp_real),
-            mlp_response=pick(self.mlp_response), all_logits=pick(self.all_logits),
-            mlp_real_at=pick(self.mlp_real_at), mlp_response_at=pick(self.mlp_response_at),
-        )
-
-    @staticmethod
-    def concat(parts: list[InterventionResult]) -> InterventionResult:
-        if len(parts) == 1:
-            return parts[0]
-
-        def cat(name, dim=0):
-            xs = [getattr(p, name) for p in parts]
-            return None if xs[0] is None else torch.cat(xs, dim)
-
-        def cat_layers(name):
-            xs = [getattr(p, name) for p in parts]
-            if xs[0] is None:
-                return None
-            return [torch.cat([x[l] for x in xs]) for l in range(len(xs[0]))]
-
-        p0 = parts[0]
-        return InterventionResult(
-            logits=cat("logits"), out_logits=cat("out_logits"), clean_logits=p0.clean_logits,
-            clean_out_logits=p0.clean_out_logits, acts=cat_layers("acts"), pre_acts=cat_layers("pre_acts"),
-            watched_acts=cat("watched_acts"), watched_pre=cat("watched_pre"), mlp_real=cat("mlp_real"),
-            mlp_response=cat("mlp_response"), all_logits=cat("all_logits"), mlp_real_at=cat("mlp_real_at"),
-            mlp_response_at=cat("mlp_response_at"),
-        )
-
-
-@dataclass
-class _LayerOps:
-    rows: torch.Tensor
-    pos: torch.Tensor
-    feat: torch.Tensor
-    op: torch.Tensor
-    value: torch.Tensor
-
-    def apply(self, cur: torch.Tensor) -> torch.Tensor:
-        v = self.value.to(cur.dtype)
-        return torch.where(self.op == 0, v, torch.where(self.op == 1, cur * v, cur + v))
-
-
-class _Run:
-    """Mutable state of one intervened forward pass."""
-
-    def __init__(self, B, P, L, ops, constrained, frozen_attn, record_acts, record_mlp, watch):
-        self.B, self.P = B, P
-        self.ops: dict[int, _LayerOps] = ops
-        self.constrained, self.frozen_attn = constrained, frozen_attn
-        self.record_acts, self.record_mlp, self.watch = record_acts, record_mlp, watch
-        # layers below the first intervened one see exactly the clean residual stream: they are not computed
-        self.first = min(ops) if ops else L
-        # decoder changes waiting for their layer: [B*P, L, d], or (large batches) per layer [B*P, d]
-        self.pend_all: torch.Tensor | None = None
-        self.buffer = None  # callable (n floats, like tensor) -> zeroed flat buffer, reused across batches
-        self._scratch: dict[str, torch.Tensor] = {}
-        self.pend: list[torch.Tensor | None] = [None] * L
-        self.stash: list[torch.Tensor | None] = [None] * L  # this pass's MLP output of each layer
-        self.acts = [None] * L
-        self.pre = [None] * L
-        self.mlp_real = [None] * L
-        self.mlp_resp = [None] * L
-        self.w_acts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (watch index, acts, pre)
-        self.logits = None
-
-    def scratch(self, name: str, shape: tuple, like: torch.Tensor) -> torch.Tensor:
-        """A zeroed tensor reused from layer to layer (allocating fresh large tensors costs page faults)."""
-        n = 1
-        for x in shape:
-            n *= x
-        buf = self._scratch.get(name)
-        if buf is None or buf.numel() < n or buf.dtype != like.dtype:
-            buf = self._scratch[name] = torch.zeros(n, dtype=like.dtype, device=like.device)
-            return buf.view(shape)
-        return buf[:n].view(shape).zero_()
-
-
-class Splice:
+class Splice(SpliceForward):
     """The model with `clt` spliced in, for one prompt (string or token ids; BOS is prepended as in attribution).
 
     `run(rows)` evaluates a batch of intervention sets in batched forward passes; see the module docstring.
@@ -245,7 +98,7 @@ class Splice:
         for l in range(L):
             def attn_norm(mod, a, o, l=l):
                 put("attn_in", l, a[0])
-                put("attn_n", l, _first(o))
+                put("attn_n", l, first(o))
 
             hs.append(m.attn_norm[l].register_forward_hook(attn_norm))
 
@@ -257,24 +110,24 @@ class Splice:
 
             hs.append(m.attn[l].register_forward_hook(attn))
             if m.attn_post_norm is not None:
-                hs.append(m.attn_post_norm[l].register_forward_hook(lambda mod, a, o, l=l: put("post", l, _first(o))))
+                hs.append(m.attn_post_norm[l].register_forward_hook(lambda mod, a, o, l=l: put("post", l, first(o))))
 
             def mlp_norm(mod, a, o, l=l):
                 put("mid", l, a[0])
-                put("mlp_in", l, _first(o))
+                put("mlp_in", l, first(o))
 
             hs.append(m.mlp_norm[l].register_forward_hook(mlp_norm))
-            hs.append(m.mlp_out[l].register_forward_hook(lambda mod, a, o, l=l: put("mlp_out", l, _first(o))))
+            hs.append(m.mlp_out[l].register_forward_hook(lambda mod, a, o, l=l: put("mlp_out", l, first(o))))
 
             def block(mod, a, o, l=l):
                 self._block_returns_tensor &= isinstance(o, torch.Tensor)
-                put("resid_post", l, _first(o))
+                put("resid_post", l, first(o))
 
             hs.append(self.ad.blocks()[l].register_forward_hook(block))
         fin: dict = {}
         hs.append(m.final_norm.register_forward_hook(
-            lambda mod, a, o: fin.update(x=a[0][0].detach().clone(), y=_first(o)[0].detach().clone())))
-        hs.append(m.lm_head.register_forward_hook(lambda mod, a, o: fin.update(logits=_first(o)[0].detach().clone())))
+            lambda mod, a, o: fin.update(x=a[0][0].detach().clone(), y=first(o)[0].detach().clone())))
+        hs.append(m.lm_head.register_forward_hook(lambda mod, a, o: fin.update(logits=first(o)[0].detach().clone())))
         try:
             # last position only, exactly as the intervened passes compute it, so no-op changes are exactly zero
             out = self.model.model(self.tokens[None], use_cache=False, logits_to_keep=1).logits[0, -1]
@@ -331,7 +184,7 @@ class Splice:
             out.append(q)
         return out
 
-    def compile(self, rows: list[list[Intervention]], P: int | None = None) -> dict[int, _LayerOps]:
+    def compile(self, rows: list[list[Intervention]], P: int | None = None) -> dict[int, LayerOps]:
         per: dict[int, list[tuple]] = {}
         for b, row in enumerate(rows):
             seen = set()
@@ -352,7 +205,7 @@ class Splice:
         for l, items in per.items():
             b, p, f, op, v = zip(*items)
             lt = lambda x: torch.tensor(x, dtype=torch.long, device=self.device)  # noqa: E731
-            out[l] = _LayerOps(lt(b), lt(p), lt(f), lt(op), torch.tensor(v, dtype=torch.float64, device=self.device))
+            out[l] = LayerOps(lt(b), lt(p), lt(f), lt(op), torch.tensor(v, dtype=torch.float64, device=self.device))
         return out
 
     @staticmethod
@@ -432,7 +285,7 @@ class Splice:
                     clean_out_logits=self.clean_out_logits, watched_acts=o.watched_acts, watched_pre=o.watched_pre,
                     mlp_real_at=o.mlp_real_at, mlp_response_at=o.mlp_response_at))
                 continue
-            run = _Run(len(chunk), self.P, self.L, ops, cons, frozen_attn, return_activations,
+            run = RunState(len(chunk), self.P, self.L, ops, cons, frozen_attn, return_activations,
                        record_mlp or at is not None, watch)
             run.buffer = buffer
             res = self._forward(run, all_positions, skip_clean_layers)
@@ -447,214 +300,6 @@ class Splice:
             parts.append(res)
         return InterventionResult.concat(parts).take(torch.argsort(order))
 
-    def _ov(self, run: _Run, l: int, dn: torch.Tensor) -> torch.Tensor:
-        """Change of the attention output for a change `dn` [B, P, d] of its (normed) input, frozen pattern.
-        Projections run only on the (row, position)s that changed / can change: usually a small part."""
-        W = self.W[l]
-        B, P, d = dn.shape
-        moved = torch.nonzero(_nonzero_rows(dn), as_tuple=True)
-        out = run.scratch("attn_out", (B, P, d), dn)
-        if moved[0].numel() == 0:
-            return out
-        v = run.scratch("attn_v", (B, P, self.Hkv * self.dh), dn)
-        v[moved] = dn[moved] @ W.W_V.T
-        v = v.view(B, P, self.Hkv, self.dh)
-        if self.Hkv != self.H:
-            v = v.repeat_interleave(self.H // self.Hkv, dim=2)
-        z = torch.einsum("hpq,bqhd->bphd", self.patterns[l].to(v.dtype), v).reshape(B, P, self.H * self.dh)
-        hit = torch.nonzero(_nonzero_rows(z), as_tuple=True)
-        out[hit] = z[hit] @ W.W_O.T
-        return out
-
-    def _add_pending(self, run: _Run, l: int, delta: torch.Tensor) -> None:
-        """Decode an activation change of layer `l` [B, P, d_tc] into the MLP outputs of the layers it writes."""
-        flat = delta.reshape(run.B * run.P, -1)
-        r, f = torch.nonzero(flat, as_tuple=True)
-        if r.numel():
-            self._add_entries(run, l, r, f, flat[r, f])
-
-    def _add_entries(self, run: _Run, l: int, r: torch.Tensor, f: torch.Tensor, v: torch.Tensor) -> None:
-        """Changes `v` of layer-`l` features `f` at flat (row * P + position) indices `r`.
-
-        Few features change per position, so this works entry by entry: each change adds its decoder rows, scaled,
-        to the pending outputs of the layers they write."""
-        W = self.W_dec[l]  # [d_tc, span, d]
-        span, d, L = W.shape[1], self.d, self.L
-        v = v.to(W.dtype)
-        if run.pend_all is None and run.B * run.P * L * d <= _PEND_ALL_MAX:
-            run.pend_all = run.buffer(run.B * run.P * L * d, W).view(run.B * run.P, L, d)
-        if run.pend_all is not None:
-            buf = run.pend_all.view(-1, d)
-            step = max(1, _CHUNK // (span * d))
-            ks = torch.arange(span, device=W.device)
-            for c in range(0, len(r), step):
-                rc, fc, vc = r[c : c + step], f[c : c + step], v[c : c + step]
-                tgt = (rc * L + l)[:, None] + ks  # row-major index of (row, layer l + k)
-                buf.index_add_(0, tgt.reshape(-1), (W[fc] * vc[:, None, None]).reshape(-1, d))
-        else:  # a large batch of long prompts: one buffer per layer
-            for k in range(span):
-                t = l + k
-                if run.pend[t] is None:
-                    run.pend[t] = torch.zeros(run.B * run.P, d, dtype=W.dtype, device=W.device)
-                run.pend[t].index_add_(0, r, W[f, k] * v[:, None])
-
-    def _mlp_norm_hook(self, run: _Run, l: int, x: torch.Tensor, y: torch.Tensor):
-        constrained = l in run.constrained
-        B, P = run.B, run.P
-        if constrained:
-            y = (self.mlp_in[l] + self.W[l].mlp_norm.apply(x - self.resid_mid[l], self.s_mlp[l], with_bias=False)
-                 ).to(self.mlp_in.dtype)
-        read = x if self.clt.feature_input_hook == "resid_mid" else y
-        dr = (read - self.read_clean[l]).to(self.cdtype)
-        moved = torch.nonzero(_nonzero_rows(dr), as_tuple=True)  # (row, position)s whose read point changed
-        changed = moved[0].numel() > 0
-        ops = run.ops.get(l)
-        want_h = run.record_acts or run.record_mlp or run.watch is not None
-        h = None
-        if changed and (want_h or not constrained):
-            h = self.clean_pre[l].expand(B, P, -1).clone()
-            h[moved] = self.clean_pre[l][moved[1]] + dr[moved] @ self.W_enc[l].T
-        elif want_h:
-            h = self.clean_pre[l].expand(B, P, -1)
-        clean_a = self.clean_acts[l]
-        # the activations this layer's features write with
-        a = None
-        if constrained or not changed:
-            # clamped (or unchanged): only the intervened entries differ from the clean activations
-            if ops is not None:
-                cur = clean_a[ops.pos, ops.feat]
-                self._add_entries(run, l, ops.rows * P + ops.pos, ops.feat, ops.apply(cur) - cur)
-            if run.record_acts or run.watch is not None:
-                a = clean_a.expand(B, P, -1)
-                if ops is not None:
-                    a = a.clone()
-                    a[ops.rows, ops.pos, ops.feat] = ops.apply(a[ops.rows, ops.pos, ops.feat])
-        else:
-            a = self._act(l, h.clone())
-            if ops is not None:
-                a[ops.rows, ops.pos, ops.feat] = ops.apply(a[ops.rows, ops.pos, ops.feat])
-            self._add_pending(run, l, a - clean_a)
-        if run.record_acts:
-            run.acts[l], run.pre[l] = a, h
-        if run.watch is not None:
-            self._watch(run, l, a, h)
-        if run.record_mlp:
-            free_a = self._act(l, h.clone()) if changed else clean_a.expand(B, P, -1)
-            run.mlp_resp[l] = (free_a - clean_a) @ self.W_dec[l][:, 0]
-        pend = run.pend_all[:, l] if run.pend_all is not None else run.pend[l]
-        base = self.mlp_out[l]
-        run.stash[l] = base.expand(B, P, -1) if pend is None else base + pend.view(B, P, -1).to(base.dtype)
-        return y if constrained else None
-
-    def _watch(self, run: _Run, l: int, a: torch.Tensor, h: torch.Tensor) -> None:
-        m = run.watch[:, 0] == l
-        if m.any():
-            idx = torch.nonzero(m).squeeze(1)
-            p, f = run.watch[idx, 1], run.watch[idx, 2]
-            run.w_acts.append((idx, a[:, p, f], h[:, p, f]))
-
-    def _skip_layer(self, run: _Run, l: int) -> None:
-        """Records of a layer that was not computed (its values are the clean ones)."""
-        B, P = run.B, run.P
-        a, h = self.clean_acts[l].expand(B, P, -1), self.clean_pre[l].expand(B, P, -1)
-        if run.record_acts:
-            run.acts[l], run.pre[l] = a, h
-        if run.watch is not None:
-            self._watch(run, l, a, h)
-        if run.record_mlp:
-            run.mlp_real[l] = self.mlp_out[l].expand(B, P, -1)
-            run.mlp_resp[l] = torch.zeros(B, P, self.d, dtype=self.cdtype, device=self.device)
-
-    def _forward(self, run: _Run, all_positions: bool, skip_clean_layers: bool = True) -> InterventionResult:
-        m, L = self.mods, self.L
-        hs, swapped = [], []
-        blocks = self.ad.blocks()
-        skip = run.first if (skip_clean_layers and self._block_returns_tensor) else 0
-
-        def swap(mod, fn):
-            swapped.append((mod, mod.__dict__.get("forward")))
-            mod.forward = fn
-
-        def frozen_norm(norm, s, x_clean, y_clean):
-            # (cast back: a norm gain kept in fp32 must not turn a half-precision residual into fp32)
-            return lambda mod, a, o: (y_clean + norm.apply(a[0] - x_clean, s, with_bias=False)).to(y_clean.dtype)
-
-        for l in range(skip):
-            swap(blocks[l], lambda *a, l=l, **k: self.resid_post[l].expand(run.B, run.P, -1).clone())
-            self._skip_layer(run, l)
-        for l in range(skip, L):
-            if l in run.constrained:
-                hs.append(m.attn_norm[l].register_forward_hook(
-                    frozen_norm(self.W[l].attn_norm, self.s_attn[l], self.attn_in[l], self.attn_n[l])))
-                if m.attn_post_norm is not None:
-                    hs.append(m.attn_post_norm[l].register_forward_hook(
-                        frozen_norm(self.W[l].attn_post_norm, self.s_post[l], self.attn_out[l], self.post_out[l])))
-            if l in run.frozen_attn:
-                # replaces the module's forward: the live pattern would be discarded, so it is not computed
-                def attn(*a, l=l, **kw):
-                    n = kw["hidden_states"] if "hidden_states" in kw else a[0]
-                    return (self.attn_out[l] + self._ov(run, l, n - self.attn_n[l])).to(self.attn_out.dtype), None
-
-                swap(m.attn[l], attn)
-            hs.append(m.mlp_norm[l].register_forward_hook(
-                lambda mod, a, o, l=l: self._mlp_norm_hook(run, l, a[0], _first(o))))
-            if run.record_mlp:
-                def keep_real(mod, a, o, l=l):
-                    run.mlp_real[l] = _first(o)
-                    return run.stash[l]
-
-                hs.append(m.mlp_out[l].register_forward_hook(keep_real))
-            else:
-                # the MLP's own output is discarded: skip computing it
-                swap(m.mlp_out[l], lambda *a, l=l, **k: run.stash[l])
-                if m.mlp[l] is not m.mlp_out[l]:
-                    swap(m.mlp[l], lambda x, *a, **k: x)
-        if L - 1 in run.constrained:
-            hs.append(m.final_norm.register_forward_hook(
-                frozen_norm(self.final, self.s_final, self.final_in, self.final_out)))
-
-        def head(x, *a, **k):
-            # one 2-D product: a strided [B, 1, d] input makes torch fall back to B separate products
-            W, b = m.lm_head.weight, getattr(m.lm_head, "bias", None)
-            y = torch.nn.functional.linear(x.reshape(-1, x.shape[-1]).contiguous(), W, b)
-            run.logits = y.view(*x.shape[:-1], -1)
-            return run.logits
-
-        swap(m.lm_head, head)
-        try:
-            toks = self.tokens[None].expand(run.B, -1)
-            out = self.model.model(toks, use_cache=False, logits_to_keep=0 if all_positions else 1).logits
-        finally:
-            for h in hs:
-                h.remove()
-            for mod, prev in reversed(swapped):
-                if prev is None:
-                    del mod.forward
-                else:
-                    mod.forward = prev
-
-        res = InterventionResult(
-            logits=run.logits[:, -1].detach().clone(), out_logits=out[:, -1].detach().clone(),
-            clean_logits=self.clean_logits, clean_out_logits=self.clean_out_logits,
-        )
-        if all_positions:
-            res.all_logits = run.logits.detach().clone()
-        if run.record_acts:
-            res.acts = [a.contiguous() for a in run.acts]
-            res.pre_acts = [h.contiguous() for h in run.pre]
-        if run.watch is not None:
-            n = run.watch.shape[0]
-            wa = torch.zeros(run.B, n, dtype=self.cdtype, device=self.device)
-            wp = torch.zeros(run.B, n, dtype=self.cdtype, device=self.device)
-            for idx, a, h in run.w_acts:
-                wa[:, idx], wp[:, idx] = a, h
-            res.watched_acts, res.watched_pre = wa, wp
-        if run.record_mlp:
-            res.mlp_real = torch.stack([r.expand(run.B, run.P, -1) for r in run.mlp_real], 1)
-            res.mlp_response = torch.stack([r.expand(run.B, run.P, -1) for r in run.mlp_resp], 1)
-        return res
-
-    # --- conveniences -----------------------------------------------------------------------------------
     def baseline(self, **kw) -> InterventionResult:
         """The spliced model without intervention (equals the real model)."""
         return self.run([[]], **kw)
