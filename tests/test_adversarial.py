@@ -149,6 +149,9 @@ def world(tmp_path_factory):
     w["bad_catalog_store"] = str(root / "bad_catalog_store")
     (root / "a_file").write_text("not a folder")
     w["a_file"] = str(root / "a_file")
+    (root / "work").mkdir()
+    (root / "work" / "notes.txt").write_text("precious")
+    w["work"] = str(root / "work")
     # a registry whose production pointer was tampered with
     reg = Registry(str(root / "registry"))
     v = reg.register(w["clt"])
@@ -179,6 +182,10 @@ CASES = [
     Case("long-prompt", ATTR + ["--clt", C, "x" * 64], "more than the model context"),
     Case("bad-slug", ATTR + ["--random-clt", "4", "--out", "{root}/g", "--slug", "../escape", "hi"], "slug"),
     Case("out-is-a-file", ATTR + ["--random-clt", "4", "--out", "{a_file}", "hi"], "{a_file}"),
+    Case("out-replaces-a-folder", ["clt", "random", "--model", T, "--features", "4", "--out", "{work}"],
+         "not a folder ct_ray wrote"),
+    Case("out-replaces-a-file", ["clt", "random", "--model", T, "--features", "4", "--out", "{a_file}"],
+         "not a folder ct_ray wrote"),
     Case("sql-format", SQL + ["--format", "xml", "SELECT 1"], "invalid choice"),
     # --- models
     Case("unknown-model", ["attribute", "--model", "no-such-model", "--random-clt", "4", "hi"], "unknown model"),

@@ -60,13 +60,23 @@ def is_local(fs) -> bool:
     return "file" in (fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,))
 
 
+def check_replaceable(url: str, **storage_options):
+    """(fs, path) of a local output folder that atomic_dir may replace: absent, empty, or an earlier output (it has
+    the commit marker). Never a file, a link, or a folder of other things (`--out ~/work`): a one-line error."""
+    fs, path = filesystem(url, **storage_options)
+    if is_local(fs) and os.path.lexists(path) and not (os.path.isdir(path) and not os.path.islink(path) and (
+            not os.listdir(path) or os.path.exists(os.path.join(path, COMMIT_MARKER)))):
+        raise StorageError(f"{path} exists and is not a folder ct_ray wrote: choose a new path or remove it")
+    return fs, path
+
+
 @contextlib.contextmanager
 def atomic_dir(url: str, **storage_options):
     """Yield (fs, tmp_path) to write a directory's files into; on success the directory appears at `url` at once.
 
     Locally: write into a hidden sibling, then rename (replacing an older copy). On object storage (no rename):
     write the files, then a commit marker last; readers treat a directory without the marker as absent."""
-    fs, path = filesystem(url, **storage_options)
+    fs, path = check_replaceable(url, **storage_options)
     if is_local(fs):
         parent = os.path.dirname(path) or "."
         os.makedirs(parent, exist_ok=True)

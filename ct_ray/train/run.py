@@ -15,7 +15,7 @@ from ..clt.io import save_clt
 from ..clt.transcoder import CrossLayerTranscoder
 from ..errors import CTRayError, StorageError, one_line
 from ..specs import TrainSpec
-from ..store.fs import absolute_url, filesystem, is_local
+from ..store.fs import absolute_url, check_replaceable, filesystem, is_local
 from .loop import CKPT_STATE, shard_file, train_loop_per_worker
 from .shard import feature_bounds
 
@@ -122,6 +122,7 @@ def train(spec: TrainSpec, *, progress: bool = True) -> dict:
     from ..models import load_model
 
     spec = resolve_paths(spec)
+    check_replaceable(spec.out)  # before hours of training, not at the export
     for url in (spec.checkpoint, spec.out):
         _check_writable(url)
     # Ray Train's print patch logs every worker print() a second time: each step line would show twice
