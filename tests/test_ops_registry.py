@@ -169,3 +169,15 @@ def test_a_tampered_production_pointer_is_refused(clts, tmp_path, capsys, pointe
         assert "production.json is invalid" in err and err.count("\n") == 1, err
     assert sorted(p.name for p in (tmp_path / "reg" / "history").iterdir()) == before  # nothing recorded
     assert [m["version"] for m in reg.versions()] == [v1]
+
+
+def test_a_clt_file_name_that_is_not_utf8_is_refused(clts, tmp_path):
+    import os
+    import shutil
+
+    src = tmp_path / "clt"
+    shutil.copytree(clts[0], src)
+    with open(os.path.join(os.fsencode(src), b"notes-\xff.txt"), "wb") as f:
+        f.write(b"x")
+    with pytest.raises(CTRayError, match="not UTF-8"):
+        Registry(str(tmp_path / "reg")).register(str(src))

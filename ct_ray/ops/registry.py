@@ -58,6 +58,11 @@ def clt_files(url: str, **storage_options) -> tuple[object, str, list[str]]:
         if not fs.exists(f"{root}/config.yaml"):
             raise CTRayError(f"no CLT at {url} (no config.yaml)")
         names = sorted(p[len(root) + 1:] for p in fs.find(root))
+        for n in names:
+            try:
+                n.encode()
+            except UnicodeEncodeError:
+                raise CTRayError(f"{url} holds a file whose name is not UTF-8: not registered") from None
         if is_local(fs):  # the registry copies bytes: none from outside the CLT folder
             top = os.path.realpath(root)
             for n in names:
