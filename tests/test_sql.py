@@ -217,5 +217,11 @@ def test_sql_on_s3_is_sandboxed(s3, tmp_path):
     assert query("SELECT key FROM nodes", url).column("key").to_pylist() == ["a"]
     with pytest.raises(CTRayError, match="Permission Error"):
         query(f"SELECT * FROM read_parquet('{url}/warehouse/*/data/*/*.parquet')", url)
+    st.fs.pipe_file(f"{s3['bucket']}/secret.csv", b"a,b\n1,2\n")  # another object of the same bucket
+    for sql in (f"SELECT * FROM read_csv('s3://{s3['bucket']}/secret.csv')",
+                f"COPY (SELECT 1) TO 's3://{s3['bucket']}/forged.csv'"):
+        with pytest.raises(CTRayError, match="Permission Error|not COPY"):
+            query(sql, url)
+    assert not st.fs.exists(f"{s3['bucket']}/forged.csv")
     with pytest.raises(CTRayError, match="no store at"):
         query("SELECT * FROM graphs", f"s3://{s3['bucket']}/not-there")
