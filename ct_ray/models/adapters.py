@@ -89,6 +89,22 @@ class Adapter:
         """Its output is `mlp_out[l]` (exactly what is added to the residual)."""
         raise NotImplementedError
 
+    # modules that interventions also replace (perturb/modules.py)
+    def attn_norm_module(self, l: int) -> nn.Module:
+        """Its output is the attention's input."""
+        raise NotImplementedError
+
+    def attn_post_norm_module(self, l: int) -> nn.Module | None:
+        """Normalises the attention output before the residual add (Gemma); None where there is none."""
+        return None
+
+    def mlp_module(self, l: int) -> nn.Module:
+        """The MLP proper (its output is replaced in a spliced pass)."""
+        return self.blocks()[l].mlp
+
+    def final_norm_module(self) -> nn.Module:
+        raise NotImplementedError
+
     # --- linear paths -----------------------------------------------------------------------------
     def layer_weights(self) -> list[LayerWeights]:
         if self._weights is None:
@@ -155,6 +171,12 @@ class LlamaAdapter(Adapter):
     def final_norm(self):
         return _rms(self.model.model.norm)
 
+    def attn_norm_module(self, l):
+        return self.blocks()[l].input_layernorm
+
+    def final_norm_module(self):
+        return self.model.model.norm
+
 
 class GemmaAdapter(LlamaAdapter):
     """Gemma 2 / Gemma 3: (1 + w) RMSNorms, post-attention and post-MLP norms, scaled embeddings."""
@@ -180,6 +202,9 @@ class GemmaAdapter(LlamaAdapter):
 
     def final_norm(self):
         return _rms(self.model.model.norm, True)
+
+    def attn_post_norm_module(self, l):
+        return self.blocks()[l].post_attention_layernorm
 
 
 class GPT2Adapter(Adapter):
@@ -214,6 +239,12 @@ class GPT2Adapter(Adapter):
 
     def final_norm(self):
         return _ln(self.model.transformer.ln_f)
+
+    def attn_norm_module(self, l):
+        return self.blocks()[l].ln_1
+
+    def final_norm_module(self):
+        return self.model.transformer.ln_f
 
 
 ADAPTERS: dict[str, type[Adapter]] = {

@@ -1,7 +1,7 @@
 """The modules a spliced forward pass hooks, per family.
 
-The adapters name the hook points attribution reads; interventions must also *replace* the outputs of the
-attention pre-norm, the post-attention norm (Gemma), the MLP itself and the final norm, so they are named here.
+Interventions replace more than attribution reads: the outputs of the attention pre-norm, the post-attention norm
+(Gemma), the MLP itself and the final norm. The adapters (models/adapters.py) name all of them.
 """
 
 from __future__ import annotations
@@ -26,24 +26,19 @@ class SpliceModules:
 
 
 def splice_modules(adapter) -> SpliceModules:
-    blocks = adapter.blocks()
+    """The modules of `adapter`'s model that a spliced pass hooks (the adapters name them, per family)."""
     L = adapter.n_layers
-    if adapter.family == "gpt2":
-        attn_norm = [b.ln_1 for b in blocks]
-        final = adapter.model.transformer.ln_f
-    elif adapter.family in ("llama", "gemma"):
-        attn_norm = [b.input_layernorm for b in blocks]
-        final = adapter.model.model.norm
-    else:
-        raise ModelError(f"interventions do not support the {adapter.family!r} adapter yet")
-    post = [b.post_attention_layernorm for b in blocks] if adapter.family == "gemma" else None
-    return SpliceModules(
-        attn_norm=attn_norm,
-        attn=[adapter.attn_module(l) for l in range(L)],
-        attn_post_norm=post,
-        mlp_norm=[adapter.mlp_norm_module(l) for l in range(L)],
-        mlp=[b.mlp for b in blocks],
-        mlp_out=[adapter.mlp_out_module(l) for l in range(L)],
-        final_norm=final,
-        lm_head=adapter.model.get_output_embeddings(),
-    )
+    try:
+        post = [adapter.attn_post_norm_module(l) for l in range(L)]
+        return SpliceModules(
+            attn_norm=[adapter.attn_norm_module(l) for l in range(L)],
+            attn=[adapter.attn_module(l) for l in range(L)],
+            attn_post_norm=post if any(m is not None for m in post) else None,
+            mlp_norm=[adapter.mlp_norm_module(l) for l in range(L)],
+            mlp=[adapter.mlp_module(l) for l in range(L)],
+            mlp_out=[adapter.mlp_out_module(l) for l in range(L)],
+            final_norm=adapter.final_norm_module(),
+            lm_head=adapter.model.get_output_embeddings(),
+        )
+    except NotImplementedError:
+        raise ModelError(f"interventions do not support the {adapter.family!r} adapter yet") from None
