@@ -59,7 +59,8 @@ def worker(spec_path: str) -> None:
     ru0 = resource.getrusage(resource.RUSAGE_SELF)
     b0 = _busy_s()
     t0 = time.perf_counter()
-    out = {"n_tokens": len(tokens), "rss_loaded_mb": rss_loaded, "threads": torch.get_num_threads()}
+    out = {"n_tokens": len(tokens), "rss_loaded_mb": rss_loaded, "threads": torch.get_num_threads(),
+           "peak_rss_loading_mb": ru0.ru_maxrss / 1024.0}  # loading a CLT can peak above what attribution adds
     try:
         g = attribute(lm, clt, tokens, **kw)
         out.update(status="ok", n_active=g.meta["n_active_features"], n_features=g.n_features, n_nodes=g.n_nodes,
