@@ -31,6 +31,14 @@ TEXT = (
 )
 
 
+def _hwm_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
 def worker(spec_path: str) -> None:
     """One length: load, attribute once, print a JSON line."""
     import importlib.util
@@ -57,6 +65,12 @@ def worker(spec_path: str) -> None:
     if spec.get("budget_gb"):
         kw["memory_budget"] = int(spec["budget_gb"] * 2**30)
     ru0 = resource.getrusage(resource.RUSAGE_SELF)
+    try:  # reset the high-water mark (VmHWM), so that the peak below is attribution's own, not loading's
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        reset = True
+    except OSError:
+        reset = False
     b0 = _busy_s()
     t0 = time.perf_counter()
     out = {"n_tokens": len(tokens), "rss_loaded_mb": rss_loaded, "threads": torch.get_num_threads(),
@@ -72,7 +86,7 @@ def worker(spec_path: str) -> None:
     ru1 = resource.getrusage(resource.RUSAGE_SELF)
     cpu = (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)
     out.update(seconds=dt, cpu_seconds=cpu, others_cores=max(0.0, (_busy_s() - b0) - cpu) / dt,
-               peak_rss_mb=ru1.ru_maxrss / 1024.0)
+               peak_rss_mb=ru1.ru_maxrss / 1024.0, peak_rss_attribution_mb=_hwm_mb() if reset else None)
     print("RESULT " + json.dumps(out), flush=True)
 
 
