@@ -68,3 +68,30 @@ def test_local_directory(tiny_dir):
     lm = load_model(str(tiny_dir))
     assert lm.n_layers == 2 and lm.adapter.family == "llama"
     assert lm.encode("hi").tolist() == [256, ord("h"), ord("i")]
+
+
+def test_hooks_replace_read_and_remove(tiny_models):
+    """models/hooks.py: a replaced mlp_out changes the logits, read points never do, every hook goes on exit."""
+    import torch
+
+    from ct_ray.models.hooks import Hooks, forward
+
+    m = tiny_models["llama"]
+    toks = torch.tensor([[0, 5, 7, 9]])
+    clean = forward(m, toks)
+    seen = {}
+    with Hooks(m) as h:
+        h.on("resid_mid", lambda x: x * 0, layer=0)  # a read point: its return value is ignored
+        h.on("mlp_out", lambda y: seen.setdefault("y", y.clone()), layer=1)
+        assert torch.equal(forward(m, toks), clean)
+    with Hooks(m) as h:
+        h.on("mlp_out", lambda y: torch.zeros_like(y), layer=1)
+        assert not torch.allclose(forward(m, toks), clean)
+    with pytest.raises(RuntimeError, match="boom"), Hooks(m) as h:
+        h.on("resid_post", lambda x: (_ for _ in ()).throw(RuntimeError("boom")), layer=0)
+        forward(m, toks)
+    assert torch.equal(forward(m, toks), clean)  # no hook left behind, also after an error
+    with pytest.raises(ValueError, match="needs a layer"), Hooks(m) as h:
+        h.on("mlp_out", print)
+    with pytest.raises(ValueError, match="unknown hook point"), Hooks(m) as h:
+        h.on("resid_final", print, layer=0)

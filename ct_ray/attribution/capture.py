@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..models.hooks import Hooks, forward
+
 
 @dataclass
 class Cache:
@@ -23,57 +25,34 @@ class Cache:
         return self.resid_mid[l] if hook == "resid_mid" else self.mlp_in[l]
 
 
-def _first(x):
-    return x[0] if isinstance(x, (tuple, list)) else x
-
-
 @torch.no_grad()
 def capture(model, tokens: torch.Tensor) -> Cache:
     """Run `model` (a LoadedModel) on `tokens` [P] and record the hook points of every layer."""
-    ad = model.adapter
-    L = ad.n_layers
+    L = model.adapter.n_layers
     store: dict = {"mid": [None] * L, "mlp_in": [None] * L, "out": [None] * L, "post": [None] * L, "pat": [None] * L}
-    handles = []
 
-    def pre0(mod, args, kwargs):
-        store["pre0"] = (args[0] if args else kwargs["hidden_states"])[0].detach().clone()
+    def keep(key, l=None):
+        def fn(x):
+            x = x[0].detach().clone()
+            if l is None:
+                store[key] = x
+            else:
+                store[key][l] = x
+        return fn
 
-    def head(mod, args, out):
-        store["logits"] = out[0].detach().clone()
-
-    handles.append(ad.blocks()[0].register_forward_pre_hook(pre0, with_kwargs=True))
-    handles.append(model.model.get_output_embeddings().register_forward_hook(head))
-    for l in range(L):
-        def mid(mod, args, l=l):
-            store["mid"][l] = args[0][0].detach().clone()
-
-        def mlp_in(mod, args, out, l=l):
-            store["mlp_in"][l] = _first(out)[0].detach().clone()
-
-        def out_(mod, args, out, l=l):
-            store["out"][l] = _first(out)[0].detach().clone()
-
-        def post(mod, args, out, l=l):
-            store["post"][l] = _first(out)[0].detach().clone()
-
-        def pat(mod, args, out, l=l):
+    def pattern(l):
+        def fn(out):
             if not isinstance(out, tuple) or out[1] is None:
                 raise RuntimeError("attention module returned no pattern: the model must use eager attention")
             store["pat"][l] = out[1][0].detach().clone()
+        return fn
 
-        handles += [
-            ad.mlp_norm_module(l).register_forward_pre_hook(mid),
-            ad.mlp_norm_module(l).register_forward_hook(mlp_in),
-            ad.mlp_out_module(l).register_forward_hook(out_),
-            ad.blocks()[l].register_forward_hook(post),
-            ad.attn_module(l).register_forward_hook(pat),
-        ]
-    try:
-        dev = next(model.model.parameters()).device
-        final = model.model(tokens[None].to(dev), use_cache=False).logits[0, -1]
-    finally:
-        for h in handles:
-            h.remove()
+    with Hooks(model) as h:
+        h.on("resid_pre0", keep("pre0")).on("logits", keep("logits"))
+        for l in range(L):
+            h.on("resid_mid", keep("mid", l), l).on("mlp_in", keep("mlp_in", l), l).on("mlp_out", keep("out", l), l)
+            h.on("resid_post", keep("post", l), l).on("attn", pattern(l), l)
+        final = forward(model, tokens[None])[0, -1]
     return Cache(
         tokens=tokens.cpu(),
         resid_pre0=store["pre0"],

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ..harvest.activations import harvest_batch, training_mask
+from ..models.hooks import Hooks
 from .transcoder import CrossLayerTranscoder
 
 
@@ -17,42 +18,30 @@ def spliced(model, clt: CrossLayerTranscoder, keep_bos: bool = True):
     """Within the context, `model.model` runs with CLT reconstructions in place of every MLP output
     (cross-layer decoders accumulate from earlier layers, as in the replacement model; no error terms).
     Position 0 (BOS) keeps its real MLP output unless `keep_bos` is False."""
-    ad = model.adapter
     acts: dict[int, torch.Tensor] = {}
-    handles = []
 
-    def read(mod, args, l):
-        x = args[0]
-        if clt.feature_input_hook == "mlp_in":
-            return
-        acts[l] = clt.encode(l, x)
+    def read(l):
+        return lambda x: acts.__setitem__(l, clt.encode(l, x))
 
-    def read_out(mod, args, out, l):
-        if clt.feature_input_hook == "mlp_in":
-            acts[l] = clt.encode(l, out)
+    def write(l):
+        def fn(real):
+            y = clt.b_dec[l].expand_as(real).clone()
+            for ls in range(l + 1):
+                k = l - ls
+                if k < clt.spans[ls] and ls in acts:
+                    y = y + acts[ls] @ clt.W_dec[ls][:, k]
+            if keep_bos:  # the BOS attention sink keeps its real MLP output (a constant in the replacement model too)
+                y[..., 0, :] = real[..., 0, :]
+            return y.to(real.dtype)
+        return fn
 
-    def write(mod, args, out, l):
-        real = out[0] if isinstance(out, tuple) else out
-        y = clt.b_dec[l].expand_as(real).clone()
-        for ls in range(l + 1):
-            k = l - ls
-            if k < clt.spans[ls] and ls in acts:
-                y = y + acts[ls] @ clt.W_dec[ls][:, k]
-        if keep_bos:  # the BOS attention sink keeps its real MLP output (a constant in the replacement model too)
-            y[..., 0, :] = real[..., 0, :]
-        y = y.to(real.dtype)
-        return (y, *out[1:]) if isinstance(out, tuple) else y
-
-    for l in range(ad.n_layers):
-        handles.append(ad.mlp_norm_module(l).register_forward_pre_hook(lambda m, a, l=l: read(m, a, l)))
-        handles.append(ad.mlp_norm_module(l).register_forward_hook(lambda m, a, o, l=l: read_out(m, a, o, l)))
-        handles.append(ad.mlp_out_module(l).register_forward_hook(lambda m, a, o, l=l: write(m, a, o, l)))
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-        acts.clear()
+    with Hooks(model) as h:
+        for l in range(model.adapter.n_layers):
+            h.on(clt.feature_input_hook, read(l), l).on("mlp_out", write(l), l)
+        try:
+            yield
+        finally:
+            acts.clear()
 
 
 @torch.no_grad()

@@ -4,30 +4,19 @@ from __future__ import annotations
 
 import torch
 
+from ..models.hooks import Hooks, forward
+
 
 @torch.no_grad()
 def harvest_batch(model, tokens: torch.Tensor, read_point: str = "resid_mid") -> tuple[torch.Tensor, torch.Tensor]:
     """tokens [B, T] -> (x [B, T, L, d] at `read_point` ('resid_mid' or 'mlp_in'), y [B, T, L, d] = mlp_out)."""
-    ad = model.adapter
-    L = ad.n_layers
+    L = model.adapter.n_layers
     xs, ys = [None] * L, [None] * L
-    handles = []
-    for l in range(L):
-        norm = ad.mlp_norm_module(l)
-        if read_point == "resid_mid":
-            handles.append(norm.register_forward_pre_hook(lambda m, a, l=l: xs.__setitem__(l, a[0])))
-        else:
-            handles.append(norm.register_forward_hook(lambda m, a, o, l=l: xs.__setitem__(l, o)))
-        handles.append(ad.mlp_out_module(l).register_forward_hook(
-            lambda m, a, o, l=l: ys.__setitem__(l, o[0] if isinstance(o, tuple) else o)))
-    try:
-        dev = next(model.model.parameters()).device
-        # only the hidden states are needed: run the decoder stack, skip the unembedding
-        backbone = model.model.get_decoder() if hasattr(model.model, "get_decoder") else model.model.base_model
-        backbone(input_ids=tokens.to(dev), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
+    with Hooks(model) as h:
+        for l in range(L):
+            h.on(read_point, lambda x, l=l: xs.__setitem__(l, x), layer=l)
+            h.on("mlp_out", lambda y, l=l: ys.__setitem__(l, y), layer=l)
+        forward(model, tokens, logits=False)  # only the hidden states are needed: skip the unembedding
     return torch.stack(xs, 2), torch.stack(ys, 2)
 
 
