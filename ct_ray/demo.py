@@ -4,41 +4,23 @@ a SQL summary."""
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
-from .specs import QuickstartSpec, TrainSpec, load_yaml
-
-
-def _trained(spec: TrainSpec) -> bool:
-    """A committed CLT at spec.out trained from the same spec (the sidecar records it)."""
-    from .store.fs import COMMIT_MARKER, absolute_url, filesystem
-
-    fs, path = filesystem(absolute_url(spec.out))
-    try:
-        if not fs.exists(f"{path}/{COMMIT_MARKER}"):
-            return False
-        with fs.open(f"{path}/ct_ray.json") as f:
-            side = json.load(f)
-    except (OSError, json.JSONDecodeError):
-        return False
-    from .train.run import resolve_paths
-
-    return side.get("spec") == resolve_paths(spec).model_dump()
+from .specs import QuickstartSpec, load_yaml
 
 
 def run_demo(path: str | Path = "workflows/quickstart.yaml", address: str | None = None) -> int:
     from .executor import ensure_ray
     from .store.sql import format_table, query
     from .sweep.runner import run_sweep
-    from .train.run import train
+    from .train.run import already_trained, train
 
     spec = load_yaml(path, QuickstartSpec)
     t0 = time.perf_counter()
     ensure_ray(address)
     tr = spec.train
-    if _trained(tr):
+    if already_trained(tr):
         print(f"[1/3] reusing the trained CLT at {tr.out}")
     else:
         print(f"[1/3] harvest + train a CLT for {tr.harvest.model} ({tr.clt.n_features} features/layer, "

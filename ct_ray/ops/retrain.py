@@ -131,12 +131,11 @@ class Retrain:
                                  "manifest_sha256": _hash(m), "corpus": ts.harvest.corpus, "parent": parent})
 
     def train(self) -> None:
-        from ..demo import _trained
-        from ..train.run import train
+        from ..train.run import already_trained, train
 
         h = self._done("harvested")
         ts = self.train_spec(self.reg.version_url(h["parent"]) if h["parent"] else None)
-        if _trained(ts):  # the candidate was exported before a crash: do not train it again
+        if already_trained(ts):  # the candidate was exported before a crash: do not train it again
             self.log(f"[{self.date}] reusing the trained candidate at {ts.out}")
             from ..store.fs import absolute_url, filesystem
 

@@ -1,5 +1,5 @@
 """The same training as the Ray Train loop, in one process without Ray: the reference for sharding tests and a
-debugging aid (`ct-ray train --local`)."""
+debugging aid (tests/test_train.py compares the two)."""
 
 from __future__ import annotations
 

@@ -112,6 +112,21 @@ def resolve_paths(spec: TrainSpec) -> TrainSpec:
         "harvest": spec.harvest.model_copy(update={"out": absolute_url(spec.harvest.out)})})
 
 
+def already_trained(spec: TrainSpec) -> bool:
+    """A committed CLT at spec.out trained from the same spec (its sidecar records the spec): reused, not retrained."""
+    from ..store.fs import COMMIT_MARKER
+
+    fs, path = filesystem(absolute_url(spec.out))
+    try:
+        if not fs.exists(f"{path}/{COMMIT_MARKER}"):
+            return False
+        with fs.open(f"{path}/ct_ray.json") as f:
+            side = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return False
+    return side.get("spec") == resolve_paths(spec).model_dump()
+
+
 def train(spec: TrainSpec, *, progress: bool = True) -> dict:
     """Harvest (unless `spec.activations`), train on Ray Train, export the CLT to `spec.out`. Returns a summary."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
