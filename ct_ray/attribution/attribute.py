@@ -8,6 +8,7 @@ checked against a budget before anything large is allocated (budget.py).
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Sequence
 
@@ -32,6 +33,20 @@ def select_logits(probs: torch.Tensor, max_n_logits: int, desired_logit_prob: fl
     return idx[:k], p[:k]
 
 
+def _on_model_device(fn):
+    # tensors the attribution code creates go where the model lives (a GPU when it is on one; the CPU path runs
+    # without the device mode's per-op overhead); Graph.build moves the result to the CPU
+    @functools.wraps(fn)
+    def run(model, *args, **kwargs):
+        dev = next(model.model.parameters()).device
+        if dev.type == "cpu":
+            return fn(model, *args, **kwargs)
+        with torch.device(dev):
+            return fn(model, *args, **kwargs)
+    return run
+
+
+@_on_model_device
 @torch.no_grad()
 def attribute(
     model,
@@ -75,7 +90,7 @@ def attribute(
     # --- memory: estimate, then allocate ---------------------------------------------------------------
     S = n_active + L * P + P
     bsz = _budget.batch_size_for(batch_size, P, L, d, S)
-    budget = _budget.default_budget() if memory_budget is None else int(memory_budget)
+    budget = _budget.default_budget(cache.resid_mid.device) if memory_budget is None else int(memory_budget)
     engine = RowEngine(rep, f_layer, f_pos, f_idx, f_act, chunk_bytes=_budget.CHUNK_BYTES)  # index structures
     dec_cache = engine.decoder_bytes()
     if dec_cache > int(budget * _budget.CACHE_FRACTION):

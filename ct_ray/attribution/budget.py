@@ -47,8 +47,9 @@ def available_bytes() -> int:
     return avail if avail is not None else 8 * 2**30
 
 
-def default_budget() -> int:
-    """`CT_RAY_ATTRIBUTION_MEMORY` (bytes, or with a G/M suffix) if set, else 80% of the available memory."""
+def default_budget(device: torch.device | str | None = None) -> int:
+    """`CT_RAY_ATTRIBUTION_MEMORY` (bytes, or with a G/M suffix) if set, else 80% of the available memory (of the
+    GPU when `device` is a CUDA device)."""
     env = os.environ.get("CT_RAY_ATTRIBUTION_MEMORY", "").strip()
     if env:
         mult = {"G": 2**30, "M": 2**20, "K": 2**10}.get(env[-1].upper(), 1)
@@ -56,6 +57,8 @@ def default_budget() -> int:
             return int(float(env[:-1] if mult > 1 else env) * mult)
         except ValueError as e:
             raise PromptError(f"CT_RAY_ATTRIBUTION_MEMORY must be a number of bytes (e.g. 8G), got {env!r}") from e
+    if device is not None and torch.device(device).type == "cuda":
+        return int(0.8 * torch.cuda.mem_get_info(device)[0])
     return int(0.8 * available_bytes())
 
 

@@ -89,15 +89,15 @@ class Graph:
                 "feature": pa.array(feature, pa.int32()),
                 "token": pa.array(token, pa.int32()),
                 "token_str": token_str,
-                "activation": pa.array(activation.numpy(), pa.float32()),
-                "probability": pa.array(prob.numpy(), pa.float32()),
+                "activation": pa.array(activation.cpu().numpy(), pa.float32()),
+                "probability": pa.array(prob.cpu().numpy(), pa.float32()),
                 "influence": pa.array(np.full(len(kind), np.nan, dtype=np.float32)),
             },
             schema=NODE_SCHEMA,
         )
         meta = {**meta, "tokens": toks, "token_strs": list(token_strs), "logit_tokens": logit_tokens.tolist(),
                 "logit_probs": logit_probs.tolist(), "schema_version": SCHEMA_VERSION}
-        return cls(adjacency.float(), nodes, meta, target_values, constants)
+        return cls(adjacency.float().cpu(), nodes, meta, target_values.cpu(), constants.cpu())  # from a GPU too
 
     # --- shape helpers ---------------------------------------------------------------------------------
     def _kind_counts(self) -> dict:

@@ -110,14 +110,14 @@ def random_clt(model, n_features: int = 256, *, seed: int = 0, span: int | None 
     z = torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(1.0 - firing_rate)).item()
     with torch.no_grad():
         for l in range(ad.n_layers):
-            x = cache.read_point(l, feature_input_hook)[1:]  # skip the BOS attention sink
+            x = cache.read_point(l, feature_input_hook)[1:].cpu()  # skip the BOS attention sink; seeded on the CPU
             x_c = x - x.mean(0)
             w = torch.randn(n_features, ad.d_model, generator=g)
             w = w / (w @ x_c.T).std(-1, keepdim=True).clamp_min(1e-6)  # unit-variance pre-activations
             clt.W_enc[l].copy_(w)
             clt.b_enc[l].copy_(-(w @ x.mean(0)))
             clt.threshold[l].fill_(z)
-            ymag = cache.mlp_out[l][1:].norm(dim=-1).mean().item()
+            ymag = cache.mlp_out[l][1:].cpu().norm(dim=-1).mean().item()
             dec = torch.randn(n_features, clt.spans[l], ad.d_model, generator=g)
             clt.W_dec[l].copy_(dec * (ymag / (ad.d_model**0.5) / max(1.0, n_features * firing_rate) ** 0.5))
             clt.b_dec[l].copy_(0.1 * ymag / ad.d_model**0.5 * torch.randn(ad.d_model, generator=g))
@@ -126,4 +126,4 @@ def random_clt(model, n_features: int = 256, *, seed: int = 0, span: int | None 
             for l in range(ad.n_layers):
                 clt.b_enc[l].sub_(z)
     clt.requires_grad_(False)
-    return clt
+    return clt.to(next(model.model.parameters()).device)  # where the model lives
