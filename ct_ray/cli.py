@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -182,20 +181,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=_cmd_attribute)
 
-    s = sub.add_parser("harvest", help="harvest activations to object storage (Ray Data)")
-    s.add_argument("spec", help="HarvestSpec YAML")
-    s.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
-    s.set_defaults(fn=_cmd_harvest)
-
-    s = sub.add_parser("train", help="train a CLT (Ray Train, feature-sharded)")
-    s.add_argument("spec", help="TrainSpec YAML (e.g. workflows/train_smollm2.yaml)")
-    s.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
-    s.set_defaults(fn=_cmd_train)
-
-    s = sub.add_parser("demo", help="run the embedded end-to-end job (make demo)")
-    s.add_argument("--spec", default="workflows/quickstart.yaml")
-    s.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
-    s.set_defaults(fn=_cmd_demo)
+    for name, help_, spec_arg, fn in (
+            ("harvest", "harvest activations to object storage (Ray Data)", ("spec", {"help": "HarvestSpec YAML"}),
+             _cmd_harvest),
+            ("train", "train a CLT (Ray Train, feature-sharded)",
+             ("spec", {"help": "TrainSpec YAML (e.g. workflows/train_smollm2.yaml)"}), _cmd_train),
+            ("demo", "run the embedded end-to-end job (make demo)", ("--spec", {"default": "workflows/quickstart.yaml"}),
+             _cmd_demo)):
+        s = sub.add_parser(name, help=help_)
+        s.add_argument(spec_arg[0], **spec_arg[1])
+        s.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
+        s.set_defaults(fn=fn)
 
     s = sub.add_parser("perturb", help="validate a graph by perturbing its top nodes (predicted vs measured)")
     from .perturb.cli import add_arguments as _add_perturb_arguments

@@ -140,30 +140,23 @@ def add_clt_parsers(csub) -> None:
         p.add_argument("--registry", required=True, help="registry URL (local directory or s3://bucket/prefix)")
         p.add_argument("--endpoint-url", help="S3-compatible endpoint (credentials come from the AWS env/chain)")
 
-    p = csub.add_parser("list", help="versions in a CLT registry (* marks production)")
-    reg_args(p)
-    p.set_defaults(fn=cmd_clt_list)
-    p = csub.add_parser("show", help="a version's metrics and provenance, or (no VERSION) the pointer and history")
-    p.add_argument("version", nargs="?")
-    reg_args(p)
-    p.set_defaults(fn=cmd_clt_show)
-    p = csub.add_parser("runs", help="nightly retraining runs recorded in the registry (date, status, outcome)")
-    reg_args(p)
-    p.set_defaults(fn=cmd_clt_runs)
-    p = csub.add_parser("register", help="copy a CLT directory into the registry as a new immutable version")
-    p.add_argument("clt", help="CLT directory URL")
-    reg_args(p)
-    p.set_defaults(fn=cmd_clt_register)
-    p = csub.add_parser("promote", help="point production at VERSION")
-    p.add_argument("version")
-    p.add_argument("--reason")
-    reg_args(p)
-    p.set_defaults(fn=cmd_clt_promote)
-    p = csub.add_parser("rollback", help="point production back at the version it replaced (or --to VERSION)")
-    p.add_argument("--to")
-    p.add_argument("--reason")
-    reg_args(p)
-    p.set_defaults(fn=cmd_clt_rollback)
+    commands = [  # name, help, handler, (positional or option, kwargs)...
+        ("list", "versions in a CLT registry (* marks production)", cmd_clt_list),
+        ("show", "a version's metrics and provenance, or (no VERSION) the pointer and history", cmd_clt_show,
+         ("version", {"nargs": "?"})),
+        ("runs", "nightly retraining runs recorded in the registry (date, status, outcome)", cmd_clt_runs),
+        ("register", "copy a CLT directory into the registry as a new immutable version", cmd_clt_register,
+         ("clt", {"help": "CLT directory URL"})),
+        ("promote", "point production at VERSION", cmd_clt_promote, ("version", {}), ("--reason", {})),
+        ("rollback", "point production back at the version it replaced (or --to VERSION)", cmd_clt_rollback,
+         ("--to", {}), ("--reason", {})),
+    ]
+    for name, help_, fn, *args in commands:
+        p = csub.add_parser(name, help=help_)
+        for arg, kw in args:
+            p.add_argument(arg, **kw)
+        reg_args(p)
+        p.set_defaults(fn=fn)
 
 
 def add_parsers(sub) -> None:
