@@ -25,3 +25,16 @@ def one_line(e: BaseException, limit: int = 500) -> str:
     """An exception as the one line the CLI prints: its message's first line (its type when it has none)."""
     s = str(e).strip()
     return s.splitlines()[0][:limit] if s else type(e).__name__
+
+
+def finite_float(text, what: str, error: type[Exception] = CTRayError) -> float:
+    """`text` as a finite float, or one `error` line naming `what` (CLI flags, query parameters)."""
+    import math
+
+    try:
+        v = float(text)
+    except (TypeError, ValueError):
+        raise error(f"bad {what}: {text!r} is not a number") from None
+    if not math.isfinite(v):
+        raise error(f"bad {what}: {text} is not finite")
+    return v

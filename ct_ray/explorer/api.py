@@ -11,7 +11,7 @@ import math
 import re
 import threading
 
-from ..errors import CTRayError
+from ..errors import CTRayError, finite_float
 from ..features.job import FEATURES_DIR, features_id
 from ..store.tables import SWEEPS_DIR, Store
 
@@ -71,13 +71,7 @@ def _int(v, what: str, lo: int, hi: int) -> int:
 def _float(v, what: str) -> float | None:
     if v in (None, ""):
         return None
-    try:
-        f = float(v)
-    except ValueError:
-        raise BadRequest(f"bad {what}: not a number") from None
-    if not math.isfinite(f):
-        raise BadRequest(f"bad {what}: not finite")
-    return f
+    return finite_float(v, what, BadRequest)
 
 
 class ExplorerAPI:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import math
 
+from ..errors import finite_float
 from ..specs.intervention import InterventionError
 
 
@@ -34,13 +34,7 @@ def _parse_ops(text: str) -> list[tuple[str, float]]:
         op, _, val = part.strip().partition(":")
         if op not in ("set", "scale", "add") or not val:
             raise InterventionError(f"bad --ops item {part!r}: expected OP:VALUE with OP in set/scale/add")
-        try:
-            v = float(val)
-        except ValueError:
-            raise InterventionError(f"bad --ops value {val!r}") from None
-        if not math.isfinite(v):
-            raise InterventionError(f"--ops value must be finite, got {val}")
-        ops.append((op, v))
+        ops.append((op, finite_float(val, "--ops value", InterventionError)))
     return ops
 
 
