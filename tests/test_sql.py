@@ -167,6 +167,7 @@ def _committed_store(tmp_path, sid="s"):
     ("SELECT * FROM glob('/*')", "Permission Error"),
     ("COPY graphs TO '{root}/forged.csv'", "not COPY"),
     ("EXPLAIN ANALYZE COPY graphs TO '{root}/forged.parquet'", "only EXPLAIN of a read-only"),
+    ("EXPLAIN /* c */ ANALYZE (FORMAT json) COPY graphs TO '{root}/f.parquet' (USE_TMP_FILE false)", "only EXPLAIN"),
     ("ATTACH '{root}/x.db' AS x", "not ATTACH"),
     ("INSTALL httpfs", "read-only"),
     ("LOAD httpfs", "read-only"),
@@ -189,6 +190,7 @@ def test_read_only_statements_still_run(tmp_path):
     st = _committed_store(tmp_path)
     assert query("WITH k AS (SELECT key FROM graphs) SELECT count(*) n FROM k", store=st).column("n").to_pylist() == [2]
     assert query("EXPLAIN ANALYZE SELECT count(*) FROM nodes", store=st).num_rows == 1
+    assert query("-- c\nEXPLAIN ANALYZE /* c */ (FORMAT json) SELECT 1", store=st).num_rows == 1
     assert "graphs" in query("SHOW TABLES", store=st).column("name").to_pylist()
     assert query("DESCRIBE graphs", store=st).num_rows == len(SCHEMAS["graphs"])
 

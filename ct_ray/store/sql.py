@@ -68,9 +68,10 @@ def _explained(text: str):
     """The statements after `EXPLAIN [ANALYZE] [(options)]`, found with DuckDB's tokenizer (None if unparsable)."""
     import duckdb
 
-    toks = [(pos, kind) for pos, kind in duckdb.tokenize(text) if kind != duckdb.token_type.comment]
-    ends = [p for p, _ in toks[1:]] + [len(text)]
-    words = [text[p:e].strip().upper() for (p, _), e in zip(toks, ends)]
+    every = duckdb.tokenize(text)
+    ends = [p for p, _ in every[1:]] + [len(text)]
+    toks = [(p, e) for (p, kind), e in zip(every, ends) if kind != duckdb.token_type.comment]
+    words = [text[p:e].strip().upper() for p, e in toks]
     if not words or words[0] != "EXPLAIN":
         return None
     i = 1
