@@ -405,3 +405,16 @@ def test_the_explorer_refuses_a_missing_store(world, capsys):
     err = capsys.readouterr().err
     assert "no store at" in err and len(err.strip().splitlines()) == 1, err
     assert _tree(world["root"]) == before
+
+
+def test_unsatisfiable_features_workers_fail_after_a_bounded_wait(ray_local, tiny_dir, tmp_path, monkeypatch):
+    from ct_ray.errors import CTRayError
+    from ct_ray.features import parse_features_spec, run_features
+
+    monkeypatch.setenv("CT_RAY_RESOURCE_WAIT_S", "3")
+    (tmp_path / "corpus.txt").write_text("the quick brown fox jumps over the lazy dog " * 20)
+    spec = parse_features_spec({"model": str(tiny_dir), "random_clt": {"features": 4}, "corpus": [str(tmp_path / "corpus.txt")],
+                                "context_len": 16, "n_contexts": 4, "workers": 1, "num_cpus": 512,
+                                "storage": str(tmp_path / "store")})
+    with pytest.raises(CTRayError, match="no features worker could start .* num_cpus=512"):
+        run_features(spec)

@@ -9,6 +9,7 @@ The job key hashes everything that changes the rows; a re-run of a committed job
 
 from __future__ import annotations
 
+import collections
 import datetime as _dt
 import hashlib
 import logging
@@ -18,6 +19,8 @@ import re
 import numpy as np
 import pyarrow as pa
 
+from ..errors import CTRayError, one_line
+from ..executor.pool import ActorPool
 from ..specs import FeaturesSpec, load_yaml, parse
 from ..store.commit import replace_partition
 from ..store.schemas import TABLES_SCHEMA_VERSION, conform
@@ -38,6 +41,16 @@ class FeatureWorker:
     """Holds the model and the CLT; turns a chunk of contexts into a state (see accumulate.py)."""
 
     def __init__(self, cfg: dict):
+        self.init_error = None
+        try:
+            self._load(cfg)
+        except Exception as e:  # reported by ready(): the pool fails with this line instead of restarting forever
+            self.init_error = f"{type(e).__name__}: {one_line(e)}" if not isinstance(e, CTRayError) else one_line(e)
+
+    def ready(self) -> dict:
+        return {"error": self.init_error, "pid": os.getpid()}
+
+    def _load(self, cfg: dict) -> None:
         import torch
 
         from .. import load_clt, load_model, random_clt
@@ -59,6 +72,9 @@ class FeatureWorker:
 
         from ..harvest.activations import harvest_batch
 
+        crash = os.environ.get("CT_RAY_FAULT_CRASH_PROMPT", "")  # fault injection (tests): 'context:I' kills it
+        if crash.startswith("context:") and int(crash[8:]) in set(np.asarray(ctx).tolist()):
+            os._exit(3)
         c = self.cfg
         state = None
         for i in range(0, len(tokens), c["batch_contexts"]):
@@ -80,41 +96,61 @@ def _contexts(spec: FeaturesSpec):
     return ctxs, tok
 
 
+class _ChunkPool(ActorPool):
+    """Chunks of contexts on FeatureWorkers; states merged in chunk order (float sums come out the same every run)."""
+
+    def __init__(self, ray, actor_cls, cfg, spec: FeaturesSpec, ctxs, F: int, bar):
+        super().__init__(ray, actor_cls, cfg, workers=spec.workers, queue_depth=2, retries=2, what="features",
+                         num_cpus=spec.num_cpus, num_gpus=spec.num_gpus, write=bar.write)
+        n = len(ctxs)
+        self.ctxs, self.bar = ctxs, bar
+        self.queue = collections.deque(enumerate((i, min(n, i + spec.chunk_contexts))
+                                                 for i in range(0, n, spec.chunk_contexts)))
+        self.done: dict = {}
+        self.next_merge = 0
+        self.state = acc.empty_state(F, spec.top_k, spec.samples, spec.window)
+
+    def next_item(self, a):
+        return ("work", self.queue.popleft()) if self.queue else None
+
+    def has_work(self) -> bool:
+        return bool(self.queue)
+
+    def call(self, a, kind, payload):
+        _, (lo, hi) = payload
+        return a["h"].run.remote(self.ctxs.tokens[lo:hi], np.arange(lo, hi))
+
+    def on_done(self, kind, payload, a, out):
+        ci, (lo, hi) = payload
+        self.done[ci] = out
+        self.bar.update(hi - lo)
+        while self.next_merge in self.done:
+            self.state = acc.merge(self.state, self.done.pop(self.next_merge))
+            self.next_merge += 1
+
+    def on_failed(self, kind, payload, e):
+        _, (lo, hi) = payload
+        raise CTRayError(f"features: contexts {lo}-{hi} kill their worker ({self.attempts[self.item_id(kind, payload)]} "
+                         f"time(s)): {one_line(e)}")
+
+
 def _run_actors(spec: FeaturesSpec, cfg: dict, ctxs, F: int, address: str | None, progress: bool) -> dict:
     from tqdm.auto import tqdm
 
-    from ..executor import ensure_ray
+    from ..executor import ensure_ray, worker_env
 
     ray = ensure_ray(address)
-    n = len(ctxs)
-    chunks = [(i, min(n, i + spec.chunk_contexts)) for i in range(0, n, spec.chunk_contexts)]
+    env = worker_env(ray)
     actor = ray.remote(FeatureWorker).options(num_cpus=spec.num_cpus, num_gpus=spec.num_gpus, max_restarts=-1,
-                                              max_task_retries=3)
-    actors = [actor.remote(cfg) for _ in range(min(spec.workers, len(chunks)))]
-    pending, done, nxt = {}, {}, 0
-    state = acc.empty_state(F, spec.top_k, spec.samples, spec.window)
-    bar = tqdm(total=n, unit="ctx", desc="features", disable=not progress)
+                                              max_task_retries=0,  # retries are the pool's (executor/pool.py)
+                                              runtime_env={"env_vars": env} if env else None)
+    bar = tqdm(total=len(ctxs), unit="ctx", desc="features", disable=not progress)
+    pool = _ChunkPool(ray, actor, cfg, spec, ctxs, F, bar)
     try:
-        queue = list(enumerate(chunks))
-        free = list(actors) * 2  # two calls queued per actor
-        while queue or pending:
-            while queue and free:
-                ci, (a, b) = queue.pop(0)
-                h = free.pop(0)
-                pending[h.run.remote(ctxs.tokens[a:b], np.arange(a, b))] = (ci, h, b - a)
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            ci, h, m = pending.pop(ready[0])
-            done[ci] = ray.get(ready[0])
-            free.append(h)
-            bar.update(m)
-            while nxt in done:  # merge in chunk order: float sums come out the same on every run
-                state = acc.merge(state, done.pop(nxt))
-                nxt += 1
+        pool.run(len(pool.queue))
     finally:
         bar.close()
-        for a in actors:
-            ray.kill(a)
-    return state
+    return pool.state
 
 
 def _rows(spec: FeaturesSpec, state: dict, ctxs, tok, d_tc: list[int], job: str) -> list[list[dict]]:
