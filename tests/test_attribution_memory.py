@@ -138,3 +138,20 @@ def test_defaults_and_threads():
     with B.torch_threads(1):
         assert torch.get_num_threads() == 1
     assert torch.get_num_threads() == before
+
+
+@pytest.mark.real
+def test_issue_scale_smollm2(smollm2):
+    """The issue's case (SmolLM2, random_clt(2048, firing_rate=0.01), a 32-token prompt): ~3e4 active features,
+    whose square matrix alone was 16 GB; with 48 kept features the rows are exact direct effects (autograd)."""
+    from ._attr_helpers import autograd_rows
+
+    clt = random_clt(smollm2, 2048, firing_rate=0.01)
+    ids = smollm2.encode("The history of the city begins with a small settlement on the river, where traders met "
+                         "to exchange salt, grain and cloth over many")[:32]
+    g = attribute(smollm2, clt, ids, max_feature_nodes=48, batch_size=16, memory_budget=2**30)
+    n = g.meta["n_active_features"]
+    assert n > 20_000 and g.n_features == 48
+    assert g.meta["memory_estimate_bytes"] <= 2**30 < 4 * n * n / 8  # 1 GiB; the old n x n matrix was ~9 GB
+    rows = [0, g.n_features - 1, g.n_nodes - 1]
+    torch.testing.assert_close(g.adjacency[rows], autograd_rows(smollm2, clt, g, rows), atol=1e-4, rtol=1e-3)
