@@ -94,3 +94,20 @@ def test_features_workflow_parses():
 
     spec = load_features_spec(Path(__file__).resolve().parents[1] / "workflows" / "features_smollm2.yaml")
     assert spec.clt and features_id(spec.clt).startswith("smollm2-plt-")
+
+
+def test_features_chunk_that_kills_workers_is_one_error_and_nothing_written(ray_local, tiny_dir, tmp_path,
+                                                                           monkeypatch):
+    """The features job runs on the sweep's actor pool (executor/pool.py): a chunk whose worker dies is re-run alone;
+    one that kills every worker it meets ends the job with one line after `retries`, and writes nothing."""
+    from ct_ray.errors import CTRayError
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"doc {i}: the quick brown fox {i} jumps over the lazy dog" for i in range(8)))
+    monkeypatch.setenv("CT_RAY_FAULT_CRASH_PROMPT", "context:7")  # reaches the actors through worker_env
+    spec = parse_features_spec({"model": str(tiny_dir), "random_clt": {"features": 8, "seed": 1},
+                                "corpus": [str(corpus)], "context_len": 16, "n_contexts": 12, "chunk_contexts": 4,
+                                "workers": 2, "num_cpus": 0.5, "storage": str(tmp_path / "store")})
+    with pytest.raises(CTRayError, match=r"contexts 4-8 kill their worker \(3 time\(s\)\)"):
+        run_features(spec)
+    assert not list((tmp_path / "store").rglob("*.parquet"))
