@@ -79,10 +79,6 @@ class CrossLayerTranscoder(nn.Module):
     def forward(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
         return self.decode([self.encode(l, x) for l, x in enumerate(xs)])
 
-    def decoder_vectors(self, l: int, idx: torch.Tensor) -> torch.Tensor:
-        """Decoder rows of layer-`l` features `idx`: [n, span_l, d_model]."""
-        return self.W_dec[l][idx]
-
     def check_model(self, n_layers: int, d_model: int, what: str = "model") -> None:
         from ..errors import CLTError
 
