@@ -258,7 +258,7 @@ def main() -> None:
     ap.add_argument("--cpu-steps", type=int, default=3)
     ap.add_argument("--device-steps", type=int, default=20)
     ap.add_argument("--short-steps", type=int, default=300)
-    ap.add_argument("--cpu-budget-s", type=float, default=90, help="CPU attribution baselines stop past this")
+    ap.add_argument("--cpu-budget-s", type=float, default=60, help="CPU attribution baselines stop past this")
     ap.add_argument("--text-dir", default=str(ROOT), help="README.md and docs/*.md here: the training text")
     ap.add_argument("--stages", default="attribution,perturb,train")
     ap.add_argument("--json", help="write the results here")
@@ -283,7 +283,9 @@ def main() -> None:
         dev_model = load_model(args.model, device=str(dev))
     clt_cpu = random_clt(cpu_model, args.features, seed=0, firing_rate=args.firing_rate)
     clt_dev = random_clt(dev_model, args.features, seed=0, firing_rate=args.firing_rate)
-    res["clt_same_on_both"] = all(torch.equal(a.cpu(), b.cpu()) for a, b in zip(clt_cpu.parameters(), clt_dev.parameters()))
+    # the same seeded draws; the calibration reads each model's own activations (equal to fp32 round-off)
+    res["clt_max_rel_diff"] = max(float((a - b.cpu()).abs().max() / a.abs().max().clamp_min(1e-30))
+                                  for a, b in zip(clt_cpu.parameters(), clt_dev.parameters()))
     res["clt_on"] = str(next(clt_dev.parameters()).device)
     res["times_s"]["load"] = time.perf_counter() - t0
     res["settings"] = {k: v for k, v in vars(args).items() if k not in ("json", "stages")}
