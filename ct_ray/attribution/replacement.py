@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..models.adapters import frozen_scales
 from .capture import Cache
 
 
@@ -43,15 +44,11 @@ class Replacement:
     def _freeze_scales(self) -> None:
         c = self.cache
         pre = torch.cat([c.resid_pre0[None], c.resid_post[:-1]])
-        self.s_attn = torch.stack([self.W[l].attn_norm.scale(pre[l]) for l in range(self.L)])
-        self.s_mlp = torch.stack([self.W[l].mlp_norm.scale(c.resid_mid[l]) for l in range(self.L)])
-        self.s_final = self.final.scale(c.resid_post[-1])
-        self.s_post = None
-        if self.W[0].attn_post_norm is not None:
-            # the post-attention norm's input is the raw attention output; recompute it from real values
-            self.s_post = torch.stack(
-                [self.W[l].attn_post_norm.scale(self._attn_raw(l, pre[l], self.s_attn[l])) for l in range(self.L)]
-            )
+        # the post-attention norm's input is the raw attention output: recomputed from real values
+        s_attn, s_mlp, s_post, self.s_final = frozen_scales(self.W, self.final, pre, c.resid_mid, c.resid_post[-1],
+                                                            lambda l, s: self._attn_raw(l, pre[l], s))
+        self.s_attn, self.s_mlp = torch.stack(s_attn), torch.stack(s_mlp)
+        self.s_post = torch.stack(s_post) if s_post is not None else None
 
     def _features(self) -> None:
         """Feature activations (from the real read points), reconstructions and error terms."""

@@ -57,6 +57,20 @@ class LayerWeights:
     b_O: torch.Tensor | None
 
 
+def frozen_scales(layers: list[LayerWeights], final: Norm, attn_in, resid_mid, final_in, attn_out=None) -> tuple:
+    """The normalisation denominators of one real forward pass, frozen (docs/design.md): per layer the attention
+    pre-norm's (of `attn_in[l]`), the MLP pre-norm's (of `resid_mid[l]`) and Gemma's post-attention norm's (of the raw
+    attention output, `attn_out(l, s_attn[l])`; None for families without it), then the final norm's (of `final_in`).
+    The replacement model (attribution) and the spliced model (perturbation) both freeze exactly these."""
+    L = len(layers)
+    s_attn = [layers[l].attn_norm.scale(attn_in[l]) for l in range(L)]
+    s_mlp = [layers[l].mlp_norm.scale(resid_mid[l]) for l in range(L)]
+    s_post = None
+    if layers[0].attn_post_norm is not None:
+        s_post = [layers[l].attn_post_norm.scale(attn_out(l, s_attn[l])) for l in range(L)]
+    return s_attn, s_mlp, s_post, final.scale(final_in)
+
+
 class Adapter:
     """Base adapter. Subclasses set module paths and build `LayerWeights`."""
 

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 import torch
 
 from ..errors import CLTError
+from ..models.adapters import frozen_scales
 from ..specs.intervention import (
     Intervention,
     InterventionError,
@@ -144,12 +145,8 @@ class Splice(SpliceForward):
         self.clean_logits = fin["logits"][-1]  # pre-softcap
         self.clean_out_logits = out.detach().clone()
         # frozen norm denominators (used only in constrained layers)
-        self.s_attn = [self.W[l].attn_norm.scale(self.attn_in[l]) for l in range(L)]
-        self.s_mlp = [self.W[l].mlp_norm.scale(self.resid_mid[l]) for l in range(L)]
-        self.s_post = None
-        if self.post_out is not None:
-            self.s_post = [self.W[l].attn_post_norm.scale(self.attn_out[l]) for l in range(L)]
-        self.s_final = self.final.scale(self.final_in)
+        self.s_attn, self.s_mlp, self.s_post, self.s_final = frozen_scales(
+            self.W, self.final, self.attn_in, self.resid_mid, self.final_in, lambda l, s: self.attn_out[l])
         # clean CLT features, from the real read points
         self.read_clean = self.resid_mid if self.clt.feature_input_hook == "resid_mid" else self.mlp_in
         self.clean_pre, self.clean_acts = [], []
