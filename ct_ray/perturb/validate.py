@@ -19,43 +19,19 @@ Undefined metrics (too few pairs, constant values) are NaN.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
-from typing import Literal
 
 import pyarrow as pa
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..errors import CTRayError
-from ..specs.intervention import InterventionError, SpliceMode, parse_mode
+from ..specs import parse
+from ..specs.intervention import DEFAULT_OPS, InterventionError, SpliceMode, ValidationSpec, parse_mode
 from .predict import Predictor, new_activation
 from .splice import Splice
 from .supernodes import SupernodeSet, member_interventions
 from .table import graph_id as _graph_id
 from .table import perturbation_table
-
-DEFAULT_OPS: tuple[tuple[str, float], ...] = (("set", 0.0), ("scale", -1.0), ("scale", 2.0))
-
-
-class ValidationSpec(BaseModel):
-    """Options of `validate` (the `perturbation` section of a sweep spec)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    top_k: int = Field(10, ge=1)
-    ops: list[tuple[Literal["set", "scale", "add"], float]] = Field(default_factory=lambda: list(DEFAULT_OPS),
-                                                                    min_length=1)
-    mode: SpliceMode = SpliceMode(mode="constrained")
-    batch_size: int = Field(32, ge=1)
-
-    @field_validator("ops")
-    @classmethod
-    def _finite(cls, v):
-        for op, value in v:
-            if not math.isfinite(value):
-                raise InterventionError(f"invalid validation ops: {op} value must be finite, got {value}")
-        return v
 
 
 @dataclass
@@ -160,19 +136,16 @@ def validate(model, clt, graph, *, top_k: int = 10, ops=DEFAULT_OPS, mode: str |
              ) -> Validation:
     """Validate `graph` (usually pruned) of a prompt by perturbing its top-k nodes on `model` + `clt`.
 
-    `spec` (a `ValidationSpec` or its dict, e.g. from a sweep YAML) replaces top_k / ops / mode / batch_size.
+    `spec` (a `ValidationSpec` or its dict, e.g. from a YAML file) replaces top_k / ops / mode / batch_size.
     The faithfulness metric compares MLP responses on the spliced model's MLP input (in constrained layers that
     input is normalised with the frozen denominator).
     """
-    try:
-        if spec is not None:
-            vspec = spec if isinstance(spec, ValidationSpec) else ValidationSpec.model_validate(spec)
-        else:
-            vspec = ValidationSpec(top_k=top_k, ops=list(ops), batch_size=batch_size,
-                                   mode=parse_mode(mode, layers=layers, freeze_attention=freeze_attention))
-    except ValidationError as e:
-        err = e.errors()[0]
-        raise InterventionError(f"invalid validation options: {'.'.join(map(str, err['loc']))}: {err['msg']}") from e
+    if isinstance(spec, ValidationSpec):
+        vspec = spec
+    else:
+        data = spec if spec is not None else {"top_k": top_k, "ops": list(ops), "batch_size": batch_size,
+                                              "mode": parse_mode(mode, layers=layers, freeze_attention=freeze_attention)}
+        vspec = parse(ValidationSpec, data, "validation options", InterventionError)
     sp = Splice(model, clt, graph.meta["tokens"])
     _check_graph(graph, sp)
     targets = select_targets(graph, vspec.top_k, supernodes)

@@ -122,6 +122,28 @@ class SpliceMode(Spec):
         return range(lo, hi + 1)
 
 
+DEFAULT_OPS: tuple[tuple[str, float], ...] = (("set", 0.0), ("scale", -1.0), ("scale", 2.0))
+
+
+class ValidationSpec(Spec):
+    """Options of `validate` and `ct-ray perturb`: perturb the `top_k` most influential nodes (or supernodes) of a
+    graph with each of `ops` in `mode`. (A sweep's per-graph plan is `PerturbationPlan`, specs/attribution.py.)"""
+
+    top_k: int = Field(10, ge=1)
+    ops: list[tuple[Literal["set", "scale", "add"], float]] = Field(default_factory=lambda: list(DEFAULT_OPS),
+                                                                    min_length=1)
+    mode: SpliceMode = SpliceMode(mode="constrained")
+    batch_size: int = Field(32, ge=1)
+
+    @field_validator("ops")
+    @classmethod
+    def _finite(cls, v):
+        for op, value in v:
+            if not math.isfinite(value):
+                raise InterventionError(f"invalid validation ops: {op} value must be finite, got {value}")
+        return v
+
+
 def parse_intervention(x) -> Intervention:
     """An `Intervention` from itself or a dict; pydantic errors become one-line `InterventionError`s."""
     if isinstance(x, Intervention):
