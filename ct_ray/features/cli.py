@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+DESCRIPTION = ("ct-ray features [SPEC.yaml] [--clt URL | --random-clt N] [--store URL]: runs the model + CLT over corpus "
+               "contexts on a Ray actor pool; re-running a committed job does nothing.")
+
 
 def cmd_features(args) -> int:
     from ..errors import CTRayError
@@ -30,9 +33,7 @@ def cmd_features(args) -> int:
 
 def add_parsers(sub) -> None:
     s = sub.add_parser("features", help="feature dashboards of a CLT (density, top contexts) into the features table",
-                       description="ct-ray features [SPEC.yaml] [--clt URL | --random-clt N] [--store URL]: runs the "
-                                   "model + CLT over corpus contexts on a Ray actor pool; re-running a committed job "
-                                   "does nothing.")
+                       description=DESCRIPTION)
     s.add_argument("spec", nargs="?", help="FeaturesSpec YAML (flags override its fields)")
     s.add_argument("--model")
     s.add_argument("--clt", help="CLT directory URL")
