@@ -10,7 +10,7 @@ from ct_ray import CrossLayerTranscoder, CTRayError, attribute, random_clt
 from ct_ray.attribution.capture import capture
 from ct_ray.attribution.replacement import Replacement, Sources
 from ct_ray.perturb import (
-    PERTURBATION_SCHEMA,
+    VALIDATION_SCHEMA,
     Intervention,
     InterventionError,
     PositionRange,
@@ -313,7 +313,7 @@ def test_validate_full_graph_constrained_is_exact(setup):
     assert m["logit_spearman"] > 0.999 and m["logit_sign_agreement"] == 1.0
     assert m["feature_spearman"] > 0.999 and m["feature_sign_agreement"] > 0.99
     torch.testing.assert_close(v.predicted_logits, v.measured_logits, atol=1e-4, rtol=1e-4)
-    assert v.table.schema.equals(PERTURBATION_SCHEMA)
+    assert v.table.schema.equals(VALIDATION_SCHEMA)
     assert v.table.num_rows == 12 * g.n_logits
     t = v.table.to_pylist()[0]
     assert t["target"] == v.targets[0].name and t["op"] == "set" and t["mode"] == "constrained"
@@ -424,8 +424,8 @@ def test_cli_perturb(capsys, tiny_dir, tmp_path):
     out = capsys.readouterr()
     assert code == 0, out.err
     assert "predicted" in out.out and "spearman" in out.out
-    t = pq.read_table(tmp_path / "out" / "perturbations.parquet")
-    assert t.schema.equals(PERTURBATION_SCHEMA) and t.num_rows > 0
+    t = pq.read_table(tmp_path / "out" / "validation.parquet")
+    assert t.schema.equals(VALIDATION_SCHEMA) and t.num_rows > 0
     code = main(["perturb", "--model", str(tiny_dir), "--random-clt", "16", "--prompt", "hello there", "--top-k", "2",
                  "--mode", "free", "--ops", "scale:0"])
     assert code == 0, capsys.readouterr().err

@@ -25,7 +25,7 @@ def add_arguments(s) -> None:
     s.add_argument("--edge-threshold", type=float, default=0.98)
     s.add_argument("--batch-size", type=int, default=32, help="interventions per forward pass")
     s.add_argument("--all-logits", action="store_true", help="print every logit node, not only the top one")
-    s.add_argument("--out", metavar="DIR", help="write perturbations.parquet and validation.json here")
+    s.add_argument("--out", metavar="DIR", help="write validation.parquet and validation.json here")
 
 
 def _parse_ops(text: str) -> list[tuple[str, float]]:
@@ -122,9 +122,9 @@ def cmd_perturb(args) -> int:
 
         fs, out = filesystem(args.out)
         fs.makedirs(out, exist_ok=True)
-        with fs.open(f"{out}/perturbations.parquet", "wb") as fh:
+        with fs.open(f"{out}/validation.parquet", "wb") as fh:
             pq.write_table(v.table, fh)
         with fs.open(f"{out}/validation.json", "w") as fh:
             json.dump(m, fh, indent=1)
-        print(f"wrote {args.out}/perturbations.parquet and validation.json")
+        print(f"wrote {args.out}/validation.parquet and validation.json")
     return 0

@@ -1,6 +1,7 @@
-"""The `perturbations` table: one row per (intervention, logit node) of a validated graph.
+"""The validation table of `ct-ray perturb --out` (schema: store/schemas.py VALIDATION_SCHEMA): one row per
+(intervention, logit node) of a validated graph. A sweep's per-graph rows are the `perturbations` store table.
 
-Schema (version 1):
+Columns (version 1):
   graph_id            string   id of the graph (see `graph_id`)
   intervention_id     int32    index of the intervention within this graph's validation
   target              string   what was intervened on: a node id ('3_17_5') or a supernode name
@@ -35,35 +36,9 @@ import json
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+from ..store.schemas import VALIDATION_SCHEMA
 
-PERTURBATION_SCHEMA = pa.schema(
-    [
-        ("graph_id", pa.string()),
-        ("intervention_id", pa.int32()),
-        ("target", pa.string()),
-        ("target_kind", pa.string()),
-        ("target_influence", pa.float32()),
-        ("intervention", pa.string()),
-        ("op", pa.string()),
-        ("value", pa.float32()),
-        ("mode", pa.string()),
-        ("layer_start", pa.int32()),
-        ("layer_end", pa.int32()),
-        ("freeze_attention", pa.bool_()),
-        ("token", pa.int32()),
-        ("token_str", pa.string()),
-        ("logit_before", pa.float32()),
-        ("logit_after", pa.float32()),
-        ("prob_before", pa.float32()),
-        ("prob_after", pa.float32()),
-        ("predicted_delta", pa.float32()),
-        ("predicted_direct", pa.float32()),
-        ("measured_delta", pa.float32()),
-        ("kl", pa.float32()),
-        ("schema_version", pa.int32()),
-    ]
-)
+SCHEMA_VERSION = 1
 
 
 def graph_id(graph) -> str:
@@ -74,11 +49,11 @@ def graph_id(graph) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-def perturbation_table(rows: list[dict]) -> pa.Table:
+def validation_table(rows: list[dict]) -> pa.Table:
     """Rows (dicts with the schema's columns, schema_version optional) -> a table with the documented schema."""
-    cols = {f.name: [] for f in PERTURBATION_SCHEMA}
+    cols = {f.name: [] for f in VALIDATION_SCHEMA}
     for r in rows:
         for name in cols:
             cols[name].append(SCHEMA_VERSION if name == "schema_version" and name not in r else r[name])
-    return pa.table({n: pa.array(v, PERTURBATION_SCHEMA.field(n).type) for n, v in cols.items()},
-                    schema=PERTURBATION_SCHEMA)
+    return pa.table({n: pa.array(v, VALIDATION_SCHEMA.field(n).type) for n, v in cols.items()},
+                    schema=VALIDATION_SCHEMA)

@@ -31,7 +31,7 @@ from .predict import Predictor, new_activation
 from .splice import Splice
 from .supernodes import SupernodeSet, member_interventions
 from .table import graph_id as _graph_id
-from .table import perturbation_table
+from .table import validation_table
 
 
 @dataclass
@@ -256,5 +256,5 @@ def validate(model, clt, graph, *, top_k: int = 10, ops=DEFAULT_OPS, mode: str |
                 "predicted_delta": float(pred_logit[i, j]), "predicted_direct": float(pred_direct_logit[i, j]),
                 "measured_delta": float(meas_logit[i, j]), "kl": float(kl[i]),
             })
-    return Validation(perturbation_table(table_rows), metrics, targets, [tuple(o) for o in vspec.ops], pred_logit,
+    return Validation(validation_table(table_rows), metrics, targets, [tuple(o) for o in vspec.ops], pred_logit,
                       meas_logit, pred_feat, meas_feat, kl)

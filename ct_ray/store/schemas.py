@@ -111,6 +111,36 @@ PERTURBATIONS_SCHEMA = pa.schema(
     ]
 )
 
+# `ct-ray perturb --out DIR` writes DIR/validation.parquet: one row per (intervention, logit node) of one validated
+# graph (perturb/validate.py). Not a store table: a sweep's per-graph perturbations are PERTURBATIONS_SCHEMA above.
+VALIDATION_SCHEMA = pa.schema(
+    [
+        ("graph_id", pa.string()),
+        ("intervention_id", pa.int32()),
+        ("target", pa.string()),
+        ("target_kind", pa.string()),
+        ("target_influence", pa.float32()),
+        ("intervention", pa.string()),
+        ("op", pa.string()),
+        ("value", pa.float32()),
+        ("mode", pa.string()),
+        ("layer_start", pa.int32()),
+        ("layer_end", pa.int32()),
+        ("freeze_attention", pa.bool_()),
+        ("token", pa.int32()),
+        ("token_str", pa.string()),
+        ("logit_before", pa.float32()),
+        ("logit_after", pa.float32()),
+        ("prob_before", pa.float32()),
+        ("prob_after", pa.float32()),
+        ("predicted_delta", pa.float32()),
+        ("predicted_direct", pa.float32()),
+        ("measured_delta", pa.float32()),
+        ("kl", pa.float32()),
+        ("schema_version", pa.int32()),
+    ]
+)
+
 _CONTEXT = pa.struct([
     ("context", pa.int64()),  # index of the context in the job's corpus contexts
     ("doc", pa.int32()),  # document index in the corpus
