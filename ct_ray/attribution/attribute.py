@@ -89,8 +89,8 @@ def attribute(
 
     # --- memory: estimate, then allocate ---------------------------------------------------------------
     S = n_active + L * P + P
-    bsz = _budget.batch_size_for(batch_size, P, L, d, S)
     budget = _budget.default_budget(cache.resid_mid.device) if memory_budget is None else int(memory_budget)
+    bsz = _budget.batch_size_for(batch_size, P, L, d, S, budget)
     engine = RowEngine(rep, f_layer, f_pos, f_idx, f_act, chunk_bytes=_budget.CHUNK_BYTES)  # index structures
     dec_cache = engine.decoder_bytes()
     if dec_cache > int(budget * _budget.CACHE_FRACTION):

@@ -10,7 +10,8 @@ import torch
 from ..errors import PromptError
 
 DEFAULT_MAX_FEATURE_NODES = 7500  # circuit-tracer's default (docs/attribution.md)
-BATCH_BYTES = 512 * 2**20  # per-batch gradient buffers ([B, P, L, d] floats) before shrinking the target batch
+BATCH_BYTES = 512 * 2**20  # per-batch gradient buffers ([B, P, L, d] floats): at least this much, and up to
+MAX_BATCH_BYTES = 2 * 2**30  # a quarter of the budget, at most this: larger batches share each decoder gather
 CHUNK_BYTES = 128 * 2**20  # decoder rows gathered at once when they are not cached
 CACHE_FRACTION = 0.25  # share of the budget the padded decoders may keep between batches
 SMALL_OP_FLOPS = 16e6  # below this per op, one thread: OpenMP fork/join costs more than it saves
@@ -62,10 +63,11 @@ def default_budget(device: torch.device | str | None = None) -> int:
     return int(0.8 * available_bytes())
 
 
-def batch_size_for(batch_size: int, P: int, L: int, d: int, S: int) -> int:
-    """Targets per backward pass: `batch_size`, fewer where the gradient buffers would exceed BATCH_BYTES."""
-    per_target = 4 * (2 * P * L * d + S)
-    return max(1, min(batch_size, BATCH_BYTES // per_target))
+def batch_size_for(batch_size: int, P: int, L: int, d: int, S: int, budget: int) -> int:
+    """Targets per backward pass: `batch_size`, fewer where the gradient buffers would exceed their share."""
+    per_target = 4 * (2 * P * L * d + 2 * S)
+    share = max(BATCH_BYTES, min(MAX_BATCH_BYTES, budget // 4))
+    return max(1, min(batch_size, share // per_target))
 
 
 def estimate(*, n_active: int, n_keep: int, n_logits: int, L: int, P: int, d: int, bsz: int,

@@ -21,8 +21,8 @@ class _Chunk:
     """Positions of one layer with similar feature counts, their features padded to [g, C]."""
 
     pos: torch.Tensor  # [g] positions
-    idx_pad: torch.Tensor  # [g, C] feature indices, padded with 0
-    act_pad: torch.Tensor  # [g, C] activations, padded with 0 (padding contributes nothing)
+    idx_pad: torch.Tensor  # [g, C] feature indices, padded with 0 (padded slots are computed, never read)
+    act: torch.Tensor  # [n] activation of each feature (scales its column after the matmul)
     group: torch.Tensor  # [n] the group (row of the grid) of each feature
     slot: torch.Tensor  # [n] its column in the grid
     cols: torch.Tensor  # [n] its source column
@@ -67,31 +67,29 @@ class RowEngine:
             feat = first + torch.arange(len(group)) - torch.repeat_interleave(torch.cumsum(cnt, 0) - cnt, cnt)
             slot = feat - first
             idx_pad = torch.zeros(len(members), C, dtype=torch.long)
-            act_pad = torch.zeros(len(members), C)
             idx_pad[group, slot] = i[feat]
-            act_pad[group, slot] = a[feat].float()
-            out.append(_Chunk(pos[members], idx_pad, act_pad, group, slot, cols[feat]))
+            out.append(_Chunk(pos[members], idx_pad, a[feat].float(), group, slot, cols[feat]))
             k = j
         return out
 
     def decoder_bytes(self) -> int:
-        """Bytes of all padded, activation-scaled decoder rows."""
+        """Bytes of all padded decoder rows."""
         d = self.rep.d
         return sum(c.idx_pad.numel() * self.spans[l] * d * 4 for l, cs in enumerate(self.chunks) for c in cs)
 
     def fill_cache(self, cache_bytes: int) -> int:
-        """Keep the padded, activation-scaled decoders if they fit in `cache_bytes` (else they are gathered per
+        """Keep the padded decoder rows if they fit in `cache_bytes` (else they are gathered per
         batch); returns the bytes kept."""
         if not 0 < self.decoder_bytes() <= cache_bytes:
             return 0
         for l, cs in enumerate(self.chunks):
             for k, c in enumerate(cs):
-                self.cache[l, k] = self._decoders(l, c.idx_pad, c.act_pad)
+                self.cache[l, k] = self._decoders(l, c.idx_pad)
         return self.decoder_bytes()
 
-    def _decoders(self, l: int, idx_pad: torch.Tensor, act_pad: torch.Tensor) -> torch.Tensor:
-        W = self.rep.clt.W_dec[l].detach()
-        return (W[idx_pad].float() * act_pad[:, :, None, None]).flatten(2)  # [g, C, span * d]
+    def _decoders(self, l: int, idx_pad: torch.Tensor) -> torch.Tensor:
+        # unscaled: one gather, no second decoder-sized copy (activations scale the matmul's result instead)
+        return self.rep.clt.W_dec[l].detach()[idx_pad].float().flatten(2)  # [g, C, span * d]
 
     def rows(self, t_layer: torch.Tensor, t_pos: torch.Tensor, vecs: torch.Tensor) -> torch.Tensor:
         """[B, S] rows of targets at (layer, position) with read-out vectors `vecs`; layer L means a logit."""
@@ -123,15 +121,15 @@ class RowEngine:
             if not inside.any():
                 continue
             D = self.cache.get((l, k))
-            group, slot, cols, pos = c.group, c.slot, c.cols, c.pos
+            group, slot, cols, pos, act = c.group, c.slot, c.cols, c.pos, c.act
             if not inside.all():
                 keep = torch.nonzero(inside).squeeze(1)
                 fsel = inside[group]
                 remap = torch.cumsum(inside, 0) - 1
-                group, slot, cols, pos = remap[group[fsel]], slot[fsel], cols[fsel], pos[keep]
-                D = D[keep] if D is not None else self._decoders(l, c.idx_pad[keep], c.act_pad[keep])
+                group, slot, cols, pos, act = remap[group[fsel]], slot[fsel], cols[fsel], pos[keep], act[fsel]
+                D = D[keep] if D is not None else self._decoders(l, c.idx_pad[keep])
             elif D is None:
-                D = self._decoders(l, c.idx_pad, c.act_pad)
+                D = self._decoders(l, c.idx_pad)
             Gl = G_post[:, pos, l : l + span].flatten(2).transpose(0, 1)  # [g, B, span * d]
             res = torch.bmm(Gl, D.transpose(1, 2))  # [g, B, C]
-            out[:, cols] = res.transpose(0, 1).reshape(B, -1)[:, group * c.width + slot]
+            out[:, cols] = res.transpose(0, 1).reshape(B, -1)[:, group * c.width + slot] * act
