@@ -60,7 +60,7 @@ class RetrainSpec(Spec):
     def _train_file(cls, v):
         return load_yaml(v, TrainSpec) if isinstance(v, str) else v
 
-    def specstable_hash(self) -> str:
+    def spec_hash(self) -> str:
         return stable_hash(self.model_dump(mode="json"))
 
 
