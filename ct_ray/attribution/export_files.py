@@ -15,7 +15,7 @@ import re
 import numpy as np
 import pyarrow as pa
 
-from ..errors import CTRayError, StorageError
+from ..errors import CTRayError, StorageError, one_line
 from ..store.schemas import SCHEMAS
 from ..store.tables import SWEEPS_DIR, Store
 from .export import NODE_COLUMNS, build_graph_json, cumulative_influence, graph_json, index_entry, merge_index
@@ -107,7 +107,7 @@ def _same(dest: Store, path: str, data: bytes) -> bool:
     except FileNotFoundError:
         return False
     except Exception as e:
-        raise StorageError(f"cannot read {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+        raise StorageError(f"cannot read {path}: {one_line(e)}") from e
 
 
 def _put(dest: Store, name: str, data: bytes) -> bool:
@@ -153,7 +153,7 @@ class _KeyedRows:
                     if k in keys:
                         self.files_of.setdefault(k, []).append(i)
         except Exception as e:
-            raise StorageError(f"cannot read table {name} of {store.url}: {_first_line(e)}") from e
+            raise StorageError(f"cannot read table {name} of {store.url}: {one_line(e)}") from e
 
     def read(self, keys: list[str], columns: list[str]) -> dict[str, pa.Table]:
         """{key: its rows} of `keys`, reading only the files that hold them."""
@@ -170,14 +170,10 @@ class _KeyedRows:
                              In("key", list(keys)))
             t = scan.to_table([self.tasks[i] for i in tasks])
         except Exception as e:
-            raise StorageError(f"cannot read table {self.name}: {_first_line(e)}") from e
+            raise StorageError(f"cannot read table {self.name}: {one_line(e)}") from e
         t = pa.Table.from_arrays([t.column(c).cast(f.type) if c in t.column_names else pa.nulls(t.num_rows, f.type)
                                   for c, f in zip(columns, schema)], schema=schema)
         return _by_key(t)
-
-
-def _first_line(e: BaseException) -> str:
-    return str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
 
 
 def export_sweep(store: Store, sweep_id: str, out: str, *, keys: list[str] | None = None, scan: str | None = None,

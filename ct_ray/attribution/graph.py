@@ -212,7 +212,7 @@ class Graph:
     def load(cls, url: str) -> Graph:
         from safetensors.torch import load as st_load
 
-        from ..errors import CTRayError
+        from ..errors import CTRayError, one_line
         from ..store.fs import filesystem
 
         fs, path = filesystem(url)
@@ -226,7 +226,7 @@ class Graph:
         except FileNotFoundError as e:
             raise CTRayError(f"no graph at {url}: {e}") from e
         except Exception as e:  # corrupt files
-            raise CTRayError(f"cannot read graph at {url}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+            raise CTRayError(f"cannot read graph at {url}: {one_line(e)}") from e
         return cls(t["adjacency"], nodes, meta, t["target_values"], t["constants"])
 
     def to_json(self, path: str, slug: str | None = None) -> dict:

@@ -24,7 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from ..errors import CLTError
+from ..errors import CLTError, one_line
 from ..store.fs import atomic_dir, filesystem, is_local
 from .transcoder import CrossLayerTranscoder
 
@@ -133,7 +133,7 @@ def _read(fs, path: str, url: str, root: str, expect: dict | None = None) -> dic
     try:
         tensors = st_load(data)
     except (SafetensorError, ValueError, RuntimeError) as e:
-        raise CLTError(f"corrupt CLT file {fname} in {url}: {str(e).splitlines()[0]}") from e
+        raise CLTError(f"corrupt CLT file {fname} in {url}: {one_line(e)}") from e
     for k, v in tensors.items():
         if v.is_floating_point() and not bool(torch.isfinite(v).all()):
             raise CLTError(f"{fname} in {url}: tensor {k!r} has non-finite values (NaN or inf)")
@@ -153,7 +153,7 @@ def load_clt(url: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu
     try:
         exists = fs.exists(path)
     except Exception as e:  # unreachable storage
-        raise CLTError(f"cannot reach {url}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+        raise CLTError(f"cannot reach {url}: {one_line(e)}") from e
     if not exists:
         raise CLTError(f"no CLT at {url}")
     try:

@@ -25,7 +25,7 @@ import os
 import re
 import shutil
 
-from ..errors import CTRayError, StorageError
+from ..errors import CTRayError, StorageError, one_line
 from ..store.fs import COMMIT_MARKER, atomic_dir, filesystem, is_local
 from ..store.tables import Store
 
@@ -35,11 +35,6 @@ _VID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def _one_line(e: BaseException) -> str:
-    s = str(e).strip()
-    return s.splitlines()[0] if s else type(e).__name__
 
 
 def _valid_pointer(p) -> bool:
@@ -71,7 +66,7 @@ def clt_files(url: str, **storage_options) -> tuple[object, str, list[str]]:
     except CTRayError:
         raise
     except Exception as e:
-        raise StorageError(f"cannot read {url}: {_one_line(e)}") from e
+        raise StorageError(f"cannot read {url}: {one_line(e)}") from e
     return fs, root, [n for n in names if n != COMMIT_MARKER and not n.rsplit("/", 1)[-1].startswith(".")]
 
 
@@ -128,7 +123,7 @@ class Registry:
         except FileNotFoundError:
             return []
         except Exception as e:
-            raise StorageError(f"cannot list {self.url}/{rel}: {_one_line(e)}") from e
+            raise StorageError(f"cannot list {self.url}/{rel}: {one_line(e)}") from e
         return sorted(n for n in names if not n.startswith("."))
 
     def versions(self) -> list[dict]:
@@ -183,7 +178,7 @@ class Registry:
         except CTRayError:
             raise
         except Exception as e:
-            raise StorageError(f"cannot write {self.version_url(vid)}: {_one_line(e)}") from e
+            raise StorageError(f"cannot write {self.version_url(vid)}: {one_line(e)}") from e
         from ..clt.io import load_clt
 
         clt = load_clt(self.version_url(vid), **self.storage_options)  # also proves the copy loads

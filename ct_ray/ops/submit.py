@@ -20,7 +20,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ..errors import CTRayError
+from ..errors import CTRayError, one_line
 from ..specs import SPEC_KINDS, HarvestSpec, TrainSpec
 
 # never shipped: environments, data, VCS metadata, caches (Ray also honours the project's .gitignore)
@@ -29,11 +29,6 @@ EXCLUDES = [".venv", "ct_ray_data", ".git", "__pycache__", "*.pyc", "*.egg-info"
 JOB_SPEC = "_job/spec.yaml"
 # harmless settings worth carrying into the job; secrets stay out on purpose (see the module docstring)
 _FORWARD_ENV = ("HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM", "CT_RAY_CACHE", "CT_RAY_CATALOG", "CT_RAY_CATALOG_DIR")
-
-
-def _one_line(e: BaseException) -> str:
-    s = str(e).strip()
-    return s.splitlines()[0][:300] if s else type(e).__name__
 
 
 def detect_kind(data: dict, where: str) -> str:
@@ -186,7 +181,7 @@ def _check_auth_env() -> None:
 
 
 def _explain(e: BaseException) -> str:
-    msg = _one_line(e)
+    msg = one_line(e)
     if "401" in msg or "Authentication required" in msg or "403" in msg or "Authentication failed" in msg:
         return (f"{msg} (the cluster wants a token: set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN)"
                 if "401" in msg or "required" in msg else f"{msg} (check RAY_AUTH_TOKEN)")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from ..errors import CTRayError, StorageError
+from ..errors import CTRayError, StorageError, one_line
 from .schemas import SCHEMAS, TABLE_NAMES
 from .tables import DEFAULT_STORE, PARTITION, Store
 
@@ -50,7 +50,7 @@ def check_statement(sql: str) -> str:
     try:
         stmts = duckdb.extract_statements(sql)
     except duckdb.Error as e:
-        raise CTRayError(f"SQL error: {_first_line(e)}") from e
+        raise CTRayError(f"SQL error: {one_line(e)}") from e
     if len(stmts) != 1:
         raise CTRayError(f"give exactly one SQL statement (got {len(stmts)})")
     st = stmts[0]
@@ -92,11 +92,6 @@ def _explained(text: str):
         return None
 
 
-def _first_line(e: BaseException) -> str:
-    s = str(e).strip()
-    return s.splitlines()[0][:300] if s else type(e).__name__
-
-
 def data_files(store: Store, name: str) -> list[str]:
     """URLs of the data files of a table's current snapshot (empty when the table has no commit yet)."""
     t = store.existing_table(name)
@@ -105,7 +100,7 @@ def data_files(store: Store, name: str) -> list[str]:
     try:
         tasks = list(t.scan().plan_files())
     except Exception as e:
-        raise StorageError(f"cannot plan table {name} of {store.url}: {str(e).strip().splitlines()[0][:300]}") from e
+        raise StorageError(f"cannot plan table {name} of {store.url}: {one_line(e, 300)}") from e
     if any(task.delete_files for task in tasks):  # row-level deletes of another engine: not applied by read_parquet
         raise CTRayError(f"table {name} has row-level delete files (written by another engine): run "
                          f"'ct-ray tables compact' first")
@@ -141,7 +136,7 @@ def connect(url: str = DEFAULT_STORE, *, store: Store | None = None, sql: str | 
             con.execute(f"CREATE VIEW {name} AS SELECT {cols} FROM {src}")
         except (duckdb.Error, OSError) as e:
             con.close()
-            raise StorageError(f"cannot read table {t} of {store.url}: {_first_line(e)}") from e
+            raise StorageError(f"cannot read table {t} of {store.url}: {one_line(e)}") from e
     for t in FILTERED:
         con.execute(f"CREATE VIEW {t} AS SELECT r.* FROM raw_{t} r SEMI JOIN graphs g "
                     f"ON r.{PARTITION} = g.{PARTITION} AND r.key = g.key AND g.status = 'ok'")
@@ -168,9 +163,9 @@ def query(sql: str, url: str = DEFAULT_STORE, *, store: Store | None = None, **s
         rel = con.sql(sql)
         return rel.to_arrow_table() if rel is not None else pa.table({})
     except duckdb.Error as e:  # a corrupt data file, a type error, a path outside the store: all one line
-        raise CTRayError(f"SQL error: {_first_line(e)}") from e
+        raise CTRayError(f"SQL error: {one_line(e)}") from e
     except OSError as e:  # the store's filesystem (s3fs) failing under DuckDB
-        raise StorageError(f"cannot read {store.url if store else url}: {_first_line(e)}") from e
+        raise StorageError(f"cannot read {store.url if store else url}: {one_line(e)}") from e
     finally:
         con.close()
 

@@ -24,7 +24,7 @@ import uuid
 
 import pyarrow as pa
 
-from ..errors import StorageError
+from ..errors import StorageError, one_line
 from .catalog import CATALOG_ENV, WAREHOUSE_DIR, check_catalog_uri, default_catalog_uri, ensure_table, identifier, open_catalog
 from .fs import filesystem, is_local, s3_config_kwargs
 from .schemas import PARTITIONS, SCHEMAS, SWEEP_TABLES, TABLE_NAMES, TABLES_SCHEMA_VERSION, conform  # noqa: F401
@@ -33,11 +33,6 @@ DEFAULT_STORE = "./ct_ray_data"
 SWEEPS_DIR = "_sweeps"
 PARTITION = "sweep_id"
 _TMP_TAG = ".tmp-"
-
-
-def _one_line(e: BaseException) -> str:
-    s = str(e).strip()
-    return s.splitlines()[0][:500] if s else type(e).__name__
 
 
 def io_properties(url: str, storage_options: dict) -> dict:
@@ -110,7 +105,7 @@ class Store:
         except FileNotFoundError:
             found = False
         except Exception as e:
-            raise StorageError(f"cannot reach the store {self.url}: {_one_line(e)}") from e
+            raise StorageError(f"cannot reach the store {self.url}: {one_line(e)}") from e
         if not found:
             raise StorageError(f"no store at {self.url} (check --store; a store appears with its first write)")
 
@@ -140,7 +135,7 @@ class Store:
         except (StorageError, ValueError):
             raise
         except Exception as e:
-            raise StorageError(f"cannot open table {name} of {self.url}: {_one_line(e)}") from e
+            raise StorageError(f"cannot open table {name} of {self.url}: {one_line(e)}") from e
 
     def existing_table(self, name: str):
         """The table if the catalog has it (readers never create tables), else None."""
@@ -158,7 +153,7 @@ class Store:
         except StorageError:
             raise
         except Exception as e:
-            raise StorageError(f"cannot open table {name} of {self.url}: {_one_line(e)}") from e
+            raise StorageError(f"cannot open table {name} of {self.url}: {one_line(e)}") from e
         self._tables[name] = t
         return t
 
@@ -191,7 +186,7 @@ class Store:
         try:
             out = t.scan(row_filter=expr, selected_fields=tuple(c for c in want if c in have)).to_arrow()
         except Exception as e:
-            raise StorageError(f"cannot read table {name} of {self.url}: {_one_line(e)}") from e
+            raise StorageError(f"cannot read table {name} of {self.url}: {one_line(e)}") from e
         cols = [out.column(c).cast(f.type) if c in out.column_names else pa.nulls(out.num_rows, f.type)
                 for c, f in zip(want, schema)]
         return pa.Table.from_arrays(cols, schema=schema)
@@ -204,7 +199,7 @@ class Store:
         try:
             return sorted({str(task.file.partition[0]) for task in t.scan().plan_files()})
         except Exception as e:
-            raise StorageError(f"cannot read table {name} of {self.url}: {_one_line(e)}") from e
+            raise StorageError(f"cannot read table {name} of {self.url}: {one_line(e)}") from e
 
     def sweeps(self) -> list[str]:
         """Sweep ids with committed graphs rows or a plan."""
@@ -218,7 +213,7 @@ class Store:
         except FileNotFoundError:
             pass
         except Exception as e:
-            raise StorageError(f"cannot list {self._url_of(d)}: {_one_line(e)}") from e
+            raise StorageError(f"cannot list {self._url_of(d)}: {one_line(e)}") from e
         return sorted(i for i in ids if not i.startswith("."))
 
     def committed(self, sweep_id: str) -> pa.Table:
@@ -245,7 +240,7 @@ class Store:
             else:
                 fs.pipe_file(path, data)  # a single PUT: the object appears whole or not at all
         except Exception as e:
-            raise StorageError(f"cannot write {self._url_of(path)}: {_one_line(e)}") from e
+            raise StorageError(f"cannot write {self._url_of(path)}: {one_line(e)}") from e
 
     def _url_of(self, path: str) -> str:
         if self.local:
@@ -265,7 +260,7 @@ class Store:
         except FileNotFoundError:
             return None
         except Exception as e:
-            raise StorageError(f"cannot read {self._url_of(path)}: {_one_line(e)}") from e
+            raise StorageError(f"cannot read {self._url_of(path)}: {one_line(e)}") from e
 
     def check_writable(self) -> None:
         """Fail early, with a clear message, when the store cannot be written."""

@@ -107,7 +107,7 @@ def _read_file(src: PromptFile, storage_options: dict) -> list[tuple[str, str | 
         try:
             table = pq.read_table(io.BytesIO(data))
         except Exception as e:
-            raise CTRayError(f"{src.url} is not a Parquet file: {str(e).splitlines()[0]}") from e
+            raise CTRayError(f"{src.url} is not a Parquet file: {one_line(e)}") from e
         for c in [src.column] + ([src.target_column] if src.target_column else []):
             if c not in table.column_names:
                 raise CTRayError(f"{src.url} has no column {c!r} (columns: {', '.join(table.column_names)})")

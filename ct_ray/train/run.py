@@ -183,7 +183,7 @@ def train(spec: TrainSpec, *, progress: bool = True) -> dict:
     )
     result = trainer.fit()
     if result.error is not None:
-        raise CTRayError(f"training failed: {str(result.error).splitlines()[0]}")
+        raise CTRayError(f"training failed: {one_line(result.error)}")
     t_train = time.time() - t0 - t_harvest
     with result.checkpoint.as_directory() as d:
         clt, state = assemble(d, spec, model.n_layers, model.d_model, model.name)
