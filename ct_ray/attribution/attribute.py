@@ -98,7 +98,7 @@ def attribute(
 
     def estimate_for(k):
         return _budget.estimate(n_active=n_active, n_keep=k, n_logits=nL, L=L, P=P, d=d, bsz=bsz,
-                                decoder_cache=dec_cache)
+                                decoder_cache=dec_cache, n_heads=rep.H, n_tc=sum(clt.d_tc))
 
     parts = _budget.check(estimate_for, budget, n_tokens=P, n_active=n_active, n_keep=n_keep)
     engine.fill_cache(dec_cache)

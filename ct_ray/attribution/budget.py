@@ -71,11 +71,13 @@ def batch_size_for(batch_size: int, P: int, L: int, d: int, S: int, budget: int)
 
 
 def estimate(*, n_active: int, n_keep: int, n_logits: int, L: int, P: int, d: int, bsz: int,
-             decoder_cache: int) -> dict:
-    """Bytes attribution still allocates (beyond the model, the CLT and the forward's cache), by part."""
+             decoder_cache: int, n_heads: int = 0, n_tc: int = 0) -> dict:
+    """Bytes attribution allocates beyond the model and the CLT, by part ("forward": the captured forward pass and
+    the replacement model, [L, P, n_tc] activations and pre-activations, [L, H, P, P] patterns, residuals)."""
     S = n_active + L * P + P
     N = n_keep + L * P + P + n_logits
-    parts = {"graph": 4 * N * N}  # the kept nodes' square adjacency
+    parts = {"forward": 4 * (2 * P * n_tc + L * n_heads * P * P + 10 * L * P * d)}
+    parts["graph"] = 4 * N * N  # the kept nodes' square adjacency
     if n_keep < n_active:
         R = n_keep + n_logits
         parts["rows"] = 4 * R * S  # [kept targets, all sources] during selection
