@@ -145,7 +145,7 @@ def table(rows) -> str:
             "| peak RSS MB | RSS after load MB | estimate GB | status |")
     lines = [head, "|" + "---|" * 13]
     for r in rows:
-        f = lambda k, fmt="{:.0f}": fmt.format(r[k]) if r.get(k) is not None else "-"  # noqa: E731
+        f = lambda k, fmt="{:.0f}", r=r: fmt.format(r[k]) if r.get(k) is not None else "-"  # noqa: E731
         lines.append("| " + " | ".join([
             f("n_tokens"), f("n_active"), f("per_layer_token", "{:.0f}"), f("n_features"), f("n_nodes"),
             f("seconds", "{:.1f}"), "{:.1f}".format(r["timings"]["rows"]) if r.get("timings") else "-",
