@@ -178,7 +178,7 @@ def ray_head():
         # token auth is on: a request without the token is refused
         with pytest.raises(urllib.error.HTTPError, match="401"):
             urllib.request.urlopen(f"{address}/api/version", timeout=5)
-        yield {"address": address, "token": token}
+        yield {"address": address, "token": token, "temp_dir": tmp}
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -238,8 +238,11 @@ def test_submit_sweep_job_to_a_token_auth_head(ray_head, tiny_dir, tmp_path):
              ["jobs", "logs", "sweep-remote", "--address", a],
              ["jobs", "stop", "sweep-remote", "--address", a],
              ["jobs", "status", "no-such-job", "--address", a]]
+    # sentinel keys in the submitter's environment: neither Ray's files on the head nor the store may ever hold them
+    sentinel = f"ctraysubmitsentinel{secrets.token_hex(8)}"
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": ray_head["token"],
-           "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
+           "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false",
+           "AWS_ACCESS_KEY_ID": sentinel.upper(), "AWS_SECRET_ACCESS_KEY": sentinel}
     env.pop("RAY_ADDRESS", None)
     r = subprocess.run([sys.executable, "-c", CLIENT, json.dumps(argvs), a, str(spec)], env=env, capture_output=True, text=True,
                        timeout=300, cwd=tmp_path)
@@ -256,6 +259,10 @@ def test_submit_sweep_job_to_a_token_auth_head(ray_head, tiny_dir, tmp_path):
     assert "2 attributed, 0 failed" in out[0]
     graphs = Store(str(store)).read("graphs", "remote")
     assert graphs.num_rows == 2 and set(graphs.column("status").to_pylist()) == {"ok"}
+    for root in (ray_head["temp_dir"], str(store)):
+        leaked = [str(f) for f in Path(root).rglob("*") if f.is_file() and not f.is_symlink()
+                  and (sentinel.encode() in f.read_bytes() or sentinel.upper().encode() in f.read_bytes())]
+        assert leaked == [], f"credentials written to {leaked}"
     # the same submission id is refused, in one line
     assert err[1].count("\n") == 1 and "already submitted (status SUCCEEDED)" in err[1]
     status = json.loads(out[2])
