@@ -93,12 +93,17 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
-def _rss_mb() -> float:
+def _proc_status_mb(field: str = "VmRSS") -> float:
+    """A memory line of /proc/self/status in MB (VmRSS: now; VmHWM: the high-water mark since the last reset)."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024.0
     return float("nan")
+
+
+def _rss_mb() -> float:
+    return _proc_status_mb("VmRSS")
 
 
 # =========================================================================================================

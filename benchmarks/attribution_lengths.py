@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from attribution import _busy_s, _rss_mb  # noqa: E402  (benchmarks/ is on sys.path: script dir)
+from attribution import _busy_s, _proc_status_mb, _rss_mb  # noqa: E402  (benchmarks/ is on sys.path: script dir)
 
 TEXT = (
     "The history of the city begins with a small settlement on the river, where traders met to exchange salt, "
@@ -29,14 +29,6 @@ TEXT = (
     "the largest city of Germany is Berlin, and the river that flows through London is called the Thames. "
     "Children learn to read, write and count at school; later they study physics, music, languages and art. "
 )
-
-
-def _hwm_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    return float("nan")
 
 
 def worker(spec_path: str) -> None:
@@ -86,7 +78,7 @@ def worker(spec_path: str) -> None:
     ru1 = resource.getrusage(resource.RUSAGE_SELF)
     cpu = (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)
     out.update(seconds=dt, cpu_seconds=cpu, others_cores=max(0.0, (_busy_s() - b0) - cpu) / dt,
-               peak_rss_mb=ru1.ru_maxrss / 1024.0, peak_rss_attribution_mb=_hwm_mb() if reset else None)
+               peak_rss_mb=ru1.ru_maxrss / 1024.0, peak_rss_attribution_mb=_proc_status_mb("VmHWM") if reset else None)
     print("RESULT " + json.dumps(out), flush=True)
 
 

@@ -154,6 +154,17 @@ class Graph:
             self._cache["influence"] = _prune.influence(self.adjacency, self.logit_weights)
         return self._cache["influence"]
 
+    def residuals(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The exactness check of docs/design.md, per feature and logit row: (|incoming edges + constant - target
+        value|, the magnitudes summed), in float64. A graph is exact when the first is within fp32 tolerance of the
+        second (tests/_attr_helpers.assert_exact, benchmarks/gpu_check.py)."""
+        A, nF, nL, N = self.adjacency, self.n_features, self.n_logits, self.n_nodes
+        rows = torch.cat([torch.arange(nF), torch.arange(N - nL, N)])
+        total = A[rows].double().sum(1) + self.constants[rows].double()
+        scale = (A[rows].abs().double().sum(1) + self.constants[rows].abs().double()
+                 + self.target_values[rows].abs().double())
+        return (total - self.target_values[rows].double()).abs(), scale
+
     def scores(self) -> dict:
         """Replacement and completeness scores (Ameisen et al. 2025) of this graph."""
         return _prune.graph_scores(self.adjacency, self.logit_weights, self.error_slice, self.embedding_slice)
