@@ -103,7 +103,7 @@ class Adapter:
         """Its output is `mlp_out[l]` (exactly what is added to the residual)."""
         raise NotImplementedError
 
-    # modules that interventions also replace (perturb/modules.py)
+    # modules that interventions also replace (models/hooks.py MODULES)
     def attn_norm_module(self, l: int) -> nn.Module:
         """Its output is the attention's input."""
         raise NotImplementedError

@@ -7,8 +7,11 @@
 Points: `resid_pre0` (input of block 0), and per layer `resid_mid` (the MLP pre-norm's input), `mlp_in` (its output),
 `mlp_out` (what the MLP adds to the residual), `resid_post` (the block's output) and `attn` (the attention module's
 raw output: (output, pattern, ...)); `logits` (the unembedding's output). Only `mlp_in` and `mlp_out` can be
-replaced. Every hook is removed when the context exits, also on error. The spliced pass of perturb/ hooks more
-modules (norms it freezes); the adapters name those too.
+replaced. Every hook is removed when the context exits, also on error.
+
+The spliced pass of perturb/ needs the modules themselves (it freezes norms and replaces whole forwards):
+`module(adapter, name, layer)` resolves the names of `MODULES`, which the adapters define per family, and
+`Hooks.hook` / `Hooks.swap` attach a raw forward hook or a replacement forward under the same removal guarantee.
 """
 
 from __future__ import annotations
@@ -16,8 +19,34 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from torch import nn
+
+from ..errors import ModelError
 
 POINTS = ("resid_pre0", "resid_mid", "mlp_in", "mlp_out", "resid_post", "attn", "logits")
+
+# module name -> how an adapter finds it (layer-less ones ignore the layer)
+MODULES: dict[str, Callable] = {
+    "block": lambda ad, l: ad.blocks()[l],
+    "attn_norm": lambda ad, l: ad.attn_norm_module(l),  # output = the attention's input
+    "attn": lambda ad, l: ad.attn_module(l),  # returns (output, pattern, ...)
+    "attn_post_norm": lambda ad, l: ad.attn_post_norm_module(l),  # Gemma's; None where a family has none
+    "mlp_norm": lambda ad, l: ad.mlp_norm_module(l),  # input = resid_mid, output = mlp_in
+    "mlp": lambda ad, l: ad.mlp_module(l),  # the MLP proper
+    "mlp_out": lambda ad, l: ad.mlp_out_module(l),  # output = mlp_out (the MLP, or Gemma's post-MLP norm)
+    "final_norm": lambda ad, l: ad.final_norm_module(),
+    "lm_head": lambda ad, l: ad.model.get_output_embeddings(),
+}
+
+
+def module(adapter, name: str, layer: int | None = None) -> nn.Module | None:
+    """The module `name` (one of MODULES) of `adapter`'s model, at `layer` for per-layer modules."""
+    try:
+        return MODULES[name](adapter, layer)
+    except KeyError:
+        raise ValueError(f"unknown module {name!r}: one of {', '.join(MODULES)}") from None
+    except NotImplementedError:
+        raise ModelError(f"the {adapter.family!r} adapter does not name its {name!r} module") from None
 
 
 def first(x):
@@ -38,7 +67,7 @@ class Hooks:
     """Forward hooks at named points of `model` (a LoadedModel), removed together."""
 
     def __init__(self, model):
-        self.model, self.ad, self.handles = model, model.adapter, []
+        self.model, self.ad, self.handles, self.swapped = model, model.adapter, [], []
 
     def on(self, point: str, fn: Callable, layer: int | None = None) -> Hooks:
         ad = self.ad
@@ -64,10 +93,29 @@ class Hooks:
         self.handles.append(h)
         return self
 
+    def hook(self, name: str, fn: Callable, layer: int | None = None) -> Hooks:
+        """A raw forward hook `fn(module, args, output)` on module `name` (see `module`)."""
+        self.handles.append(module(self.ad, name, layer).register_forward_hook(fn))
+        return self
+
+    def swap(self, name: str, fn: Callable, layer: int | None = None) -> Hooks:
+        """Replace the forward of module `name` by `fn` (same arguments) until the hooks are removed: for outputs
+        that would be discarded anyway, so they are never computed."""
+        mod = module(self.ad, name, layer)
+        self.swapped.append((mod, mod.__dict__.get("forward")))
+        mod.forward = fn
+        return self
+
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
         self.handles.clear()
+        for mod, prev in reversed(self.swapped):
+            if prev is None:
+                del mod.forward
+            else:
+                mod.forward = prev
+        self.swapped.clear()
 
     def __enter__(self) -> Hooks:
         return self

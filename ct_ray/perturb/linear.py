@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..models.hooks import module
+
 
 @dataclass
 class LinearOut:
@@ -101,7 +103,7 @@ def constrained_pass(sp, ops: dict, B: int, watch: torch.Tensor | None = None,
             if 0 <= l - ls < rows.shape[1]:
                 delta.index_add_(0, r, rows[:, l - ls])
     last = sp.final.apply(delta.view(B, Q, d)[:, -1], sp.s_final[-1].to(dt), with_bias=False)
-    W_U = sp.mods.lm_head.weight
+    W_U = sp.lm_head.weight
     dlog = (last.to(W_U.dtype) @ W_U.T).to(clean.dtype)
     res.logits = clean + dlog
     cap = sp.ad.logit_softcap
@@ -146,12 +148,12 @@ def _records(sp, l: int, ops, delta: torch.Tensor, p0: int, row_p: torch.Tensor,
                                  as_tuple=True)
             b, p = rows[r], q + p0
             mid = delta[b, q]  # [n, d]
-            m = sp.mods
             y = (sp.mlp_in[l][p] + sp.W[l].mlp_norm.apply(mid, sp.s_mlp[l][p].to(mid.dtype), with_bias=False)
                  ).to(sp.mlp_in.dtype)
-            out = m.mlp[l](y)
-            if m.mlp_out[l] is not m.mlp[l]:
-                out = m.mlp_out[l](out)
+            mlp, mlp_out = module(sp.ad, "mlp", l), module(sp.ad, "mlp_out", l)
+            out = mlp(y)
+            if mlp_out is not mlp:
+                out = mlp_out(out)
             out = out[0] if isinstance(out, tuple) else out
             res.mlp_real_at[b, p] = out.to(res.mlp_real_at.dtype)
             h = sp.clean_pre[l][p] + _read_change(sp, l, mid, p) @ sp.W_enc[l].T  # positions >= 1: never BOS

@@ -28,6 +28,7 @@ import torch
 
 from ..errors import CLTError
 from ..models.adapters import frozen_scales
+from ..models.hooks import MODULES, Hooks, first, module
 from ..specs.intervention import (
     Intervention,
     InterventionError,
@@ -37,9 +38,8 @@ from ..specs.intervention import (
     parse_mode,
 )
 from .linear import constrained_pass
-from .modules import splice_modules
 from .result import InterventionResult
-from .splice_run import LayerOps, RunState, SpliceForward, first
+from .splice_run import LayerOps, RunState, SpliceForward
 
 _OPS = {"set": 0, "scale": 1, "add": 2}
 
@@ -57,7 +57,11 @@ class Splice(SpliceForward):
         if clt.feature_input_hook not in ("resid_mid", "mlp_in"):
             raise CLTError(f"unsupported CLT feature_input_hook {clt.feature_input_hook!r}")
         self.model, self.clt, self.ad = model, clt, ad
-        self.mods = splice_modules(ad)
+        for name in MODULES:  # every module a spliced pass hooks, resolved once for a clear error up front
+            for l in range(ad.n_layers):
+                module(ad, name, l)
+        self.has_post_norm = any(module(ad, "attn_post_norm", l) is not None for l in range(ad.n_layers))
+        self.lm_head = module(ad, "lm_head")
         self.L, self.d = ad.n_layers, ad.d_model
         self.H, self.Hkv, self.dh = ad.n_heads, ad.n_kv_heads, ad.d_head
         self.W = ad.layer_weights()
@@ -87,54 +91,40 @@ class Splice(SpliceForward):
 
     @torch.no_grad()
     def _clean(self) -> None:
-        L, m = self.L, self.mods
+        L = self.L
         rec: dict[str, list] = {k: [None] * L for k in ("attn_in", "attn_n", "attn_out", "pat", "post", "mid",
                                                          "mlp_in", "mlp_out", "resid_post")}
         self._block_returns_tensor = True  # blocks can then be skipped by returning their clean output
-        hs = []
 
-        def put(key, l, val):
+        def put(key, l, val, key2=None, val2=None):  # returns None: a hook that returns a value replaces the output
             rec[key][l] = val[0].detach().clone()
+            if key2 is not None:
+                rec[key2][l] = val2[0].detach().clone()
 
-        for l in range(L):
-            def attn_norm(mod, a, o, l=l):
-                put("attn_in", l, a[0])
-                put("attn_n", l, first(o))
+        def attn(mod, a, o, l):
+            if not isinstance(o, tuple) or len(o) < 2 or o[1] is None:
+                raise RuntimeError("attention module returned no pattern: the model must use eager attention")
+            put("attn_out", l, o[0])
+            put("pat", l, o[1])
 
-            hs.append(m.attn_norm[l].register_forward_hook(attn_norm))
+        def block(mod, a, o, l):
+            self._block_returns_tensor &= isinstance(o, torch.Tensor)
+            put("resid_post", l, first(o))
 
-            def attn(mod, a, o, l=l):
-                if not isinstance(o, tuple) or len(o) < 2 or o[1] is None:
-                    raise RuntimeError("attention module returned no pattern: the model must use eager attention")
-                put("attn_out", l, o[0])
-                put("pat", l, o[1])
-
-            hs.append(m.attn[l].register_forward_hook(attn))
-            if m.attn_post_norm is not None:
-                hs.append(m.attn_post_norm[l].register_forward_hook(lambda mod, a, o, l=l: put("post", l, first(o))))
-
-            def mlp_norm(mod, a, o, l=l):
-                put("mid", l, a[0])
-                put("mlp_in", l, first(o))
-
-            hs.append(m.mlp_norm[l].register_forward_hook(mlp_norm))
-            hs.append(m.mlp_out[l].register_forward_hook(lambda mod, a, o, l=l: put("mlp_out", l, first(o))))
-
-            def block(mod, a, o, l=l):
-                self._block_returns_tensor &= isinstance(o, torch.Tensor)
-                put("resid_post", l, first(o))
-
-            hs.append(self.ad.blocks()[l].register_forward_hook(block))
         fin: dict = {}
-        hs.append(m.final_norm.register_forward_hook(
-            lambda mod, a, o: fin.update(x=a[0][0].detach().clone(), y=first(o)[0].detach().clone())))
-        hs.append(m.lm_head.register_forward_hook(lambda mod, a, o: fin.update(logits=first(o)[0].detach().clone())))
-        try:
+        with Hooks(self.model) as h:
+            for l in range(L):
+                h.hook("attn_norm", lambda mod, a, o, l=l: put("attn_in", l, a[0], "attn_n", first(o)), l)
+                h.hook("attn", lambda mod, a, o, l=l: attn(mod, a, o, l), l)
+                if self.has_post_norm:
+                    h.hook("attn_post_norm", lambda mod, a, o, l=l: put("post", l, first(o)), l)
+                h.hook("mlp_norm", lambda mod, a, o, l=l: put("mid", l, a[0], "mlp_in", first(o)), l)
+                h.hook("mlp_out", lambda mod, a, o, l=l: put("mlp_out", l, first(o)), l)
+                h.hook("block", lambda mod, a, o, l=l: block(mod, a, o, l), l)
+            h.hook("final_norm", lambda mod, a, o: fin.update(x=a[0][0].detach().clone(), y=first(o)[0].detach().clone()))
+            h.hook("lm_head", lambda mod, a, o: fin.update(logits=first(o)[0].detach().clone()))
             # last position only, exactly as the intervened passes compute it, so no-op changes are exactly zero
             out = self.model.model(self.tokens[None], use_cache=False, logits_to_keep=1).logits[0, -1]
-        finally:
-            for h in hs:
-                h.remove()
 
         st = {k: torch.stack(v) if v[0] is not None else None for k, v in rec.items()}
         self.attn_in, self.attn_n, self.attn_out = st["attn_in"], st["attn_n"], st["attn_out"]

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..models.hooks import Hooks, first, module
 from .result import InterventionResult
 
 _PEND_ALL_MAX = 2**25  # floats in the pending-decoder buffer of one batch (128 MiB in fp32)
@@ -20,10 +21,6 @@ _CHUNK = 2**22  # floats of decoder rows gathered at once
 def _nonzero_rows(x: torch.Tensor) -> torch.Tensor:
     """Mask of the vectors (last dim) of `x` that are not all zero (several times faster than ne(0).any(-1))."""
     return x.abs().amax(-1) > 0
-
-
-def first(x):
-    return x[0] if isinstance(x, (tuple, list)) else x
 
 
 @dataclass
@@ -196,72 +193,55 @@ class SpliceForward:
             run.mlp_resp[l] = torch.zeros(B, P, self.d, dtype=self.cdtype, device=self.device)
 
     def _forward(self, run: RunState, all_positions: bool, skip_clean_layers: bool = True) -> InterventionResult:
-        m, L = self.mods, self.L
-        hs, swapped = [], []
-        blocks = self.ad.blocks()
+        L = self.L
         skip = run.first if (skip_clean_layers and self._block_returns_tensor) else 0
-
-        def swap(mod, fn):
-            swapped.append((mod, mod.__dict__.get("forward")))
-            mod.forward = fn
 
         def frozen_norm(norm, s, x_clean, y_clean):
             # (cast back: a norm gain kept in fp32 must not turn a half-precision residual into fp32)
             return lambda mod, a, o: (y_clean + norm.apply(a[0] - x_clean, s, with_bias=False)).to(y_clean.dtype)
 
-        for l in range(skip):
-            swap(blocks[l], lambda *a, l=l, **k: self.resid_post[l].expand(run.B, run.P, -1).clone())
-            self._skip_layer(run, l)
-        for l in range(skip, L):
-            if l in run.constrained:
-                hs.append(m.attn_norm[l].register_forward_hook(
-                    frozen_norm(self.W[l].attn_norm, self.s_attn[l], self.attn_in[l], self.attn_n[l])))
-                if m.attn_post_norm is not None:
-                    hs.append(m.attn_post_norm[l].register_forward_hook(
-                        frozen_norm(self.W[l].attn_post_norm, self.s_post[l], self.attn_out[l], self.post_out[l])))
-            if l in run.frozen_attn:
-                # replaces the module's forward: the live pattern would be discarded, so it is not computed
-                def attn(*a, l=l, **kw):
-                    n = kw["hidden_states"] if "hidden_states" in kw else a[0]
-                    return (self.attn_out[l] + self._ov(run, l, n - self.attn_n[l])).to(self.attn_out.dtype), None
-
-                swap(m.attn[l], attn)
-            hs.append(m.mlp_norm[l].register_forward_hook(
-                lambda mod, a, o, l=l: self._mlp_norm_hook(run, l, a[0], first(o))))
-            if run.record_mlp:
-                def keep_real(mod, a, o, l=l):
-                    run.mlp_real[l] = first(o)
-                    return run.stash[l]
-
-                hs.append(m.mlp_out[l].register_forward_hook(keep_real))
-            else:
-                # the MLP's own output is discarded: skip computing it
-                swap(m.mlp_out[l], lambda *a, l=l, **k: run.stash[l])
-                if m.mlp[l] is not m.mlp_out[l]:
-                    swap(m.mlp[l], lambda x, *a, **k: x)
-        if L - 1 in run.constrained:
-            hs.append(m.final_norm.register_forward_hook(
-                frozen_norm(self.final, self.s_final, self.final_in, self.final_out)))
-
         def head(x, *a, **k):
             # one 2-D product: a strided [B, 1, d] input makes torch fall back to B separate products
-            W, b = m.lm_head.weight, getattr(m.lm_head, "bias", None)
+            W, b = self.lm_head.weight, getattr(self.lm_head, "bias", None)
             y = torch.nn.functional.linear(x.reshape(-1, x.shape[-1]).contiguous(), W, b)
             run.logits = y.view(*x.shape[:-1], -1)
             return run.logits
 
-        swap(m.lm_head, head)
-        try:
+        with Hooks(self.model) as h:
+            for l in range(skip):
+                h.swap("block", lambda *a, l=l, **k: self.resid_post[l].expand(run.B, run.P, -1).clone(), l)
+                self._skip_layer(run, l)
+            for l in range(skip, L):
+                if l in run.constrained:
+                    h.hook("attn_norm", frozen_norm(self.W[l].attn_norm, self.s_attn[l], self.attn_in[l],
+                                                    self.attn_n[l]), l)
+                    if self.has_post_norm:
+                        h.hook("attn_post_norm", frozen_norm(self.W[l].attn_post_norm, self.s_post[l],
+                                                             self.attn_out[l], self.post_out[l]), l)
+                if l in run.frozen_attn:
+                    # replaces the module's forward: the live pattern would be discarded, so it is not computed
+                    def attn(*a, l=l, **kw):
+                        n = kw["hidden_states"] if "hidden_states" in kw else a[0]
+                        return (self.attn_out[l] + self._ov(run, l, n - self.attn_n[l])).to(self.attn_out.dtype), None
+
+                    h.swap("attn", attn, l)
+                h.hook("mlp_norm", lambda mod, a, o, l=l: self._mlp_norm_hook(run, l, a[0], first(o)), l)
+                if run.record_mlp:
+                    def keep_real(mod, a, o, l=l):
+                        run.mlp_real[l] = first(o)
+                        return run.stash[l]
+
+                    h.hook("mlp_out", keep_real, l)
+                else:
+                    # the MLP's own output is discarded: skip computing it
+                    h.swap("mlp_out", lambda *a, l=l, **k: run.stash[l], l)
+                    if module(self.ad, "mlp", l) is not module(self.ad, "mlp_out", l):
+                        h.swap("mlp", lambda x, *a, **k: x, l)
+            if L - 1 in run.constrained:
+                h.hook("final_norm", frozen_norm(self.final, self.s_final, self.final_in, self.final_out))
+            h.swap("lm_head", head)
             toks = self.tokens[None].expand(run.B, -1)
             out = self.model.model(toks, use_cache=False, logits_to_keep=0 if all_positions else 1).logits
-        finally:
-            for h in hs:
-                h.remove()
-            for mod, prev in reversed(swapped):
-                if prev is None:
-                    del mod.forward
-                else:
-                    mod.forward = prev
 
         res = InterventionResult(
             logits=run.logits[:, -1].detach().clone(), out_logits=out[:, -1].detach().clone(),
