@@ -114,21 +114,10 @@ class Graph:
     def n_edges(self) -> int:
         return int(torch.count_nonzero(self.adjacency))
 
-    @property
-    def n_features(self) -> int:
-        return self._kind_counts()["feature"]
-
-    @property
-    def n_errors(self) -> int:
-        return self._kind_counts()["error"]
-
-    @property
-    def n_embeddings(self) -> int:
-        return self._kind_counts()["embedding"]
-
-    @property
-    def n_logits(self) -> int:
-        return self._kind_counts()["logit"]
+    n_features = property(lambda self: self._kind_counts()["feature"], doc="number of feature nodes")
+    n_errors = property(lambda self: self._kind_counts()["error"], doc="number of error nodes")
+    n_embeddings = property(lambda self: self._kind_counts()["embedding"], doc="number of embedding nodes")
+    n_logits = property(lambda self: self._kind_counts()["logit"], doc="number of logit nodes")
 
     @property
     def error_slice(self) -> slice:

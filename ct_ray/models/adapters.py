@@ -72,9 +72,17 @@ def frozen_scales(layers: list[LayerWeights], final: Norm, attn_in, resid_mid, f
 
 
 class Adapter:
-    """Base adapter. Subclasses set module paths and build `LayerWeights`."""
+    """Base adapter. A family names its modules (`BLOCKS`, `FINAL_NORM`, `MODULES`), its norm kind (`_norm`) and its
+    OV weights (`_ov`); everything else derives from those."""
 
     family = "base"
+    BLOCKS = ""  # attribute path of the block list from the HF model
+    FINAL_NORM = ""  # attribute path of the final norm
+    # role -> attribute path inside a block; the roles are models/hooks.py MODULES:
+    #   attn (returns (output, pattern)), attn_norm (output = attention input), attn_post_norm (Gemma: normalises the
+    #   attention output before the residual add; absent elsewhere), mlp_norm (input = resid_mid, output = mlp_in),
+    #   mlp (the MLP proper), mlp_out (output = mlp_out, exactly what is added to the residual)
+    MODULES: dict[str, str] = {}
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -90,34 +98,26 @@ class Adapter:
 
     # --- hook points -------------------------------------------------------------------------------
     def blocks(self) -> list[nn.Module]:
-        raise NotImplementedError
+        if not self.BLOCKS:
+            raise NotImplementedError
+        return list(self.model.get_submodule(self.BLOCKS))
 
-    def attn_module(self, l: int) -> nn.Module:
-        raise NotImplementedError
-
-    def mlp_norm_module(self, l: int) -> nn.Module:
-        """Its input is `resid_mid[l]`."""
-        raise NotImplementedError
-
-    def mlp_out_module(self, l: int) -> nn.Module:
-        """Its output is `mlp_out[l]` (exactly what is added to the residual)."""
-        raise NotImplementedError
-
-    # modules that interventions also replace (models/hooks.py MODULES)
-    def attn_norm_module(self, l: int) -> nn.Module:
-        """Its output is the attention's input."""
-        raise NotImplementedError
-
-    def attn_post_norm_module(self, l: int) -> nn.Module | None:
-        """Normalises the attention output before the residual add (Gemma); None where there is none."""
-        return None
-
-    def mlp_module(self, l: int) -> nn.Module:
-        """The MLP proper (its output is replaced in a spliced pass)."""
-        return self.blocks()[l].mlp
-
-    def final_norm_module(self) -> nn.Module:
-        raise NotImplementedError
+    def module(self, role: str, l: int | None = None) -> nn.Module | None:
+        """The module playing `role` in block `l` ("final_norm" and "lm_head" need no layer); None for a role the
+        family does not have (attn_post_norm outside Gemma)."""
+        if role == "block":
+            return self.blocks()[l]
+        if role == "final_norm":
+            if not self.FINAL_NORM:
+                raise NotImplementedError
+            return self.model.get_submodule(self.FINAL_NORM)
+        if role == "lm_head":
+            return self.model.get_output_embeddings()
+        if role == "attn_post_norm" and role not in self.MODULES:
+            return None
+        if role not in self.MODULES:
+            raise NotImplementedError
+        return self.blocks()[l].get_submodule(self.MODULES[role])
 
     # --- linear paths -----------------------------------------------------------------------------
     def layer_weights(self) -> list[LayerWeights]:
@@ -126,10 +126,20 @@ class Adapter:
         return self._weights
 
     def _layer(self, l: int) -> LayerWeights:
+        post = self.module("attn_post_norm", l)
+        W_V, b_V, W_O, b_O = self._ov(self.blocks()[l])
+        return LayerWeights(self._norm(self.module("attn_norm", l)), None if post is None else self._norm(post),
+                            self._norm(self.module("mlp_norm", l)), W_V, b_V, W_O, b_O)
+
+    def _norm(self, mod: nn.Module) -> Norm:
+        raise NotImplementedError
+
+    def _ov(self, block: nn.Module) -> tuple:
+        """(W_V, b_V, W_O, b_O) of a block's attention."""
         raise NotImplementedError
 
     def final_norm(self) -> Norm:
-        raise NotImplementedError
+        return self._norm(self.module("final_norm"))
 
     def unembed(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         head = self.model.get_output_embeddings()
@@ -163,102 +173,48 @@ class LlamaAdapter(Adapter):
     """Llama, SmolLM2, Mistral, Qwen2, Qwen3 (q/k norms only touch the frozen QK path)."""
 
     family = "llama"
+    BLOCKS, FINAL_NORM = "model.layers", "model.norm"
+    MODULES = {"attn": "self_attn", "attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm",
+               "mlp": "mlp", "mlp_out": "mlp"}
 
-    def blocks(self):
-        return list(self.model.model.layers)
+    def _norm(self, mod):
+        return _rms(mod)
 
-    def attn_module(self, l):
-        return self.blocks()[l].self_attn
-
-    def mlp_norm_module(self, l):
-        return self.blocks()[l].post_attention_layernorm
-
-    def mlp_out_module(self, l):
-        return self.blocks()[l].mlp
-
-    def _layer(self, l):
-        b = self.blocks()[l]
-        W_V, b_V = _lin(b.self_attn.v_proj)
-        W_O, b_O = _lin(b.self_attn.o_proj)
-        return LayerWeights(_rms(b.input_layernorm), None, _rms(b.post_attention_layernorm), W_V, b_V, W_O, b_O)
-
-    def final_norm(self):
-        return _rms(self.model.model.norm)
-
-    def attn_norm_module(self, l):
-        return self.blocks()[l].input_layernorm
-
-    def final_norm_module(self):
-        return self.model.model.norm
+    def _ov(self, b):
+        return (*_lin(b.self_attn.v_proj), *_lin(b.self_attn.o_proj))
 
 
 class GemmaAdapter(LlamaAdapter):
     """Gemma 2 / Gemma 3: (1 + w) RMSNorms, post-attention and post-MLP norms, scaled embeddings."""
 
     family = "gemma"
+    MODULES = {"attn": "self_attn", "attn_norm": "input_layernorm", "attn_post_norm": "post_attention_layernorm",
+               "mlp_norm": "pre_feedforward_layernorm", "mlp": "mlp", "mlp_out": "post_feedforward_layernorm"}
 
-    def mlp_norm_module(self, l):
-        return self.blocks()[l].pre_feedforward_layernorm
-
-    def mlp_out_module(self, l):
-        return self.blocks()[l].post_feedforward_layernorm
-
-    def _layer(self, l):
-        b = self.blocks()[l]
-        W_V, b_V = _lin(b.self_attn.v_proj)
-        W_O, b_O = _lin(b.self_attn.o_proj)
-        return LayerWeights(
-            _rms(b.input_layernorm, True),
-            _rms(b.post_attention_layernorm, True),
-            _rms(b.pre_feedforward_layernorm, True),
-            W_V, b_V, W_O, b_O,
-        )
-
-    def final_norm(self):
-        return _rms(self.model.model.norm, True)
-
-    def attn_post_norm_module(self, l):
-        return self.blocks()[l].post_attention_layernorm
+    def _norm(self, mod):
+        return _rms(mod, True)
 
 
 class GPT2Adapter(Adapter):
     """GPT-2: LayerNorm with bias, fused Conv1D qkv, learned positions (part of `resid_pre[0]`), tied unembedding."""
 
     family = "gpt2"
+    BLOCKS, FINAL_NORM = "transformer.h", "transformer.ln_f"
+    MODULES = {"attn": "attn", "attn_norm": "ln_1", "mlp_norm": "ln_2", "mlp": "mlp", "mlp_out": "mlp"}
 
     def __init__(self, model):
         super().__init__(model)
         self.n_kv_heads = self.n_heads
 
-    def blocks(self):
-        return list(self.model.transformer.h)
+    def _norm(self, mod):
+        return _ln(mod)
 
-    def attn_module(self, l):
-        return self.blocks()[l].attn
-
-    def mlp_norm_module(self, l):
-        return self.blocks()[l].ln_2
-
-    def mlp_out_module(self, l):
-        return self.blocks()[l].mlp
-
-    def _layer(self, l):
-        b = self.blocks()[l]
+    def _ov(self, b):
         d = self.d_model
         # Conv1D stores [in, out]: y = x @ W + b
         W = b.attn.c_attn.weight.detach()[:, 2 * d : 3 * d].T.contiguous()
         bias = b.attn.c_attn.bias.detach()[2 * d : 3 * d]
-        W_O = b.attn.c_proj.weight.detach().T.contiguous()
-        return LayerWeights(_ln(b.ln_1), None, _ln(b.ln_2), W, bias, W_O, b.attn.c_proj.bias.detach())
-
-    def final_norm(self):
-        return _ln(self.model.transformer.ln_f)
-
-    def attn_norm_module(self, l):
-        return self.blocks()[l].ln_1
-
-    def final_norm_module(self):
-        return self.model.transformer.ln_f
+        return W, bias, b.attn.c_proj.weight.detach().T.contiguous(), b.attn.c_proj.bias.detach()
 
 
 ADAPTERS: dict[str, type[Adapter]] = {

@@ -25,26 +25,16 @@ from ..errors import ModelError
 
 POINTS = ("resid_pre0", "resid_mid", "mlp_in", "mlp_out", "resid_post", "attn", "logits")
 
-# module name -> how an adapter finds it (layer-less ones ignore the layer)
-MODULES: dict[str, Callable] = {
-    "block": lambda ad, l: ad.blocks()[l],
-    "attn_norm": lambda ad, l: ad.attn_norm_module(l),  # output = the attention's input
-    "attn": lambda ad, l: ad.attn_module(l),  # returns (output, pattern, ...)
-    "attn_post_norm": lambda ad, l: ad.attn_post_norm_module(l),  # Gemma's; None where a family has none
-    "mlp_norm": lambda ad, l: ad.mlp_norm_module(l),  # input = resid_mid, output = mlp_in
-    "mlp": lambda ad, l: ad.mlp_module(l),  # the MLP proper
-    "mlp_out": lambda ad, l: ad.mlp_out_module(l),  # output = mlp_out (the MLP, or Gemma's post-MLP norm)
-    "final_norm": lambda ad, l: ad.final_norm_module(),
-    "lm_head": lambda ad, l: ad.model.get_output_embeddings(),
-}
+# the modules a spliced pass hooks; each adapter says which module of its family plays each role (models/adapters.py)
+MODULES = ("block", "attn_norm", "attn", "attn_post_norm", "mlp_norm", "mlp", "mlp_out", "final_norm", "lm_head")
 
 
 def module(adapter, name: str, layer: int | None = None) -> nn.Module | None:
     """The module `name` (one of MODULES) of `adapter`'s model, at `layer` for per-layer modules."""
+    if name not in MODULES:
+        raise ValueError(f"unknown module {name!r}: one of {', '.join(MODULES)}")
     try:
-        return MODULES[name](adapter, layer)
-    except KeyError:
-        raise ValueError(f"unknown module {name!r}: one of {', '.join(MODULES)}") from None
+        return adapter.module(name, layer)
     except NotImplementedError:
         raise ModelError(f"the {adapter.family!r} adapter does not name its {name!r} module") from None
 
@@ -72,22 +62,22 @@ class Hooks:
     def on(self, point: str, fn: Callable, layer: int | None = None) -> Hooks:
         ad = self.ad
         if point == "resid_pre0":
-            h = ad.blocks()[0].register_forward_pre_hook(
+            h = module(ad, "block", 0).register_forward_pre_hook(
                 lambda m, a, kw: _read(fn, a[0] if a else kw["hidden_states"]), with_kwargs=True)
         elif point == "logits":
             h = self.model.model.get_output_embeddings().register_forward_hook(lambda m, a, o: _read(fn, o))
         elif layer is None or not 0 <= layer < ad.n_layers:
             raise ValueError(f"hook point {point!r} needs a layer in [0, {ad.n_layers})")
         elif point == "resid_mid":
-            h = ad.mlp_norm_module(layer).register_forward_pre_hook(lambda m, a: _read(fn, a[0]))
+            h = module(ad, "mlp_norm", layer).register_forward_pre_hook(lambda m, a: _read(fn, a[0]))
         elif point == "mlp_in":
-            h = ad.mlp_norm_module(layer).register_forward_hook(lambda m, a, o: _replace(o, fn(first(o))))
+            h = module(ad, "mlp_norm", layer).register_forward_hook(lambda m, a, o: _replace(o, fn(first(o))))
         elif point == "mlp_out":
-            h = ad.mlp_out_module(layer).register_forward_hook(lambda m, a, o: _replace(o, fn(first(o))))
+            h = module(ad, "mlp_out", layer).register_forward_hook(lambda m, a, o: _replace(o, fn(first(o))))
         elif point == "resid_post":
-            h = ad.blocks()[layer].register_forward_hook(lambda m, a, o: _read(fn, first(o)))
+            h = module(ad, "block", layer).register_forward_hook(lambda m, a, o: _read(fn, first(o)))
         elif point == "attn":
-            h = ad.attn_module(layer).register_forward_hook(lambda m, a, o: _read(fn, o))
+            h = module(ad, "attn", layer).register_forward_hook(lambda m, a, o: _read(fn, o))
         else:
             raise ValueError(f"unknown hook point {point!r}: one of {', '.join(POINTS)}")
         self.handles.append(h)
