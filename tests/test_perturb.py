@@ -10,7 +10,6 @@ from ct_ray import CrossLayerTranscoder, CTRayError, attribute, random_clt
 from ct_ray.attribution.capture import capture
 from ct_ray.attribution.replacement import Replacement, Sources
 from ct_ray.perturb import (
-    VALIDATION_SCHEMA,
     Intervention,
     InterventionError,
     PositionRange,
@@ -27,6 +26,7 @@ from ct_ray.perturb import (
     supernode_interventions,
     validate,
 )
+from ct_ray.store.schemas import PERTURBATIONS_SCHEMA
 
 PROMPT = "The cat sat on"
 
@@ -313,10 +313,12 @@ def test_validate_full_graph_constrained_is_exact(setup):
     assert m["logit_spearman"] > 0.999 and m["logit_sign_agreement"] == 1.0
     assert m["feature_spearman"] > 0.999 and m["feature_sign_agreement"] > 0.99
     torch.testing.assert_close(v.predicted_logits, v.measured_logits, atol=1e-4, rtol=1e-4)
-    assert v.table.schema.equals(VALIDATION_SCHEMA)
+    assert v.table.schema.equals(PERTURBATIONS_SCHEMA)  # one row type: a sweep's perturbations table
     assert v.table.num_rows == 12 * g.n_logits
     t = v.table.to_pylist()[0]
-    assert t["target"] == v.targets[0].name and t["op"] == "set" and t["mode"] == "constrained"
+    assert t["node_id"] == v.targets[0].name and t["op"] == "set" and t["mode"] == "constrained"
+    assert t["node"] == v.targets[0].nodes[0] and t["supernode"] is None and t["status"] == "ok"
+    assert t["target_kind"] == "logit" and t["target_token"] == g.meta["logit_tokens"][0]
     assert math.isclose(t["kl"], float(v.kl[0]), rel_tol=1e-6)
     # the top targets are the most influential features
     infl = g.influence()[: g.n_features]
@@ -336,7 +338,9 @@ def test_validate_pruned_free_mode_with_supernodes(setup):
     assert -1 <= m["faithfulness_cosine"] <= 1 and m["faithfulness_nmse"] >= 0
     assert m["n_ablations"] == m["n_targets"]
     assert v.table.num_rows == m["n_interventions"] * p.n_logits
-    assert set(v.table.column("target_kind").to_pylist()) == ({"node", "supernode"} if sset.supernodes else {"node"})
+    rows = v.table.to_pylist()
+    assert {r["supernode"] for r in rows if r["node"] is None} == {s.name for s in sset.supernodes}
+    assert all((r["node"] is None) != (r["supernode"] is None) for r in rows)
 
 
 def test_validate_rejects_a_graph_of_another_clt(setup):
@@ -424,8 +428,8 @@ def test_cli_perturb(capsys, tiny_dir, tmp_path):
     out = capsys.readouterr()
     assert code == 0, out.err
     assert "predicted" in out.out and "spearman" in out.out
-    t = pq.read_table(tmp_path / "out" / "validation.parquet")
-    assert t.schema.equals(VALIDATION_SCHEMA) and t.num_rows > 0
+    t = pq.read_table(tmp_path / "out" / "perturbations.parquet")
+    assert t.schema.equals(PERTURBATIONS_SCHEMA) and t.num_rows > 0
     code = main(["perturb", "--model", str(tiny_dir), "--random-clt", "16", "--prompt", "hello there", "--top-k", "2",
                  "--mode", "free", "--ops", "scale:0"])
     assert code == 0, capsys.readouterr().err

@@ -129,6 +129,47 @@ def test_schema_evolution_adds_a_column(tmp_path, monkeypatch):
     assert st2.read("graphs", "s", columns=["key", "note"]).sort_by("key").column("note").to_pylist() == [None, "new"]
 
 
+def test_perturbations_table_of_version_1_evolves_to_version_2(tmp_path, monkeypatch):
+    """A store written before perturbations rows carried `ct-ray perturb`'s columns: the table gains them in place,
+    the old rows read them as null, new rows fill them."""
+    import ct_ray.store.catalog as catalog
+    import ct_ray.store.schemas as schemas
+
+    v2 = SCHEMAS["perturbations"]
+    v1_cols = [f for f in v2 if f.name not in ("supernode", "interventions", "layer_start", "layer_end",
+                                               "freeze_attention", "target_str", "logit_before", "logit_after",
+                                               "prob_before", "prob_after", "predicted_direct", "kl")]
+    v1 = pa.schema(v1_cols, metadata=v2.metadata)
+    with monkeypatch.context() as m:
+        old = {**SCHEMAS, "perturbations": v1}
+        for mod in (schemas, catalog):
+            m.setattr(mod, "SCHEMAS", old)
+        st = Store(str(tmp_path))
+        assert "kl" not in {f.name for f in st.table("perturbations").schema().fields}
+        buf = RowBuffer(sweep_writer_configs(st), "s")
+        buf.add("perturbations", pa.Table.from_pylist([{"key": "a", "node": 1, "status": "ok"}],
+                                                      schema=pa.schema(v1_cols[:-1])))
+        buf.add("graphs", pa.table({"key": ["a"], "status": ["ok"]}))
+        buf.finish("prompts", "a", ok=True)
+        buf.finish("perturbations", "a")
+        c = Committer(st, "s")
+        c.add(buf.flush())
+        c.commit()
+    st2 = Store(str(tmp_path))
+    assert "kl" in {f.name for f in st2.table("perturbations").schema().fields}
+    assert st2.table("perturbations").properties["ct_ray.schema_version"] == str(schemas.TABLES_SCHEMA_VERSION)
+    buf = RowBuffer(sweep_writer_configs(st2), "s")
+    buf.add("perturbations", [{"key": "b", "node": 2, "status": "ok", "kl": 0.5, "supernode": None}])
+    buf.add("graphs", pa.table({"key": ["b"], "status": ["ok"]}))
+    buf.finish("prompts", "b", ok=True)
+    buf.finish("perturbations", "b")
+    c = Committer(st2, "s", {"a"})
+    c.add(buf.flush())
+    c.commit()
+    r = query("SELECT key, node, kl FROM perturbations ORDER BY key", store=st2).to_pylist()
+    assert r == [{"key": "a", "node": 1, "kl": None}, {"key": "b", "node": 2, "kl": 0.5}]
+
+
 def test_sql_errors_are_one_line(tmp_path):
     with pytest.raises(CTRayError, match="SQL error: .*nope") as e:
         query("SELECT nope FROM graphs", str(tmp_path))

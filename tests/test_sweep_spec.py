@@ -9,7 +9,7 @@ import pytest
 
 from ct_ray.errors import CTRayError
 from ct_ray.specs import PLUGINS_ENV
-from ct_ray.store.schemas import SCHEMAS, conform
+from ct_ray.store.schemas import SCHEMAS, TABLES_SCHEMA_VERSION, conform
 from ct_ray.sweep import PromptFile, load_sweep_spec, parse_sweep_spec, read_prompts, task_key
 
 BASE = {"sweep_id": "s1", "model": "tiny", "random_clt": {"features": 8}, "prompts": ["a b", "c"]}
@@ -115,7 +115,7 @@ def test_conform_rejects_unknown_columns_and_fills_nulls():
     t = conform([{"key": "k", "status": "ok"}], "graphs", "007")
     assert t.schema.equals(SCHEMAS["graphs"]) and t.column("n_nodes").null_count == 1
     assert t.column("sweep_id").to_pylist() == ["007"]  # the partition column: always a string
-    assert t.schema.metadata[b"ct_ray.schema_version"] == b"1"
+    assert t.schema.metadata[b"ct_ray.schema_version"] == str(TABLES_SCHEMA_VERSION).encode()
     with pytest.raises(ValueError, match="not in the graphs schema"):
         conform([{"key": "k", "bogus": 1}], "graphs")
 

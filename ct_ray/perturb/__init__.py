@@ -21,13 +21,13 @@ from .supernodes import (
     supernode_interventions,
 )
 from .sweep_rows import perturbation_rows
-from .table import VALIDATION_SCHEMA, graph_id, validation_table
+from .table import graph_id, perturbation_table
 from .validate import DEFAULT_OPS, Validation, ValidationSpec, sign_agreement, spearman, validate
 
 __all__ = [
     "Generation", "generate", "intervene", "node_intervention", "Predictor", "Intervention", "InterventionError",
     "PositionRange", "SpliceMode", "ablate", "steer", "InterventionResult", "Splice", "CollapsedGraph", "Supernode",
-    "SupernodeSet", "collapse", "suggest_supernodes", "supernode_interventions", "VALIDATION_SCHEMA", "graph_id",
-    "validation_table", "perturbation_rows", "DEFAULT_OPS", "Validation", "ValidationSpec", "sign_agreement",
+    "SupernodeSet", "collapse", "suggest_supernodes", "supernode_interventions", "graph_id",
+    "perturbation_table", "perturbation_rows", "DEFAULT_OPS", "Validation", "ValidationSpec", "sign_agreement",
     "spearman", "validate",
 ]

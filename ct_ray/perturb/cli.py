@@ -25,10 +25,11 @@ def add_arguments(s) -> None:
     s.add_argument("--edge-threshold", type=float, default=0.98)
     s.add_argument("--batch-size", type=int, default=32, help="interventions per forward pass")
     s.add_argument("--all-logits", action="store_true", help="print every logit node, not only the top one")
-    s.add_argument("--out", metavar="DIR", help="write validation.parquet and validation.json here")
+    s.add_argument("--out", metavar="DIR", help="write perturbations.parquet (the perturbations table's row type) and "
+                                                "validation.json (the metrics) here")
 
 
-def _parse_ops(text: str) -> list[tuple[str, float]]:
+def _parse_ops(text: str) -> list[tuple[str, float]]:  # (op, value) pairs: ValidationSpec makes templates
     ops = []
     for part in text.split(","):
         op, _, val = part.strip().partition(":")
@@ -100,10 +101,11 @@ def cmd_perturb(args) -> int:
           f"{[s for s in model.decode(graph.meta['logit_tokens'])][:5]}; mode {m['mode']}")
     print(f"{'target':<{w}} {'influence':>9} {'op':>11} {'KL':>8}  {'token':>12} {'predicted':>10} {'measured':>10}")
     for r in rows:
-        if not args.all_logits and r["token"] != top_tok:
+        if not args.all_logits and r["target_token"] != top_tok:
             continue
         op = f"{r['op']}({r['value']:g})"
-        print(f"{r['target']:<{w}} {r['target_influence']:9.4f} {op:>11} {r['kl']:8.4f}  {r['token_str']!r:>12} "
+        print(f"{r['node_id'] or r['supernode']:<{w}} {r['influence']:9.4f} {op:>11} {r['kl']:8.4f}  "
+              f"{r['target_str']!r:>12} "
               f"{r['predicted_delta']:10.4f} {r['measured_delta']:10.4f}")
 
     def f(x):
@@ -122,9 +124,9 @@ def cmd_perturb(args) -> int:
 
         fs, out = filesystem(args.out)
         fs.makedirs(out, exist_ok=True)
-        with fs.open(f"{out}/validation.parquet", "wb") as fh:
+        with fs.open(f"{out}/perturbations.parquet", "wb") as fh:
             pq.write_table(v.table, fh)
         with fs.open(f"{out}/validation.json", "w") as fh:
             json.dump(m, fh, indent=1)
-        print(f"wrote {args.out}/validation.parquet and validation.json")
+        print(f"wrote {args.out}/perturbations.parquet and validation.json")
     return 0

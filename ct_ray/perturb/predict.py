@@ -15,16 +15,6 @@ import torch
 from ..specs.intervention import InterventionError
 
 
-def new_activation(a: torch.Tensor, op: str, value: float) -> torch.Tensor:
-    if op == "set":
-        return torch.full_like(a, value)
-    if op == "scale":
-        return a * value
-    if op == "add":
-        return a + value
-    raise InterventionError(f"unknown op {op!r}")
-
-
 def per_unit_effects(graph) -> torch.Tensor:
     """M[t, s] = A[t, s] / a_s over feature sources s: [N, n_features]."""
     nF = graph.n_features

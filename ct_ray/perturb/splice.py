@@ -176,6 +176,9 @@ class Splice(SpliceForward):
         for b, row in enumerate(rows):
             seen = set()
             for iv in row:
+                if iv.template:
+                    raise InterventionError(f"{iv.describe()}: a template names no features; validation and sweep "
+                                            "plans apply it to graph nodes (Intervention.at)")
                 ps = self.positions(iv.positions, P)
                 for l, f in iv.features:
                     if not 0 <= l < self.L:

@@ -122,16 +122,17 @@ def supernode_interventions(graph, supernodes: SupernodeSet | dict | list, name:
     """One intervention per member feature node (each at its own position), to be applied together."""
     sset = SupernodeSet.parse(supernodes)
     members = sset.resolve(graph)[sset.get(name).name]
-    return member_interventions(graph, members, op, value, what=f"supernode {name!r}")
+    return member_interventions(graph, members, Intervention(op=op, value=value), what=f"supernode {name!r}")
 
 
-def member_interventions(graph, nodes: list[int], op: str, value: float, what: str = "target") -> list[Intervention]:
+def member_interventions(graph, nodes: list[int], template: Intervention, what: str = "target") -> list[Intervention]:
+    """`template` applied to each of the feature `nodes` of `graph`, at the node's own position."""
     kinds = graph.nodes.column("kind").to_pylist()
     layer, pos, feat = (graph.nodes.column(c).to_pylist() for c in ("layer", "position", "feature"))
     bad = [graph.nodes.column("node_id")[i].as_py() for i in nodes if kinds[i] != "feature"]
     if bad:
         raise InterventionError(f"{what}: only feature nodes can be intervened on, not {bad[:5]}")
-    return [Intervention(features=[(layer[i], feat[i])], positions=pos[i], op=op, value=value) for i in nodes]
+    return [template.at([(layer[i], feat[i])], pos[i]) for i in nodes]
 
 
 def suggest_supernodes(graph, similarity: float = 0.9, min_size: int = 2) -> SupernodeSet:

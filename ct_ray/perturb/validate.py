@@ -26,12 +26,12 @@ import torch
 
 from ..errors import CTRayError
 from ..specs import parse
-from ..specs.intervention import DEFAULT_OPS, InterventionError, SpliceMode, ValidationSpec, parse_mode
-from .predict import Predictor, new_activation
+from ..specs.intervention import DEFAULT_OPS, Intervention, InterventionError, SpliceMode, ValidationSpec, parse_mode
+from .predict import Predictor
 from .splice import Splice
 from .supernodes import SupernodeSet, member_interventions
 from .table import graph_id as _graph_id
-from .table import validation_table
+from .table import perturbation_table
 
 
 @dataclass
@@ -44,10 +44,10 @@ class Target:
 
 @dataclass
 class Validation:
-    table: pa.Table  # `perturbations` rows (see table.py)
+    table: pa.Table  # rows of the `perturbations` table (docs/tables.md), one per (target, op, logit node)
     metrics: dict
     targets: list[Target]
-    ops: list[tuple[str, float]]  # row i of the arrays below is targets[i // len(ops)] with ops[i % len(ops)]
+    ops: list[Intervention]  # templates; row i of the arrays below is targets[i // len(ops)] with ops[i % len(ops)]
     predicted_logits: torch.Tensor  # [n_interventions, n_logits]
     measured_logits: torch.Tensor
     predicted_features: torch.Tensor  # [n_interventions, n_features] pre-activation changes
@@ -115,13 +115,23 @@ def _influence(graph) -> torch.Tensor:
     return infl
 
 
-def select_targets(graph, top_k: int, supernodes: SupernodeSet | dict | list | None = None) -> list[Target]:
+def select_targets(graph, top_k: int, supernodes: SupernodeSet | dict | list | None = None,
+                   nodes: list[int] | None = None) -> list[Target]:
+    """The `top_k` feature nodes by influence (or the given `nodes`, values of the `node` column), then the
+    supernodes."""
     nF = graph.n_features
     if nF == 0:
         raise CTRayError("the graph has no feature nodes to intervene on")
     infl = _influence(graph)
     ids = graph.nodes.column("node_id").to_pylist()
-    top = torch.argsort(infl[:nF], descending=True, stable=True)[: min(top_k, nF)].tolist()
+    if nodes is not None:
+        where = {v: i for i, v in enumerate(graph.nodes.column("node").to_pylist())}
+        missing = [n for n in nodes if where.get(n, nF) >= nF]
+        if missing:
+            raise CTRayError(f"nodes {missing[:5]} are not feature nodes of the graph")
+        top = [where[n] for n in nodes]
+    else:
+        top = torch.argsort(infl[:nF], descending=True, stable=True)[: min(top_k, nF)].tolist()
     targets = [Target(ids[i], "node", [i], float(infl[i])) for i in top]
     if supernodes is not None:
         sset = SupernodeSet.parse(supernodes)
@@ -132,11 +142,12 @@ def select_targets(graph, top_k: int, supernodes: SupernodeSet | dict | list | N
 
 def validate(model, clt, graph, *, top_k: int = 10, ops=DEFAULT_OPS, mode: str | SpliceMode | dict | None = "constrained",
              layers: tuple[int, int] | None = None, freeze_attention: bool | None = None, supernodes=None,
-             batch_size: int = 32, graph_id: str | None = None, spec: ValidationSpec | dict | None = None
-             ) -> Validation:
+             batch_size: int = 32, graph_id: str | None = None, spec: ValidationSpec | dict | None = None,
+             nodes: list[int] | None = None) -> Validation:
     """Validate `graph` (usually pruned) of a prompt by perturbing its top-k nodes on `model` + `clt`.
 
-    `spec` (a `ValidationSpec` or its dict, e.g. from a YAML file) replaces top_k / ops / mode / batch_size.
+    `ops`: intervention templates or `(op, value)` pairs. `spec` (a `ValidationSpec` or its dict, e.g. from a YAML
+    file) replaces top_k / ops / mode / batch_size. `nodes` (values of the `node` column) replaces the top-k.
     The faithfulness metric compares MLP responses on the spliced model's MLP input (in constrained layers that
     input is normalised with the frozen denominator).
     """
@@ -148,7 +159,7 @@ def validate(model, clt, graph, *, top_k: int = 10, ops=DEFAULT_OPS, mode: str |
         vspec = parse(ValidationSpec, data, "validation options", InterventionError)
     sp = Splice(model, clt, graph.meta["tokens"])
     _check_graph(graph, sp)
-    targets = select_targets(graph, vspec.top_k, supernodes)
+    targets = select_targets(graph, vspec.top_k, supernodes, nodes)
     nF, nL, N = graph.n_features, graph.n_logits, graph.n_nodes
     layer, pos = graph.column("layer").long(), graph.column("position").long()
     feat = graph.column("feature").long()
@@ -156,10 +167,10 @@ def validate(model, clt, graph, *, top_k: int = 10, ops=DEFAULT_OPS, mode: str |
 
     rows, meta = [], []
     for t in targets:
-        for op, value in vspec.ops:
-            ivs = member_interventions(graph, t.nodes, op, value, what=t.name)
+        for k, tmpl in enumerate(vspec.ops):
+            ivs = member_interventions(graph, t.nodes, tmpl, what=t.name)
             rows.append(ivs)
-            meta.append((t, op, value, ivs))
+            meta.append((t, k, tmpl, ivs))
     watch = torch.stack([layer[:nF], pos[:nF], feat[:nF]], 1)
     # faithfulness is checked one layer after a single-layer target: only that layer's MLP records are needed
     layer_sets = [set(layer[t.nodes].tolist()) for t, *_ in meta]
@@ -177,9 +188,9 @@ def validate(model, clt, graph, *, top_k: int = 10, ops=DEFAULT_OPS, mode: str |
     pred_logit, pred_direct_logit = torch.zeros(n, nL), torch.zeros(n, nL)
     pred_feat = torch.zeros(n, nF)
     feat_mask = torch.zeros(n, nF, dtype=torch.bool)
-    for i, (t, op, value, _) in enumerate(meta):
+    for i, (t, _k, tmpl, _) in enumerate(meta):
         a = acts[t.nodes]
-        direct, total = predictor.predict(t.nodes, new_activation(a, op, value) - a)
+        direct, total = predictor.predict(t.nodes, tmpl.apply(a) - a)
         pred = direct if vspec.mode.mode == "constrained" else total
         pred_logit[i], pred_direct_logit[i] = pred[N - nL :], direct[N - nL :]
         pred_feat[i] = pred[:nF]
@@ -203,7 +214,7 @@ def validate(model, clt, graph, *, top_k: int = 10, ops=DEFAULT_OPS, mode: str |
         cos.append(float((resp * real).sum()) / den if den > 0 else 0.0)
         nmse.append(float(((resp - real) ** 2).sum()) / rn**2)
 
-    ablate_rows = [i for i, (_, op, v, _) in enumerate(meta) if (op, v) in (("set", 0.0), ("scale", 0.0))]
+    ablate_rows = [i for i, (_, _k, tm, _) in enumerate(meta) if (tm.op, tm.value) in (("set", 0.0), ("scale", 0.0))]
     seen_t, kl_a, infl_a = set(), [], []
     for i in ablate_rows:
         t = meta[i][0]
@@ -237,24 +248,30 @@ def validate(model, clt, graph, *, top_k: int = 10, ops=DEFAULT_OPS, mode: str |
     }
 
     # table rows
-    probs_before = res.clean_probs.cpu()
-    probs_after = res.probs.cpu()
-    logits_after = res.logits.float().cpu()
-    logits_before = res.clean_logits.float().cpu()
+    probs_before, probs_after = res.clean_probs.cpu(), res.probs.cpu()
+    logits_before, logits_after = res.clean_logits.float().cpu(), res.logits.float().cpu()
     strs = model.decode(logit_tokens)
+    node_col = graph.nodes.column("node").to_pylist()
+    ids = graph.nodes.column("node_id").to_pylist()
+    baseline = graph.target_values[N - nL :].tolist()
+    common = {"plan": vspec.plan_hash(), "mode": vspec.mode.mode, "layer_start": lo, "layer_end": hi,
+              "freeze_attention": vspec.mode.freeze_attention, "target_kind": "logit", "status": "ok"}
     table_rows = []
-    for i, (t, op, value, ivs) in enumerate(meta):
+    for i, (t, k, tmpl, ivs) in enumerate(meta):
+        one = t.kind == "node"
+        n0 = t.nodes[0]
+        where = ({"node": node_col[n0], "node_id": t.name, "layer": int(layer[n0]), "position": int(pos[n0]),
+                  "feature": int(feat[n0])} if one else {"supernode": t.name})
         spec_json = json.dumps([iv.model_dump(mode="json") for iv in ivs])
         for j, tok in enumerate(logit_tokens):
             table_rows.append({
-                "graph_id": gid, "intervention_id": i, "target": t.name, "target_kind": t.kind,
-                "target_influence": t.influence, "intervention": spec_json, "op": op, "value": value,
-                "mode": vspec.mode.mode, "layer_start": lo, "layer_end": hi,
-                "freeze_attention": vspec.mode.freeze_attention, "token": tok, "token_str": strs[j],
+                **common, **where, "key": gid, "intervention": k, "influence": t.influence,
+                "interventions": spec_json, "op": tmpl.op, "value": tmpl.value, "target_node": node_col[N - nL + j],
+                "target_id": ids[N - nL + j], "target_token": tok, "target_str": strs[j], "baseline": baseline[j],
                 "logit_before": float(logits_before[tok]), "logit_after": float(logits_after[i, tok]),
                 "prob_before": float(probs_before[tok]), "prob_after": float(probs_after[i, tok]),
                 "predicted_delta": float(pred_logit[i, j]), "predicted_direct": float(pred_direct_logit[i, j]),
                 "measured_delta": float(meas_logit[i, j]), "kl": float(kl[i]),
             })
-    return Validation(validation_table(table_rows), metrics, targets, [tuple(o) for o in vspec.ops], pred_logit,
+    return Validation(perturbation_table(table_rows), metrics, targets, list(vspec.ops), pred_logit,
                       meas_logit, pred_feat, meas_feat, kl)

@@ -11,7 +11,7 @@ values rejected), the parts several jobs share (common.py), one module per job k
     retrain.py       nightly retraining;  features.py  feature dashboards;  demo.py  the embedded demo
 """
 
-from .attribution import PLUGINS_ENV, AttributionSpec, InterventionSpec, PerturbationPlan, PruneSpec, plugin_modules
+from .attribution import PLUGINS_ENV, AttributionSpec, PerturbationPlan, PlannedIntervention, PruneSpec, plugin_modules
 from .base import MAX_SPEC_BYTES, Spec, first_error, load_yaml, parse, read_yaml, safe_yaml
 from .common import CLTChoice, CommitSpec, PromptEntry, PromptFile, RandomCLTSpec, ResourceSpec, StorageSpec
 from .demo import QuickstartSpec
@@ -25,7 +25,7 @@ SPEC_KINDS: dict[str, type[Spec]] = {"harvest": HarvestSpec, "train": TrainSpec,
                                      "retrain": RetrainSpec, "demo": QuickstartSpec, "features": FeaturesSpec}
 
 __all__ = ["Spec", "parse", "first_error", "safe_yaml", "read_yaml", "load_yaml", "MAX_SPEC_BYTES", "SPEC_KINDS",
-           "AttributionSpec", "PruneSpec", "InterventionSpec", "PerturbationPlan", "PLUGINS_ENV", "plugin_modules",
+           "AttributionSpec", "PruneSpec", "PlannedIntervention", "PerturbationPlan", "PLUGINS_ENV", "plugin_modules",
            "CLTChoice", "CommitSpec", "PromptEntry", "PromptFile", "RandomCLTSpec", "ResourceSpec", "StorageSpec",
            "QuickstartSpec", "FeaturesSpec", "CanarySpec", "EvalSetSpec", "MarginsSpec", "RetrainSpec",
            "GraphJobSpec", "SweepSpec", "load_sweep_spec", "parse_sweep_spec", "CLTShapeSpec", "HarvestSpec",

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import re
 from typing import Literal
@@ -11,6 +9,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from .base import Spec
+from .intervention import Intervention
 
 
 class AttributionSpec(Spec):
@@ -34,10 +33,18 @@ def plugin_modules() -> list[str]:
     return ["ct_ray.perturb", "ct_ray.sweep.perturbation", *extra]
 
 
-class InterventionSpec(Spec):
-    op: Literal["scale", "set", "add"] = "scale"
+class PlannedIntervention(Intervention):
+    """An intervention template of a sweep plan, and the splice mode (`SpliceMode.mode`) the sweep runs it in."""
+
     value: float = -1.0
     mode: Literal["constrained", "free"] = "constrained"
+
+    @field_validator("features", mode="after")
+    @classmethod
+    def _template(cls, v):
+        if v is not None:
+            raise ValueError("a plan's interventions are templates (op, value, mode): the sweep picks the nodes")
+        return v
 
 
 class PerturbationPlan(Spec):
@@ -45,7 +52,7 @@ class PerturbationPlan(Spec):
     graph (or on explicit `nodes`), with each of `interventions`. Empty plan (top_k 0 / no interventions): skipped."""
 
     top_k: int = Field(0, ge=0, le=10_000)
-    interventions: list[InterventionSpec] = Field(default_factory=list)
+    interventions: list[PlannedIntervention] = Field(default_factory=list)
     nodes: list[int] | None = Field(None, description="explicit node indices (`node`); the sweep fills in the "
                                                       "top_k selection of each graph when absent")
     function: str = Field("ct_ray.perturb:perturbation_rows",
@@ -69,5 +76,5 @@ class PerturbationPlan(Spec):
         return (self.top_k == 0 and not self.nodes) or not self.interventions
 
     def plan_hash(self) -> str:
-        d = self.model_dump()
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
+        # a template's features/positions are always unset: left out, so plans hash as they did before templates
+        return self.digest(8, exclude={"interventions": {"__all__": {"features", "positions"}}})

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import yaml
@@ -12,6 +14,10 @@ from ..errors import CTRayError
 
 class Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def digest(self, n: int = 8, **dump) -> str:
+        """The first `n` hex digits of a SHA-256 over the spec's JSON (keys sorted; `dump`: model_dump options)."""
+        return hashlib.sha256(json.dumps(self.model_dump(mode="json", **dump), sort_keys=True).encode()).hexdigest()[:n]
 
 
 def first_error(e: ValidationError, root: str = "spec") -> str:

@@ -34,19 +34,41 @@ class PositionRange(Spec):
 Positions = int | list[int] | PositionRange | Literal["all"]
 
 
+Op = Literal["set", "scale", "add"]
+
+
 class Intervention(Spec):
-    """Change the activation of one feature or a group of features at chosen positions.
+    """Change the activation of one feature or a group of features at chosen positions: the one description of an
+    intervention, from a single `intervene` call to a sweep's plan.
 
     `features` are (layer, feature index) pairs; `positions` one position (negative counts from the end), a list,
     a `PositionRange` / Python `slice`, or "all" (every position after BOS, generated ones included during
     generation). `op`: "set" (activation := value), "scale" (activation *= value; 0 ablates, -1 flips),
     "add" (activation += value).
+
+    Without `features` an intervention is a template: validation and sweeps apply it to each node they select, at
+    the node's own position (`at`); it cannot run by itself.
     """
 
-    features: list[tuple[int, int]] = Field(min_length=1)
+    features: list[tuple[int, int]] | None = None
     positions: Positions = "all"
-    op: Literal["set", "scale", "add"] = "scale"
+    op: Op = "scale"
     value: float
+
+    @property
+    def template(self) -> bool:
+        return self.features is None
+
+    def at(self, features: list[tuple[int, int]], positions: Positions) -> Intervention:
+        """This op and value applied to `features` at `positions` (a concrete intervention, even from a
+        subclass such as a sweep plan's `PlannedIntervention`)."""
+        return Intervention(features=features, positions=positions, op=self.op, value=self.value)
+
+    def apply(self, a):
+        """The new activation for the current activation `a` (a float or a tensor)."""
+        if self.op == "set":
+            return a.new_full(a.shape, self.value) if hasattr(a, "new_full") else float(self.value)
+        return a * self.value if self.op == "scale" else a + self.value
 
     @field_validator("features", mode="before")
     @classmethod
@@ -81,6 +103,8 @@ class Intervention(Spec):
         return v
 
     def describe(self) -> str:
+        if self.features is None:
+            return f"{self.op}({self.value:g}) (template)"
         feats = ",".join(f"L{l}/F{f}" for l, f in self.features)
         pos = self.positions
         if isinstance(pos, PositionRange):
@@ -125,23 +149,45 @@ class SpliceMode(Spec):
 DEFAULT_OPS: tuple[tuple[str, float], ...] = (("set", 0.0), ("scale", -1.0), ("scale", 2.0))
 
 
+def templates(v) -> list:
+    """Intervention templates from `(op, value)` pairs, dicts or Interventions (a before-validator)."""
+    if not isinstance(v, (list, tuple)):
+        return v
+    out = []
+    for i, x in enumerate(v):
+        if isinstance(x, (list, tuple)) and len(x) == 2 and isinstance(x[0], str):
+            x = {"op": x[0], "value": x[1]}
+        if isinstance(x, Intervention):  # also a plan's PlannedIntervention: its mode is the caller's business
+            x = x.model_dump(include={"features", "op", "value"})
+        if isinstance(x, dict) and x.get("features") is not None:
+            raise InterventionError(f"ops[{i}]: these interventions are templates (op and value): the targets are "
+                                    "chosen per graph, so `features` cannot be given")
+        try:
+            out.append(parse_intervention(x))
+        except InterventionError as e:
+            raise InterventionError(f"ops[{i}]: {e}") from None
+    return out
+
+
 class ValidationSpec(Spec):
     """Options of `validate` and `ct-ray perturb`: perturb the `top_k` most influential nodes (or supernodes) of a
-    graph with each of `ops` in `mode`. (A sweep's per-graph plan is `PerturbationPlan`, specs/attribution.py.)"""
+    graph with each of `ops` (intervention templates; `(op, value)` pairs accepted) in `mode`. A sweep's per-graph
+    plan is `PerturbationPlan` (specs/attribution.py), whose interventions also name their mode."""
 
     top_k: int = Field(10, ge=1)
-    ops: list[tuple[Literal["set", "scale", "add"], float]] = Field(default_factory=lambda: list(DEFAULT_OPS),
-                                                                    min_length=1)
+    ops: list[Intervention] = Field(default_factory=lambda: [Intervention(op=o, value=v) for o, v in DEFAULT_OPS],
+                                    min_length=1)
     mode: SpliceMode = SpliceMode(mode="constrained")
     batch_size: int = Field(32, ge=1)
 
-    @field_validator("ops")
+    @field_validator("ops", mode="before")
     @classmethod
-    def _finite(cls, v):
-        for op, value in v:
-            if not math.isfinite(value):
-                raise InterventionError(f"invalid validation ops: {op} value must be finite, got {value}")
-        return v
+    def _templates(cls, v):
+        return templates(v)
+
+    def plan_hash(self) -> str:
+        """The `plan` column of its perturbations rows."""
+        return self.digest(8)
 
 
 def parse_intervention(x) -> Intervention:

@@ -155,5 +155,7 @@ def ensure_table(catalog, name: str, location: str):
     if any(f.name not in have for f in SCHEMAS[name]):
         with table.update_schema() as upd:
             upd.union_by_name(SCHEMAS[name])
+        with catalog.load_table(ident).transaction() as tx:
+            tx.set_properties({"ct_ray.schema_version": str(TABLES_SCHEMA_VERSION)})
         table = catalog.load_table(ident)
     return table

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-TABLES_SCHEMA_VERSION = 1
+TABLES_SCHEMA_VERSION = 2  # 2: perturbations rows carry what `ct-ray perturb` reports (docs/tables.md)
 
 GRAPHS_SCHEMA = pa.schema(
     [
@@ -108,36 +108,19 @@ PERTURBATIONS_SCHEMA = pa.schema(
         ("measured_delta", pa.float32()),  # change measured on the model (null when not measured)
         ("status", pa.string()),  # 'ok' | 'error'
         ("error", pa.string()),
-    ]
-)
-
-# `ct-ray perturb --out DIR` writes DIR/validation.parquet: one row per (intervention, logit node) of one validated
-# graph (perturb/validate.py). Not a store table: a sweep's per-graph perturbations are PERTURBATIONS_SCHEMA above.
-VALIDATION_SCHEMA = pa.schema(
-    [
-        ("graph_id", pa.string()),
-        ("intervention_id", pa.int32()),
-        ("target", pa.string()),
-        ("target_kind", pa.string()),
-        ("target_influence", pa.float32()),
-        ("intervention", pa.string()),
-        ("op", pa.string()),
-        ("value", pa.float32()),
-        ("mode", pa.string()),
-        ("layer_start", pa.int32()),
+        # version 2 (one row type for sweeps and `ct-ray perturb`; older files read these as null)
+        ("supernode", pa.string()),  # the intervened supernode's name (null: one node)
+        ("interventions", pa.string()),  # JSON list of the concrete Interventions applied together
+        ("layer_start", pa.int32()),  # constrained layer range, inclusive; -1 in free mode
         ("layer_end", pa.int32()),
-        ("freeze_attention", pa.bool_()),
-        ("token", pa.int32()),
-        ("token_str", pa.string()),
-        ("logit_before", pa.float32()),
-        ("logit_after", pa.float32()),
-        ("prob_before", pa.float32()),
-        ("prob_after", pa.float32()),
-        ("predicted_delta", pa.float32()),
-        ("predicted_direct", pa.float32()),
-        ("measured_delta", pa.float32()),
-        ("kl", pa.float32()),
-        ("schema_version", pa.int32()),
+        ("freeze_attention", pa.bool_()),  # free layers kept the clean attention patterns
+        ("target_str", pa.string()),  # logit targets: the token's text
+        ("logit_before", pa.float32()),  # logit targets: pre-softcap logit, clean
+        ("logit_after", pa.float32()),  # ... intervened
+        ("prob_before", pa.float32()),  # logit targets: output probability, clean
+        ("prob_after", pa.float32()),  # ... intervened
+        ("predicted_direct", pa.float32()),  # the direct-edge prediction (equals predicted_delta in constrained mode)
+        ("kl", pa.float32()),  # KL(clean || intervened) of the output distribution at the last position
     ]
 )
 

@@ -2,8 +2,8 @@
 Parquet tables in object storage (ct_ray.store), resumable and idempotent. See docs/tables.md and docs/sql.md."""
 
 from ..specs import (
-                   InterventionSpec,
                    PerturbationPlan,
+                   PlannedIntervention,
                    PromptEntry,
                    PromptFile,
                    RandomCLTSpec,
@@ -17,6 +17,6 @@ from .prompts import PromptItem, read_prompts, task_key
 from .runner import SweepResult, run_sweep
 from .status import sweep_status
 
-__all__ = ["SweepSpec", "PromptEntry", "PromptFile", "RandomCLTSpec", "PerturbationPlan", "InterventionSpec",
+__all__ = ["SweepSpec", "PromptEntry", "PromptFile", "RandomCLTSpec", "PerturbationPlan", "PlannedIntervention",
            "ResourceSpec", "StorageSpec", "load_sweep_spec", "parse_sweep_spec", "run_sweep", "SweepResult",
            "sweep_status", "read_prompts", "task_key", "PromptItem"]

@@ -79,14 +79,6 @@ def error_rows(message: str) -> list[dict]:
     return [{"status": "error", "error": message}]
 
 
-def _delta_activation(op: str, value: float, act: float) -> float:
-    if op == "scale":
-        return (value - 1.0) * act
-    if op == "set":
-        return value - act
-    return value  # add
-
-
 def predicted_only(model, clt, graph, plan: PerturbationPlan):
     """Graph-only reference: the change of every logit node predicted by the graph's linear system (the
     intervention's direct edges, propagated through the downstream feature nodes, each feature's outgoing
@@ -112,7 +104,7 @@ def predicted_only(model, clt, graph, plan: PerturbationPlan):
     for j, iv in enumerate(plan.interventions):
         B = torch.zeros(len(kind), len(sel), dtype=torch.float64)
         for c, s in enumerate(sel):
-            B[:, c] = M[:, s] * _delta_activation(iv.op, iv.value, float(act[s]))
+            B[:, c] = M[:, s] * (iv.apply(float(act[s])) - float(act[s]))
         X = B.clone()  # x = B + MF x; the graph is a DAG over layers, so depth iterations are exact
         for _ in range(depth):
             X = B + MF @ X
