@@ -40,7 +40,15 @@ def _cmd_attribute(args) -> int:
     model = load_model(args.model)
     clt = load_clt(args.clt) if args.clt else random_clt(model, args.random_clt, seed=args.seed)
     clt.check_model(model.n_layers, model.d_model)
-    graph = attribute(model, clt, args.prompt, verbose=not args.quiet, **aspec.model_dump())
+    if args.workers > 1:  # the prompt's rows split over Ray actors, each holding the model and the CLT
+        from .executor.split_rows import SplitRows
+
+        with SplitRows(args.model, args.clt, random_clt=None if args.clt else {"features": args.random_clt,
+                       "seed": args.seed}, workers=args.workers, num_cpus=args.worker_cpus,
+                       num_gpus=args.worker_gpus, address=args.address) as split:
+            graph = attribute(model, clt, args.prompt, verbose=not args.quiet, rows=split, **aspec.model_dump())
+    else:
+        graph = attribute(model, clt, args.prompt, verbose=not args.quiet, **aspec.model_dump())
     pruned = graph.prune(**pspec.model_dump())
     full_s, pr_s = graph.scores(), pruned.scores()
 
@@ -178,6 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="feature nodes kept, chosen by influence (default 7500, as circuit-tracer); 'all': every one")
     s.add_argument("--node-threshold", type=float, default=0.8)
     s.add_argument("--edge-threshold", type=float, default=0.98)
+    s.add_argument("--workers", type=_positive_int, default=1,
+                   help="split the prompt's rows over N Ray workers, each holding the model and the CLT (default 1: "
+                        "in this process; docs/attribution.md)")
+    s.add_argument("--worker-cpus", type=float, default=1.0, help="num_cpus (and torch threads) per worker")
+    s.add_argument("--worker-gpus", type=float, default=0.0, help="num_gpus per worker (> 0: the workers use CUDA)")
+    s.add_argument("--address", default=None, help="Ray cluster address for --workers (default: start a local Ray)")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=_cmd_attribute)
 

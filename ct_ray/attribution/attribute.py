@@ -4,13 +4,20 @@ Edges are computed one adjacency row per target, in batches of targets, by the e
 replacement model (see replacement.py): a target's row holds the direct effect of every source on it. Rows exist
 only for kept targets (logits and kept features); memory is O((kept features + logits) x sources), estimated and
 checked against a budget before anything large is allocated (budget.py).
+
+Rows come from a *row source* (`rows=`): by default this process's RowEngine; ct_ray.executor.split_rows spreads
+each batch over Ray actors that rebuild the same engine from the tokens (`row_engine`), while selection, assembly
+and everything else stay here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -21,7 +28,27 @@ from .capture import capture
 from .graph import Graph
 from .replacement import Replacement
 from .rows import RowEngine
-from .select import assemble, select
+from .select import RowFn, assemble, select
+
+
+@dataclass(frozen=True)
+class RowPlan:
+    """What a row source needs to rebuild this prompt's RowEngine elsewhere (see `row_engine`)."""
+
+    tokens: torch.Tensor  # the prompt's token ids, BOS included
+    decoder_cache: int  # bytes of padded decoder rows the engine keeps between batches (0: gathered per batch)
+    bsz: int  # targets per backward pass (sets the thread rule, budget.threads_for)
+
+
+# given the driver's engine and the plan: a context in which `rows(t_layer, t_pos, vecs) -> [B, S]` is valid
+RowSource = Callable[[RowEngine, RowPlan], AbstractContextManager[RowFn]]
+
+
+@contextlib.contextmanager
+def local_rows(engine: RowEngine, plan: RowPlan) -> Iterator[RowFn]:
+    """The default row source: this process's engine."""
+    engine.fill_cache(plan.decoder_cache)
+    yield engine.rows
 
 
 def select_logits(probs: torch.Tensor, max_n_logits: int, desired_logit_prob: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,6 +86,7 @@ def attribute(
     max_feature_nodes: int | None = DEFAULT_MAX_FEATURE_NODES,
     memory_budget: int | None = None,
     verbose: bool = False,
+    rows: RowSource | None = None,
 ) -> Graph:
     """Attribution graph of `prompt` under `model` (a LoadedModel) with `clt` in place of its MLPs.
 
@@ -67,7 +95,8 @@ def attribute(
     At most `max_feature_nodes` features (default 7500, as circuit-tracer) become nodes: the most influential
     ones, found iteratively from the logits; None keeps every active feature. `memory_budget` (bytes; default:
     $CT_RAY_ATTRIBUTION_MEMORY or 80% of the available memory) bounds what the graph may allocate: a larger
-    graph raises GraphTooLargeError (a PromptError) before allocating it.
+    graph raises GraphTooLargeError (a PromptError) before allocating it. `rows`: where adjacency rows are
+    computed (default `local_rows`; `ct_ray.executor.split_rows.SplitRows` spreads them over Ray actors).
     """
     t0 = time.perf_counter()
     tokens = model.encode(prompt)
@@ -77,11 +106,7 @@ def attribute(
     t_fwd = time.perf_counter()
 
     # --- nodes ---------------------------------------------------------------------------------------
-    feats = [torch.nonzero(a) for a in rep.acts]  # per layer: [n, 2] (pos, idx), sorted
-    f_layer = torch.cat([torch.full((len(f),), l, dtype=torch.long) for l, f in enumerate(feats)])
-    f_pos = torch.cat([f[:, 0] for f in feats])
-    f_idx = torch.cat([f[:, 1] for f in feats])
-    f_act = torch.cat([rep.acts[l][f[:, 0], f[:, 1]] for l, f in enumerate(feats)])
+    f_layer, f_pos, f_idx, f_act = _features(rep)
     logit_tok, logit_p = select_logits(cache.probs, max_n_logits, desired_logit_prob)
     nL = len(logit_tok)
     n_active = len(f_layer)
@@ -101,7 +126,6 @@ def attribute(
                                 decoder_cache=dec_cache, n_heads=rep.H, n_tc=sum(clt.d_tc))
 
     parts = _budget.check(estimate_for, budget, n_tokens=P, n_active=n_active, n_keep=n_keep)
-    engine.fill_cache(dec_cache)
     lvec, _ = rep.logit_readout(logit_tok)
 
     def readout(sel):
@@ -112,15 +136,18 @@ def attribute(
         return v
 
     t_rows = time.perf_counter()
+    source = local_rows if rows is None else rows
     with _budget.torch_threads(_budget.threads_for(P, d, bsz)):
+        with source(engine, RowPlan(tokens, dec_cache, bsz)) as row_fn:
+            if n_keep < n_active:
+                selected, st = select(engine, readout, f_layer, f_pos, lvec, logit_p, n_keep, batch_size, bsz,
+                                      verbose, rows=row_fn)
+            else:
+                A = _all_rows(engine, readout, f_layer, f_pos, lvec, bsz, verbose, row_fn)
+        del engine, row_fn
         if n_keep < n_active:
-            selected, st = select(engine, readout, f_layer, f_pos, lvec, logit_p, n_keep, batch_size, bsz, verbose)
-            del engine
             A = assemble(st, selected, n_active, L * P + P)
             f_layer, f_pos, f_idx, f_act = f_layer[selected], f_pos[selected], f_idx[selected], f_act[selected]
-        else:
-            A = _all_rows(engine, readout, f_layer, f_pos, lvec, bsz, verbose)
-            del engine
     t_done = time.perf_counter()
     nF = len(f_layer)
     N = nF + L * P + P + nL
@@ -170,12 +197,33 @@ def attribute(
     )
 
 
+def _features(rep: Replacement):
+    """Active features (layer, position, index, activation), sorted by layer, position, index."""
+    feats = [torch.nonzero(a) for a in rep.acts]  # per layer: [n, 2] (pos, idx), sorted
+    f_layer = torch.cat([torch.full((len(f),), l, dtype=torch.long) for l, f in enumerate(feats)])
+    f_pos = torch.cat([f[:, 0] for f in feats])
+    f_idx = torch.cat([f[:, 1] for f in feats])
+    f_act = torch.cat([rep.acts[l][f[:, 0], f[:, 1]] for l, f in enumerate(feats)])
+    return f_layer, f_pos, f_idx, f_act
+
+
+@_on_model_device
+@torch.no_grad()
+def row_engine(model, clt, plan: RowPlan) -> RowEngine:
+    """The RowEngine `attribute` builds for `plan.tokens`, rebuilt from the model and the CLT alone (what a remote
+    row worker holds). Capture and replacement are deterministic, so its rows are the driver's."""
+    rep = Replacement(model, clt, capture(model, plan.tokens.to(next(model.model.parameters()).device)))
+    engine = RowEngine(rep, *_features(rep), chunk_bytes=_budget.CHUNK_BYTES)
+    engine.fill_cache(plan.decoder_cache)
+    return engine
+
+
 def _const_logits(rep: Replacement, cfin: torch.Tensor, logit_tok: torch.Tensor) -> torch.Tensor:
     lg = rep.logits(cfin)[-1]
     return lg[logit_tok] - lg.mean()
 
 
-def _all_rows(engine: RowEngine, readout, f_layer, f_pos, lvec, bsz: int, verbose: bool) -> torch.Tensor:
+def _all_rows(engine: RowEngine, readout, f_layer, f_pos, lvec, bsz: int, verbose: bool, rows: RowFn) -> torch.Tensor:
     """Every feature is a node: rows go straight into the square adjacency. Targets are batched by layer and
     position, deepest first, so a batch's backward pass starts at its highest layer and stops at its last
     position."""
@@ -183,7 +231,7 @@ def _all_rows(engine: RowEngine, readout, f_layer, f_pos, lvec, bsz: int, verbos
     L, P, nF, nL = rep.L, rep.P, engine.nF, len(lvec)
     N = engine.S + nL
     A = torch.zeros(N, N)
-    rows = torch.cat([torch.arange(N - nL, N), torch.arange(nF)])
+    dest = torch.cat([torch.arange(N - nL, N), torch.arange(nF)])
     t_layer = torch.cat([torch.full((nL,), L), f_layer])
     t_pos = torch.cat([torch.full((nL,), P - 1), f_pos])
     order = torch.argsort(t_layer * P + t_pos, descending=True, stable=True)
@@ -195,5 +243,5 @@ def _all_rows(engine: RowEngine, readout, f_layer, f_pos, lvec, bsz: int, verbos
             vecs[is_logit] = lvec[sel[is_logit]]
         if (~is_logit).any():
             vecs[~is_logit] = readout(sel[~is_logit] - nL)
-        A[rows[sel], : engine.S] = engine.rows(t_layer[sel], t_pos[sel], vecs)
+        A[dest[sel], : engine.S] = rows(t_layer[sel], t_pos[sel], vecs)
     return A

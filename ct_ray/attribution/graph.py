@@ -11,26 +11,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from ..store.schemas import GRAPH_NODES_SCHEMA
 from . import prune as _prune
 
 NODE_KINDS = ("feature", "error", "embedding", "logit")
 SCHEMA_VERSION = 1
 
-NODE_SCHEMA = pa.schema(
-    [
-        ("node", pa.int32()),
-        ("node_id", pa.string()),
-        ("kind", pa.string()),
-        ("layer", pa.int32()),  # -1 for embeddings, n_layers for logits
-        ("position", pa.int32()),
-        ("feature", pa.int32()),  # feature index within its layer; -1 otherwise
-        ("token", pa.int32()),  # token at the position (logit nodes: the predicted token)
-        ("token_str", pa.string()),
-        ("activation", pa.float32()),  # feature activation; error/embedding vector norm; logit: demeaned logit
-        ("probability", pa.float32()),  # logit nodes: the model's probability of the token
-        ("influence", pa.float32()),  # influence on the logits (NaN until computed)
-    ]
-)
+NODE_SCHEMA = GRAPH_NODES_SCHEMA  # one definition: store/schemas.py
 
 
 def node_ids(kind, layer, position, feature, token, n_layers: int) -> list[str]:

@@ -8,11 +8,15 @@ then assembled from those rows, block by block, freeing each block as it is copi
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from tqdm.auto import tqdm
 
 from .prune import block_influence
 from .rows import RowEngine
+
+RowFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (t_layer, t_pos, vecs) -> [B, S] rows
 
 
 class SelectedRows:
@@ -37,13 +41,15 @@ class SelectedRows:
 
 
 def select(engine: RowEngine, readout, f_layer, f_pos, lvec, logit_p, max_feature_nodes: int, batch_size: int,
-           bsz: int, verbose: bool = False) -> tuple[torch.Tensor, SelectedRows]:
+           bsz: int, verbose: bool = False, rows: RowFn | None = None) -> tuple[torch.Tensor, SelectedRows]:
     """Visit `max_feature_nodes` features, `batch_size` per influence update (computed `bsz` at a time).
-    Returns the visited features (sorted) and their rows. `readout(sel)` gives the targets' read-out vectors."""
+    Returns the visited features (sorted) and their rows. `readout(sel)` gives the targets' read-out vectors;
+    `rows` computes a batch's rows (default `engine.rows`)."""
+    rows = engine.rows if rows is None else rows
     rep = engine.rep
     L, P, n = rep.L, rep.P, engine.nF
     nL = len(logit_p)
-    st = SelectedRows(engine.rows(torch.full((nL,), L), torch.full((nL,), P - 1), lvec), logit_p, L)
+    st = SelectedRows(rows(torch.full((nL,), L), torch.full((nL,), P - 1), lvec), logit_p, L)
     visited = torch.zeros(n, dtype=torch.bool)
     n_vis = 0
     bar = tqdm(total=max_feature_nodes, desc="attribution", unit="feature", disable=not verbose)
@@ -56,7 +62,7 @@ def select(engine: RowEngine, readout, f_layer, f_pos, lvec, logit_p, max_featur
         pick = pick[torch.argsort(f_layer[pick] * P + f_pos[pick], descending=True, stable=True)]
         for i in range(0, k, bsz):
             sel = pick[i : i + bsz]
-            st.add(engine.rows(f_layer[sel], f_pos[sel], readout(sel)), sel, f_layer[sel])
+            st.add(rows(f_layer[sel], f_pos[sel], readout(sel)), sel, f_layer[sel])
         visited[pick] = True
         n_vis += k
         bar.update(k)

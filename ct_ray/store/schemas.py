@@ -66,14 +66,17 @@ NODES_SCHEMA = pa.schema(
         ("layer", pa.int32()),  # -1 embeddings, n_layers logits
         ("position", pa.int32()),
         ("feature", pa.int32()),  # feature index within its layer, -1 otherwise
-        ("token", pa.int32()),
+        ("token", pa.int32()),  # token at the position (logit nodes: the predicted token)
         ("token_str", pa.string()),
-        ("activation", pa.float32()),
-        ("probability", pa.float32()),  # logit nodes
-        ("influence", pa.float32()),  # influence on the logits (full graph)
+        ("activation", pa.float32()),  # feature activation; error/embedding vector norm; logit: demeaned logit
+        ("probability", pa.float32()),  # logit nodes: the model's probability of the token
+        ("influence", pa.float32()),  # influence on the logits (full graph; NaN until computed)
         ("kept", pa.bool_()),  # in the pruned graph
     ]
 )
+
+# an attribution Graph's own nodes table (attribution/graph.py): the sweep's without its key and the pruning flag
+GRAPH_NODES_SCHEMA = pa.schema([f for f in NODES_SCHEMA if f.name not in ("key", "kept")])
 
 EDGES_SCHEMA = pa.schema(
     [

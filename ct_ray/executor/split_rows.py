@@ -1,0 +1,261 @@
+"""One prompt's adjacency rows split over several Ray actors (docs/attribution.md, "One prompt on several workers").
+
+`attribute(model, clt, prompt, rows=SplitRows(...))`: the driver keeps everything but the rows (capture, selection,
+assembly, scores); each batch of targets is cut into contiguous parts, one per actor, and the parts' rows are
+concatenated in order. Every actor holds the model and the CLT (loaded once, from the same name / URL the driver
+used) and, per prompt, the replacement state it rebuilds from the tokens (`attribution.attribute.row_engine`):
+capture and replacement are deterministic, and a row depends only on its own target, so the rows equal the
+single-process ones. Tensors travel as numpy arrays through Ray's object store.
+
+A worker that dies is replaced and its part re-run (`retries` times per part); past that, or when a worker raises,
+the prompt fails with one CTRayError line. Workers that find no room on the cluster fail after CT_RAY_RESOURCE_WAIT_S.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import traceback
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from ..errors import CTRayError, one_line
+from .capacity import no_room, resource_wait_s
+from .ray_start import ensure_ray
+from .worker_env import worker_env
+
+log = logging.getLogger(__name__)
+
+
+class RowWorker:
+    """The actor: model + CLT once; one prompt's RowEngine at a time (`prepare`), its rows on demand."""
+
+    def __init__(self, cfg: dict):
+        self.cfg, self.engine, self.bsz, self.init_error = cfg, None, 1, None
+        try:
+            self._load()
+        except Exception as e:  # reported by ready(): a worker that cannot load must not crash-loop
+            self.init_error = f"{type(e).__name__}: {one_line(e)}"
+            log.error("attribution row worker failed to start:\n%s", traceback.format_exc())
+
+    def _load(self) -> None:
+        from .. import load_clt, load_model, random_clt
+
+        cfg = self.cfg
+        torch.set_num_threads(cfg["torch_threads"])
+        self.model = load_model(cfg["model"], device=cfg["device"])
+        if cfg["clt"]:
+            self.clt = load_clt(cfg["clt"], device=cfg["device"], **cfg["clt_options"])
+        else:
+            r = cfg["random_clt"]
+            self.clt = random_clt(self.model, r["features"], seed=r.get("seed", 0),
+                                  firing_rate=r.get("firing_rate", 0.01), span=r.get("span"))
+        self.clt.check_model(self.model.n_layers, self.model.d_model)
+
+    def ready(self) -> dict:
+        return {"error": self.init_error, "pid": os.getpid()}
+
+    def prepare(self, tokens: np.ndarray, decoder_cache: int, bsz: int) -> dict:
+        from ..attribution.attribute import RowPlan, row_engine
+
+        self.engine = None  # the previous prompt's state goes before the next one is built
+        self.engine = row_engine(self.model, self.clt, RowPlan(_tensor(tokens), decoder_cache, bsz))
+        self.bsz = bsz
+        return _fingerprint(self.engine)
+
+    def rows(self, t_layer: np.ndarray, t_pos: np.ndarray, vecs: np.ndarray) -> np.ndarray:
+        from ..attribution import budget
+
+        if self.engine is None:
+            raise CTRayError("row worker has no prompt prepared")
+        rep = self.engine.rep
+        dev = torch.device(self.cfg["device"])
+        on_dev = torch.device(dev) if dev.type != "cpu" else contextlib.nullcontext()
+        # the same thread rule as the driver's; the actor's own count is its num_cpus
+        with torch.no_grad(), on_dev, budget.torch_threads(budget.threads_for(rep.P, rep.d, self.bsz)):
+            out = self.engine.rows(_tensor(t_layer, dev), _tensor(t_pos, dev), _tensor(vecs, dev))
+        return out.cpu().numpy()
+
+    def release(self) -> bool:
+        self.engine = None
+        return True
+
+
+def _tensor(a: np.ndarray, device=None) -> torch.Tensor:
+    # arrays from the object store are read-only: copy (they are small) rather than alias them
+    return torch.from_numpy(np.array(a)).to(device) if device is not None else torch.from_numpy(np.array(a))
+
+
+def _fingerprint(engine) -> dict:
+    """What the driver compares to catch workers that loaded another model or CLT than it did."""
+    acts = engine.rep.acts
+    return {"n_active": engine.nF, "n_sources": engine.S, "act_sum": float(sum(a.double().sum() for a in acts))}
+
+
+def _cause(e: BaseException) -> BaseException:
+    return getattr(e, "cause", None) or e
+
+
+class SplitRows:
+    """A row source for `attribute(..., rows=)` over `workers` Ray actors; reusable across prompts. `close()` (or
+    `with SplitRows(...) as split:`) kills the actors.
+
+    `model` / `clt` are what the driver loaded them from (a built-in name, a directory or hub id; a CLT URL), or
+    `random_clt={"features": N, "seed": S, ...}` for a seeded random CLT rebuilt in each worker. On a cluster the
+    paths must be readable from every node. `num_cpus` / `num_gpus` per actor (a GPU actor runs on "cuda");
+    torch threads per actor default to its `num_cpus`."""
+
+    what = "attribution row"
+
+    def __init__(self, model: str, clt: str | None = None, *, random_clt: dict | None = None,
+                 clt_options: dict | None = None, workers: int = 2, num_cpus: float = 1.0, num_gpus: float = 0.0,
+                 torch_threads: int | None = None, retries: int = 1, address: str | None = None):
+        if workers < 1:
+            raise CTRayError(f"workers must be at least 1, got {workers}")
+        if bool(clt) == bool(random_clt):
+            raise CTRayError("give the row workers exactly one of clt (a CLT URL) and random_clt")
+        if os.path.isdir(os.path.expanduser(str(model))):  # a worker's working directory is not the driver's
+            model = os.path.abspath(os.path.expanduser(str(model)))
+        if clt and "://" not in clt and os.path.exists(os.path.expanduser(clt)):
+            clt = os.path.abspath(os.path.expanduser(clt))
+        self.cfg = {"model": str(model), "clt": clt, "clt_options": clt_options or {}, "random_clt": random_clt,
+                    "device": "cuda" if num_gpus > 0 else "cpu", "torch_threads": torch_threads or max(1, int(num_cpus))}
+        self.num_cpus, self.num_gpus, self.retries = num_cpus, num_gpus, retries
+        self.ray = ray = ensure_ray(address)
+        env = worker_env(ray)
+        # retries are ours (a replaced actor must be prepared again first), so Ray restarts nothing
+        self.cls = ray.remote(RowWorker).options(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0,
+                                                 max_task_retries=0, runtime_env={"env_vars": env} if env else None)
+        self.actors: list = []
+        self.plan: tuple | None = None  # (tokens, decoder_cache, bsz, fingerprint) of the prompt in progress
+        try:
+            self.actors = [self.cls.remote(self.cfg) for _ in range(workers)]
+            self._wait_ready(list(self.actors))
+        except BaseException:
+            self.close()
+            raise
+
+    # --- actors -----------------------------------------------------------------------------------------------
+    def _wait_ready(self, actors: list) -> None:
+        ray = self.ray
+        refs = [a.ready.remote() for a in actors]
+        _, pending = ray.wait(refs, num_returns=len(refs), timeout=resource_wait_s())
+        if pending:  # an actor asking for more than any node has stays pending forever in Ray
+            raise no_room(ray, self.what, self.num_cpus, self.num_gpus)
+        for out in self._get(refs, "start"):
+            if out.get("error"):
+                raise CTRayError(f"{self.what} worker cannot start: {out['error']}")
+
+    def _get(self, refs: list, doing: str) -> list:
+        from ray.exceptions import RayActorError
+
+        try:
+            return self.ray.get(refs)
+        except RayActorError as e:
+            raise CTRayError(f"{self.what} worker died ({doing}): {one_line(e)}") from None
+        except Exception as e:
+            raise CTRayError(f"{self.what} worker failed ({doing}): {one_line(_cause(e))}") from None
+
+    def _replace(self, k: int, prepare: bool) -> None:
+        """A fresh actor in slot k (`prepare`: prepared for the prompt in progress)."""
+        with contextlib.suppress(Exception):
+            self.ray.kill(self.actors[k])
+        self.actors[k] = self.cls.remote(self.cfg)
+        self._wait_ready([self.actors[k]])
+        if prepare and self.plan is not None:
+            tokens, cache, bsz, fp = self.plan
+            self._check(self._get([self.actors[k].prepare.remote(tokens, cache, bsz)], "prepare")[0], fp)
+
+    def _run(self, method: str, args: list[tuple]) -> list:
+        """`method(*args[k])` on actor k for every k, the answers in order; a part whose actor died is re-run on
+        a replacement, `retries` times."""
+        from ray.exceptions import RayActorError
+
+        ray = self.ray
+        refs = {getattr(self.actors[k], method).remote(*a): (k, 0) for k, a in enumerate(args)}
+        out: list = [None] * len(args)
+        while refs:
+            ready, _ = ray.wait(list(refs), num_returns=1)
+            k, tries = refs.pop(ready[0])
+            try:
+                out[k] = ray.get(ready[0])
+            except RayActorError as e:
+                if tries >= self.retries:
+                    raise CTRayError(f"{self.what} worker died ({method}) and was retried {tries} time(s): "
+                                     f"{one_line(e)}") from None
+                log.warning("%s worker %d died (%s); replacing it: %s", self.what, k, method, one_line(e))
+                self._replace(k, prepare=method != "prepare")
+                refs[getattr(self.actors[k], method).remote(*args[k])] = (k, tries + 1)
+            except Exception as e:
+                raise CTRayError(f"{self.what} worker failed ({method}): {one_line(_cause(e))}") from None
+        return out
+
+    def close(self) -> None:
+        for a in self.actors:
+            with contextlib.suppress(Exception):
+                self.ray.kill(a)
+        self.actors = []
+
+    def __enter__(self) -> SplitRows:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- the row source ---------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def __call__(self, engine, plan) -> Iterator:
+        if not self.actors:
+            raise CTRayError(f"{self.what} workers are closed")
+        fp = _fingerprint(engine)
+        tokens = plan.tokens.detach().cpu().numpy()
+        self.plan = (tokens, int(plan.decoder_cache), int(plan.bsz), fp)
+        try:
+            for got in self._run("prepare", [self.plan[:3]] * len(self.actors)):
+                self._check(got, fp)
+            yield lambda t_layer, t_pos, vecs: self._rows(engine.S, t_layer, t_pos, vecs)
+        finally:
+            self.plan = None
+            with contextlib.suppress(Exception):  # frees the workers' prompt state; a dead one has none
+                self.ray.get([a.release.remote() for a in self.actors])
+
+    def _check(self, got: dict, fp: dict) -> None:
+        same = got["n_active"] == fp["n_active"] and got["n_sources"] == fp["n_sources"]
+        if not same or abs(got["act_sum"] - fp["act_sum"]) > 1e-4 * max(1.0, abs(fp["act_sum"])):
+            raise CTRayError(f"{self.what} workers' replacement state differs from this process's ({got} vs {fp}): "
+                             f"give them the model and CLT this process attributes with")
+
+    def _rows(self, S: int, t_layer: torch.Tensor, t_pos: torch.Tensor, vecs: torch.Tensor) -> torch.Tensor:
+        B = len(t_layer)
+        bounds = np.linspace(0, B, min(len(self.actors), B) + 1).round().astype(int)  # contiguous, near-equal
+        tl, tp, v = (x.detach().cpu().numpy() for x in (t_layer, t_pos, vecs))
+        parts = self._run("rows", [(tl[i:j], tp[i:j], v[i:j]) for i, j in zip(bounds[:-1], bounds[1:])])
+        out = torch.empty(B, S)
+        for i, j, p in zip(bounds[:-1], bounds[1:], parts):
+            np.copyto(out[i:j].numpy(), p)  # one copy out of the (read-only) object store buffer
+        return out.to(vecs.device)
+
+
+def attribute_split(model: str, clt: str | None, prompt, *, workers: int = 2, random_clt: dict | None = None,
+                    clt_options: dict | None = None, num_cpus: float = 1.0, num_gpus: float = 0.0,
+                    address: str | None = None, device: str = "cpu", **attribute_kwargs):
+    """`attribute` of one prompt with its rows split over `workers` Ray actors: loads the model and the CLT here
+    (on `device`) and in every worker, attributes, closes the workers."""
+    from .. import attribute, load_clt, load_model
+    from .. import random_clt as _random_clt
+
+    lm = load_model(model, device=device)
+    if clt:
+        c = load_clt(clt, device=device, **(clt_options or {}))
+    elif random_clt:
+        c = _random_clt(lm, random_clt["features"], seed=random_clt.get("seed", 0),
+                        firing_rate=random_clt.get("firing_rate", 0.01), span=random_clt.get("span"))
+    else:
+        raise CTRayError("give clt (a CLT URL) or random_clt")
+    c.check_model(lm.n_layers, lm.d_model)
+    with SplitRows(model, clt, random_clt=random_clt, clt_options=clt_options, workers=workers, num_cpus=num_cpus,
+                   num_gpus=num_gpus, address=address) as split:
+        return attribute(lm, c, prompt, rows=split, **attribute_kwargs)
