@@ -222,23 +222,30 @@ def _load_cross_layer(fs, path, url, cfg, hook, dtype) -> CrossLayerTranscoder:
                            f"W_dec {tuple(W_dec.shape)}, b_enc {tuple(b_enc.shape)}")
         encs.append((W_enc, b_enc, b_dec, thr))
         decs.append(W_dec)
-    spans = [w.shape[1] for w in decs]
     # as in circuit-tracer, layer 0 decides: thresholds everywhere (JumpReLU) or nowhere (ReLU)
     act = "jumprelu" if encs[0][3] is not None else "relu"
     if act == "jumprelu" and any(e[3] is None for e in encs):
         missing = next(l for l, e in enumerate(encs) if e[3] is None)
         raise CLTError(f"W_enc_{missing}.safetensors in {url} has no threshold_{missing} but layer 0 has one")
-    d = encs[0][0].shape[1]
-    clt = CrossLayerTranscoder(L, d, [e[0].shape[0] for e in encs], None, act, hook, cfg.get("model_name", ""), dtype)
-    clt.spans = spans
-    with torch.no_grad():
-        for l, ((W_enc, b_enc, b_dec, thr), W_dec) in enumerate(zip(encs, decs)):
-            clt.W_enc[l] = torch.nn.Parameter(W_enc.to(dtype))
-            clt.b_enc[l] = torch.nn.Parameter(b_enc.to(dtype))
-            clt.b_dec[l] = torch.nn.Parameter(b_dec.to(dtype))
-            clt.W_dec[l] = torch.nn.Parameter(W_dec.to(dtype))
-            if thr is not None:
-                clt.threshold[l] = torch.nn.Parameter(thr.float())
+    return _assemble([(*e, W_dec) for e, W_dec in zip(encs, decs)], act, hook, cfg.get("model_name", ""), dtype)
+
+
+def _assemble(layers: list[tuple], act: str, hook: str, model_name: str, dtype) -> CrossLayerTranscoder:
+    """A CLT holding the loaded tensors; per layer (W_enc [d_tc, d], b_enc, b_dec, threshold or None, W_dec
+    [d_tc, span, d]). Built on the meta device and then given the tensors: the weights exist once, never also as
+    a zero-filled copy (which doubled the peak memory of a load)."""
+    d, L = layers[0][0].shape[1], len(layers)
+    with torch.device("meta"):
+        clt = CrossLayerTranscoder(L, d, [x[0].shape[0] for x in layers], None, act, hook, model_name, dtype)
+    clt.spans = [x[4].shape[1] for x in layers]
+
+    def param(t: torch.Tensor, dt=dtype) -> torch.nn.Parameter:
+        return torch.nn.Parameter(t.to(dt).contiguous(), requires_grad=False)  # no copy when already so
+
+    for l, (W_enc, b_enc, b_dec, thr, W_dec) in enumerate(layers):
+        clt.W_enc[l], clt.b_enc[l], clt.b_dec[l], clt.W_dec[l] = param(W_enc), param(b_enc), param(b_dec), param(W_dec)
+        # thresholds stay fp32 (docs/design.md); a ReLU CLT has zeros
+        clt.threshold[l] = param(thr if thr is not None else torch.zeros(W_enc.shape[0]), torch.float32)
     return clt
 
 
@@ -275,18 +282,8 @@ def _load_transcoder_set(fs, path, url, cfg, hook, dtype) -> CrossLayerTranscode
         thr = t.get("activation_function.threshold", t.get("threshold"))
         tensors.append((W_enc, b_enc, b_dec, thr, W_dec))
     act = "jumprelu" if all(x[3] is not None for x in tensors) else "relu"
-    d = tensors[0][0].shape[1]
-    L = len(tensors)
-    clt = CrossLayerTranscoder(L, d, [x[0].shape[0] for x in tensors], 1, act, hook, cfg.get("model_name", ""), dtype)
-    with torch.no_grad():
-        for l, (W_enc, b_enc, b_dec, thr, W_dec) in enumerate(tensors):
-            clt.W_enc[l].copy_(W_enc)
-            clt.b_enc[l].copy_(b_enc)
-            clt.b_dec[l].copy_(b_dec)
-            clt.W_dec[l].copy_(W_dec[:, None])
-            if thr is not None:
-                clt.threshold[l].copy_(thr.float())
-    return clt
+    return _assemble([(W_enc, b_enc, b_dec, thr, W_dec[:, None]) for W_enc, b_enc, b_dec, thr, W_dec in tensors],
+                     act, hook, cfg.get("model_name", ""), dtype)
 
 
 def save_transcoder_set(clt: CrossLayerTranscoder, url: str, **storage_options) -> None:
