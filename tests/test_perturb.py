@@ -343,6 +343,35 @@ def test_validate_pruned_free_mode_with_supernodes(setup):
     assert all((r["node"] is None) != (r["supernode"] is None) for r in rows)
 
 
+def test_sweep_perturbation_rows_are_validation_rows(setup):
+    """The sweep's perturbation job is `validate` on the plan's nodes, one call per mode: its rows are the
+    perturbations table's, indexed by the plan's interventions, with the measured logits and KL filled in."""
+    from ct_ray.perturb import perturbation_rows
+    from ct_ray.specs import PerturbationPlan
+    from ct_ray.sweep.perturbation import finish_rows, select_nodes
+
+    lm, clt, g, sp = setup("llama")
+    plan = PerturbationPlan(top_k=2, interventions=[{"op": "scale", "value": -1.0, "mode": "constrained"},
+                                                    {"op": "set", "value": 0.0, "mode": "free"},
+                                                    {"op": "scale", "value": 2.0, "mode": "constrained"}])
+    nodes = select_nodes(g.prune(0.8, 0.98), plan)
+    plan = plan.model_copy(update={"nodes": nodes})
+    t = finish_rows(perturbation_rows(lm, clt, g, plan), g, "k", plan.plan_hash())
+    rows = t.to_pylist()
+    assert len(rows) == 3 * len(nodes) * g.n_logits
+    assert {r["node"] for r in rows} == set(nodes) and {r["key"] for r in rows} == {"k"}
+    for r in rows:
+        iv = plan.interventions[r["intervention"]]
+        assert (r["op"], r["value"], r["mode"]) == (iv.op, iv.value, iv.mode) and r["status"] == "ok"
+        for c in ("node_id", "interventions", "logit_before", "logit_after", "prob_before", "prob_after", "kl",
+                  "target_str", "predicted_direct", "measured_delta", "baseline"):
+            assert r[c] is not None, c
+    # constrained rows are exact: the graph's prediction is the measured change
+    cons = [r for r in rows if r["mode"] == "constrained"]
+    pred = torch.tensor([r["predicted_delta"] for r in cons])
+    torch.testing.assert_close(pred, torch.tensor([r["measured_delta"] for r in cons]), atol=1e-4, rtol=1e-3)
+
+
 def test_validate_rejects_a_graph_of_another_clt(setup):
     lm, clt, g, sp = setup("llama")
     other = random_clt(lm, 32, seed=9, firing_rate=0.1)

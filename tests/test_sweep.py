@@ -108,9 +108,6 @@ def test_sweep_tables_match_attribute_and_rerun_skips(ray_local, tiny_dir, clt_d
     for q in examples:
         con.sql(q.replace("'quickstart'", "'s1'")).fetchall()
     assert con.execute("SELECT count(*) FROM perturbations WHERE status = 'ok'").fetchone()[0] > 0
-    # the rows `ct-ray perturb` writes: measured logits and KL, not only the predicted change
-    assert con.execute("SELECT count(*) FROM perturbations WHERE status = 'ok' AND (kl IS NULL OR logit_after IS NULL "
-                       "OR prob_before IS NULL OR interventions IS NULL OR node_id IS NULL)").fetchone()[0] == 0
     con.close()
 
     # a re-run finds everything committed: no worker starts, nothing is written (no new snapshot)

@@ -39,7 +39,7 @@ import pyarrow as pa
 from ..errors import StorageError, one_line
 from .commit import Committer, commit_files, live_files, recover, replace_partition
 from .fs import filesystem, is_local
-from .schemas import PARTITIONS, SCHEMAS, SWEEP_TABLES, TABLES_SCHEMA_VERSION, conform
+from .schemas import PARTITIONS, SCHEMAS, SWEEP_TABLES, conform
 from .writer import FLUSH_BYTES, RowBuffer, TableWriter, sweep_writer_configs
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 FEATURES_DIR = "_features"
 SWEEPS_DIR = "_sweeps"
 METRICS_DIR = "tables/train_metrics"  # where the old `train` wrote its metrics table by default
+LEGACY_SCHEMA_VERSION = 1  # the per-file layout's rows: version 1 of the table schemas
 _READ_ROWS = 1 << 16  # rows gathered from the old files before they are handed to a writer
 
 
@@ -282,7 +283,7 @@ def _import_metrics(store, old: _Legacy, run: str, counts: dict, progress: bool)
             raise StorageError(f"cannot read {old.url_of(path)}: {one_line(e)}") from e
         t = t.select([c for c in t.column_names if c in cols])
         if "schema_version" not in t.column_names:
-            t = t.append_column("schema_version", pa.array([TABLES_SCHEMA_VERSION] * t.num_rows, pa.int16()))
+            t = t.append_column("schema_version", pa.array([LEGACY_SCHEMA_VERSION] * t.num_rows, pa.int16()))
         parts.append(conform(t, "train_metrics", run))
     rows = pa.concat_tables(parts)
     if "step" in rows.column_names and rows.num_rows:
