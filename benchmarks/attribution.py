@@ -7,15 +7,15 @@ For every case the benchmark
   2. times ct_ray in a fresh subprocess: load model + CLT from disk, a warm-up attribution, then `--repeats`
      timed attributions; peak RSS is the subprocess's own `ru_maxrss`;
   3. times circuit-tracer in its own virtual environment (`--ct-venv`) in a fresh subprocess running a small
-     driver (written to the work directory) with the nnsight backend, the same model directory, the same
+     driver (benchmarks/ct_driver.py) with the nnsight backend, the same model directory, the same
      transcoder directory and the same token ids, with the same warm-up; it dumps its adjacency matrix and
      node metadata as safetensors + JSON (never pickle);
   4. compares the two graphs after aligning node order (features by (layer, position, index), logits by token).
 
     python benchmarks/attribution.py            # full run (tiny-plt, tiny-clt, smollm2-clt, smollm2-plt; ~11 min)
     python benchmarks/attribution.py --quick    # small smoke configuration (tiny model only, ~1 minute)
-    python benchmarks/attribution.py --lengths 16,32,64 --max-feature-nodes 512 --budget-gb 6   # peak RSS and
-        # time vs prompt length on SmolLM2 with a realistic-density CLT (benchmarks/attribution_lengths.py)
+    python benchmarks/attribution.py --lengths 16,32,64 --json idle.json   # peak RSS and time vs prompt length,
+        # ct_ray and circuit-tracer, SmolLM2 with a realistic-density CLT (benchmarks/attribution_lengths.py)
 
 Numbers are wall-clock seconds for one attribution graph (model loading excluded; ct_ray: best and median of
 --repeats graphs, circuit-tracer: one graph; speedup and CPU columns use ct_ray's best graph),
@@ -42,6 +42,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from ct_driver import busy_s as _busy_s  # benchmarks/ is on sys.path: the script's directory
+from ct_driver import ct_check, ct_command, ct_env, ct_model_dir
+from ct_driver import status_mb as _proc_status_mb
+
 REPO = Path(__file__).resolve().parents[1]
 
 # --- configurations ---------------------------------------------------------------------------------------
@@ -65,13 +69,6 @@ QUICK_CASES = {
 LIGHT_WARMUP_FEATURES = 16  # warm-up graph: same prompt, max_feature_nodes=16 (exercises every code path)
 
 
-def _busy_s() -> float:
-    """CPU seconds all processes on the machine have spent so far (from /proc/stat)."""
-    with open("/proc/stat") as f:
-        v = [int(x) for x in f.readline().split()[1:]]
-    return (v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) / os.sysconf("SC_CLK_TCK")
-
-
 def _wait_idle(max_wait: float, busy_below: float = 0.3, window: float = 3.0) -> float:
     """Wait (at most `max_wait` s) until other processes use less than `busy_below` cores over `window` s;
     returns the cores in use in the last window."""
@@ -93,110 +90,8 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
-def _proc_status_mb(field: str = "VmRSS") -> float:
-    """A memory line of /proc/self/status in MB (VmRSS: now; VmHWM: the high-water mark since the last reset)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024.0
-    return float("nan")
-
-
 def _rss_mb() -> float:
     return _proc_status_mb("VmRSS")
-
-
-# =========================================================================================================
-# circuit-tracer driver (runs inside --ct-venv; written to the work directory at run time)
-# =========================================================================================================
-CT_DRIVER = r'''
-"""circuit-tracer side of benchmarks/attribution.py: one attribution graph, dumped as safetensors + JSON."""
-import argparse, json, os, resource, sys, time
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-import torch
-from safetensors.torch import save_file
-
-
-def busy_s():
-    """CPU seconds all processes on the machine have spent so far (from /proc/stat)."""
-    with open("/proc/stat") as f:
-        v = [int(x) for x in f.readline().split()[1:]]
-    return (v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) / os.sysconf("SC_CLK_TCK")
-
-
-def rss_mb():
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024.0
-    return float("nan")
-
-
-ap = argparse.ArgumentParser()
-ap.add_argument("--model-dir", required=True)
-ap.add_argument("--transcoder-dir", required=True)
-ap.add_argument("--tokens", required=True)
-ap.add_argument("--out", required=True)
-ap.add_argument("--batch-size", type=int, default=512)
-ap.add_argument("--max-n-logits", type=int, default=10)
-ap.add_argument("--desired-logit-prob", type=float, default=0.95)
-ap.add_argument("--warmup", default="light")
-ap.add_argument("--warmup-features", type=int, default=16)
-ap.add_argument("--threads", type=int, default=0)
-a = ap.parse_args()
-if a.threads:
-    torch.set_num_threads(a.threads)
-
-import circuit_tracer
-from circuit_tracer import ReplacementModel, attribute
-
-tokens = json.load(open(a.tokens))
-t0 = time.perf_counter()
-model = ReplacementModel.from_pretrained(a.model_dir, a.transcoder_dir, backend="nnsight",
-                                         device=torch.device("cpu"), dtype=torch.float32)
-t_load = time.perf_counter() - t0
-rss_loaded = rss_mb()
-kw = dict(max_n_logits=a.max_n_logits, desired_logit_prob=a.desired_logit_prob, batch_size=a.batch_size)
-t_warm = 0.0
-if a.warmup != "none":
-    t1 = time.perf_counter()
-    attribute(list(tokens), model, max_feature_nodes=(a.warmup_features if a.warmup == "light" else None), **kw)
-    t_warm = time.perf_counter() - t1
-print("--- timed graph", file=sys.stderr, flush=True)
-load0 = os.getloadavg()[0]
-ru0 = resource.getrusage(resource.RUSAGE_SELF)
-b0 = busy_s()
-t1 = time.perf_counter()
-g = attribute(list(tokens), model, verbose=True, **kw)
-t_attr = time.perf_counter() - t1
-b1 = busy_s()
-ru1 = resource.getrusage(resource.RUSAGE_SELF)
-cpu = (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)
-load1 = os.getloadavg()[0]
-others = max(0.0, (b1 - b0) - cpu) / t_attr
-
-feats = g.active_features[g.selected_features].long()
-acts = g.activation_values[g.selected_features].float()
-save_file({"adjacency": g.adjacency_matrix.float().contiguous(), "features": feats.contiguous(),
-           "activations": acts.contiguous(), "logit_probs": g.logit_probabilities.float().contiguous()},
-          os.path.join(a.out, "ct_graph.safetensors"))
-meta = {
-    "seconds": t_attr, "cpu_seconds": cpu, "loadavg": [load0, load1], "others_cores": others,
-    "warmup_seconds": t_warm,
-    "load_seconds": t_load,
-    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, "rss_loaded_mb": rss_loaded,
-    "tokens": [int(t) for t in g.input_tokens.tolist()],
-    "logit_tokens": [int(t) for t in g.logit_token_ids.tolist()],
-    "n_active_features": int(g.active_features.shape[0]),
-    "n_nodes": int(g.adjacency_matrix.shape[0]),
-    "threads": torch.get_num_threads(),
-    "versions": {"circuit_tracer": circuit_tracer.__version__, "torch": torch.__version__,
-                 "transformers": __import__("transformers").__version__, "nnsight": __import__("nnsight").__version__},
-}
-json.dump(meta, open(os.path.join(a.out, "ct_meta.json"), "w"))
-print(json.dumps({k: meta[k] for k in ("seconds", "peak_rss_mb", "n_nodes", "n_active_features")}))
-'''
 
 
 # =========================================================================================================
@@ -295,42 +190,6 @@ def _worker_ctray(case_dir: Path) -> None:
     }
     (case_dir / "ray_meta.json").write_text(json.dumps(meta))
     print(json.dumps({k: meta[k] for k in ("seconds", "peak_rss_mb", "n_nodes", "n_active_features")}))
-
-
-# =========================================================================================================
-# circuit-tracer model directory shim
-# =========================================================================================================
-def ct_model_dir(model_dir: Path, dest: Path) -> Path:
-    """A copy of `model_dir` that transformers 4.57 (circuit-tracer's pin) reads the same way as ct_ray's
-    transformers 5.x: the weights are symlinked, config/tokenizer JSON rewritten where 5.x changed them.
-
-    - 5.x writes RoPE as `rope_parameters: {rope_theta, rope_type}`; 4.57 ignores that key and silently falls back
-      to rope_theta=10000 (SmolLM2 uses 100000), giving a different model. We add `rope_theta`/`rope_scaling`.
-    - 5.x writes `tokenizer_class: TokenizersBackend`, unknown to 4.57: we write `PreTrainedTokenizerFast`.
-    """
-    dest.mkdir(parents=True, exist_ok=True)
-    for p in model_dir.iterdir():
-        if p.name in ("config.json", "tokenizer_config.json") or not p.is_file():
-            continue
-        link = dest / p.name
-        if not link.exists():
-            link.symlink_to(p.resolve())
-    cfg = json.loads((model_dir / "config.json").read_text())
-    rp = cfg.get("rope_parameters")
-    if isinstance(rp, dict) and "rope_theta" not in cfg:
-        cfg["rope_theta"] = rp.get("rope_theta", 10000.0)
-        if rp.get("rope_type", "default") != "default":
-            cfg["rope_scaling"] = {k: v for k, v in rp.items() if k != "rope_theta"}
-        else:
-            cfg.setdefault("rope_scaling", None)
-    (dest / "config.json").write_text(json.dumps(cfg, indent=1))
-    tc_path = model_dir / "tokenizer_config.json"
-    if tc_path.exists():
-        tc = json.loads(tc_path.read_text())
-        if tc.get("tokenizer_class") in ("TokenizersBackend", None):
-            tc["tokenizer_class"] = "PreTrainedTokenizerFast"
-        (dest / "tokenizer_config.json").write_text(json.dumps(tc, indent=1))
-    return dest
 
 
 # =========================================================================================================
@@ -497,7 +356,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ct-venv", default="/tmp/ct/venv", help="virtual environment with circuit-tracer 0.5.0")
     ap.add_argument("--no-ct", action="store_true", help="time ct_ray only")
     ap.add_argument("--batch-size", type=int, default=128, help="ct_ray target batch size")
-    ap.add_argument("--ct-batch-size", type=int, default=512, help="circuit-tracer batch size (its default: 512)")
+    ap.add_argument("--ct-batch-size", default="512",
+                    help="circuit-tracer batch size (its default: 512); with --lengths also 'auto' (what fits --max-rss-gb)")
     ap.add_argument("--max-n-logits", type=int, default=10)
     ap.add_argument("--desired-logit-prob", type=float, default=0.95)
     ap.add_argument("--repeats", type=int, default=3, help="timed ct_ray graphs per case (median reported)")
@@ -512,7 +372,7 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", default=None, help="keep inputs/outputs here (default: a temporary directory)")
     ap.add_argument("--json", default=None, help="write all results to this JSON file")
     ap.add_argument("--timeout", type=float, default=1800, help="per-subprocess timeout, seconds")
-    g = ap.add_argument_group("prompt length scaling (benchmarks/attribution_lengths.py; ct_ray only)")
+    g = ap.add_argument_group("prompt length scaling (benchmarks/attribution_lengths.py; both tools unless --no-ct)")
     g.add_argument("--lengths", default=None, help="comma-separated prompt lengths in tokens, e.g. 16,32,64,128")
     g.add_argument("--features", type=int, default=2048, help="CLT features per layer")
     g.add_argument("--firing-rate", type=float, default=0.02, help="random_clt firing_rate")
@@ -521,11 +381,15 @@ def main(argv=None) -> int:
     g.add_argument("--budget-gb", type=float, default=None, help="attribute(memory_budget=...) in GiB")
     g.add_argument("--busy", type=int, default=0, help="processes burning a core each beside every measurement")
     g.add_argument("--impl", default=None, help="another attribute.py to time instead of the working tree's")
+    g.add_argument("--max-rss-gb", type=float, default=12.0,
+                   help="kill a measurement whose resident memory passes this (recorded as killed); 0: no limit")
+    g.add_argument("--slowdown", default=None, metavar="IDLE.json,BUSY.json",
+                   help="print busy/idle time per tool and length from two --lengths runs' --json, then exit")
     ap.add_argument("--_worker", choices=("prepare", "ctray"), help=argparse.SUPPRESS)
     ap.add_argument("--_case-dir", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
 
-    if a.lengths:
+    if a.lengths or a.slowdown:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         import attribution_lengths
 
@@ -541,29 +405,18 @@ def main(argv=None) -> int:
             ap.error(f"unknown case {n!r} (choose from {', '.join(catalog)})")
     tiny_cfg = TINY_QUICK if a.quick else TINY_FULL
 
-    ct_python = Path(a.ct_venv) / "bin" / "python"
     use_ct = not a.no_ct
-    if use_ct and not ct_python.exists():
-        print(f"!! circuit-tracer venv not found at {a.ct_venv} (no {ct_python}): skipping the comparison.\n"
-              f"   Create one with: python -m venv {a.ct_venv} && {a.ct_venv}/bin/pip install torch==2.13.0 "
-              f"&& {a.ct_venv}/bin/pip install circuit-tracer==0.5.0 nnsight==0.6.3", flush=True)
+    why = ct_check(a.ct_venv) if use_ct else None
+    if why:
+        print(f"!! {why}: skipping the comparison.", flush=True)
         use_ct = False
-    if use_ct:
-        rc, txt = _run([str(ct_python), "-c", "import circuit_tracer, nnsight; print(circuit_tracer.__version__)"])
-        if rc != 0:
-            print(f"!! circuit-tracer is not importable in {a.ct_venv}: skipping the comparison.\n   "
-                  + (txt.strip().splitlines() or ["?"])[-1] + "\n   (circuit-tracer 0.5.0 needs nnsight>=0.6,<0.8, "
-                  "e.g. pip install nnsight==0.6.3)", flush=True)
-            use_ct = False
 
     work = Path(a.workdir) if a.workdir else Path(tempfile.mkdtemp(prefix="ct_ray_bench_"))
     work.mkdir(parents=True, exist_ok=True)
-    (work / "ct_driver.py").write_text(CT_DRIVER)
     tiny_dir = work / ("tiny-llama-quick" if a.quick else "tiny-llama")
     env_ray = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                "TOKENIZERS_PARALLELISM": "false"}
-    env_ct = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    env_ct.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env_ct = ct_env()
 
     print(f"work dir: {work}", flush=True)
     rows = []
@@ -603,11 +456,10 @@ def main(argv=None) -> int:
         if use_ct:
             print(f"== {name}: circuit-tracer", flush=True)
             mdir = ct_model_dir(Path(info["model_dir"]), case_dir / "ct_model")
-            cmd = [str(ct_python), str(work / "ct_driver.py"), "--model-dir", str(mdir),
-                   "--transcoder-dir", str(Path(info["clt_dir"]).resolve()), "--tokens", str(case_dir / "tokens.json"),
-                   "--out", str(case_dir), "--batch-size", str(a.ct_batch_size), "--max-n-logits",
-                   str(a.max_n_logits), "--desired-logit-prob", str(a.desired_logit_prob), "--warmup", a.warmup,
-                   "--warmup-features", str(LIGHT_WARMUP_FEATURES), "--threads", str(a.threads)]
+            cmd = ct_command(a.ct_venv, mdir, Path(info["clt_dir"]), case_dir / "tokens.json", case_dir,
+                             batch_size=int(a.ct_batch_size), max_n_logits=a.max_n_logits,
+                             desired_logit_prob=a.desired_logit_prob, warmup=a.warmup,
+                             warmup_features=LIGHT_WARMUP_FEATURES, threads=a.threads)
             if a.wait_idle:
                 print(f"   machine busy: {_wait_idle(a.wait_idle):.2f} cores in use by others before start", flush=True)
             rc, txt = _run(cmd, env_ct, case_dir / "ct.log", a.timeout)
