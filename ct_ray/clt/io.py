@@ -189,6 +189,27 @@ def load_clt(url: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu
     return clt.to(device)
 
 
+def load_model_and_clt(model: str, clt: str | None = None, random_clt: dict | None = None, *,
+                       clt_options: dict | None = None, device: str = "cpu", attn: str = "eager"):
+    """The (model, CLT) pair an actor holds: the model by name / directory, and either a CLT URL (`clt`) or a seeded
+    random CLT (`random_clt`: the fields of `RandomCLTSpec`, rebuilt identically wherever it is built); checked
+    against each other."""
+    from ..models import load_model
+    from ..specs.common import RandomCLTSpec
+    from .transcoder import random_clt as build_random
+
+    if bool(clt) == bool(random_clt):
+        raise CLTError("give exactly one of clt (a CLT URL) and random_clt")
+    lm = load_model(model, device=device, attn=attn)
+    if clt:
+        c = load_clt(clt, device=device, **(clt_options or {}))
+    else:
+        r = RandomCLTSpec.model_validate(random_clt)
+        c = build_random(lm, r.features, seed=r.seed, firing_rate=r.firing_rate, span=r.span).to(device)
+    c.check_model(lm.n_layers, lm.d_model)
+    return lm, c
+
+
 def _count_layers(fs, path: str, prefix: str) -> int:
     names = {p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)}
     n = 0

@@ -24,6 +24,7 @@ import torch
 
 from ..errors import CTRayError, one_line
 from .capacity import no_room, resource_wait_s
+from .pool import _cause
 from .ray_start import ensure_ray
 from .worker_env import worker_env
 
@@ -42,18 +43,12 @@ class RowWorker:
             log.error("attribution row worker failed to start:\n%s", traceback.format_exc())
 
     def _load(self) -> None:
-        from .. import load_clt, load_model, random_clt
+        from ..clt.io import load_model_and_clt
 
         cfg = self.cfg
         torch.set_num_threads(cfg["torch_threads"])
-        self.model = load_model(cfg["model"], device=cfg["device"])
-        if cfg["clt"]:
-            self.clt = load_clt(cfg["clt"], device=cfg["device"], **cfg["clt_options"])
-        else:
-            r = cfg["random_clt"]
-            self.clt = random_clt(self.model, r["features"], seed=r.get("seed", 0),
-                                  firing_rate=r.get("firing_rate", 0.01), span=r.get("span"))
-        self.clt.check_model(self.model.n_layers, self.model.d_model)
+        self.model, self.clt = load_model_and_clt(cfg["model"], cfg["clt"], cfg["random_clt"],
+                                                  clt_options=cfg["clt_options"], device=cfg["device"])
 
     def ready(self) -> dict:
         return {"error": self.init_error, "pid": os.getpid()}
@@ -93,10 +88,6 @@ def _fingerprint(engine) -> dict:
     """What the driver compares to catch workers that loaded another model or CLT than it did."""
     acts = engine.rep.acts
     return {"n_active": engine.nF, "n_sources": engine.S, "act_sum": float(sum(a.double().sum() for a in acts))}
-
-
-def _cause(e: BaseException) -> BaseException:
-    return getattr(e, "cause", None) or e
 
 
 class SplitRows:
@@ -244,18 +235,10 @@ def attribute_split(model: str, clt: str | None, prompt, *, workers: int = 2, ra
                     address: str | None = None, device: str = "cpu", **attribute_kwargs):
     """`attribute` of one prompt with its rows split over `workers` Ray actors: loads the model and the CLT here
     (on `device`) and in every worker, attributes, closes the workers."""
-    from .. import attribute, load_clt, load_model
-    from .. import random_clt as _random_clt
+    from .. import attribute
+    from ..clt.io import load_model_and_clt
 
-    lm = load_model(model, device=device)
-    if clt:
-        c = load_clt(clt, device=device, **(clt_options or {}))
-    elif random_clt:
-        c = _random_clt(lm, random_clt["features"], seed=random_clt.get("seed", 0),
-                        firing_rate=random_clt.get("firing_rate", 0.01), span=random_clt.get("span"))
-    else:
-        raise CTRayError("give clt (a CLT URL) or random_clt")
-    c.check_model(lm.n_layers, lm.d_model)
+    lm, c = load_model_and_clt(model, clt, random_clt, clt_options=clt_options, device=device)
     with SplitRows(model, clt, random_clt=random_clt, clt_options=clt_options, workers=workers, num_cpus=num_cpus,
                    num_gpus=num_gpus, address=address) as split:
         return attribute(lm, c, prompt, rows=split, **attribute_kwargs)

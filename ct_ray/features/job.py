@@ -53,19 +53,14 @@ class FeatureWorker:
     def _load(self, cfg: dict) -> None:
         import torch
 
-        from .. import load_clt, load_model, random_clt
+        from ..clt.io import load_model_and_clt
 
         torch.set_num_threads(max(1, int(cfg["num_cpus"])))
         self.cfg = cfg
         # only forward passes here: the fast attention kernel, except that random_clt calibrates through capture(),
         # which needs eager attention's patterns
-        self.model = load_model(cfg["model"], attn="sdpa" if cfg["clt"] else "eager")
-        if cfg["clt"]:
-            self.clt = load_clt(cfg["clt"])
-        else:
-            r = cfg["random_clt"]
-            self.clt = random_clt(self.model, r["features"], seed=r["seed"], firing_rate=r["firing_rate"], span=r["span"])
-        self.clt.check_model(self.model.n_layers, self.model.d_model)
+        self.model, self.clt = load_model_and_clt(cfg["model"], cfg["clt"], cfg["random_clt"],
+                                                  attn="sdpa" if cfg["clt"] else "eager")
 
     def run(self, tokens: np.ndarray, ctx: np.ndarray) -> dict:
         import torch

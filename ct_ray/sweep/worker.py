@@ -77,19 +77,13 @@ class SweepWorker:
     def _load(self):
         import torch
 
-        from .. import load_clt, load_model, random_clt
+        from ..clt.io import load_model_and_clt
 
         torch.set_num_threads(self.cfg["torch_threads"])
         cfg = self.cfg
         self.rows = RowBuffer(cfg["writers"], cfg["sweep_id"])
-        self.model = load_model(cfg["model"], device=cfg["device"])
-        if cfg["clt"]:
-            self.clt = load_clt(cfg["clt"], device=cfg["device"], **cfg["clt_options"])
-        else:
-            r = cfg["random_clt"]
-            self.clt = random_clt(self.model, r["features"], seed=r["seed"], firing_rate=r["firing_rate"],
-                                  span=r["span"]).to(cfg["device"])
-        self.clt.check_model(self.model.n_layers, self.model.d_model)
+        self.model, self.clt = load_model_and_clt(cfg["model"], cfg["clt"], cfg["random_clt"],
+                                                  clt_options=cfg["clt_options"], device=cfg["device"])
         self.plan = PerturbationPlan.model_validate(cfg["plan"])
         self.plan_hash = self.plan.plan_hash()
         self.perturb_fn, self.perturb_skip = resolve(self.plan)
