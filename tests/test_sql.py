@@ -170,6 +170,23 @@ def test_perturbations_table_of_version_1_evolves_to_version_2(tmp_path, monkeyp
     assert r == [{"key": "a", "node": 1, "kl": None}, {"key": "b", "node": 2, "kl": 0.5}]
 
 
+def test_opening_a_store_that_another_process_just_created(tmp_path, monkeypatch):
+    """Two processes opening a new store at once both create the namespace; the slower one's insert fails (SQLite
+    raises an IntegrityError, not NamespaceAlreadyExistsError). The namespace exists then: opening goes on."""
+    from pyiceberg.catalog.sql import SqlCatalog
+
+    Store(str(tmp_path)).table("graphs")  # the other process won
+
+    def lost_the_race(self, namespace, properties=None):
+        raise RuntimeError("(sqlite3.IntegrityError) UNIQUE constraint failed: iceberg_namespace_properties")
+
+    monkeypatch.setattr(SqlCatalog, "create_namespace_if_not_exists", lost_the_race)
+    assert Store(str(tmp_path)).table("graphs") is not None
+    monkeypatch.setattr(SqlCatalog, "namespace_exists", lambda self, ns: False)  # a real failure still fails
+    with pytest.raises(CTRayError, match="cannot open the table catalog"):
+        Store(str(tmp_path)).table("graphs")
+
+
 def test_sql_errors_are_one_line(tmp_path):
     with pytest.raises(CTRayError, match="SQL error: .*nope") as e:
         query("SELECT nope FROM graphs", str(tmp_path))

@@ -104,7 +104,13 @@ def open_catalog(uri: str, io_properties: dict):
 
     try:
         cat = load_catalog(CATALOG_NAME, **{**env_properties(), **catalog_properties(uri, io_properties)})
-        cat.create_namespace_if_not_exists(NAMESPACE)
+        try:
+            cat.create_namespace_if_not_exists(NAMESPACE)
+        except Exception:
+            # two processes opening a new store at once both see no namespace and both create it: the slower
+            # one's insert fails on the other's row (SQLite: an IntegrityError, not NamespaceAlreadyExistsError)
+            if not cat.namespace_exists(NAMESPACE):
+                raise
     except ValueError:
         raise
     except Exception as e:
