@@ -199,3 +199,54 @@ def test_shapes_in_the_header_are_checked_before_the_data_is_read(tmp_path, monk
     with pytest.raises(CLTError, match=r"tensor 'b_dec' has shape \(5,\), expected \(4,\)"):
         load_clt(str(d))
     assert len(loaded) == 1  # only layer 0's data was read
+
+
+def test_lazy_decoders_are_memory_mapped_and_equal_a_full_read(tiny_models, tmp_path):
+    """A local CLT's decoders are mapped, not read: same values and outputs as a full read; paging them out
+    (what attribution does once it holds the rows it needs) keeps every value, also one written in place; the CLT
+    still pickles (Ray sends CLTs to workers)."""
+    import pickle
+
+    from ct_ray.clt.io import _DECODER_MAPS, release_decoders
+
+    lm = tiny_models["llama"]
+    clt = random_clt(lm, 24, seed=3)
+    save_clt(clt, str(tmp_path / "clt"))
+    lazy, full = load_clt(str(tmp_path / "clt")), load_clt(str(tmp_path / "clt"), lazy_decoders=False)
+    assert len(_DECODER_MAPS[lazy]) == lazy.n_layers and full not in _DECODER_MAPS
+    x = capture(lm, lm.encode("lazy decoders")).resid_mid[0]
+    _same_outputs(lazy, full, x)
+    acts = [lazy.encode(l, x) for l in range(lazy.n_layers)]
+    for a, b in zip(lazy.decode_active(acts), full.decode(acts)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    lazy.W_dec[0][1, 0, 2] = 7.0
+    release_decoders(lazy)
+    release_decoders(lazy, 1)
+    assert lazy.W_dec[0][1, 0, 2] == 7.0
+    lazy.W_dec[0][1, 0, 2] = full.W_dec[0][1, 0, 2]
+    for a, b in zip(lazy.W_dec, full.W_dec):
+        assert torch.equal(a, b)
+    back = pickle.loads(pickle.dumps(lazy))
+    assert all(torch.equal(a, b) for a, b in zip(back.W_dec, full.W_dec))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_mapped_decoders_are_refused(tiny_models, tmp_path, bad):
+    lm = tiny_models["llama"]
+    clt = random_clt(lm, 24, seed=3)
+    with torch.no_grad():
+        clt.W_dec[1][5, 0, 3] = bad
+    save_clt(clt, str(tmp_path / "clt"))
+    with pytest.raises(CLTError, match="W_dec_1.safetensors .*non-finite"):
+        load_clt(str(tmp_path / "clt"))
+
+
+def test_a_decoder_in_another_dtype_is_read_not_mapped(tiny_models, tmp_path):
+    from ct_ray.clt.io import _DECODER_MAPS
+
+    lm = tiny_models["llama"]
+    clt = random_clt(lm, 24, seed=3)
+    save_clt(clt, str(tmp_path / "clt"))
+    half = load_clt(str(tmp_path / "clt"), dtype=torch.bfloat16)
+    assert half not in _DECODER_MAPS and half.W_dec[0].dtype == torch.bfloat16
+    assert torch.equal(half.W_dec[2], clt.W_dec[2].to(torch.bfloat16))

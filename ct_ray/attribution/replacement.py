@@ -60,7 +60,7 @@ class Replacement:
             a[0] = 0  # BOS attention sink: not nodes; its MLP output is a constant term
             self.pre_acts.append(h)
             self.acts.append(a)
-        recon = torch.stack(clt.decode(self.acts))
+        recon = torch.stack(clt.decode_active(self.acts))
         self.error = c.mlp_out - recon
         self.error[:, 0] = 0
         # the part of each MLP output that is neither a feature nor an error node: b_dec, and BOS's whole output
@@ -140,22 +140,30 @@ class Replacement:
         return W.attn_norm.vjp(gn, self.s_attn[l][:P])
 
     def backward(self, start_layer: int, inject: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-                 B: int, P: int, final: tuple[torch.Tensor, torch.Tensor] | None = None):
-        """Propagate read-out vectors down the frozen model.
+                 B: int, P: int, final: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 dots: torch.Tensor | None = None):
+        """Propagate read-out vectors down the frozen model, from `start_layer` (the batch's top layer) to layer 0.
 
         inject[l] = (rows, positions, vectors): add `vectors` to the gradient w.r.t. resid_mid[l] of those rows.
         final = (rows, vectors): read-outs of the final residual at the last position.
-        Returns (grad w.r.t. resid_post[l] for every layer [B, P, L, d], grad w.r.t. resid_pre[0] [B, P, d]).
+        dots [L, P', d]: vectors to dot with the gradient w.r.t. resid_post[l] at each layer and position, while it is
+        at hand (the error nodes' columns).
+        Returns (grad w.r.t. resid_post[l] for l <= start_layer [P, B, start_layer + 1, d] (zero above: no read-out
+        reaches further up), grad w.r.t. resid_pre[0] [B, P, d], the dots [B, L, P] or None). Position-major, so that a
+        set of positions' gradients over a range of layers is one gather, ready for a batched matmul.
         """
         G = torch.zeros(B, P, self.d)
-        G_post = torch.zeros(B, P, self.L, self.d)
+        G_post = torch.empty(P, B, start_layer + 1, self.d)
+        out = torch.zeros(B, self.L, P) if dots is not None else None
         if final is not None:
             rows, vec = final
             G[rows, P - 1] += vec
         for l in range(start_layer, -1, -1):
-            G_post[:, :, l] = G
+            G_post[:, :, l] = G.transpose(0, 1)
+            if out is not None:
+                out[:, l] = torch.linalg.vecdot(G, dots[l, :P])
             if l in inject:
                 rows, pos, vec = inject[l]
                 G.index_put_((rows, pos), vec, accumulate=True)
             G = G + self.attn_vjp(l, G)
-        return G_post, G
+        return G_post, G, out

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..clt.io import release_decoders
 from .replacement import Replacement
 
 
@@ -85,6 +86,7 @@ class RowEngine:
         for l, cs in enumerate(self.chunks):
             for k, c in enumerate(cs):
                 self.cache[l, k] = self._decoders(l, c.idx_pad)
+            release_decoders(self.rep.clt, l)  # its rows are here now: a memory-mapped decoder's pages can go
         return self.decoder_bytes()
 
     def _decoders(self, l: int, idx_pad: torch.Tensor) -> torch.Tensor:
@@ -104,18 +106,17 @@ class RowEngine:
             m = t_layer == l
             inject[l] = (b[m], t_pos[m], vecs[m])
         final = (b[logit], vecs[logit]) if logit.any() else None
-        G_post, G_emb = rep.backward(min(top, L - 1), inject, B, P, final)
+        G_post, G_emb, err = rep.backward(min(top, L - 1), inject, B, P, final, dots=rep.error)
 
         out = torch.zeros(B, self.S)
         for l in range(min(top, L)):  # only layers below the batch's top layer can reach it
             self._feature_cols(out, l, G_post, P)
-        err = torch.einsum("bpld,lpd->blp", G_post, rep.error[:, :P])
         out[:, self.nF : self.emb0].view(B, L, rep.P)[:, :, :P] = err
         out[:, self.emb0 : self.emb0 + P] = (G_emb * rep.cache.resid_pre0[:P]).sum(-1)
         return out
 
     def _feature_cols(self, out: torch.Tensor, l: int, G_post: torch.Tensor, P: int) -> None:
-        span, B = self.spans[l], out.shape[0]
+        span, B = min(self.spans[l], G_post.shape[2] - l), out.shape[0]  # target layers above the batch's are zero
         for k, c in enumerate(self.chunks[l]):
             inside = c.pos < P  # positions of the batch's targets and before
             if not inside.any():
@@ -130,6 +131,6 @@ class RowEngine:
                 D = D[keep] if D is not None else self._decoders(l, c.idx_pad[keep])
             elif D is None:
                 D = self._decoders(l, c.idx_pad)
-            Gl = G_post[:, pos, l : l + span].flatten(2).transpose(0, 1)  # [g, B, span * d]
-            res = torch.bmm(Gl, D.transpose(1, 2))  # [g, B, C]
+            Gl = G_post[pos, :, l : l + span].flatten(2)  # [g, B, span * d]
+            res = torch.bmm(Gl, D[:, :, : Gl.shape[2]].transpose(1, 2))  # [g, B, C]
             out[:, cols] = res.transpose(0, 1).reshape(B, -1)[:, group * c.width + slot] * act

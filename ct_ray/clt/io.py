@@ -16,7 +16,11 @@ config files are small and alias-free YAML, and weights must be finite.
 from __future__ import annotations
 
 import json
+import math
+import mmap
 import os
+import sys
+import weakref
 
 import torch
 import yaml
@@ -102,30 +106,49 @@ def _fits(shape, pattern) -> bool:
     return isinstance(shape, list) and len(shape) == len(pattern) and all(p is None or s == p for s, p in zip(shape, pattern))
 
 
-def _read(fs, path: str, url: str, root: str, expect: dict | None = None) -> dict[str, torch.Tensor]:
-    """A safetensors file's tensors. Before the data is read: the file's size must match its header, and the
-    header's shapes the `expect`ed ones (tensor name -> allowed shapes, None for any size), as far as known."""
+def _header(f, size: int, fname: str, url: str, expect: dict | None) -> tuple[dict, int]:
+    """A safetensors file's header and its length, checked: the file's size must match the header, and the header's
+    shapes the `expect`ed ones (tensor name -> allowed shapes, None for any size), as far as known."""
+    head = f.read(8)
+    n = int.from_bytes(head, "little") if len(head) == 8 else -1
+    if n < 2 or n > MAX_HEADER_BYTES or 8 + n > size:
+        raise CLTError(f"corrupt CLT file {fname} in {url}: not a safetensors file ({size} bytes)")
+    try:
+        header = json.loads(f.read(n))
+        end = max([int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"], default=0)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+        raise CLTError(f"corrupt CLT file {fname} in {url}: bad safetensors header") from e
+    if size != 8 + n + end:
+        raise CLTError(f"corrupt CLT file {fname} in {url}: {size} bytes, its header describes {8 + n + end}")
+    for key, pats in (expect or {}).items():
+        shape = header.get(key, {}).get("shape") if isinstance(header.get(key), dict) else None
+        if shape is not None and not any(_fits(shape, p) for p in pats):
+            want = " or ".join(str(tuple("*" if x is None else x for x in p)) for p in pats)
+            raise CLTError(f"{fname} in {url}: tensor {key!r} has shape {tuple(shape)}, expected {want}")
+    return header, n
+
+
+def _check_finite(tensors: dict[str, torch.Tensor], fname: str, url: str) -> None:
+    for k, v in tensors.items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise CLTError(f"{fname} in {url}: tensor {k!r} has non-finite values (NaN or inf)")
+
+
+def _read(fs, path: str, url: str, root: str, expect: dict | None = None, *, maps: list | None = None,
+          dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors, read whole after its header is checked (`_header`). With `maps` (a list): a
+    local file whose tensors are `dtype` already is memory-mapped instead (see `_map`) and its map appended."""
     fname = path.rsplit("/", 1)[-1]
     _confine(fs, root, path, url)
     try:
         size = fs.size(path)
         with fs.open(path, "rb") as f:
-            head = f.read(8)
-            n = int.from_bytes(head, "little") if len(head) == 8 else -1
-            if n < 2 or n > MAX_HEADER_BYTES or 8 + n > size:
-                raise CLTError(f"corrupt CLT file {fname} in {url}: not a safetensors file ({size} bytes)")
-            try:
-                header = json.loads(f.read(n))
-                end = max([int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"], default=0)
-            except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
-                raise CLTError(f"corrupt CLT file {fname} in {url}: bad safetensors header") from e
-            if size != 8 + n + end:
-                raise CLTError(f"corrupt CLT file {fname} in {url}: {size} bytes, its header describes {8 + n + end}")
-            for key, pats in (expect or {}).items():
-                shape = header.get(key, {}).get("shape") if isinstance(header.get(key), dict) else None
-                if shape is not None and not any(_fits(shape, p) for p in pats):
-                    want = " or ".join(str(tuple("*" if x is None else x for x in p)) for p in pats)
-                    raise CLTError(f"{fname} in {url}: tensor {key!r} has shape {tuple(shape)}, expected {want}")
+            header, n = _header(f, size, fname, url, expect)
+            if maps is not None and is_local(fs):
+                mapped = _map(f, header, 8 + n, size, dtype, fname, url)
+                maps.append(mapped and mapped[1])
+                if mapped is not None:
+                    return mapped[0]
             f.seek(0)
             data = f.read(size)
     except FileNotFoundError as e:
@@ -134,10 +157,79 @@ def _read(fs, path: str, url: str, root: str, expect: dict | None = None) -> dic
         tensors = st_load(data)
     except (SafetensorError, ValueError, RuntimeError) as e:
         raise CLTError(f"corrupt CLT file {fname} in {url}: {one_line(e)}") from e
-    for k, v in tensors.items():
-        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
-            raise CLTError(f"{fname} in {url}: tensor {k!r} has non-finite values (NaN or inf)")
+    _check_finite(tensors, fname, url)
     return tensors
+
+
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+_CHECK_BYTES = 64 << 20  # finiteness is checked this much at a time, each part's pages released after it
+
+
+def _map(f, header: dict, start: int, size: int, dtype, fname: str, url: str):
+    """The file's tensors as copy-on-write views of a private memory map: pages are read from the file only when
+    used, so a decoder whose rows are mostly never touched (attribution gathers the active features' rows) costs
+    only what is used. None when the file does not qualify (another dtype than `dtype`, an unaligned or unusual
+    layout): the caller reads it whole, which also reports what is wrong with it. Returns (tensors, the map)."""
+    spans = {}
+    for k, v in header.items():
+        if k == "__metadata__":
+            continue
+        try:
+            dt, shape, (b, e) = _ST_DTYPES.get(v["dtype"]), v["shape"], v["data_offsets"]
+            numel = math.prod(shape)
+            ok = dt == dtype and all(type(x) is int and x >= 0 for x in (*shape, b, e))
+        except (TypeError, KeyError, ValueError, AttributeError):
+            return None
+        if not ok or e - b != numel * dt.itemsize or (start + b) % dt.itemsize or not 0 <= b <= e <= size - start:
+            return None
+        spans[k] = (dt, shape, start + b, numel)
+    mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # writes stay private to this process
+    out = {}
+    for k, (dt, shape, off, numel) in spans.items():
+        out[k] = torch.frombuffer(mm, dtype=dt, count=numel, offset=off).view(shape) if numel else \
+            torch.empty(shape, dtype=dt)
+        flat = out[k].view(-1)
+        step = _CHECK_BYTES // dt.itemsize
+        for i in range(0, numel, step):  # every value is checked once, without keeping the whole file resident
+            if not bool(torch.isfinite(flat[i : i + step]).all()):
+                raise CLTError(f"{fname} in {url}: tensor {k!r} has non-finite values (NaN or inf)")
+            _release(mm, off + i * dt.itemsize, min(step, numel - i) * dt.itemsize)
+    return out, mm
+
+
+def _release(mm: mmap.mmap, off: int, n: int) -> None:
+    """Drop these bytes' pages from this process's resident set (the kernel's page cache keeps them: the next use
+    reads them back from there); a no-op where the platform has no MADV_DONTNEED. Only for pages never written
+    (a private map's written pages would be discarded): used while loading."""
+    if not hasattr(mmap, "MADV_DONTNEED") or n <= 0:
+        return
+    lo = off - off % mmap.PAGESIZE
+    hi = min(len(mm), off + n)
+    hi -= hi % mmap.PAGESIZE if hi < len(mm) else 0  # keep a page shared with the next part (it is rechecked)
+    if hi > lo:
+        mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
+
+_DECODER_MAPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # lazily loaded CLT -> its decoder maps
+# reclaim a range's pages; Python names it from 3.14 on, Linux has it since 5.4 (an older kernel refuses it)
+_MADV_PAGEOUT = getattr(mmap, "MADV_PAGEOUT", 21 if sys.platform == "linux" else None)
+
+
+def release_decoders(clt: CrossLayerTranscoder, layer: int | None = None) -> None:
+    """Take a lazily loaded CLT's decoder pages out of this process's memory (attribution calls this once it holds
+    its own copy of the rows it needs). Values are kept, also ones written in place: the kernel pages clean pages
+    out (the next use reads them back) and keeps written ones. `layer`: only that layer's decoder. A no-op for a CLT
+    read whole."""
+    maps = _DECODER_MAPS.get(clt, ())
+    if _MADV_PAGEOUT is None or not maps:
+        return
+    for mm in maps if layer is None else maps[layer : layer + 1]:
+        if mm is None:
+            continue
+        try:
+            mm.madvise(_MADV_PAGEOUT)
+        except OSError:  # a kernel without MADV_PAGEOUT: the pages stay (the kernel may still reclaim them)
+            return
 
 
 def _get(t: dict, key: str, fname: str) -> torch.Tensor:
@@ -146,9 +238,14 @@ def _get(t: dict, key: str, fname: str) -> torch.Tensor:
     return t[key]
 
 
-def load_clt(url: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
+def load_clt(url: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu", lazy_decoders: bool = True,
              **storage_options) -> CrossLayerTranscoder:
-    """Load a CLT (circuit-tracer `cross_layer_transcoder` layout) or a per-layer `transcoder_set`."""
+    """Load a CLT (circuit-tracer `cross_layer_transcoder` layout) or a per-layer `transcoder_set`.
+
+    `lazy_decoders`: memory-map a local cross-layer CLT's decoder files (when stored in `dtype`) instead of reading
+    them, so that only the rows in use become resident: attribution touches the active features' rows, a small
+    part of the decoders on short prompts (circuit-tracer's `lazy_decoder` serves the same purpose). Every value
+    is still checked for finiteness at load time."""
     fs, path = filesystem(url, **storage_options)
     try:
         exists = fs.exists(path)
@@ -173,7 +270,7 @@ def load_clt(url: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu
         raise CLTError(f"unsupported feature_input_hook {hook_name!r} (supported: {', '.join(HOOK_FROM_NAME)})")
     hook = HOOK_FROM_NAME[hook_name]
     if kind == "cross_layer_transcoder":
-        clt = _load_cross_layer(fs, path, url, cfg, hook, dtype)
+        clt = _load_cross_layer(fs, path, url, cfg, hook, dtype, lazy_decoders)
     elif kind == "transcoder_set":
         clt = _load_transcoder_set(fs, path, url, cfg, hook, dtype)
     else:
@@ -218,11 +315,11 @@ def _count_layers(fs, path: str, prefix: str) -> int:
     return n
 
 
-def _load_cross_layer(fs, path, url, cfg, hook, dtype) -> CrossLayerTranscoder:
+def _load_cross_layer(fs, path, url, cfg, hook, dtype, lazy: bool) -> CrossLayerTranscoder:
     L = _count_layers(fs, path, "W_enc")
     if L == 0:
         raise CLTError(f"{url} has no W_enc_0.safetensors")
-    encs, decs = [], []
+    encs, decs, maps = [], [], ([] if lazy else None)
     for l in range(L):
         fname = f"W_enc_{l}.safetensors"
         d0 = encs[0][0].shape[1] if encs else None  # the model width, once layer 0 is read
@@ -234,8 +331,8 @@ def _load_cross_layer(fs, path, url, cfg, hook, dtype) -> CrossLayerTranscoder:
         if thr is None and f"log_threshold_{l}" in t:
             thr = t[f"log_threshold_{l}"].exp()
         fname = f"W_dec_{l}.safetensors"
-        W_dec = _get(_read(fs, f"{path}/{fname}", url, path, {f"W_dec_{l}": [(d_tc, None, d), (d_tc, d)]}),
-                     f"W_dec_{l}", fname)
+        W_dec = _get(_read(fs, f"{path}/{fname}", url, path, {f"W_dec_{l}": [(d_tc, None, d), (d_tc, d)]},
+                           maps=maps, dtype=dtype), f"W_dec_{l}", fname)
         if W_dec.ndim == 2:  # a per-layer decoder stored flat
             W_dec = W_dec[:, None]
         if W_dec.shape[0] != d_tc or W_dec.shape[-1] != d or W_dec.shape[1] > L - l or b_enc.shape != (d_tc,):
@@ -248,7 +345,10 @@ def _load_cross_layer(fs, path, url, cfg, hook, dtype) -> CrossLayerTranscoder:
     if act == "jumprelu" and any(e[3] is None for e in encs):
         missing = next(l for l, e in enumerate(encs) if e[3] is None)
         raise CLTError(f"W_enc_{missing}.safetensors in {url} has no threshold_{missing} but layer 0 has one")
-    return _assemble([(*e, W_dec) for e, W_dec in zip(encs, decs)], act, hook, cfg.get("model_name", ""), dtype)
+    clt = _assemble([(*e, W_dec) for e, W_dec in zip(encs, decs)], act, hook, cfg.get("model_name", ""), dtype)
+    if maps and any(m is not None for m in maps):
+        _DECODER_MAPS[clt] = maps  # beside the CLT, not on it: a CLT stays picklable (Ray sends CLTs to workers)
+    return clt
 
 
 def _assemble(layers: list[tuple], act: str, hook: str, model_name: str, dtype) -> CrossLayerTranscoder:

@@ -76,6 +76,19 @@ class CrossLayerTranscoder(nn.Module):
                 out[ls + k] = out[ls + k] + yk
         return out
 
+    def decode_active(self, acts: list[torch.Tensor]) -> list[torch.Tensor]:
+        """`decode` reading only the decoder rows of features active somewhere in `acts` ([P, d_tc] per layer): the
+        rest of a (memory-mapped) decoder is never touched. For inference; training uses `decode`."""
+        out = [self.b_dec[l].expand(*acts[0].shape[:-1], self.d_model).clone() for l in range(self.n_layers)]
+        for ls, a in enumerate(acts):
+            on = torch.nonzero((a != 0).flatten(0, -2).any(0)).squeeze(1)
+            if len(on) == 0:
+                continue
+            y = (a[..., on] @ self.W_dec[ls][on].flatten(1)).unflatten(-1, (self.spans[ls], self.d_model))
+            for k, yk in enumerate(y.unbind(-2)):
+                out[ls + k] = out[ls + k] + yk
+        return out
+
     def forward(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
         return self.decode([self.encode(l, x) for l, x in enumerate(xs)])
 
