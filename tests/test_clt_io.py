@@ -202,32 +202,41 @@ def test_shapes_in_the_header_are_checked_before_the_data_is_read(tmp_path, monk
 
 
 def test_lazy_decoders_are_memory_mapped_and_equal_a_full_read(tiny_models, tmp_path):
-    """A local CLT's decoders are mapped, not read: same values and outputs as a full read; paging them out
-    (what attribution does once it holds the rows it needs) keeps every value, also one written in place; the CLT
-    still pickles (Ray sends CLTs to workers)."""
+    """A local CLT's decoders are mapped, not read: same values and outputs as a full read. Attribution's rows come
+    from the file while the map is clean, from the tensor once it was written in place (also through .data) or
+    replaced, and from the file that was loaded even when the path is replaced later. The CLT still pickles."""
+    import os
     import pickle
 
-    from ct_ray.clt.io import _DECODER_MAPS, release_decoders
+    from ct_ray.clt.lazy import decoder_rows, is_lazy
 
     lm = tiny_models["llama"]
     clt = random_clt(lm, 24, seed=3)
     save_clt(clt, str(tmp_path / "clt"))
     lazy, full = load_clt(str(tmp_path / "clt")), load_clt(str(tmp_path / "clt"), lazy_decoders=False)
-    assert len(_DECODER_MAPS[lazy]) == lazy.n_layers and full not in _DECODER_MAPS
+    assert is_lazy(lazy) and not is_lazy(full)
     x = capture(lm, lm.encode("lazy decoders")).resid_mid[0]
     _same_outputs(lazy, full, x)
     acts = [lazy.encode(l, x) for l in range(lazy.n_layers)]
     for a, b in zip(lazy.decode_active(acts), full.decode(acts)):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
-    lazy.W_dec[0][1, 0, 2] = 7.0
-    release_decoders(lazy)
-    release_decoders(lazy, 1)
-    assert lazy.W_dec[0][1, 0, 2] == 7.0
-    lazy.W_dec[0][1, 0, 2] = full.W_dec[0][1, 0, 2]
-    for a, b in zip(lazy.W_dec, full.W_dec):
-        assert torch.equal(a, b)
+    idx = torch.tensor([[3, 4, 5], [23, 0, 3]])
+    for l in range(lazy.n_layers):
+        assert torch.equal(decoder_rows(lazy, l, idx), full.W_dec[l][idx])
+
+    other = random_clt(lm, 24, seed=4)  # the path now holds another CLT: rows still come from the loaded files
+    save_clt(other, str(tmp_path / "clt2"))
+    os.rename(tmp_path / "clt", tmp_path / "old")
+    os.rename(tmp_path / "clt2", tmp_path / "clt")
+    assert torch.equal(decoder_rows(lazy, 1, idx), full.W_dec[1][idx])
+
+    lazy.W_dec[1].data[4, 0, 2] = 7.0  # written in place, behind autograd's back
+    assert decoder_rows(lazy, 1, idx)[0, 1, 0, 2] == 7.0
+    assert torch.equal(decoder_rows(lazy, 2, idx), full.W_dec[2][idx])  # other layers are still clean maps
+    lazy.W_dec[2] = torch.nn.Parameter(torch.zeros_like(full.W_dec[2]))  # replaced
+    assert decoder_rows(lazy, 2, idx).abs().sum() == 0
     back = pickle.loads(pickle.dumps(lazy))
-    assert all(torch.equal(a, b) for a, b in zip(back.W_dec, full.W_dec))
+    assert torch.equal(back.W_dec[0], full.W_dec[0])
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
@@ -242,11 +251,11 @@ def test_non_finite_mapped_decoders_are_refused(tiny_models, tmp_path, bad):
 
 
 def test_a_decoder_in_another_dtype_is_read_not_mapped(tiny_models, tmp_path):
-    from ct_ray.clt.io import _DECODER_MAPS
+    from ct_ray.clt.lazy import is_lazy
 
     lm = tiny_models["llama"]
     clt = random_clt(lm, 24, seed=3)
     save_clt(clt, str(tmp_path / "clt"))
     half = load_clt(str(tmp_path / "clt"), dtype=torch.bfloat16)
-    assert half not in _DECODER_MAPS and half.W_dec[0].dtype == torch.bfloat16
+    assert not is_lazy(half) and half.W_dec[0].dtype == torch.bfloat16
     assert torch.equal(half.W_dec[2], clt.W_dec[2].to(torch.bfloat16))

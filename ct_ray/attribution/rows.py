@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..clt.io import release_decoders
+from ..clt.lazy import decoder_rows
 from .replacement import Replacement
 
 
@@ -86,12 +86,11 @@ class RowEngine:
         for l, cs in enumerate(self.chunks):
             for k, c in enumerate(cs):
                 self.cache[l, k] = self._decoders(l, c.idx_pad)
-            release_decoders(self.rep.clt, l)  # its rows are here now: a memory-mapped decoder's pages can go
         return self.decoder_bytes()
 
     def _decoders(self, l: int, idx_pad: torch.Tensor) -> torch.Tensor:
         # unscaled: one gather, no second decoder-sized copy (activations scale the matmul's result instead)
-        return self.rep.clt.W_dec[l].detach()[idx_pad].float().flatten(2)  # [g, C, span * d]
+        return decoder_rows(self.rep.clt, l, idx_pad).float().flatten(2)  # [g, C, span * d]
 
     def rows(self, t_layer: torch.Tensor, t_pos: torch.Tensor, vecs: torch.Tensor) -> torch.Tensor:
         """[B, S] rows of targets at (layer, position) with read-out vectors `vecs`; layer L means a logit."""

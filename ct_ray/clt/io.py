@@ -19,8 +19,6 @@ import json
 import math
 import mmap
 import os
-import sys
-import weakref
 
 import torch
 import yaml
@@ -30,6 +28,7 @@ from safetensors.torch import save as st_save
 
 from ..errors import CLTError, one_line
 from ..store.fs import atomic_dir, filesystem, is_local
+from .lazy import MappedFile, register
 from .transcoder import CrossLayerTranscoder
 
 HOOK_NAMES = {"resid_mid": "hook_resid_mid", "mlp_in": "ln2.hook_normalized"}
@@ -137,7 +136,8 @@ def _check_finite(tensors: dict[str, torch.Tensor], fname: str, url: str) -> Non
 def _read(fs, path: str, url: str, root: str, expect: dict | None = None, *, maps: list | None = None,
           dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """A safetensors file's tensors, read whole after its header is checked (`_header`). With `maps` (a list): a
-    local file whose tensors are `dtype` already is memory-mapped instead (see `_map`) and its map appended."""
+    local file whose tensors are `dtype` already is memory-mapped instead (see `_map`), and its `MappedFile` (None
+    for a file read whole) appended."""
     fname = path.rsplit("/", 1)[-1]
     _confine(fs, root, path, url)
     try:
@@ -169,7 +169,8 @@ def _map(f, header: dict, start: int, size: int, dtype, fname: str, url: str):
     """The file's tensors as copy-on-write views of a private memory map: pages are read from the file only when
     used, so a decoder whose rows are mostly never touched (attribution gathers the active features' rows) costs
     only what is used. None when the file does not qualify (another dtype than `dtype`, an unaligned or unusual
-    layout): the caller reads it whole, which also reports what is wrong with it. Returns (tensors, the map)."""
+    layout): the caller reads it whole, which also reports what is wrong with it. Returns (tensors, the open file:
+    `clt.lazy.decoder_rows` reads rows through it)."""
     spans = {}
     for k, v in header.items():
         if k == "__metadata__":
@@ -194,7 +195,7 @@ def _map(f, header: dict, start: int, size: int, dtype, fname: str, url: str):
             if not bool(torch.isfinite(flat[i : i + step]).all()):
                 raise CLTError(f"{fname} in {url}: tensor {k!r} has non-finite values (NaN or inf)")
             _release(mm, off + i * dt.itemsize, min(step, numel - i) * dt.itemsize)
-    return out, mm
+    return out, MappedFile(os.dup(f.fileno()), {k: off for k, (_, _, off, _) in spans.items()})
 
 
 def _release(mm: mmap.mmap, off: int, n: int) -> None:
@@ -210,28 +211,6 @@ def _release(mm: mmap.mmap, off: int, n: int) -> None:
         mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
 
-_DECODER_MAPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # lazily loaded CLT -> its decoder maps
-# reclaim a range's pages; Python names it from 3.14 on, Linux has it since 5.4 (an older kernel refuses it)
-_MADV_PAGEOUT = getattr(mmap, "MADV_PAGEOUT", 21 if sys.platform == "linux" else None)
-
-
-def release_decoders(clt: CrossLayerTranscoder, layer: int | None = None) -> None:
-    """Take a lazily loaded CLT's decoder pages out of this process's memory (attribution calls this once it holds
-    its own copy of the rows it needs). Values are kept, also ones written in place: the kernel pages clean pages
-    out (the next use reads them back) and keeps written ones. `layer`: only that layer's decoder. A no-op for a CLT
-    read whole."""
-    maps = _DECODER_MAPS.get(clt, ())
-    if _MADV_PAGEOUT is None or not maps:
-        return
-    for mm in maps if layer is None else maps[layer : layer + 1]:
-        if mm is None:
-            continue
-        try:
-            mm.madvise(_MADV_PAGEOUT)
-        except OSError:  # a kernel without MADV_PAGEOUT: the pages stay (the kernel may still reclaim them)
-            return
-
-
 def _get(t: dict, key: str, fname: str) -> torch.Tensor:
     if key not in t:
         raise CLTError(f"{fname} has no tensor {key!r} (found: {', '.join(sorted(t)) or 'none'})")
@@ -245,7 +224,7 @@ def load_clt(url: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu
     `lazy_decoders`: memory-map a local cross-layer CLT's decoder files (when stored in `dtype`) instead of reading
     them, so that only the rows in use become resident: attribution touches the active features' rows, a small
     part of the decoders on short prompts (circuit-tracer's `lazy_decoder` serves the same purpose). Every value
-    is still checked for finiteness at load time."""
+    is still checked for finiteness at load time (see clt/lazy.py)."""
     fs, path = filesystem(url, **storage_options)
     try:
         exists = fs.exists(path)
@@ -346,8 +325,8 @@ def _load_cross_layer(fs, path, url, cfg, hook, dtype, lazy: bool) -> CrossLayer
         missing = next(l for l, e in enumerate(encs) if e[3] is None)
         raise CLTError(f"W_enc_{missing}.safetensors in {url} has no threshold_{missing} but layer 0 has one")
     clt = _assemble([(*e, W_dec) for e, W_dec in zip(encs, decs)], act, hook, cfg.get("model_name", ""), dtype)
-    if maps and any(m is not None for m in maps):
-        _DECODER_MAPS[clt] = maps  # beside the CLT, not on it: a CLT stays picklable (Ray sends CLTs to workers)
+    if maps:
+        register(clt, maps, [f"W_dec_{l}" for l in range(L)])
     return clt
 
 

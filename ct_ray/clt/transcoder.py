@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .lazy import decoder_rows
+
 FEATURE_INPUT_HOOKS = ("resid_mid", "mlp_in")
 
 
@@ -78,13 +80,14 @@ class CrossLayerTranscoder(nn.Module):
 
     def decode_active(self, acts: list[torch.Tensor]) -> list[torch.Tensor]:
         """`decode` reading only the decoder rows of features active somewhere in `acts` ([P, d_tc] per layer): the
-        rest of a (memory-mapped) decoder is never touched. For inference; training uses `decode`."""
+        rest of a decoder is never touched (and a lazily loaded one's rows are read from its file: clt/lazy.py). For
+        inference; training uses `decode`."""
         out = [self.b_dec[l].expand(*acts[0].shape[:-1], self.d_model).clone() for l in range(self.n_layers)]
         for ls, a in enumerate(acts):
             on = torch.nonzero((a != 0).flatten(0, -2).any(0)).squeeze(1)
             if len(on) == 0:
                 continue
-            y = (a[..., on] @ self.W_dec[ls][on].flatten(1)).unflatten(-1, (self.spans[ls], self.d_model))
+            y = (a[..., on] @ decoder_rows(self, ls, on).flatten(1)).unflatten(-1, (self.spans[ls], self.d_model))
             for k, yk in enumerate(y.unbind(-2)):
                 out[ls + k] = out[ls + k] + yk
         return out
