@@ -132,6 +132,8 @@ def test_defaults_and_threads():
     assert inspect.signature(attribute).parameters["max_feature_nodes"].default == B.DEFAULT_MAX_FEATURE_NODES
     assert AttributionSpec().max_feature_nodes == B.DEFAULT_MAX_FEATURE_NODES
     assert AttributionSpec(max_feature_nodes=None).max_feature_nodes is None
+    assert B.streams_for(128, 2) == 2 and B.streams_for(8, 2) == 1 and B.streams_for(128, 1) == 1
+    assert B.streams_for(128, 4, "meta") == 1  # not a CPU
     assert B.threads_for(P=8, d=64, bsz=4) == 1
     assert B.threads_for(P=512, d=576, bsz=8) == torch.get_num_threads()
     before = torch.get_num_threads()
@@ -155,3 +157,22 @@ def test_issue_scale_smollm2(smollm2):
     assert g.meta["memory_estimate_bytes"] <= 2**30 < 4 * n * n / 8  # 1 GiB; the old n x n matrix was ~9 GB
     rows = [0, g.n_features - 1, g.n_nodes - 1]
     torch.testing.assert_close(g.adjacency[rows], autograd_rows(smollm2, clt, g, rows), atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("max_feature_nodes", [None, 20])
+def test_row_streams_give_the_single_stream_graph(tiny_models, max_feature_nodes):
+    """Rows computed by 3 streams at once (interleaved parts of each batch, one thread each) equal one stream's,
+    and the caller's thread count is restored."""
+    lm = tiny_models["gemma2"]
+    clt = random_clt(lm, 64, seed=2, firing_rate=0.05)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = attribute(lm, clt, PROMPT, max_feature_nodes=max_feature_nodes, batch_size=32)
+        torch.set_num_threads(3)
+        three = attribute(lm, clt, PROMPT, max_feature_nodes=max_feature_nodes, batch_size=32)
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+    assert one.nodes.column("node_id").equals(three.nodes.column("node_id")) and 20 <= one.n_features
+    torch.testing.assert_close(three.adjacency, one.adjacency, rtol=1e-5, atol=1e-6)

@@ -16,6 +16,7 @@ import contextlib
 import functools
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
@@ -38,6 +39,7 @@ class RowPlan:
     tokens: torch.Tensor  # the prompt's token ids, BOS included
     decoder_cache: int  # bytes of padded decoder rows the engine keeps between batches (0: gathered per batch)
     bsz: int  # targets per backward pass (sets the thread rule, budget.threads_for)
+    streams: int = 1  # parts of each batch computed at once, one thread each (budget.streams_for)
 
 
 # given the driver's engine and the plan: a context in which `rows(t_layer, t_pos, vecs) -> [B, S]` is valid
@@ -46,9 +48,35 @@ RowSource = Callable[[RowEngine, RowPlan], AbstractContextManager[RowFn]]
 
 @contextlib.contextmanager
 def local_rows(engine: RowEngine, plan: RowPlan) -> Iterator[RowFn]:
-    """The default row source: this process's engine."""
-    engine.fill_cache(plan.decoder_cache)
-    yield engine.rows
+    """The default row source: this process's engine. With `plan.streams` > 1, each batch is cut into that many
+    interleaved parts (each with targets of every depth, so the parts take about as long), computed at once by
+    single-threaded streams: no fork/join per op, so a core lost to another process slows the batch by about that
+    core's share, where threads that wait for a descheduled sibling at every op lose much more (benchmarks/RESULTS.md,
+    "contention")."""
+    n = plan.streams
+    if n <= 1:
+        engine.fill_cache(plan.decoder_cache)
+        yield engine.rows
+        return
+
+    def one_thread(fn, args):
+        torch.set_num_threads(1)  # per thread: OpenMP's thread count is a per-thread setting
+        with torch.no_grad():
+            return fn(*args)
+
+    def rows(t_layer, t_pos, vecs):
+        if len(t_layer) < 2 * n:
+            return engine.rows(t_layer, t_pos, vecs)
+        parts = [(t_layer[i::n], t_pos[i::n], vecs[i::n]) for i in range(n)]
+        res = list(pool.map(functools.partial(one_thread, engine.rows), parts))
+        out = torch.empty(len(t_layer), res[0].shape[1])
+        for i, r in enumerate(res):
+            out[i::n] = r
+        return out
+
+    with ThreadPoolExecutor(n, thread_name_prefix="ct-ray-rows") as pool:
+        engine.fill_cache(plan.decoder_cache, lambda fn, xs: pool.map(functools.partial(one_thread, fn), xs))
+        yield rows
 
 
 def select_logits(probs: torch.Tensor, max_n_logits: int, desired_logit_prob: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,7 +125,21 @@ def attribute(
     $CT_RAY_ATTRIBUTION_MEMORY or 80% of the available memory) bounds what the graph may allocate: a larger
     graph raises GraphTooLargeError (a PromptError) before allocating it. `rows`: where adjacency rows are
     computed (default `local_rows`; `ct_ray.executor.split_rows.SplitRows` spreads them over Ray actors).
+    On a CPU, every op runs in one thread and the parallelism comes from computing parts of each batch of rows
+    at once, one stream per torch thread of the caller (`local_rows`): robust when another process shares the
+    cores (benchmarks/RESULTS.md, "contention").
     """
+    threads = torch.get_num_threads()
+    on_cpu = next(model.model.parameters()).device.type == "cpu"
+    with _budget.torch_threads(1 if on_cpu else threads):
+        return _attribute(model, clt, prompt, threads, max_n_logits=max_n_logits, desired_logit_prob=desired_logit_prob,
+                          batch_size=batch_size, max_feature_nodes=max_feature_nodes, memory_budget=memory_budget,
+                          verbose=verbose, rows=rows)
+
+
+def _attribute(model, clt, prompt, threads: int, *, max_n_logits: int, desired_logit_prob: float, batch_size: int,
+               max_feature_nodes: int | None, memory_budget: int | None, verbose: bool,
+               rows: RowSource | None) -> Graph:
     t0 = time.perf_counter()
     tokens = model.encode(prompt)
     cache = capture(model, tokens)
@@ -116,6 +158,7 @@ def attribute(
     S = n_active + L * P + P
     budget = _budget.default_budget(cache.resid_mid.device) if memory_budget is None else int(memory_budget)
     bsz = _budget.batch_size_for(batch_size, P, L, d, S, budget)
+    streams = _budget.streams_for(bsz, threads, cache.resid_mid.device)
     engine = RowEngine(rep, f_layer, f_pos, f_idx, f_act, chunk_bytes=_budget.CHUNK_BYTES)  # index structures
     dec_cache = engine.decoder_bytes()
     if dec_cache > int(budget * _budget.CACHE_FRACTION):
@@ -137,17 +180,16 @@ def attribute(
 
     t_rows = time.perf_counter()
     source = local_rows if rows is None else rows
-    with _budget.torch_threads(_budget.threads_for(P, d, bsz)):
-        with source(engine, RowPlan(tokens, dec_cache, bsz)) as row_fn:
-            if n_keep < n_active:
-                selected, st = select(engine, readout, f_layer, f_pos, lvec, logit_p, n_keep, batch_size, bsz,
-                                      verbose, rows=row_fn)
-            else:
-                A = _all_rows(engine, readout, f_layer, f_pos, lvec, bsz, verbose, row_fn)
-        del engine, row_fn
+    with source(engine, RowPlan(tokens, dec_cache, bsz, streams)) as row_fn:
         if n_keep < n_active:
-            A = assemble(st, selected, n_active, L * P + P)
-            f_layer, f_pos, f_idx, f_act = f_layer[selected], f_pos[selected], f_idx[selected], f_act[selected]
+            selected, st = select(engine, readout, f_layer, f_pos, lvec, logit_p, n_keep, batch_size, bsz, verbose,
+                                  rows=row_fn)
+        else:
+            A = _all_rows(engine, readout, f_layer, f_pos, lvec, bsz, verbose, row_fn)
+    del engine, row_fn
+    if n_keep < n_active:
+        A = assemble(st, selected, n_active, L * P + P)
+        f_layer, f_pos, f_idx, f_act = f_layer[selected], f_pos[selected], f_idx[selected], f_act[selected]
     t_done = time.perf_counter()
     nF = len(f_layer)
     N = nF + L * P + P + nL

@@ -14,6 +14,7 @@ BATCH_BYTES = 512 * 2**20  # per-batch gradient buffers ([B, P, L, d] floats): a
 MAX_BATCH_BYTES = 2 * 2**30  # a quarter of the budget, at most this: larger batches share each decoder gather
 CHUNK_BYTES = 128 * 2**20  # decoder rows gathered at once when they are not cached
 CACHE_FRACTION = 0.25  # share of the budget the padded decoders may keep between batches
+MIN_PART = 8  # targets per row stream, at least (budget.streams_for)
 SMALL_OP_FLOPS = 16e6  # below this per op, one thread: OpenMP fork/join costs more than it saves
 
 
@@ -111,6 +112,13 @@ def threads_for(P: int, d: int, bsz: int) -> int:
     if 2.0 * bsz * P * d * d < SMALL_OP_FLOPS:
         return 1
     return torch.get_num_threads()
+
+
+def streams_for(bsz: int, threads: int, device: torch.device | str = "cpu") -> int:
+    """Row streams on a CPU: one per torch thread, each part of a batch at least MIN_PART targets; 1 on a GPU."""
+    if torch.device(device).type != "cpu":
+        return 1
+    return max(1, min(threads, bsz // MIN_PART))
 
 
 @contextlib.contextmanager

@@ -78,14 +78,17 @@ class RowEngine:
         d = self.rep.d
         return sum(c.idx_pad.numel() * self.spans[l] * d * 4 for l, cs in enumerate(self.chunks) for c in cs)
 
-    def fill_cache(self, cache_bytes: int) -> int:
-        """Keep the padded decoder rows if they fit in `cache_bytes` (else they are gathered per
-        batch); returns the bytes kept."""
+    def fill_cache(self, cache_bytes: int, map_fn=None) -> int:
+        """Keep the padded decoder rows if they fit in `cache_bytes` (else they are gathered per batch); returns
+        the bytes kept. `map_fn(fn, [(layer,), ...])`: how the layers are run (default: one after the other)."""
         if not 0 < self.decoder_bytes() <= cache_bytes:
             return 0
-        for l, cs in enumerate(self.chunks):
-            for k, c in enumerate(cs):
+
+        def layer(l: int) -> None:
+            for k, c in enumerate(self.chunks[l]):
                 self.cache[l, k] = self._decoders(l, c.idx_pad)
+
+        list((map_fn or (lambda fn, xs: [fn(*x) for x in xs]))(layer, [(l,) for l in range(len(self.chunks))]))
         return self.decoder_bytes()
 
     def _decoders(self, l: int, idx_pad: torch.Tensor) -> torch.Tensor:
