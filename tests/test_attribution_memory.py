@@ -159,18 +159,18 @@ def test_issue_scale_smollm2(smollm2):
     torch.testing.assert_close(g.adjacency[rows], autograd_rows(smollm2, clt, g, rows), atol=1e-4, rtol=1e-3)
 
 
-@pytest.mark.parametrize("max_feature_nodes", [None, 20])
-def test_row_streams_give_the_single_stream_graph(tiny_models, max_feature_nodes):
+@pytest.mark.parametrize("max_feature_nodes,batch_size", [(None, 32), (20, 32), (20, 8)])
+def test_row_streams_give_the_single_stream_graph(tiny_models, max_feature_nodes, batch_size):
     """Rows computed by 3 streams at once (interleaved parts of each batch, one thread each) equal one stream's,
-    and the caller's thread count is restored."""
+    and the caller's thread count is restored; batches too small to split run as one stream on 3 threads."""
     lm = tiny_models["gemma2"]
     clt = random_clt(lm, 64, seed=2, firing_rate=0.05)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = attribute(lm, clt, PROMPT, max_feature_nodes=max_feature_nodes, batch_size=32)
+        one = attribute(lm, clt, PROMPT, max_feature_nodes=max_feature_nodes, batch_size=batch_size)
         torch.set_num_threads(3)
-        three = attribute(lm, clt, PROMPT, max_feature_nodes=max_feature_nodes, batch_size=32)
+        three = attribute(lm, clt, PROMPT, max_feature_nodes=max_feature_nodes, batch_size=batch_size)
         assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(before)
