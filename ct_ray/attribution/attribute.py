@@ -38,7 +38,7 @@ class RowPlan:
 
     tokens: torch.Tensor  # the prompt's token ids, BOS included
     decoder_cache: int  # bytes of padded decoder rows the engine keeps between batches (0: gathered per batch)
-    bsz: int  # targets per backward pass (sets the thread rule, budget.threads_for)
+    bsz: int  # targets per backward pass
     streams: int = 1  # parts of each batch computed at once, one thread each (budget.streams_for)
 
 
@@ -257,9 +257,7 @@ def row_engine(model, clt, plan: RowPlan) -> RowEngine:
     """The RowEngine `attribute` builds for `plan.tokens`, rebuilt from the model and the CLT alone (what a remote
     row worker holds). Capture and replacement are deterministic, so its rows are the driver's."""
     rep = Replacement(model, clt, capture(model, plan.tokens.to(next(model.model.parameters()).device)))
-    engine = RowEngine(rep, *_features(rep), chunk_bytes=_budget.CHUNK_BYTES)
-    engine.fill_cache(plan.decoder_cache)
-    return engine
+    return RowEngine(rep, *_features(rep), chunk_bytes=_budget.CHUNK_BYTES)  # rows through local_rows(engine, plan)
 
 
 def _const_logits(rep: Replacement, cfin: torch.Tensor, logit_tok: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Memory estimate of one attribution graph, checked before the large allocations, and the thread count for it."""
+"""Memory estimate of one attribution graph, checked before the large allocations, and its row streams."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ MAX_BATCH_BYTES = 2 * 2**30  # a quarter of the budget, at most this: larger bat
 CHUNK_BYTES = 128 * 2**20  # decoder rows gathered at once when they are not cached
 CACHE_FRACTION = 0.25  # share of the budget the padded decoders may keep between batches
 MIN_PART = 8  # targets per row stream, at least (budget.streams_for)
-SMALL_OP_FLOPS = 16e6  # below this per op, one thread: OpenMP fork/join costs more than it saves
 
 
 class GraphTooLargeError(PromptError):
@@ -104,14 +103,6 @@ def check(estimate_for, budget: int, *, n_tokens: int, n_active: int, n_keep: in
         f"{n_keep} feature nodes need ~{parts['total'] / 2**30:.1f} GiB, budget {budget / 2**30:.1f} GiB"
         f" (lower max_feature_nodes or shorten the prompt{hint})"
     )
-
-
-def threads_for(P: int, d: int, bsz: int) -> int:
-    """Torch threads for this graph's ops: the caller's setting, or one thread when the largest ops (the
-    attention transpose, [bsz * P, d] x [d, d]) are too small to split."""
-    if 2.0 * bsz * P * d * d < SMALL_OP_FLOPS:
-        return 1
-    return torch.get_num_threads()
 
 
 def streams_for(bsz: int, threads: int, device: torch.device | str = "cpu") -> int:

@@ -35,7 +35,7 @@ class RowWorker:
     """The actor: model + CLT once; one prompt's RowEngine at a time (`prepare`), its rows on demand."""
 
     def __init__(self, cfg: dict):
-        self.cfg, self.engine, self.bsz, self.init_error = cfg, None, 1, None
+        self.cfg, self.engine, self.plan, self._ctx, self._rows, self.init_error = cfg, None, None, None, None, None
         try:
             self._load()
         except Exception as e:  # reported by ready(): a worker that cannot load must not crash-loop
@@ -54,28 +54,44 @@ class RowWorker:
         return {"error": self.init_error, "pid": os.getpid()}
 
     def prepare(self, tokens: np.ndarray, decoder_cache: int, bsz: int) -> dict:
-        from ..attribution.attribute import RowPlan, row_engine
+        """Build the prompt's engine; `bsz`: the targets this actor gets per batch (its streams are cut from them)."""
+        from ..attribution import budget
+        from ..attribution.attribute import RowPlan, local_rows, row_engine
 
-        self.engine = None  # the previous prompt's state goes before the next one is built
-        self.engine = row_engine(self.model, self.clt, RowPlan(_tensor(tokens), decoder_cache, bsz))
-        self.bsz = bsz
+        self.release()  # the previous prompt's state goes before the next one is built
+        plan = RowPlan(_tensor(tokens), decoder_cache, bsz,
+                       budget.streams_for(bsz, self.cfg["torch_threads"], self.cfg["device"]))
+        with self._placement(plan):
+            self.engine = row_engine(self.model, self.clt, plan)
+            self._ctx = local_rows(self.engine, plan)  # the driver's row source, here: streams and decoder cache
+            self._rows = self._ctx.__enter__()
+        self.plan = plan
         return _fingerprint(self.engine)
 
-    def rows(self, t_layer: np.ndarray, t_pos: np.ndarray, vecs: np.ndarray) -> np.ndarray:
+    def _placement(self, plan) -> contextlib.ExitStack:
+        # as in `attribute`: on a CPU, ops in one thread when streams bring the parallelism; on a GPU, on the GPU
         from ..attribution import budget
 
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.no_grad())
+        dev = torch.device(self.cfg["device"])
+        if dev.type != "cpu":
+            stack.enter_context(torch.device(dev))
+        stack.enter_context(budget.torch_threads(1 if plan.streams > 1 else self.cfg["torch_threads"]))
+        return stack
+
+    def rows(self, t_layer: np.ndarray, t_pos: np.ndarray, vecs: np.ndarray) -> np.ndarray:
         if self.engine is None:
             raise CTRayError("row worker has no prompt prepared")
-        rep = self.engine.rep
         dev = torch.device(self.cfg["device"])
-        on_dev = torch.device(dev) if dev.type != "cpu" else contextlib.nullcontext()
-        # the same thread rule as the driver's; the actor's own count is its num_cpus
-        with torch.no_grad(), on_dev, budget.torch_threads(budget.threads_for(rep.P, rep.d, self.bsz)):
-            out = self.engine.rows(_tensor(t_layer, dev), _tensor(t_pos, dev), _tensor(vecs, dev))
+        with self._placement(self.plan):
+            out = self._rows(_tensor(t_layer, dev), _tensor(t_pos, dev), _tensor(vecs, dev))
         return out.cpu().numpy()
 
     def release(self) -> bool:
-        self.engine = None
+        if getattr(self, "_ctx", None) is not None:
+            self._ctx.__exit__(None, None, None)
+        self._ctx = self._rows = self.engine = self.plan = None
         return True
 
 
@@ -203,7 +219,8 @@ class SplitRows:
             raise CTRayError(f"{self.what} workers are closed")
         fp = _fingerprint(engine)
         tokens = plan.tokens.detach().cpu().numpy()
-        self.plan = (tokens, int(plan.decoder_cache), int(plan.bsz), fp)
+        part = -(-int(plan.bsz) // len(self.actors))  # each actor's share of a batch
+        self.plan = (tokens, int(plan.decoder_cache), part, fp)
         try:
             for got in self._run("prepare", [self.plan[:3]] * len(self.actors)):
                 self._check(got, fp)
@@ -221,12 +238,12 @@ class SplitRows:
 
     def _rows(self, S: int, t_layer: torch.Tensor, t_pos: torch.Tensor, vecs: torch.Tensor) -> torch.Tensor:
         B = len(t_layer)
-        bounds = np.linspace(0, B, min(len(self.actors), B) + 1).round().astype(int)  # contiguous, near-equal
+        n = min(len(self.actors), B)  # interleaved parts: each has targets of every depth, so they take about as long
         tl, tp, v = (x.detach().cpu().numpy() for x in (t_layer, t_pos, vecs))
-        parts = self._run("rows", [(tl[i:j], tp[i:j], v[i:j]) for i, j in zip(bounds[:-1], bounds[1:])])
+        parts = self._run("rows", [(tl[i::n], tp[i::n], v[i::n]) for i in range(n)])
         out = torch.empty(B, S)
-        for i, j, p in zip(bounds[:-1], bounds[1:], parts):
-            np.copyto(out[i:j].numpy(), p)  # one copy out of the (read-only) object store buffer
+        for i, p in enumerate(parts):
+            np.copyto(out[i::n].numpy(), p)  # one copy out of the (read-only) object store buffer
         return out.to(vecs.device)
 
 
