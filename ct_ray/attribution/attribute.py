@@ -181,7 +181,7 @@ def _attribute(model, clt, prompt, threads: int, *, max_n_logits: int, desired_l
     t_rows = time.perf_counter()
     source = local_rows if rows is None else rows
     # batches too small to split (streams_for): one stream, with the caller's threads (on a GPU they are in place)
-    with _budget.torch_threads(threads if streams == 1 else torch.get_num_threads()), \
+    with _budget.torch_threads(threads if streams == 1 else 1), \
             source(engine, RowPlan(tokens, dec_cache, bsz, streams)) as row_fn:
         if n_keep < n_active:
             selected, st = select(engine, readout, f_layer, f_pos, lvec, logit_p, n_keep, batch_size, bsz, verbose,

@@ -60,7 +60,7 @@ class Replacement:
             a[0] = 0  # BOS attention sink: not nodes; its MLP output is a constant term
             self.pre_acts.append(h)
             self.acts.append(a)
-        recon = torch.stack(clt.decode_active(self.acts))
+        recon = torch.stack(clt.decode(self.acts, active_only=True))
         self.error = c.mlp_out - recon
         self.error[:, 0] = 0
         # the part of each MLP output that is neither a feature nor an error node: b_dec, and BOS's whole output

@@ -192,8 +192,7 @@ def _map(f, header: dict, start: int, size: int, dtype, fname: str, url: str):
         flat = out[k].view(-1)
         step = _CHECK_BYTES // dt.itemsize
         for i in range(0, numel, step):  # every value is checked once, without keeping the whole file resident
-            if not bool(torch.isfinite(flat[i : i + step]).all()):
-                raise CLTError(f"{fname} in {url}: tensor {k!r} has non-finite values (NaN or inf)")
+            _check_finite({k: flat[i : i + step]}, fname, url)
             _release(mm, off + i * dt.itemsize, min(step, numel - i) * dt.itemsize)
     return out, MappedFile(os.dup(f.fileno()), {k: off for k, (_, _, off, _) in spans.items()})
 

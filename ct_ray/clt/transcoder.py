@@ -65,29 +65,24 @@ class CrossLayerTranscoder(nn.Module):
     def encode(self, l: int, x: torch.Tensor) -> torch.Tensor:
         return self.act_fn(l, self.pre_activation(l, x))
 
-    def decode(self, acts: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Reconstructions `ŷ[l] = Σ_{l' <= l} W_dec[l'→l] a[l'] + b_dec[l]` for every layer."""
+    def decode(self, acts: list[torch.Tensor], active_only: bool = False) -> list[torch.Tensor]:
+        """Reconstructions `ŷ[l] = Σ_{l' <= l} W_dec[l'→l] a[l'] + b_dec[l]` for every layer. `active_only` (for
+        inference): read only the decoder rows of features active somewhere in `acts`, so the rest of a decoder is
+        never touched (a lazily loaded one's rows come from its file: clt/lazy.py)."""
         out = [self.b_dec[l].expand(*acts[0].shape[:-1], self.d_model).clone() for l in range(self.n_layers)]
         for ls, a in enumerate(acts):
             if a is None:
                 continue
+            if active_only:
+                on = torch.nonzero((a != 0).flatten(0, -2).any(0)).squeeze(1)
+                if len(on) == 0:
+                    continue
+                a, W = a[..., on], decoder_rows(self, ls, on)
+            else:
+                W = self.W_dec[ls]
             # [..., d_tc] x [d_tc, span*d] -> [..., span, d]
-            y = (a @ self.W_dec[ls].reshape(self.d_tc[ls], -1)).unflatten(-1, (self.spans[ls], self.d_model))
+            y = (a @ W.reshape(W.shape[0], -1)).unflatten(-1, (self.spans[ls], self.d_model))
             # unbind, not y[..., k, :]: in training, each indexing's backward zero-fills a y-sized gradient
-            for k, yk in enumerate(y.unbind(-2)):
-                out[ls + k] = out[ls + k] + yk
-        return out
-
-    def decode_active(self, acts: list[torch.Tensor]) -> list[torch.Tensor]:
-        """`decode` reading only the decoder rows of features active somewhere in `acts` ([P, d_tc] per layer): the
-        rest of a decoder is never touched (and a lazily loaded one's rows are read from its file: clt/lazy.py). For
-        inference; training uses `decode`."""
-        out = [self.b_dec[l].expand(*acts[0].shape[:-1], self.d_model).clone() for l in range(self.n_layers)]
-        for ls, a in enumerate(acts):
-            on = torch.nonzero((a != 0).flatten(0, -2).any(0)).squeeze(1)
-            if len(on) == 0:
-                continue
-            y = (a[..., on] @ decoder_rows(self, ls, on).flatten(1)).unflatten(-1, (self.spans[ls], self.d_model))
             for k, yk in enumerate(y.unbind(-2)):
                 out[ls + k] = out[ls + k] + yk
         return out
