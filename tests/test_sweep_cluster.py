@@ -121,8 +121,9 @@ def _live(store, table):
 
 
 def test_two_node_cluster_loses_a_node(tiny_dir, tmp_path):
-    """Head + worker node, one sweep worker on each (SPREAD); the worker node is removed after the first results:
-    its actor restarts on the head, its in-flight prompts are retried, the sweep completes."""
+    """Head + worker node, one sweep worker on each (SPREAD); the worker node is removed once both produce (or, if
+    one is slow to start, after a quarter of the prompts): its actor restarts on the head, its in-flight prompts are
+    retried, the sweep completes with every prompt once."""
     from .test_sweep import check_consistent
 
     store = tmp_path / "store"
@@ -136,7 +137,7 @@ def test_two_node_cluster_loses_a_node(tiny_dir, tmp_path):
     assert res["removed"] and res["ok"] + res["skipped"] == N_PROMPTS and res["failed"] == 0
     # whether the lost node's actor is restarted (a third worker process) or its prompts simply move to the
     # surviving worker depends on timing; either way every prompt must land exactly once
-    assert len(res["pids"]) >= 2, res
+    assert len(res["pids"]) >= 2 or not res["both"], res
     check_consistent(str(store), "twonode", N_PROMPTS)
 
 
@@ -153,13 +154,17 @@ def _cluster_main(spec_json: str) -> None:
     node = cluster.add_node(num_cpus=2, object_store_memory=128 * 2**20)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False)
-    state = {"removed": False, "pids": set()}
+    state = {"removed": False, "both": False, "pids": set(), "done": 0}
 
     def on_event(kind, out):
         if kind == "commit":
             return
         state["pids"].add(out["pid"])
-        if not state["removed"] and len(state["pids"]) == 2:  # both workers (one per node) are producing
+        state["done"] += 1
+        # both workers (one per node) producing; or, on a slow machine where one worker is still starting while the
+        # other has done a quarter of the sweep, the node goes anyway (its actor is lost while it starts or idles)
+        if not state["removed"] and (len(state["pids"]) == 2 or state["done"] >= N_PROMPTS // 4):
+            state["both"] = len(state["pids"]) == 2
             cluster.remove_node(node, allow_graceful=False)  # as if the machine died
             state["removed"] = True
 
@@ -167,7 +172,7 @@ def _cluster_main(spec_json: str) -> None:
     pids = sorted(state["pids"])
     ray.shutdown()
     cluster.shutdown()
-    print(json.dumps({"removed": state["removed"], "ok": r.ok, "skipped": r.skipped, "failed": r.failed,
+    print(json.dumps({"removed": state["removed"], "both": state["both"], "ok": r.ok, "skipped": r.skipped, "failed": r.failed,
                       "pids": pids, "restarts": r.worker_restarts}))
 
 
