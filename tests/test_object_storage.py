@@ -25,6 +25,31 @@ def test_clt_and_graph_on_s3(s3, tiny_models):
     assert torch.equal(attribute(lm, clt, "on s3").adjacency, g.adjacency)
 
 
+def test_s3_clt_decoders_are_mapped_from_unnamed_local_copies(s3, tiny_models, tmp_path, monkeypatch):
+    """A remote CLT's decoder files are copied to unnamed files in TMPDIR and mapped, as a local CLT's: rows are
+    read from them (never resident), nothing is left in TMPDIR, and an unusable TMPDIR is a one-line error."""
+    import tempfile
+
+    from ct_ray.clt.lazy import decoder_rows, is_lazy
+
+    clt = random_clt(tiny_models["llama"], 16, firing_rate=0.2, span=2)
+    url = f"s3://{s3['bucket']}/clts/spooled"
+    save_clt(clt, url)
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spool))
+    back = load_clt(url)
+    assert is_lazy(back) and not is_lazy(load_clt(url, lazy_decoders=False))
+    assert list(spool.iterdir()) == []  # unnamed: gone with the last map and descriptor
+    idx = torch.tensor([[0, 5], [15, 6]])
+    for l in range(clt.n_layers):
+        assert torch.equal(decoder_rows(back, l, idx), clt.W_dec[l][idx]) and torch.equal(back.W_dec[l], clt.W_dec[l])
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "absent"))
+    with pytest.raises(CLTError, match=r"cannot create a local copy of W_dec_0.safetensors .*TMPDIR") as e:
+        load_clt(url)
+    assert "\n" not in str(e.value)
+
+
 def test_missing_s3_clt(s3):
     with pytest.raises(CLTError, match="no CLT at"):
         load_clt(f"s3://{s3['bucket']}/nothing/here")

@@ -19,6 +19,7 @@ import json
 import math
 import mmap
 import os
+import tempfile
 
 import torch
 import yaml
@@ -136,19 +137,26 @@ def _check_finite(tensors: dict[str, torch.Tensor], fname: str, url: str) -> Non
 def _read(fs, path: str, url: str, root: str, expect: dict | None = None, *, maps: list | None = None,
           dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """A safetensors file's tensors, read whole after its header is checked (`_header`). With `maps` (a list): a
-    local file whose tensors are `dtype` already is memory-mapped instead (see `_map`), and its `MappedFile` (None
-    for a file read whole) appended."""
+    file whose tensors are `dtype` already is memory-mapped instead (see `_map`; a remote one is first copied to an
+    unnamed local file, `_spool`), and its `MappedFile` (None for a file read whole) appended."""
     fname = path.rsplit("/", 1)[-1]
     _confine(fs, root, path, url)
     try:
         size = fs.size(path)
         with fs.open(path, "rb") as f:
             header, n = _header(f, size, fname, url, expect)
-            if maps is not None and is_local(fs):
-                mapped = _map(f, header, 8 + n, size, dtype, fname, url)
-                maps.append(mapped and mapped[1])
-                if mapped is not None:
-                    return mapped[0]
+            spans = _spans(header, 8 + n, size, dtype) if maps is not None else None
+            if spans is not None:
+                local = f if is_local(fs) else _spool(f, size, fname, url)
+                try:
+                    tensors, mapped = _map(local, spans, fname, url)
+                finally:
+                    if local is not f:
+                        local.close()  # the map and the MappedFile's descriptor keep the unnamed copy
+                maps.append(mapped)
+                return tensors
+            if maps is not None:
+                maps.append(None)
             f.seek(0)
             data = f.read(size)
     except FileNotFoundError as e:
@@ -161,16 +169,45 @@ def _read(fs, path: str, url: str, root: str, expect: dict | None = None, *, map
     return tensors
 
 
+_SPOOL_BLOCK = 8 << 20
+
+
+def _spool(f, size: int, fname: str, url: str):
+    """A remote file copied, a block at a time, into an unnamed temporary file (in $TMPDIR; gone once closed and
+    unmapped), so that it can be mapped like a local one: the decoders of an s3:// CLT then never become resident
+    either. Set TMPDIR to a disk, not a RAM filesystem, or the copy costs memory after all."""
+    try:
+        tmp = tempfile.TemporaryFile()
+    except OSError as e:
+        raise CLTError(f"cannot create a local copy of {fname} of {url} in {tempfile.gettempdir()} (TMPDIR): "
+                       f"{one_line(e)}") from None
+    try:
+        f.seek(0)
+        done = 0
+        while block := f.read(min(_SPOOL_BLOCK, size - done)):
+            tmp.write(block)
+            done += len(block)
+        if done != size:
+            raise CLTError(f"{fname} in {url}: read {done} of its {size} bytes")
+        tmp.flush()
+    except OSError as e:
+        tmp.close()
+        raise CLTError(f"cannot copy {fname} of {url} to a local file in {tempfile.gettempdir()} (TMPDIR): "
+                       f"{one_line(e)}") from None
+    except BaseException:
+        tmp.close()
+        raise
+    return tmp
+
+
 _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 _CHECK_BYTES = 64 << 20  # finiteness is checked this much at a time, each part's pages released after it
 
 
-def _map(f, header: dict, start: int, size: int, dtype, fname: str, url: str):
-    """The file's tensors as copy-on-write views of a private memory map: pages are read from the file only when
-    used, so a decoder whose rows are mostly never touched (attribution gathers the active features' rows) costs
-    only what is used. None when the file does not qualify (another dtype than `dtype`, an unaligned or unusual
-    layout): the caller reads it whole, which also reports what is wrong with it. Returns (tensors, the open file:
-    `clt.lazy.decoder_rows` reads rows through it)."""
+def _spans(header: dict, start: int, size: int, dtype) -> dict | None:
+    """Where each tensor of a checked header lies in its file, if the file can be memory-mapped as `dtype`
+    tensors; None when it does not qualify (another dtype, an unaligned or unusual layout): the caller reads it
+    whole, which also reports what is wrong with it."""
     spans = {}
     for k, v in header.items():
         if k == "__metadata__":
@@ -184,6 +221,13 @@ def _map(f, header: dict, start: int, size: int, dtype, fname: str, url: str):
         if not ok or e - b != numel * dt.itemsize or (start + b) % dt.itemsize or not 0 <= b <= e <= size - start:
             return None
         spans[k] = (dt, shape, start + b, numel)
+    return spans
+
+
+def _map(f, spans: dict, fname: str, url: str) -> tuple[dict, MappedFile]:
+    """The file's tensors as copy-on-write views of a private memory map: pages are read from the file only when
+    used, so a decoder whose rows are mostly never touched (attribution gathers the active features' rows) costs
+    only what is used. Returns (tensors, the open file: `clt.lazy.decoder_rows` reads rows through it)."""
     mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # writes stay private to this process
     out = {}
     for k, (dt, shape, off, numel) in spans.items():
@@ -220,10 +264,11 @@ def load_clt(url: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu
              **storage_options) -> CrossLayerTranscoder:
     """Load a CLT (circuit-tracer `cross_layer_transcoder` layout) or a per-layer `transcoder_set`.
 
-    `lazy_decoders`: memory-map a local cross-layer CLT's decoder files (when stored in `dtype`) instead of reading
-    them, so that only the rows in use become resident: attribution touches the active features' rows, a small
-    part of the decoders on short prompts (circuit-tracer's `lazy_decoder` serves the same purpose). Every value
-    is still checked for finiteness at load time (see clt/lazy.py)."""
+    `lazy_decoders`: memory-map a cross-layer CLT's decoder files (when stored in `dtype`; a remote CLT's are first
+    copied to unnamed local files, in $TMPDIR) instead of reading them, so that only the rows in use become
+    resident: attribution touches the active features' rows, a small part of the decoders on short prompts
+    (circuit-tracer's `lazy_decoder` serves the same purpose). Every value is still checked for finiteness at load
+    time (see clt/lazy.py)."""
     fs, path = filesystem(url, **storage_options)
     try:
         exists = fs.exists(path)

@@ -1,10 +1,10 @@
 """Lazily loaded decoders: rows read from the CLT's files, not from memory.
 
-`load_clt` memory-maps a local CLT's decoder files (private, copy-on-write maps: `clt.W_dec` behaves as any tensor,
-and its pages are read from the file only when touched). Attribution needs only the active features' rows, a small
-part of the decoders on short prompts; `decoder_rows` reads those rows from the file (through the kernel's page
-cache, into the caller's own buffer), so the decoders never become part of this process's resident memory at all,
-as with circuit-tracer's `lazy_decoder`.
+`load_clt` memory-maps a CLT's decoder files (private, copy-on-write maps: `clt.W_dec` behaves as any tensor, and
+its pages are read from the file only when touched; a remote CLT's files are first copied to unnamed local
+files). Attribution needs only the active features' rows, a small part of the decoders on short prompts;
+`decoder_rows` reads those rows from the file (through the kernel's page cache, into the caller's own buffer), so
+the decoders never become part of this process's resident memory at all, as with circuit-tracer's `lazy_decoder`.
 
 The file is read through a descriptor opened at load time (the same file as the map, even if the path is replaced
 later). A layer whose map was written in place in this process (`W_dec[l][...] = x`, also through `.data`), or
