@@ -80,7 +80,7 @@ def main() -> None:
         save_clt(clt, f"{tmp}/clt")
         dec = sum(w.numel() * w.element_size() for w in clt.W_dec)
         del clt
-        res = {(where, lazy): _run(f"{tmp}/clt", lazy, os.environ) for where in ("local",) for lazy in (0, 1)}
+        res = {("local", lazy): _run(f"{tmp}/clt", lazy, os.environ) for lazy in (0, 1)}
         if a.s3:
             with _s3_server() as env:
                 url = "s3://bench/clt"

@@ -184,16 +184,17 @@ def _spool(f, size: int, fname: str, url: str):
     try:
         f.seek(0)
         done = 0
-        while block := f.read(min(_SPOOL_BLOCK, size - done)):
-            tmp.write(block)
-            done += len(block)
+        while block := f.read(min(_SPOOL_BLOCK, size - done)):  # errors reading the source are the caller's
+            try:
+                tmp.write(block)
+                done += len(block)
+                if done == size:
+                    tmp.flush()
+            except OSError as e:  # writing the copy: a full or read-only TMPDIR
+                raise CLTError(f"cannot copy {fname} of {url} to a local file in {tempfile.gettempdir()} (TMPDIR): "
+                               f"{one_line(e)}") from None
         if done != size:
             raise CLTError(f"{fname} in {url}: read {done} of its {size} bytes")
-        tmp.flush()
-    except OSError as e:
-        tmp.close()
-        raise CLTError(f"cannot copy {fname} of {url} to a local file in {tempfile.gettempdir()} (TMPDIR): "
-                       f"{one_line(e)}") from None
     except BaseException:
         tmp.close()
         raise
@@ -268,7 +269,7 @@ def load_clt(url: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu
     copied to unnamed local files, in $TMPDIR) instead of reading them, so that only the rows in use become
     resident: attribution touches the active features' rows, a small part of the decoders on short prompts
     (circuit-tracer's `lazy_decoder` serves the same purpose). Every value is still checked for finiteness at load
-    time (see clt/lazy.py)."""
+    time (see clt/lazy.py). Only for a CLT kept on the CPU: one moved to a GPU is read whole."""
     fs, path = filesystem(url, **storage_options)
     try:
         exists = fs.exists(path)
@@ -293,7 +294,9 @@ def load_clt(url: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu
         raise CLTError(f"unsupported feature_input_hook {hook_name!r} (supported: {', '.join(HOOK_FROM_NAME)})")
     hook = HOOK_FROM_NAME[hook_name]
     if kind == "cross_layer_transcoder":
-        clt = _load_cross_layer(fs, path, url, cfg, hook, dtype, lazy_decoders)
+        # a CLT bound for a GPU is copied there whole: mapping (or spooling) its decoders first would only add a pass
+        lazy = lazy_decoders and torch.device(device).type == "cpu"
+        clt = _load_cross_layer(fs, path, url, cfg, hook, dtype, lazy)
     elif kind == "transcoder_set":
         clt = _load_transcoder_set(fs, path, url, cfg, hook, dtype)
     else:
