@@ -144,6 +144,19 @@ def world(tmp_path_factory):
     for f in (root / "corrupt_store" / "warehouse").rglob("*.parquet"):
         f.write_bytes(b"PAR1 garbage PAR1")
     w["corrupt_store"] = st2.url
+    # graph keys written into a store by hand (anyone who can write the store can): names that are paths
+    st3 = Store(str(root / "evil_store"))
+    for sid, key in (("s1", "x/../../../PWNED"), ("s2", "..")):  # complete graphs: exported but for their keys
+        append_rows(st3, "graphs", sid, pa.Table.from_pylist([{"key": key, "prompt_index": 0, "status": "ok",
+                                                               "prompt": "hi", "token_strs": ["hi"]}]))
+        append_rows(st3, "nodes", sid, pa.Table.from_pylist([
+            {"key": key, "node": 0, "node_id": "E_1_0", "kind": "embedding", "layer": -1, "position": 0, "feature": -1,
+             "token": 1, "token_str": "hi", "activation": 1.0, "influence": 0.5, "kept": True},
+            {"key": key, "node": 1, "node_id": "2_7_0", "kind": "logit", "layer": 2, "position": 0, "feature": -1,
+             "token": 7, "token_str": "x", "activation": 1.0, "probability": 0.9, "influence": 0.0, "kept": True}]))
+        append_rows(st3, "edges", sid, pa.Table.from_pylist([{"key": key, "source": 0, "target": 1, "weight": 1.0,
+                                                              "kept": True}]))
+    w["evil_store"] = st3.url
     (root / "bad_catalog_store").mkdir()
     (root / "bad_catalog_store" / "catalog.db").write_bytes(b"this is not sqlite" * 100)
     w["bad_catalog_store"] = str(root / "bad_catalog_store")
@@ -244,6 +257,14 @@ CASES = [
     Case("sweep-list-no-store", ["sweep", "list", "--store", "{root}/no_store"], "no store at"),
     Case("tables-list-no-store", ["tables", "list", "--store", "{root}/no_store"], "no store at"),
     Case("tables-vacuum-no-store", ["tables", "vacuum", "--store", "{root}/no_store"], "no store at"),
+    Case("export-key-traversal", ["export", "--store", "{evil_store}", "--sweep", "s1", "--all", "--out", "{root}/exp/o"],
+         "is not a safe name"),
+    Case("export-key-dotdot", ["export", "--store", "{evil_store}", "--sweep", "s2", "--all", "--out", "{root}/exp/o"],
+         "is not a safe name"),
+    Case("export-asked-traversal", ["export", "--store", "{evil_store}", "--sweep", "s1", "--keys", "x/../../../PWNED",
+                                    "--out", "{root}/exp/o"], "is not a safe name"),
+    Case("export-sweep-traversal", ["export", "--store", "{store}", "--sweep", "../s1", "--all", "--out", "{root}/exp/o"],
+         "is not a safe name"),
     # --- SQL text
     Case("sql-empty", SQL + [""], "give a query"),
     Case("sql-syntax", SQL + ["SELEC 1"], "SQL error"),
@@ -418,3 +439,33 @@ def test_unsatisfiable_features_workers_fail_after_a_bounded_wait(ray_local, tin
                                 "storage": str(tmp_path / "store")})
     with pytest.raises(CTRayError, match="no features worker could start .* num_cpus=512"):
         run_features(spec)
+
+
+def test_store_writes_stay_inside_the_store(tmp_path):
+    """Every writer goes through Store.put_bytes / write_json: a relative path that climbs out, or a symlinked folder
+    inside the store that leads out, is refused before anything is created (issue 21, item 1)."""
+    from ct_ray.errors import StorageError
+    from ct_ray.store.names import check_name
+    from ct_ray.store.tables import Store
+
+    st = Store(str(tmp_path / "st"))
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (tmp_path / "st").mkdir()
+    (tmp_path / "st" / "_sweeps").symlink_to(outside)
+    for rel in ("../PWNED.json", "_sweeps/../../PWNED.json", "a//b.json", "./x.json", "a/\x00.json"):
+        with pytest.raises(StorageError, match="leaves its store folder"):
+            st.write_json(rel, {})
+        with pytest.raises(StorageError, match="leaves its store folder"):
+            st.read_json(rel)
+    with pytest.raises(StorageError, match="outside the folder"):
+        st.put_bytes(str(tmp_path / "PWNED.json"), b"x")
+    with pytest.raises(StorageError, match="outside"):
+        st.write_json("_sweeps/s1/plan.json", {})  # through the symlink
+    assert not list(outside.iterdir()) and not (tmp_path / "PWNED.json").exists()
+    st.write_json("ok/plan.json", {"a": 1})
+    assert st.read_json("ok/plan.json") == {"a": 1}
+    for bad in ("", ".", "..", "-x", ".hidden", "a/b", "a\\b", "x" * 129, None, 3, "é"):
+        with pytest.raises(Exception, match="not a safe name"):
+            check_name(bad, "key")
+    assert check_name("s1-abc.v2_0", "key") == "s1-abc.v2_0"

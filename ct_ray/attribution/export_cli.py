@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import re
-
 from ..errors import CTRayError
+from ..store.names import is_name
 
 
 def cmd_export(args) -> int:
@@ -16,7 +15,7 @@ def cmd_export(args) -> int:
     keys = [k.strip() for k in args.keys.split(",") if k.strip()] if args.keys else None
     if keys is not None and not keys:
         raise CTRayError("--keys: give at least one key")
-    if args.scan is not None and not re.match(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,127}$", args.scan):
+    if args.scan is not None and not is_name(args.scan):
         raise CTRayError(f"--scan {args.scan!r}: a model id (letters, digits, '.', '_', '-'), never a path")
     details = {k: v for k, v in (("neuronpedia_source_set", args.neuronpedia_source_set),
                                  ("feature_json_base_url", args.feature_json_base_url)) if v}

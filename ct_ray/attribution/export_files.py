@@ -10,12 +10,12 @@ and only when their bytes change, so re-running is idempotent and cheap. See doc
 from __future__ import annotations
 
 import json
-import re
 
 import numpy as np
 import pyarrow as pa
 
 from ..errors import CTRayError, StorageError, one_line
+from ..store.names import check_name
 from ..store.schemas import SCHEMAS
 from ..store.tables import SWEEPS_DIR, Store
 from .export import NODE_COLUMNS, build_graph_json, cumulative_influence, graph_json, index_entry, merge_index
@@ -26,7 +26,8 @@ _GRAPH_COLS = ["key", "prompt_index", "prompt", "status", "error", "model", "clt
 
 
 def slug_of(sweep_id: str, key: str) -> str:
-    return f"{sweep_id}-{key}"
+    """The file name stem of a sweep's graph: both parts checked, since keys come from the store (untrusted)."""
+    return f"{check_name(sweep_id, 'sweep id')}-{check_name(key, f'graph key of sweep {sweep_id!r}', StorageError)}"
 
 
 def _select(graphs: pa.Table, sweep_id: str, keys: list[str] | None, store: Store) -> list[dict]:
@@ -39,9 +40,12 @@ def _select(graphs: pa.Table, sweep_id: str, keys: list[str] | None, store: Stor
         sel = [r for r in rows.values() if r["status"] == "ok"]
         if not sel:
             raise CTRayError(f"sweep {sweep_id!r} has no committed ('ok') graphs to export ({len(rows)} error rows)")
+        for r in sel:  # every file name checked before the first is written
+            slug_of(sweep_id, r["key"])
         return sorted(sel, key=lambda r: (r["prompt_index"] is None, r["prompt_index"] or 0, r["key"]))
     out = []
     for k in dict.fromkeys(keys):
+        check_name(k, "--keys: key")
         r = rows.get(k)
         if r is None:
             raise CTRayError(f"key {k!r} is not a committed graph of sweep {sweep_id!r}")
@@ -181,6 +185,7 @@ def export_sweep(store: Store, sweep_id: str, out: str, *, keys: list[str] | Non
     """Export the committed graphs of `sweep_id` (all 'ok' ones, or `keys`) to the directory URL `out`."""
     from tqdm.auto import tqdm
 
+    check_name(sweep_id, "sweep id")
     rows = _select(store.read("graphs", sweep_id, columns=_GRAPH_COLS), sweep_id, keys, store)
     dest = Store(out, **out_options)  # only its atomic file writes and reads are used (no catalog)
     if dest.local and dest.fs.isfile(dest.root):
@@ -224,8 +229,7 @@ def export_sweep(store: Store, sweep_id: str, out: str, *, keys: list[str] | Non
 def write_graph(graph, out: str, slug: str, *, full=None, **out_options) -> dict:
     """Write `graph` (a pruned one; `full`: the graph it was pruned from) as DIR/{slug}.json and list it in
     DIR/graph-metadata.json. Returns the JSON dict."""
-    if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,127}$", slug):
-        raise CTRayError(f"slug {slug!r}: 1-128 letters, digits, '.', '_' or '-' (it names the file)")
+    check_name(slug, "slug")
     dest = Store(out, **out_options)
     old = _old_index(dest)
     data = graph_json(graph, slug, full=full)

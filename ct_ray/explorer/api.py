@@ -13,9 +13,9 @@ import threading
 
 from ..errors import CTRayError, finite_float
 from ..features.job import FEATURES_DIR, features_id
+from ..store.names import is_name
 from ..store.tables import SWEEPS_DIR, Store
 
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")  # sweep ids, keys, clt ids (as the specs allow)
 _NODE_ID = re.compile(r"^(E|-?\d{1,6})_-?\d{1,9}_\d{1,7}$")
 _NAME = re.compile(r"^[^\x00-\x1f\x7f<>]{1,64}$")  # printable, no markup
 MAX_SUPERNODES, MAX_SUPERNODE_NODES = 200, 2000
@@ -51,7 +51,8 @@ def clean(x):
 
 
 def check_id(v, what: str) -> str:
-    if not isinstance(v, str) or not _ID.match(v):
+    """Sweep ids, keys, clt ids: the store's one name rule (they become paths)."""
+    if not is_name(v):
         raise BadRequest(f"bad {what}")
     return v
 
@@ -138,7 +139,7 @@ class ExplorerAPI:
         if cid in have:
             return cid
         base = clt.rstrip("/").rsplit("/", 1)[-1]
-        for c in have:
+        for c in filter(is_name, have):  # partition values come from the store: never a path unchecked
             rec = self.store.read_json(f"{FEATURES_DIR}/{c}/job.json") or {}
             if str(rec.get("clt", "")).rstrip("/").rsplit("/", 1)[-1] == base:
                 return c

@@ -22,15 +22,14 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import os
-import re
 import shutil
 
 from ..errors import CTRayError, StorageError, one_line
 from ..store.fs import COMMIT_MARKER, atomic_dir, filesystem, is_local
+from ..store.names import is_name
 from ..store.tables import Store
 
 FORMAT = "ct_ray-clt-registry"
-_VID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 
 
 def _now() -> str:
@@ -38,10 +37,10 @@ def _now() -> str:
 
 
 def _valid_pointer(p) -> bool:
-    """A production.json / history record as the registry writes it: version ids match _VID_RE, seq >= 1."""
+    """A production.json / history record as the registry writes it: version ids are safe names (store/names.py), seq >= 1."""
     if not isinstance(p, dict):
         return False
-    ok_id = lambda v: isinstance(v, str) and bool(_VID_RE.match(v)) and ".." not in v
+    ok_id = lambda v: is_name(v)
     return (ok_id(p.get("version")) and (p.get("previous") is None or ok_id(p.get("previous")))
             and isinstance(p.get("seq"), int) and not isinstance(p.get("seq"), bool) and p["seq"] >= 1)
 
@@ -106,7 +105,7 @@ class Registry:
     def meta(self, version: str) -> dict:
         """The committed version's meta.json; a one-line error for unknown versions."""
         self.require()
-        m = self.store.read_json(f"versions/{version}/meta.json") if _VID_RE.match(version or "") else None
+        m = self.store.read_json(f"versions/{version}/meta.json") if is_name(version) else None
         if m is None:
             known = [v["version"] for v in self.versions()][-10:]
             raise CTRayError(f"no version {version!r} in {self.url}" +
@@ -128,7 +127,7 @@ class Registry:
 
     def versions(self) -> list[dict]:
         """Committed versions' meta, oldest first."""
-        metas = [(n, self.store.read_json(f"versions/{n}/meta.json")) for n in self._ls("versions") if _VID_RE.match(n)]
+        metas = [(n, self.store.read_json(f"versions/{n}/meta.json")) for n in self._ls("versions") if is_name(n)]
         return sorted((m for n, m in metas if isinstance(m, dict) and m.get("version") == n),
                       key=lambda m: (str(m.get("created_at", "")), m["version"]))
 

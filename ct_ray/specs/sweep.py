@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import re
 from typing import Literal
 
 from pydantic import Field, field_validator
 
+from ..store.names import NAME_RULE, is_name
 from .attribution import AttributionSpec, PerturbationPlan, PruneSpec
 from .base import Spec, load_yaml, parse
 from .common import CLTChoice, CommitSpec, PromptEntry, PromptFile, RandomCLTSpec, ResourceSpec, StorageSpec
@@ -22,7 +22,6 @@ class GraphJobSpec(Spec):
     storage: StorageSpec = StorageSpec()
 
 
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 
 
 class SweepSpec(CLTChoice, GraphJobSpec):
@@ -40,8 +39,8 @@ class SweepSpec(CLTChoice, GraphJobSpec):
     @field_validator("sweep_id")
     @classmethod
     def _sid(cls, v: str) -> str:
-        if not _ID_RE.match(v):
-            raise ValueError("must be 1-128 characters of letters, digits, '_', '-', '.', starting with a letter or digit")
+        if not is_name(v):
+            raise ValueError(f"must be {NAME_RULE}")
         return v
 
     @field_validator("prompts")

@@ -39,6 +39,7 @@ import pyarrow as pa
 from ..errors import StorageError, one_line
 from .commit import Committer, commit_files, live_files, recover, replace_partition
 from .fs import filesystem, is_local
+from .names import check_name
 from .schemas import PARTITIONS, SCHEMAS, SWEEP_TABLES, conform
 from .writer import FLUSH_BYTES, RowBuffer, TableWriter, sweep_writer_configs
 
@@ -344,14 +345,15 @@ def import_legacy(store, legacy_url: str | None = None, progress: bool = False, 
     counts = {t: 0 for t in SCHEMAS}
     counts.update(files=0, skipped_keys=0, skipped_partitions=0, dropped_files=0, sweeps=[])
     t0 = time.perf_counter()
-    sweeps = old.partitions("graphs", PARTITIONS["graphs"])
+    # sweep and CLT ids name folders of the new store (_sweeps/{id}, _features/{id}): checked before any is used
+    sweeps = [check_name(s, f"{old.url}: sweep id", StorageError) for s in old.partitions("graphs", PARTITIONS["graphs"])]
     for sid in sweeps:
         _import_sweep(store, old, sid, batch_prompts, counts, progress)
         if store.url.rstrip("/") != old.url:
             _copy_blobs(store, old, sid)
         counts["sweeps"].append(sid)
     have = set(store.partitions("features"))
-    for cid in old.partitions("features", PARTITIONS["features"]):
+    for cid in [check_name(c, f"{old.url}: clt_id", StorageError) for c in old.partitions("features", PARTITIONS["features"])]:
         if cid in have:
             counts["skipped_partitions"] += 1
             continue
@@ -381,7 +383,7 @@ def _remove_old(store, old: _Legacy, sweeps: list[str], metrics: _Legacy, runs: 
     for sid in sweeps:
         for t in SWEEP_TABLES:
             old.rm_dir(f"{t}/sweep_id={sid}")
-    for cid in old.partitions("features", PARTITIONS["features"]):
+    for cid in [check_name(c, f"{old.url}: clt_id", StorageError) for c in old.partitions("features", PARTITIONS["features"])]:
         old.rm_dir(f"features/clt_id={cid}")
     for run in runs:
         metrics.rm_dir(f"run={run}")

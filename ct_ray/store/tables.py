@@ -27,6 +27,7 @@ import pyarrow as pa
 from ..errors import StorageError, one_line
 from .catalog import CATALOG_ENV, WAREHOUSE_DIR, check_catalog_uri, default_catalog_uri, ensure_table, identifier, open_catalog
 from .fs import filesystem, is_local, s3_config_kwargs
+from .names import check_rel, confined, is_name
 from .schemas import PARTITIONS, SCHEMAS, SWEEP_TABLES, TABLE_NAMES, TABLES_SCHEMA_VERSION, conform  # noqa: F401
 
 DEFAULT_STORE = "./ct_ray_data"
@@ -214,7 +215,7 @@ class Store:
             pass
         except Exception as e:
             raise StorageError(f"cannot list {self._url_of(d)}: {one_line(e)}") from e
-        return sorted(i for i in ids if not i.startswith("."))
+        return sorted(i for i in ids if is_name(i))  # a folder named otherwise is no sweep (and never a path)
 
     def committed(self, sweep_id: str) -> pa.Table:
         """key, status, error_kind of a sweep's committed graphs rows: resume planning (one column scan)."""
@@ -223,11 +224,15 @@ class Store:
     # --- blobs: plans, run logs, supernodes, registry records ------------------------------------------
     # --- writes ---------------------------------------------------------------------------------------
     def put_bytes(self, path: str, data: bytes) -> None:
-        """Write `data` at `path` atomically: readers see the old object, or the new one whole."""
+        """Write `data` at `path` (below the root) atomically: readers see the old object, or the new one whole."""
         fs = self.fs
+        if not path.startswith(self.root.rstrip("/") + "/"):
+            raise StorageError(f"cannot write {self._url_of(path)}: outside the folder {self.url}")
+        check_rel(path[len(self.root.rstrip("/")) + 1:], StorageError)
         try:
             if self.local:
                 parent = os.path.dirname(path)
+                confined(self.root, parent, StorageError)  # a symlinked folder inside must not lead out of it
                 os.makedirs(parent, exist_ok=True)
                 tmp = os.path.join(parent, f".{os.path.basename(path)}{_TMP_TAG}{uuid.uuid4().hex[:8]}")
                 try:
@@ -248,10 +253,10 @@ class Store:
         return f"{self.url.split('://', 1)[0]}://{path}"
 
     def write_json(self, rel: str, obj) -> None:
-        self.put_bytes(f"{self.root}/{rel}", json.dumps(obj, indent=1, default=str).encode())
+        self.put_bytes(f"{self.root}/{check_rel(rel, StorageError)}", json.dumps(obj, indent=1, default=str).encode())
 
     def read_json(self, rel: str):
-        path = f"{self.root}/{rel}"
+        path = f"{self.root}/{check_rel(rel, StorageError)}"
         try:
             if not self.local:
                 self.fs.invalidate_cache(path.rsplit("/", 1)[0])
