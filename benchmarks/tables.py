@@ -89,6 +89,9 @@ def prompt_rows(i: int) -> tuple[str, dict, pa.Table, pa.Table]:
         "node_id": [f"{a}_{b}_{c}" for a, b, c in zip(layer.tolist(), feat.tolist(), pos.tolist())],
         "kind": _KINDS, "layer": layer, "position": pos, "feature": feat,
         "token": rng.integers(0, 49152, N_NODES, dtype=np.int32), "activation": rng.random(N_NODES, np.float32) * 5,
+        # logit nodes (the last 5) carry their token's text and probability, as a worker writes them
+        "token_str": [None] * (N_NODES - 5) + [f"t{t}" for t in logit_tokens],
+        "probability": np.r_[np.full(N_NODES - 5, np.nan, np.float32), np.asarray(probs, np.float32)],
         "influence": rng.random(N_NODES, np.float32), "kept": np.ones(N_NODES, bool)})
     edges = pa.table({"key": keys, "source": rng.choice(node, N_EDGES), "target": rng.choice(node, N_EDGES),
                       "weight": rng.standard_normal(N_EDGES, np.float32), "kept": np.ones(N_EDGES, bool)})

@@ -236,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_explorer_parsers(sub)
     __import__("ct_ray.store.cli", fromlist=["add_parsers"]).add_parsers(sub)  # `tables` (ct_ray/store/cli.py)
     __import__("ct_ray.attribution.export_cli", fromlist=["add_parsers"]).add_parsers(sub)  # `export`
+    __import__("ct_ray.analysis.cli", fromlist=["add_parsers"]).add_parsers(sub)  # `analyze`, `diff`
     return p
 
 

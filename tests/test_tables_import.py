@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ct_ray.store.migrate import import_legacy
+from ct_ray.store.migrate import LEGACY_TABLES, import_legacy
 from ct_ray.store.schemas import PARTITIONS, SCHEMAS, TABLE_NAMES
 from ct_ray.store.sql import query
 from ct_ray.store.tables import Store
@@ -143,7 +143,7 @@ def test_import_keeps_exactly_the_committed_rows_and_is_idempotent(tmp_path):
     legacy_store(root)
     st = Store(root)
     c = import_legacy(st)
-    assert {t: c[t] for t in TABLE_NAMES} == {"graphs": 5, "nodes": 8, "edges": 12, "perturbations": 6,
+    assert {t: c[t] for t in LEGACY_TABLES} == {"graphs": 5, "nodes": 8, "edges": 12, "perturbations": 6,
                                              "features": 8, "train_metrics": 3}
     assert c["sweeps"] == ["007", "s1"] and c["skipped_keys"] == 0
     # c's nodes/edges/perturbations, b's stray nodes file, J1's file and clt2's file
@@ -152,7 +152,7 @@ def test_import_keeps_exactly_the_committed_rows_and_is_idempotent(tmp_path):
     assert os.path.exists(os.path.join(root, "graphs", "sweep_id=s1", "a.parquet"))  # the old files stay
     before = snapshots(Store(root))
     again = import_legacy(Store(root))
-    assert {t: again[t] for t in TABLE_NAMES} == dict.fromkeys(TABLE_NAMES, 0)
+    assert {t: again[t] for t in LEGACY_TABLES} == dict.fromkeys(LEGACY_TABLES, 0)
     assert again["skipped_keys"] == 5 and again["skipped_partitions"] == 2 and again["files"] == 0
     assert snapshots(Store(root)) == before  # no new commit at all
     check_imported(root)
@@ -217,6 +217,6 @@ def test_import_from_another_root_copies_the_records_and_can_remove_the_old_file
 
 def test_import_of_an_empty_or_missing_store(tmp_path):
     c = import_legacy(Store(str(tmp_path / "nothing")))
-    assert {t: c[t] for t in TABLE_NAMES} == dict.fromkeys(TABLE_NAMES, 0) and c["sweeps"] == []
+    assert {t: c[t] for t in LEGACY_TABLES} == dict.fromkeys(LEGACY_TABLES, 0) and c["sweeps"] == []
     with pytest.raises(ValueError):
         import_legacy(Store(str(tmp_path / "nothing")), batch_prompts=0)

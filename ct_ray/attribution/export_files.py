@@ -15,8 +15,8 @@ import numpy as np
 import pyarrow as pa
 
 from ..errors import CTRayError, StorageError, one_line
+from ..store.keyed import KeyedRows
 from ..store.names import check_name
-from ..store.schemas import SCHEMAS
 from ..store.tables import SWEEPS_DIR, Store
 from .export import NODE_COLUMNS, build_graph_json, cumulative_influence, graph_json, index_entry, merge_index
 
@@ -53,16 +53,6 @@ def _select(graphs: pa.Table, sweep_id: str, keys: list[str] | None, store: Stor
             raise CTRayError(f"graph {k} of sweep {sweep_id!r} failed ({r['error']}): only 'ok' graphs export")
         out.append(r)
     return out
-
-
-def _by_key(t: pa.Table) -> dict[str, pa.Table]:
-    if not t.num_rows:
-        return {}
-    t = t.sort_by("key")
-    keys = t.column("key").to_numpy(zero_copy_only=False)
-    uniq, start = np.unique(keys, return_index=True)
-    ends = list(start[1:]) + [t.num_rows]
-    return {k: t.slice(s, e - s) for k, s, e in zip(uniq.tolist(), start.tolist(), ends)}
 
 
 def graph_from_rows(row: dict, nodes: pa.Table | None, edges: pa.Table | None, *, slug: str, scan: str | None = None,
@@ -133,53 +123,6 @@ def _old_index(dest: Store) -> dict | None:
     return old
 
 
-class _KeyedRows:
-    """A sweep partition's rows of one table, read data file by data file for the keys asked.
-
-    Keys are hashes, so file statistics cannot prune a scan filtered by key: each `Store.read(keys=...)` reads the
-    whole partition, and exporting a sweep batch by batch would read it once per batch. Instead the files are
-    planned once, each file's `key` column says which keys it holds, and every file is read once, when its keys
-    are exported (a key's rows are written by one worker flush, so they sit in one file)."""
-
-    def __init__(self, store: Store, name: str, sweep_id: str, keys: set[str]):
-        from pyiceberg.expressions import AlwaysTrue, EqualTo
-        from pyiceberg.io.pyarrow import ArrowScan
-
-        self.table, self.name = store.existing_table(name), name
-        self.tasks, self.files_of = [], {}
-        if self.table is None or self.table.current_snapshot() is None:
-            return
-        try:
-            self.tasks = list(self.table.scan(row_filter=EqualTo("sweep_id", sweep_id)).plan_files())
-            scan = ArrowScan(self.table.metadata, self.table.io, self.table.schema().select("key"), AlwaysTrue())
-            for i, task in enumerate(self.tasks):
-                for k in scan.to_table([task]).column("key").unique().to_pylist():
-                    if k in keys:
-                        self.files_of.setdefault(k, []).append(i)
-        except Exception as e:
-            raise StorageError(f"cannot read table {name} of {store.url}: {one_line(e)}") from e
-
-    def read(self, keys: list[str], columns: list[str]) -> dict[str, pa.Table]:
-        """{key: its rows} of `keys`, reading only the files that hold them."""
-        from pyiceberg.expressions import In
-        from pyiceberg.io.pyarrow import ArrowScan
-
-        tasks = sorted({i for k in keys for i in self.files_of.get(k, [])})
-        schema = pa.schema([SCHEMAS[self.name].field(c) for c in columns])
-        if not tasks:
-            return {}
-        have = {f.name for f in self.table.schema().fields}
-        try:
-            scan = ArrowScan(self.table.metadata, self.table.io, self.table.schema().select(*[c for c in columns if c in have]),
-                             In("key", list(keys)))
-            t = scan.to_table([self.tasks[i] for i in tasks])
-        except Exception as e:
-            raise StorageError(f"cannot read table {self.name}: {one_line(e)}") from e
-        t = pa.Table.from_arrays([t.column(c).cast(f.type) if c in t.column_names else pa.nulls(t.num_rows, f.type)
-                                  for c, f in zip(columns, schema)], schema=schema)
-        return _by_key(t)
-
-
 def export_sweep(store: Store, sweep_id: str, out: str, *, keys: list[str] | None = None, scan: str | None = None,
                  feature_details: dict | None = None, progress: bool = False, **out_options) -> dict:
     """Export the committed graphs of `sweep_id` (all 'ok' ones, or `keys`) to the directory URL `out`."""
@@ -192,9 +135,9 @@ def export_sweep(store: Store, sweep_id: str, out: str, *, keys: list[str] | Non
         raise CTRayError(f"--out {out} is a file, not a directory")
     old = _old_index(dest)
     want = {r["key"] for r in rows}
-    nodes, edges = _KeyedRows(store, "nodes", sweep_id, want), _KeyedRows(store, "edges", sweep_id, want)
+    nodes, edges = KeyedRows(store, "nodes", sweep_id, want), KeyedRows(store, "edges", sweep_id, want)
     # graphs grouped by the edges file that holds them: each edges file is read once (memory: one file's rows)
-    first = {k: min(v) for k, v in edges.files_of.items()}
+    first = {k: edges.first_file(k) for k in want}
     todo = sorted(rows, key=lambda r: first.get(r["key"], -1))
     entries, written = {}, 0
     bar = tqdm(total=len(rows), desc=f"export {sweep_id}", unit="graph", disable=not progress)

@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 
 FEATURES_DIR = "_features"
 SWEEPS_DIR = "_sweeps"
+LEGACY_TABLES = ("graphs", "nodes", "edges", "perturbations", "features", "train_metrics")  # what the old layout had
 METRICS_DIR = "tables/train_metrics"  # where the old `train` wrote its metrics table by default
 LEGACY_SCHEMA_VERSION = 1  # the per-file layout's rows: version 1 of the table schemas
 _READ_ROWS = 1 << 16  # rows gathered from the old files before they are handed to a writer
@@ -342,7 +343,7 @@ def import_legacy(store, legacy_url: str | None = None, progress: bool = False, 
     else:
         mfs, mroot = filesystem(str(metrics_url))
         metrics = _Legacy(mfs, mroot, str(metrics_url).rstrip("/"))
-    counts = {t: 0 for t in SCHEMAS}
+    counts = {t: 0 for t in LEGACY_TABLES}
     counts.update(files=0, skipped_keys=0, skipped_partitions=0, dropped_files=0, sweeps=[])
     t0 = time.perf_counter()
     # sweep and CLT ids name folders of the new store (_sweeps/{id}, _features/{id}): checked before any is used
@@ -368,7 +369,7 @@ def import_legacy(store, legacy_url: str | None = None, progress: bool = False, 
     if remove_old:
         _remove_old(store, old, sweeps, metrics, runs)
     counts["seconds"] = time.perf_counter() - t0
-    _say(progress, "imported " + ", ".join(f"{t} {counts[t]}" for t in SCHEMAS)
+    _say(progress, "imported " + ", ".join(f"{t} {counts[t]}" for t in LEGACY_TABLES)
          + f" ({counts['files']} data files, {counts['skipped_keys']} keys already there)")
     return counts
 

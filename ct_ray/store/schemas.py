@@ -175,13 +175,102 @@ TRAIN_METRICS_SCHEMA = pa.schema(
     ]
 )
 
+# --- analysis tables (ct_ray/analysis, `ct-ray analyze` / `ct-ray diff`): each partition replaced whole per run ---
+FEATURE_STATS_SCHEMA = pa.schema(
+    [
+        ("clt", pa.string()),  # the CLT id as the sweep's graphs rows name it
+        ("layer", pa.int32()),
+        ("feature", pa.int32()),
+        ("node_prefix", pa.string()),  # `{layer}_{feature}_`: joins nodes.node_id and features.node_prefix
+        ("n_prompts", pa.int32()),  # graphs in which it is a node (any position)
+        ("n_prompts_kept", pa.int32()),  # graphs in which it is a kept (pruned-graph) node
+        ("frac_prompts", pa.float32()),  # n_prompts / the sweep's 'ok' graphs
+        ("n_nodes", pa.int64()),  # node rows (prompt x position)
+        ("activation_mean", pa.float32()),  # over its node rows
+        ("activation_max", pa.float32()),
+        ("influence_sum", pa.float64()),  # Σ over graphs of its logit influence there (nodes.influence, summed over positions)
+        ("influence_mean", pa.float32()),  # influence_sum / n_prompts
+        ("influence_max", pa.float32()),  # its largest logit influence in one graph
+        ("top_logits", pa.list_(pa.string())),  # logit tokens it pushes most: Σ of its direct edges into each logit
+        ("top_logit_weights", pa.list_(pa.float32())),
+        ("top_keys", pa.list_(pa.string())),  # graphs where its influence is largest
+        ("top_key_influence", pa.list_(pa.float32())),
+        ("schema_version", pa.int16()),
+    ]
+)
+
+CIRCUIT_PATHS_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),  # the graph
+        ("rank", pa.int16()),  # 0 = the graph's strongest path
+        ("path", pa.string()),  # signature across prompts: 'L3/F17 > L9/F2 > " Paris"' (positions dropped)
+        ("hops", pa.int16()),  # edges on the path
+        ("node_ids", pa.list_(pa.string())),  # the path's nodes in this graph, source first, the logit last
+        ("layers", pa.list_(pa.int32())),  # feature nodes' layers, source first
+        ("features", pa.list_(pa.int32())),
+        ("logit_token", pa.int32()),
+        ("logit_str", pa.string()),
+        ("score", pa.float32()),  # p(logit) x Π normalised |edge weight| along the path (its share of the influence)
+        ("support", pa.int32()),  # graphs of the sweep with this path among their strongest
+        ("support_frac", pa.float32()),  # support / graphs analysed
+        ("mean_score", pa.float32()),  # mean score over those graphs
+        ("schema_version", pa.int16()),
+    ]
+)
+
+SUPERNODES_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),  # the graph (null: a sweep-level group of features)
+        ("method", pa.string()),  # how the groups were made, e.g. 'auto-v1'
+        ("supernode", pa.string()),  # the group's name
+        ("size", pa.int32()),
+        ("node_ids", pa.list_(pa.string())),  # members in this graph (graph-level rows)
+        ("layers", pa.list_(pa.int32())),  # members' layers and features (sweep-level rows: the group's features)
+        ("features", pa.list_(pa.int32())),
+        ("influence", pa.float32()),  # the members' summed logit influence
+        ("label", pa.string()),  # a readable hint: the logit tokens the group pushes most
+        ("schema_version", pa.int16()),
+    ]
+)
+
+GRAPH_DIFFS_SCHEMA = pa.schema(
+    [
+        ("sweep_a", pa.string()),
+        ("sweep_b", pa.string()),
+        ("prompt", pa.string()),  # matched by prompt text (null: the sweep-level aggregate row)
+        ("key_a", pa.string()),
+        ("key_b", pa.string()),
+        ("match", pa.string()),  # 'feature' (same CLT: layer, feature) | 'decoder' (cosine >= threshold)
+        ("replacement_delta", pa.float64()),  # b - a, pruned graphs
+        ("completeness_delta", pa.float64()),
+        ("top_token_a", pa.string()),
+        ("top_token_b", pa.string()),
+        ("top_prob_delta", pa.float32()),  # b - a of the model's probability of a's top token
+        ("logit_prob_l1", pa.float32()),  # Σ |p_b - p_a| over the union of both graphs' logit tokens
+        ("influence_a", pa.float64()),  # features' total logit influence in a
+        ("influence_b", pa.float64()),
+        ("matched_influence_a", pa.float64()),  # of which on features matched in b
+        ("matched_influence_b", pa.float64()),
+        ("n_features_a", pa.int32()),
+        ("n_features_b", pa.int32()),
+        ("n_matched", pa.int32()),
+        ("edge_change_l1", pa.float64()),  # Σ |w_b - w_a| over matched edges and unmatched edges' |w|
+        ("top_changed_edges", pa.list_(pa.string())),  # 'src > tgt: a -> b', largest |change| first
+        ("n_prompts", pa.int32()),  # aggregate row: prompts compared
+        ("schema_version", pa.int16()),
+    ]
+)
+
 # table -> partition column (identity-partitioned; always a string)
 PARTITIONS = {"graphs": "sweep_id", "nodes": "sweep_id", "edges": "sweep_id", "perturbations": "sweep_id",
-              "features": "clt_id", "train_metrics": "run"}
+              "features": "clt_id", "train_metrics": "run", "feature_stats": "sweep_id", "circuit_paths": "sweep_id",
+              "supernodes": "sweep_id", "graph_diffs": "diff_id"}
 SWEEP_TABLES = ("graphs", "nodes", "edges", "perturbations")
+ANALYSIS_TABLES = ("feature_stats", "circuit_paths", "supernodes", "graph_diffs")
 TABLE_NAMES = tuple(PARTITIONS)
 _BASE = {"graphs": GRAPHS_SCHEMA, "nodes": NODES_SCHEMA, "edges": EDGES_SCHEMA, "perturbations": PERTURBATIONS_SCHEMA,
-         "features": FEATURES_SCHEMA, "train_metrics": TRAIN_METRICS_SCHEMA}
+         "features": FEATURES_SCHEMA, "train_metrics": TRAIN_METRICS_SCHEMA, "feature_stats": FEATURE_STATS_SCHEMA,
+         "circuit_paths": CIRCUIT_PATHS_SCHEMA, "supernodes": SUPERNODES_SCHEMA, "graph_diffs": GRAPH_DIFFS_SCHEMA}
 
 
 def _full(name: str) -> pa.Schema:

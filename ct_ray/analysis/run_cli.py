@@ -1,0 +1,53 @@
+"""`ct-ray analyze SWEEP`: feature_stats + circuit_paths of a sweep, written as tables of the same store."""
+
+from __future__ import annotations
+
+
+def cmd_analyze(args) -> int:
+    from ..sweep.cli import store_of
+    from .run import analyze
+
+    r = analyze(store_of(args), args.sweep, top_paths=args.top_paths, max_hops=args.max_hops, workers=args.workers,
+                progress=not args.no_progress, write=not args.no_write)
+    s = r["seconds"]
+    print(f"analysed {r['graphs']} graph(s) of sweep {r['sweep_id']} in {s['total']:.1f} s: {r['features']} features "
+          f"-> feature_stats, {r['paths']} paths ({r['distinct_paths']} distinct) -> circuit_paths"
+          + (" (not written: --no-write)" if args.no_write else ""))
+    fs = r["feature_stats"]
+    if fs.num_rows:
+        print("most recurring features (prompts, mean logit influence, pushes):")
+        top = fs.sort_by([("n_prompts", "descending"), ("influence_sum", "descending")]).slice(0, args.show)
+        for row in top.to_pylist():
+            push = ", ".join(f"{t!r}" for t in (row["top_logits"] or [])[:3])
+            print(f"  L{row['layer']}/F{row['feature']}: {row['n_prompts']} ({row['frac_prompts']:.0%}), "
+                  f"{row['influence_mean']:.3g}{', ' + push if push else ''}")
+    cp = r["circuit_paths"]
+    if cp.num_rows:
+        print("most recurring paths (graphs, mean score):")
+        seen = cp.select(["path", "support", "mean_score"]).group_by(["path"]).aggregate(
+            [("support", "max"), ("mean_score", "max")]).sort_by([("support_max", "descending"),
+                                                                    ("mean_score_max", "descending")])
+        for row in seen.slice(0, args.show).to_pylist():
+            print(f"  {row['path']}: {row['support_max']}, {row['mean_score_max']:.3g}")
+    return 0
+
+
+def add_parsers(sub) -> None:
+    from ..sweep.cli import add_store_args
+
+    s = sub.add_parser("analyze", help="circuits across a sweep's prompts: feature_stats and circuit_paths tables",
+                       description="Read a sweep's committed graphs, nodes and edges (file by file, bounded memory) "
+                                   "and write the tables feature_stats (per feature: prompts, activation, logit "
+                                   "influence, logits pushed, top prompts) and circuit_paths (each graph's strongest "
+                                   "feature -> ... -> logit paths and their recurrence) in the same store. Re-running "
+                                   "replaces the sweep's rows. See docs/analysis.md.")
+    add_store_args(s)
+    s.add_argument("sweep", help="sweep id")
+    s.add_argument("--top-paths", type=int, default=10, help="paths kept per graph (default 10)")
+    s.add_argument("--max-hops", type=int, default=4, help="edges per path at most (default 4)")
+    s.add_argument("--workers", type=int, default=1,
+                   help="Ray tasks in flight (default 1: in this process, no Ray); >1 for large sweeps")
+    s.add_argument("--show", type=int, default=5, help="rows of each summary printed (default 5)")
+    s.add_argument("--no-write", action="store_true", help="compute and print, write no table")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(fn=cmd_analyze)

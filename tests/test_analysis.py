@@ -1,0 +1,153 @@
+"""`ct-ray analyze` (ct_ray/analysis): feature_stats and circuit_paths of a real sweep on tiny models, checked against
+an independent computation (SQL for the aggregates, exhaustive path enumeration for the paths), idempotent, the same
+in-process and as Ray tasks."""
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+
+from ct_ray import load_model, random_clt, save_clt
+from ct_ray.analysis.run import analyze
+from ct_ray.cli import main as cli_main
+from ct_ray.store.sql import query
+from ct_ray.store.tables import Store
+from ct_ray.sweep import parse_sweep_spec, run_sweep
+
+PROMPTS = ["The capital of France is", "The capital of Spain is", "One two three four", "The cat sat on the",
+           "The capital of Italy is", "Red green blue"]
+
+
+@pytest.fixture(scope="module")
+def store(ray_local, tiny_dir, tmp_path_factory):
+    lm = load_model(tiny_dir)
+    clt = tmp_path_factory.mktemp("an_clt") / "clt"
+    save_clt(random_clt(lm, 24, seed=5, firing_rate=0.2), str(clt))
+    url = tmp_path_factory.mktemp("an_store") / "store"
+    spec = {"sweep_id": "a1", "model": str(tiny_dir), "clt": str(clt), "prompts": PROMPTS + [""],
+            "storage": str(url), "resources": {"workers": 1, "num_cpus": 1},
+            "attribution": {"max_n_logits": 4, "batch_size": 64}}
+    r = run_sweep(parse_sweep_spec(spec))
+    assert (r.ok, r.failed) == (len(PROMPTS), 1)
+    return str(url)
+
+
+def _paths_brute(nodes: list[dict], edges: list[dict], max_hops: int) -> dict[str, float]:
+    """Every feature -> ... -> logit path of the kept graph and its score, best per signature: by enumeration."""
+    nodes = [n for n in nodes if n["kept"] is not False]
+    by = {n["node"]: n for n in nodes}
+    edges = [e for e in edges if e["kept"] is not False and e["source"] in by and e["target"] in by]
+    tot: dict[int, float] = {}
+    for e in edges:
+        tot[e["target"]] = tot.get(e["target"], 0.0) + abs(e["weight"])
+    inc: dict[int, list] = {}
+    for e in edges:
+        if by[e["source"]]["kind"] == "feature" and abs(e["weight"]) > 0:
+            inc.setdefault(e["target"], []).append((e["source"], abs(e["weight"]) / tot[e["target"]]))
+    best: dict[str, float] = {}
+
+    def walk(head, score, rows):
+        if len(rows) > 1:
+            sig = " > ".join([*(f"L{by[r]['layer']}/F{by[r]['feature']}" for r in rows[:-1]),
+                              json.dumps(by[rows[-1]]["token_str"], ensure_ascii=False)])
+            best[sig] = max(best.get(sig, 0.0), score)
+        if len(rows) <= max_hops:
+            for s, a in inc.get(head, []):
+                walk(s, score * a, [s, *rows])
+
+    for n in nodes:
+        if n["kind"] == "logit" and n["probability"] and n["probability"] > 0:
+            walk(n["node"], n["probability"], [n["node"]])
+    return best
+
+
+def test_feature_stats_match_sql(store):
+    r = analyze(Store(store), "a1")
+    assert r["graphs"] == len(PROMPTS) and r["features"] > 0
+    st = Store(store)
+    mine = {(x["layer"], x["feature"]): x for x in st.read("feature_stats", "a1").to_pylist()}
+    ref = query("""SELECT layer, feature, count(DISTINCT key) AS n, count(*) AS nodes, max(activation) AS amax,
+                          avg(activation) AS amean, sum(influence) AS inf
+                   FROM nodes WHERE sweep_id = 'a1' AND kind = 'feature' GROUP BY layer, feature""", store=st).to_pylist()
+    assert len(mine) == len(ref) == r["features"]
+    for x in ref:
+        m = mine[(x["layer"], x["feature"])]
+        assert (m["n_prompts"], m["n_nodes"]) == (x["n"], x["nodes"])
+        assert m["activation_max"] == pytest.approx(x["amax"], rel=1e-6)
+        assert m["activation_mean"] == pytest.approx(x["amean"], rel=1e-5)
+        assert m["influence_sum"] == pytest.approx(x["inf"], rel=1e-5, abs=1e-9)
+        assert m["node_prefix"] == f"{x['layer']}_{x['feature']}_" and m["frac_prompts"] == pytest.approx(x["n"] / 6)
+        assert m["top_keys"] and len(m["top_keys"]) == len(m["top_key_influence"]) <= 5
+        assert m["top_key_influence"] == sorted(m["top_key_influence"], reverse=True)
+    # pushes: the sum of a feature's direct edges into each logit node, by token (checked for every feature)
+    push = query("""SELECT s.layer, s.feature, t.token_str AS tok, sum(e.weight) AS w FROM edges e
+                    JOIN nodes s ON s.key = e.key AND s.node = e.source AND s.kind = 'feature'
+                    JOIN nodes t ON t.key = e.key AND t.node = e.target AND t.kind = 'logit'
+                    WHERE e.sweep_id = 'a1' GROUP BY ALL""", store=st).to_pylist()
+    want: dict = {}
+    for p in push:
+        want.setdefault((p["layer"], p["feature"]), {})[p["tok"]] = p["w"]
+    for f, m in mine.items():
+        ranked = sorted(want.get(f, {}).items(), key=lambda kv: -abs(kv[1]))[:5]
+        assert [abs(w) for w in m["top_logit_weights"]] == pytest.approx([abs(w) for _, w in ranked], rel=1e-5)
+
+
+def test_paths_equal_exhaustive_enumeration(store):
+    st = Store(store)
+    r = analyze(st, "a1", top_paths=1000, max_hops=3, write=False)
+    paths = r["circuit_paths"].to_pylist()
+    nodes = st.read("nodes", "a1").to_pylist()
+    edges = st.read("edges", "a1").to_pylist()
+    keys = {n["key"] for n in nodes}
+    checked = 0
+    for k in keys:
+        brute = _paths_brute([n for n in nodes if n["key"] == k], [e for e in edges if e["key"] == k], 3)
+        mine = {p["path"]: p for p in paths if p["key"] == k}
+        # the beam (64 per hop) finds every path of these small graphs whose score is among the best 64 per hop
+        top = sorted(brute.items(), key=lambda kv: -kv[1])[:20]
+        for sig, score in top:
+            assert sig in mine and mine[sig]["score"] == pytest.approx(score, rel=1e-5), (k, sig)
+        ranks = [p["rank"] for p in sorted(mine.values(), key=lambda p: -p["score"])]
+        assert ranks == list(range(len(mine)))
+        checked += len(top)
+    assert checked > 20
+    # support: graphs holding the signature; mean score over them
+    for sig, grp in itertools.groupby(sorted(paths, key=lambda p: p["path"]), key=lambda p: p["path"]):
+        grp = list(grp)
+        assert {p["support"] for p in grp} == {len({p["key"] for p in grp})}
+        assert grp[0]["mean_score"] == pytest.approx(np.mean([p["score"] for p in grp]), rel=1e-5)
+        assert grp[0]["hops"] == len(grp[0]["layers"]) == len(grp[0]["node_ids"]) - 1
+
+
+def test_rerun_replaces_and_ray_tasks_agree(store, capsys):
+    st = Store(store)
+    a = analyze(st, "a1")
+    n = (st.read("feature_stats", "a1").num_rows, st.read("circuit_paths", "a1").num_rows)
+    assert n == (a["features"], a["paths"])
+    b = analyze(st, "a1", workers=2, unit_graphs=2)  # 3 units as Ray tasks
+    assert b["units"] >= 3
+    assert (st.read("feature_stats", "a1").num_rows, st.read("circuit_paths", "a1").num_rows) == n  # replaced
+    fa = a["feature_stats"].sort_by([("layer", "ascending"), ("feature", "ascending")]).to_pylist()
+    fb = b["feature_stats"].sort_by([("layer", "ascending"), ("feature", "ascending")]).to_pylist()
+    assert [(x["layer"], x["feature"], x["n_prompts"], x["top_keys"]) for x in fa] == \
+           [(x["layer"], x["feature"], x["n_prompts"], x["top_keys"]) for x in fb]
+    assert all(x["influence_sum"] == pytest.approx(y["influence_sum"], rel=1e-9) for x, y in zip(fa, fb))
+    pa_, pb_ = (sorted((p["key"], p["rank"], p["path"], p["support"]) for p in t["circuit_paths"].to_pylist())
+                for t in (a, b))
+    assert pa_ == pb_
+    rc = cli_main(["sql", "--store", store, "SELECT count(*) AS n FROM circuit_paths WHERE sweep_id = 'a1'"])
+    assert rc == 0 and str(n[1]) in capsys.readouterr().out
+
+
+def test_cli(store, capsys):
+    rc = cli_main(["analyze", "a1", "--store", store, "--no-progress", "--show", "3"])
+    out = capsys.readouterr().out
+    assert rc == 0 and f"analysed {len(PROMPTS)} graph(s) of sweep a1" in out and "most recurring features" in out
+    for argv, msg in [(["analyze", "nope", "--store", store], "no committed graphs in sweep 'nope'"),
+                      (["analyze", "../a1", "--store", store], "not a safe name"),
+                      (["analyze", "a1", "--store", store, "--max-hops", "0"], "--max-hops"),
+                      (["analyze", "a1", "--store", store + "-missing"], "no store at")]:
+        rc = cli_main(argv)
+        err = capsys.readouterr().err
+        assert rc == 2 and msg in err and err.count("\n") == 1, (argv, err)
