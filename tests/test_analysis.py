@@ -151,3 +151,28 @@ def test_cli(store, capsys):
         rc = cli_main(argv)
         err = capsys.readouterr().err
         assert rc == 2 and msg in err and err.count("\n") == 1, (argv, err)
+
+
+def test_a_sweep_refuses_a_second_plan(store, tiny_dir, tmp_path):
+    """Issue 22 item 5: one sweep id, one model/CLT/params; --new-plan removes the old rows and starts over."""
+    from ct_ray.errors import CTRayError
+
+    def spec(seed):
+        return parse_sweep_spec({"sweep_id": "p1", "model": str(tiny_dir), "prompts": PROMPTS[:2], "storage": store,
+                                 "random_clt": {"features": 16, "seed": seed}, "resources": {"workers": 1, "num_cpus": 1},
+                                 "attribution": {"max_n_logits": 4, "batch_size": 64}})
+
+    assert run_sweep(spec(1)).ok == 2
+    assert run_sweep(spec(1)).skipped == 2  # the same plan resumes
+    with pytest.raises(CTRayError, match="another plan .*clt random.*seed=1.*seed=2.*--new-plan"):
+        run_sweep(spec(2))
+    st = Store(store)
+    analyze(st, "p1")
+    assert st.read("feature_stats", "p1").num_rows
+    r = run_sweep(spec(2), new_plan=True)
+    assert (r.ok, r.skipped) == (2, 0)
+    g = st.read("graphs", "p1").to_pylist()
+    assert len(g) == 2 and {x["clt"] for x in g} == {spec(2).clt_id()}
+    assert st.read("feature_stats", "p1").num_rows == 0  # the old plan's analysis went with its rows
+    nodes = st.read("nodes", "p1", columns=["key"]).column("key").to_pylist()
+    assert set(nodes) == {x["key"] for x in g}

@@ -10,6 +10,7 @@ replaces and never duplicates. See docs/analysis.md.
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -121,22 +122,28 @@ def _lists(t: pa.Table, name: str, value: str, k: int, at: pa.Table, absolute: b
             pa.ListArray.from_arrays(offs, pc.cast(t.column(value), pa.float32()).combine_chunks()))
 
 
-def analyze(store, sweep_id: str, *, top_paths: int = 10, max_hops: int = 4, workers: int = 1,
+AUTO_RAY_GRAPHS = 20_000  # from this many graphs, `workers=None` fans out over Ray (its start-up then pays off)
+
+
+def analyze(store, sweep_id: str, *, top_paths: int = 10, max_hops: int = 4, workers: int | None = None,
             unit_graphs: int = UNIT_GRAPHS, progress: bool = False, write: bool = True) -> dict:
     """feature_stats + circuit_paths of `sweep_id`, committed (replacing the sweep's partitions) unless `write`
-    is False. Returns counts, timings and the two tables."""
+    is False. `workers`: Ray tasks in flight (1: this process; None: every CPU for sweeps of AUTO_RAY_GRAPHS graphs
+    or more, else 1). Returns counts, timings and the two tables."""
     from tqdm.auto import tqdm
 
     from ..executor.tasks import map_unordered
     from ..store.commit import replace_partition
 
     check_name(sweep_id, "sweep id")
-    if not 1 <= top_paths <= 1000 or not 1 <= max_hops <= 16:
-        raise CTRayError("--top-paths: give 1..1000; --max-hops: give 1..16")
+    if not 1 <= top_paths <= 1000 or not 1 <= max_hops <= 16 or (workers is not None and workers < 1):
+        raise CTRayError("--top-paths: give 1..1000; --max-hops: give 1..16; --workers: at least 1")
     store.check_exists()
     t0 = time.perf_counter()
     units, n_ok = plan_units(store, sweep_id, unit_graphs)
     t_plan = time.perf_counter() - t0
+    if workers is None:
+        workers = min(os.cpu_count() or 1, len(units)) if n_ok >= AUTO_RAY_GRAPHS else 1
     acc: Partials | None = None
     pending: list[Partials] = []
     secs = {"read": 0.0, "reduce": 0.0}
@@ -163,7 +170,7 @@ def analyze(store, sweep_id: str, *, top_paths: int = 10, max_hops: int = 4, wor
         props = {"ct-ray.sweep": sweep_id, "ct-ray.analysis": "feature_stats+circuit_paths"}
         replace_partition(store, "feature_stats", sweep_id, stats, props)
         replace_partition(store, "circuit_paths", sweep_id, paths, props)
-    return {"sweep_id": sweep_id, "graphs": acc.n_graphs, "units": len(units), "features": stats.num_rows,
+    return {"sweep_id": sweep_id, "graphs": acc.n_graphs, "units": len(units), "workers": workers, "features": stats.num_rows,
             "paths": paths.num_rows, "distinct_paths": len(set(paths.column("path").to_pylist())) if paths.num_rows else 0,
             "seconds": {"plan": t_plan, **secs, "total_reduce": t_reduce, "total": time.perf_counter() - t0},
             "feature_stats": stats, "circuit_paths": paths}

@@ -10,7 +10,8 @@ def cmd_analyze(args) -> int:
     r = analyze(store_of(args), args.sweep, top_paths=args.top_paths, max_hops=args.max_hops, workers=args.workers,
                 progress=not args.no_progress, write=not args.no_write)
     s = r["seconds"]
-    print(f"analysed {r['graphs']} graph(s) of sweep {r['sweep_id']} in {s['total']:.1f} s: {r['features']} features "
+    how = f"{r['workers']} Ray tasks" if r["workers"] > 1 else "in-process"
+    print(f"analysed {r['graphs']} graph(s) of sweep {r['sweep_id']} in {s['total']:.1f} s ({how}): {r['features']} features "
           f"-> feature_stats, {r['paths']} paths ({r['distinct_paths']} distinct) -> circuit_paths"
           + (" (not written: --no-write)" if args.no_write else ""))
     fs = r["feature_stats"]
@@ -45,8 +46,9 @@ def add_parsers(sub) -> None:
     s.add_argument("sweep", help="sweep id")
     s.add_argument("--top-paths", type=int, default=10, help="paths kept per graph (default 10)")
     s.add_argument("--max-hops", type=int, default=4, help="edges per path at most (default 4)")
-    s.add_argument("--workers", type=int, default=1,
-                   help="Ray tasks in flight (default 1: in this process, no Ray); >1 for large sweeps")
+    s.add_argument("--workers", type=int, default=None,
+                   help="Ray tasks in flight (1: in this process, no Ray; default: every CPU from 20,000 graphs on, "
+                        "else 1)")
     s.add_argument("--show", type=int, default=5, help="rows of each summary printed (default 5)")
     s.add_argument("--no-write", action="store_true", help="compute and print, write no table")
     s.add_argument("--no-progress", action="store_true")

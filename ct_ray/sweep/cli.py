@@ -63,7 +63,8 @@ def cmd_sweep(args) -> int:
         from ..specs import parse_sweep_spec
 
         spec = parse_sweep_spec({**spec.model_dump(), **upd}, where=words[0])
-    r = run_sweep(spec, address=args.address, progress=not args.no_progress, retry_errors=args.retry_errors)
+    r = run_sweep(spec, address=args.address, progress=not args.no_progress, retry_errors=args.retry_errors,
+                  new_plan=args.new_plan)
     print(f"sweep {r.sweep_id}: {r.n_prompts} prompts ({r.duplicates} duplicates dropped); "
           f"{r.skipped} already committed, {r.ok} attributed, {r.failed} failed, {r.perturbed} perturbed "
           f"in {r.seconds:.1f} s" + (f"; worker restarts {r.worker_restarts}" if r.worker_restarts else ""))
@@ -108,6 +109,8 @@ def add_parsers(sub) -> None:
     s.add_argument("--sweep-id", help="override the spec's sweep_id")
     s.add_argument("--workers", type=int, help="override resources.workers")
     s.add_argument("--retry-errors", action="store_true", help="also retry prompts that failed permanently")
+    s.add_argument("--new-plan", action="store_true",
+                   help="the spec's model/CLT/params differ from the sweep's committed plan: remove its rows, start over")
     s.add_argument("--no-progress", action="store_true")
     s.add_argument("--json", action="store_true", help="status as JSON")
     s.set_defaults(fn=cmd_sweep)

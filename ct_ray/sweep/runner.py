@@ -74,17 +74,52 @@ class _Progress:
             self.bar.close()
 
 
+def check_plan(store: Store, spec: SweepSpec, new_plan: bool = False) -> None:
+    """Refuse a spec whose model, CLT or parameters differ from the plan that committed the sweep's rows: its keys
+    would differ, and the sweep would silently hold graphs of two setups. `new_plan`: remove the sweep's committed rows
+    (every table, analysis tables included) so the new plan starts from nothing."""
+    import json
+
+    from ..errors import CTRayError
+    from ..store.commit import commit_files, live_files
+    from ..store.schemas import ANALYSIS_TABLES, PARTITIONS, SWEEP_TABLES
+
+    sid = spec.sweep_id
+    old = store.read_json(f"{SWEEPS_DIR}/{sid}/plan.json")
+    if not old:
+        return
+    mine = {"model": spec.model, "clt": spec.clt_id(), "params": spec.params()}
+    norm = lambda v: json.dumps(v, sort_keys=True, default=str)  # noqa: E731
+    changed = [k for k in mine if norm(old.get(k)) != norm(mine[k])]
+    if not changed or not store.committed(sid).num_rows:
+        return  # the same plan, or nothing committed under the old one
+    if not new_plan:
+        what = "; ".join(f"{k} {old.get(k)!s:.60} -> {mine[k]!s:.60}" for k in changed if k != "params")
+        raise CTRayError(f"sweep {sid!r} already holds graphs of another plan ({what or 'attribution/pruning params'}"
+                         f"{' and params' if what and 'params' in changed else ''} differ): give a new sweep_id, or "
+                         f"--new-plan to remove its committed rows and start over")
+    # graphs first: rows of keys without a graphs row are invisible to every reader, and recover() removes them
+    for name in ("graphs", *[t for t in SWEEP_TABLES if t != "graphs"],
+                 *[t for t in ANALYSIS_TABLES if PARTITIONS[t] == "sweep_id"]):
+        files = live_files(store, name, sid)
+        if files:
+            commit_files(store, name, [], {"ct-ray.sweep": sid, "ct-ray.new-plan": "1"}, delete=files)
+    log.warning("sweep %s: committed rows of the previous plan removed (--new-plan)", sid)
+
+
 def run_sweep(spec: SweepSpec, *, address: str | None = None, progress: bool = False, retry_errors: bool = False,
-              on_event=None, ray_init_kwargs: dict | None = None) -> SweepResult:
+              on_event=None, ray_init_kwargs: dict | None = None, new_plan: bool = False) -> SweepResult:
     """Run (or finish) a sweep. Keys already committed in storage are skipped; error rows of transient kinds
     ('internal', 'worker') are retried, permanent ones ('prompt', 'input') only with `retry_errors`.
 
     `on_event(kind, summary)` is called on the driver for each finished task (kind 'prompt' or 'perturbation')
-    and each commit round (kind 'commit'), e.g. for tests that inject faults."""
+    and each commit round (kind 'commit'), e.g. for tests that inject faults. A spec whose model, CLT or parameters
+    differ from the plan of the sweep's committed rows is refused (`check_plan`) unless `new_plan`."""
     t0 = time.perf_counter()
     sid = spec.sweep_id
     store = spec.storage.store()
     store.check_writable()
+    check_plan(store, spec, new_plan)
     items, dups = read_prompts(spec)
     perturb_fn, perturb_skip = resolve(spec.perturbation)
     plan_hash = spec.perturbation.plan_hash()
