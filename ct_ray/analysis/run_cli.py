@@ -14,23 +14,30 @@ def cmd_analyze(args) -> int:
     print(f"analysed {r['graphs']} graph(s) of sweep {r['sweep_id']} in {s['total']:.1f} s ({how}): {r['features']} features "
           f"-> feature_stats, {r['paths']} paths ({r['distinct_paths']} distinct) -> circuit_paths"
           + (" (not written: --no-write)" if args.no_write else ""))
+    print(summary(r, args.show))
+    return 0
+
+
+def summary(r: dict, show: int = 5) -> str:
+    """The most recurring features and paths of an `analyze` result, as lines to print."""
+    lines = []
     fs = r["feature_stats"]
     if fs.num_rows:
-        print("most recurring features (prompts, mean logit influence, pushes):")
-        top = fs.sort_by([("n_prompts", "descending"), ("influence_sum", "descending")]).slice(0, args.show)
+        lines.append("most recurring features (graphs, mean logit influence, logits pushed most):")
+        top = fs.sort_by([("n_prompts", "descending"), ("influence_sum", "descending")]).slice(0, show)
         for row in top.to_pylist():
             push = ", ".join(f"{t!r}" for t in (row["top_logits"] or [])[:3])
-            print(f"  L{row['layer']}/F{row['feature']}: {row['n_prompts']} ({row['frac_prompts']:.0%}), "
-                  f"{row['influence_mean']:.3g}{', ' + push if push else ''}")
+            lines.append(f"  L{row['layer']}/F{row['feature']}: {row['n_prompts']} ({row['frac_prompts']:.0%}), "
+                         f"{row['influence_mean']:.3g}{', ' + push if push else ''}")
     cp = r["circuit_paths"]
     if cp.num_rows:
-        print("most recurring paths (graphs, mean score):")
+        lines.append("most recurring paths (graphs, mean score):")
         seen = cp.select(["path", "support", "mean_score"]).group_by(["path"]).aggregate(
             [("support", "max"), ("mean_score", "max")]).sort_by([("support_max", "descending"),
                                                                     ("mean_score_max", "descending")])
-        for row in seen.slice(0, args.show).to_pylist():
-            print(f"  {row['path']}: {row['support_max']}, {row['mean_score_max']:.3g}")
-    return 0
+        for row in seen.slice(0, show).to_pylist():
+            lines.append(f"  {row['path']}: {row['support_max']}, {row['mean_score_max']:.3g}")
+    return "\n".join(lines)
 
 
 def add_parsers(sub) -> None:
