@@ -192,3 +192,26 @@ def test_demo_sweep_helper(ray_local, tiny_dir, tmp_path):
                                         "function": "ct_ray.sweep.perturbation:predicted_only"})
     assert (r.ok, r.failed, r.perturbed) == (2, 0, 2)
     assert table.splitlines()[0].split()[:3] == ["i", "prompt", "status"] and table.endswith("(2 rows)")
+
+
+def test_a_prompt_utf8_cannot_encode_is_one_error_row(ray_local, tiny_dir, tmp_path):
+    """Issue 21 item 4: a lone surrogate (a YAML or JSON escape) in a prompt or a target, inline or in a JSONL file,
+    gets an error row of kind 'prompt'; the other prompts are committed and a re-run skips it."""
+    from ct_ray.store.tables import Store
+    from ct_ray.sweep import parse_sweep_spec
+
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text('{"prompt": "a\\ud800b"}\n{"prompt": "The cat sat on"}\n')
+    for i, prompts in enumerate([["x\ud800y", {"prompt": "ok", "target": "t\udfffu"}, "The cat sat on"],
+                                 {"url": str(jsonl)}]):
+        spec = parse_sweep_spec({"sweep_id": f"u{i}", "model": str(tiny_dir), "prompts": prompts,
+                                 "random_clt": {"features": 8}, "storage": str(tmp_path / "store"),
+                                 "resources": {"workers": 1, "num_cpus": 1}})
+        r = run_sweep(spec)
+        n_bad = len(prompts) - 1 if isinstance(prompts, list) else 1
+        assert (r.ok, r.failed) == (1, n_bad)
+        rows = Store(str(tmp_path / "store")).read("graphs", f"u{i}").to_pylist()
+        bad = [x for x in rows if x["status"] != "ok"]
+        assert len(bad) == n_bad and all(x["error_kind"] == "prompt" and "lone surrogate" in x["error"] for x in bad)
+        assert any("\\ud800" in x["prompt"] for x in bad)
+        assert run_sweep(spec).skipped == n_bad + 1

@@ -127,6 +127,22 @@ def _read_file(src: PromptFile, storage_options: dict) -> list[tuple[str, str | 
     return rows
 
 
+def _encodable(prompt: str, target: str | None) -> tuple[str, str | None, str | None, bytes | None]:
+    """A prompt or target that UTF-8 cannot encode (a lone surrogate, from a YAML or JSON escape) becomes an invalid
+    item, shown with the surrogate escaped and keyed by its raw code units: one error row, the sweep goes on."""
+    for what, text in (("prompt", prompt), ("target", target)):
+        if text is None:
+            continue
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            show = lambda t: None if t is None else t.encode("utf-8", "backslashreplace").decode()  # noqa: E731
+            raw = prompt.encode("utf-8", "surrogatepass") + b"\x00" + (target or "").encode("utf-8", "surrogatepass")
+            return (show(prompt), show(target),
+                    f"{what} is not encodable as UTF-8 (lone surrogate {text[e.start]!a} at character {e.start})", raw)
+    return prompt, target, None, None
+
+
 def read_prompts(spec: SweepSpec) -> tuple[list[PromptItem], int]:
     """The sweep's prompts as keyed items, duplicates (same key) dropped; returns (items, n_duplicates)."""
     if isinstance(spec.prompts, PromptFile):
@@ -142,6 +158,8 @@ def read_prompts(spec: SweepSpec) -> tuple[list[PromptItem], int]:
         raise CTRayError("the prompt source holds no prompts")
     seen, items, dups = set(), [], 0
     for i, (prompt, target, invalid, raw) in enumerate(rows):
+        if invalid is None:
+            prompt, target, invalid, raw = _encodable(prompt, target)
         key = task_key(spec, prompt, target, raw)
         if key in seen:
             dups += 1
