@@ -16,6 +16,7 @@ import os
 import signal
 import time
 import uuid
+import warnings
 
 from ..errors import StorageError, one_line
 from .schemas import PARTITIONS, conform
@@ -48,7 +49,9 @@ def commit_files(store, name: str, add: list, properties: dict | None = None, de
     try:
         tx = t.transaction()
         if delete_where is not None:
-            tx.delete(delete_where, snapshot_properties=props)
+            with warnings.catch_warnings():  # "did not match any records": nothing to delete is fine here
+                warnings.simplefilter("ignore", UserWarning)
+                tx.delete(delete_where, snapshot_properties=props)
         upd = tx.update_snapshot(snapshot_properties=props)
         with (upd.overwrite() if delete else upd.fast_append()) as op:
             for f in _revive(list(add), t.metadata.default_spec_id):
@@ -161,8 +164,8 @@ class Committer:
     already committed or already in the round, or whose perturbations are of keys with no graphs row (their prompt
     was lost with a worker). The caller re-runs the report's keys instead; its files are never committed."""
 
-    def __init__(self, store, sweep_id: str, committed_keys=(), perturbed_keys=(), replace_keys=()):
-        self.store, self.sweep_id = store, sweep_id
+    def __init__(self, store, sweep_id: str, committed_keys=(), perturbed_keys=(), replace_keys=(), lease=None):
+        self.store, self.sweep_id, self.lease = store, sweep_id, lease
         self.keys = set(committed_keys)  # keys with a committed graphs row (not to be written again)
         self.replace = set(replace_keys)  # keys whose committed (error) row a new row replaces
         self.perturbed = set(perturbed_keys)  # keys with committed perturbation rows (of the current plan)
@@ -199,6 +202,20 @@ class Committer:
     def pending(self) -> int:
         return len(self.prompts) + len(self.perturbations) + self.driver_rows.pending
 
+    def _check_once(self, keys: set[str]) -> None:
+        """After a graphs commit: none of the round's keys may be there twice. Two drivers that raced past the lease
+        both commit a key; both see it here, remove every row of it (idempotent) and stop, and the next run
+        recomputes it once."""
+        from .lease import dedupe_keys, duplicated_keys
+
+        dup = duplicated_keys(self.store, self.sweep_id, keys) if keys else []
+        if dup:
+            dedupe_keys(self.store, self.sweep_id, dup)
+            from ..errors import CTRayError
+
+            raise CTRayError(f"sweep {self.sweep_id!r}: another driver committed {len(dup)} of this round's keys at the "
+                             f"same time; their rows were removed: run the sweep again, one driver at a time")
+
     def commit(self) -> dict:
         """Commit the round: nodes, edges, graphs (the commit record), perturbations. Returns counts."""
         if self.driver_rows.pending:
@@ -214,6 +231,8 @@ class Committer:
             if self.ok:
                 props[PROP_FIRST] = self.ok[0]
             props["ct-ray.prompts"] = len(self.prompts)
+            if self.lease is not None:
+                self.lease.check()  # another driver took the sweep over: this round is dropped, never committed
             for t in GRAPH_PARTS:
                 commit_files(self.store, t, self.files.get(t, []), props)
             _fault("before-graphs", self.rounds)
@@ -222,6 +241,7 @@ class Committer:
             commit_files(self.store, "graphs", self.files.get("graphs", []), props, delete_where=where)
             self.keys.update(self.prompts)
             self.replace.difference_update(self.prompts)
+            self._check_once(set(self.prompts) - set(replaced))
         if self.perturbations:
             commit_files(self.store, "perturbations", self.files.get("perturbations", []),
                          {PROP_SWEEP: self.sweep_id, PROP_BATCH: batch, "ct-ray.graphs": len(self.perturbations)})

@@ -284,6 +284,7 @@ def sweep_counts(store: Store, sweep_id: str) -> dict:
     status = g.column("status").to_pylist()
     kinds = g.column("error_kind").to_pylist()
     keys = set(g.column("key").to_pylist())
+    twice = len(status) - len(keys)  # rows of keys committed more than once (two drivers at once)
     errors: dict[str, int] = {}
     for s, k in zip(status, kinds):
         if s != "ok":
@@ -295,6 +296,7 @@ def sweep_counts(store: Store, sweep_id: str) -> dict:
         "sweep_id": sweep_id,
         "planned": planned,
         "committed": len(keys),
+        "duplicate_rows": twice,
         "ok": status.count("ok"),
         "error": len(status) - status.count("ok"),
         "errors_by_kind": errors,

@@ -36,6 +36,22 @@ def cmd_sweep(args) -> int:
         c = sweep_status(words[1], store=st)
         print(json.dumps(c, indent=1, default=str) if args.json else format_status(c))
         return 0
+    if words[0] == "repair":
+        if len(words) != 2:
+            raise CTRayError("usage: ct-ray sweep repair SWEEP_ID [--store URL]")
+        from ..store.lease import SweepLease, repair
+        from ..store.names import check_name
+
+        st = store_of(args)
+        st.check_exists()
+        lease = SweepLease(st, check_name(words[1], "sweep id")).acquire(args.wait_lease)  # no driver meanwhile
+        try:
+            dup = repair(st, words[1])
+        finally:
+            lease.release()
+        print(f"sweep {words[1]}: {len(dup)} key(s) were committed more than once; all their rows were removed"
+              + (": run the sweep again to recompute them" if dup else ""))
+        return 0
     if words[0] == "list":
         st = store_of(args)
         st.check_exists()
@@ -64,7 +80,7 @@ def cmd_sweep(args) -> int:
 
         spec = parse_sweep_spec({**spec.model_dump(), **upd}, where=words[0])
     r = run_sweep(spec, address=args.address, progress=not args.no_progress, retry_errors=args.retry_errors,
-                  new_plan=args.new_plan)
+                  new_plan=args.new_plan, lease_wait_s=args.wait_lease)
     print(f"sweep {r.sweep_id}: {r.n_prompts} prompts ({r.duplicates} duplicates dropped); "
           f"{r.skipped} already committed, {r.ok} attributed, {r.failed} failed, {r.perturbed} perturbed "
           f"in {r.seconds:.1f} s" + (f"; worker restarts {r.worker_restarts}" if r.worker_restarts else ""))
@@ -98,17 +114,21 @@ def cmd_sql(args) -> int:
 
 
 def add_parsers(sub) -> None:
-    s = sub.add_parser("sweep", help="run a prompt sweep from a spec (or: sweep status SWEEP_ID, sweep list)",
+    s = sub.add_parser("sweep", help="run a prompt sweep from a spec (or: sweep status|repair SWEEP_ID, sweep list)",
                        description="ct-ray sweep SPEC.yaml [--address ADDR]: attribute every prompt on a Ray actor "
                                    "pool into Parquet tables; re-running finishes only what is missing.  "
                                    "ct-ray sweep status SWEEP_ID --store URL: progress read from storage.  "
+                                   "ct-ray sweep repair SWEEP_ID --store URL: remove every row of keys committed more "
+                                   "than once (two drivers at once), so the next run recomputes them.  "
                                    "ct-ray sweep list --store URL: sweeps in a store.")
-    s.add_argument("what", nargs="+", metavar="SPEC.yaml | status SWEEP_ID | list")
+    s.add_argument("what", nargs="+", metavar="SPEC.yaml | status SWEEP_ID | repair SWEEP_ID | list")
     s.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
     add_store_args(s, default=None)
     s.add_argument("--sweep-id", help="override the spec's sweep_id")
     s.add_argument("--workers", type=int, help="override resources.workers")
     s.add_argument("--retry-errors", action="store_true", help="also retry prompts that failed permanently")
+    s.add_argument("--wait-lease", type=float, default=0.0, metavar="SECONDS",
+                   help="another driver runs this sweep: wait up to SECONDS for it (default: refuse at once)")
     s.add_argument("--new-plan", action="store_true",
                    help="the spec's model/CLT/params differ from the sweep's committed plan: remove its rows, start over")
     s.add_argument("--no-progress", action="store_true")

@@ -18,6 +18,7 @@ from ..errors import StorageError
 from ..executor import ensure_ray, worker_env
 from ..specs import SweepSpec
 from ..store.commit import Committer, recover
+from ..store.lease import SweepLease
 from ..store.tables import SWEEPS_DIR, Store
 from .driver import Driver
 from .perturbation import resolve
@@ -108,17 +109,29 @@ def check_plan(store: Store, spec: SweepSpec, new_plan: bool = False) -> None:
 
 
 def run_sweep(spec: SweepSpec, *, address: str | None = None, progress: bool = False, retry_errors: bool = False,
-              on_event=None, ray_init_kwargs: dict | None = None, new_plan: bool = False) -> SweepResult:
+              on_event=None, ray_init_kwargs: dict | None = None, new_plan: bool = False,
+              lease_wait_s: float = 0.0) -> SweepResult:
     """Run (or finish) a sweep. Keys already committed in storage are skipped; error rows of transient kinds
     ('internal', 'worker') are retried, permanent ones ('prompt', 'input') only with `retry_errors`.
 
     `on_event(kind, summary)` is called on the driver for each finished task (kind 'prompt' or 'perturbation')
     and each commit round (kind 'commit'), e.g. for tests that inject faults. A spec whose model, CLT or parameters
-    differ from the plan of the sweep's committed rows is refused (`check_plan`) unless `new_plan`."""
+    differ from the plan of the sweep's committed rows is refused (`check_plan`) unless `new_plan`. One driver runs a
+    sweep at a time (store/lease.py): another one's live lease is waited for up to `lease_wait_s`, then refused."""
     t0 = time.perf_counter()
-    sid = spec.sweep_id
     store = spec.storage.store()
     store.check_writable()
+    lease = SweepLease(store, spec.sweep_id).acquire(lease_wait_s)
+    try:
+        return _run_sweep(spec, store, lease, t0, address=address, progress=progress, retry_errors=retry_errors,
+                          on_event=on_event, ray_init_kwargs=ray_init_kwargs, new_plan=new_plan)
+    finally:
+        lease.release()
+
+
+def _run_sweep(spec: SweepSpec, store: Store, lease: SweepLease, t0: float, *, address, progress, retry_errors,
+               on_event, ray_init_kwargs, new_plan) -> SweepResult:
+    sid = spec.sweep_id
     check_plan(store, spec, new_plan)
     items, dups = read_prompts(spec)
     perturb_fn, perturb_skip = resolve(spec.perturbation)
@@ -167,7 +180,7 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, progress: bool = F
         num_cpus=res.num_cpus, num_gpus=res.num_gpus, max_restarts=res.max_restarts, max_task_retries=0,
         runtime_env={"env_vars": env} if env else None, scheduling_strategy="SPREAD" if res.spread else "DEFAULT")
     retried = {it.key for it in todo if it.key in state}
-    committer = Committer(store, sid, committed_keys - retried, perturbed, retried)
+    committer = Committer(store, sid, committed_keys - retried, perturbed, retried, lease=lease)
     driver = Driver(ray, spec, actor_cls, worker_config(spec, store, device), committer, result,
                      _Progress(progress, len(items), result.skipped, sid), on_event, perturb_fn is not None)
     driver.run(todo, pert_todo)

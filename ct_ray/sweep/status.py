@@ -25,6 +25,9 @@ def format_status(c: dict) -> str:
     lines.append(f"  ok:        {c['ok']}")
     errs = ", ".join(f"{k} {v}" for k, v in sorted(c["errors_by_kind"].items()))
     lines.append(f"  errors:    {c['error']}" + (f" ({errs})" if errs else ""))
+    if c.get("duplicate_rows"):
+        lines.append(f"  DUPLICATES: {c['duplicate_rows']} graphs row(s) of keys committed twice: run "
+                     f"'ct-ray sweep repair {c['sweep_id']}', then the sweep again")
     p = c.get("plan") or {}
     if p.get("perturbation_active"):
         lines.append(f"  perturbed: {c['perturbed']} graph(s)")
