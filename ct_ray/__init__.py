@@ -8,13 +8,26 @@ import os
 # passive (benchmarks/RESULTS.md, "OpenMP wait policy"). Set OMP_WAIT_POLICY yourself to override.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from .attribution.attribute import attribute
-from .attribution.graph import Graph
-from .clt.io import load_clt, save_clt, save_transcoder_set
-from .clt.transcoder import CrossLayerTranscoder, random_clt
 from .errors import CTRayError
-from .models import LoadedModel, list_builtin, load_model
 
 __version__ = "0.1.0"
-__all__ = ["attribute", "Graph", "load_clt", "save_clt", "save_transcoder_set", "CrossLayerTranscoder",
-           "random_clt", "CTRayError", "LoadedModel", "list_builtin", "load_model", "__version__"]
+# The public API, imported on first use (PEP 562): `import ct_ray.store...` or `ct_ray.analysis...` (the CLI's table
+# commands, analysis tasks on Ray workers) then never loads torch and transformers.
+_LAZY = {"attribute": ".attribution.attribute", "Graph": ".attribution.graph", "load_clt": ".clt.io",
+         "save_clt": ".clt.io", "save_transcoder_set": ".clt.io", "CrossLayerTranscoder": ".clt.transcoder",
+         "random_clt": ".clt.transcoder", "LoadedModel": ".models", "list_builtin": ".models", "load_model": ".models"}
+__all__ = [*_LAZY, "CTRayError", "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'ct_ray' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(__all__)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -20,16 +21,29 @@ import pyarrow.compute as pc
 from ..errors import CTRayError
 from ..store.names import check_name
 from ..store.schemas import TABLES_SCHEMA_VERSION
-from .stats import EDGE_COLS, NODE_COLS, TOP_KEYS, TOP_LOGITS, Partials, _top_per_feature, merge_partials, unit_partials
+from . import stats as st
+from .stats import EDGE_COLS, NODE_COLS, TOP_KEYS, TOP_LOGITS, Partials
 
-UNIT_GRAPHS = 2000
+UNIT_GRAPHS = 1000
+
+
+@dataclass
+class Unit:
+    """One task's share of the sweep: its graphs and the data files holding their rows (picklable, small)."""
+
+    nodes: object  # KeyedRows subset
+    edges: object
+    keys: list[str]
+    kids: list[int]  # index of each key in the run's key list
+    clt_codes: list[int]  # index of each key's CLT in the run's CLT list
 
 
 def plan_units(store, sweep_id: str, unit_graphs: int = UNIT_GRAPHS):
-    """(units, n_ok): each unit (nodes KeyedRows, edges KeyedRows, {key: clt}) small enough to ship to a task."""
+    """(units, keys, clts): the sweep's 'ok' graphs grouped by the nodes data file that holds them (and their CLT),
+    at most `unit_graphs` a unit; keys and CLT ids are the lists the units' indices point into."""
     from ..store.keyed import KeyedRows
 
-    g = store.read("graphs", sweep_id, columns=["key", "status", "clt", "prompt_index"])
+    g = store.read("graphs", sweep_id, columns=["key", "status", "clt"])
     ok = g.filter(pc.equal(g.column("status"), "ok"))
     if not g.num_rows:
         have = store.partitions("graphs")
@@ -37,46 +51,53 @@ def plan_units(store, sweep_id: str, unit_graphs: int = UNIT_GRAPHS):
                          + (f"; sweeps there: {', '.join(have[:10])}" if have else ""))
     if not ok.num_rows:
         raise CTRayError(f"sweep {sweep_id!r} has no 'ok' graphs to analyse ({g.num_rows} error rows)")
-    clt_of = dict(zip(ok.column("key").to_pylist(), (c or "" for c in ok.column("clt").to_pylist())))
-    nodes = KeyedRows(store, "nodes", sweep_id, set(clt_of))
-    edges = KeyedRows(store, "edges", sweep_id, set(clt_of))
-    groups: dict[tuple, list[str]] = {}
-    for k in sorted(clt_of, key=lambda k: (nodes.first_file(k), k)):
-        groups.setdefault((nodes.first_file(k), clt_of[k]), []).append(k)
+    keys = ok.column("key").to_pylist()
+    clt_of = [c or "" for c in ok.column("clt").to_pylist()]
+    clts = sorted(set(clt_of))
+    code = {c: i for i, c in enumerate(clts)}
+    nodes = KeyedRows(store, "nodes", sweep_id, set(keys))
+    edges = KeyedRows(store, "edges", sweep_id, set(keys))
+    groups: dict[tuple, list[int]] = {}
+    for i in sorted(range(len(keys)), key=lambda i: (nodes.first_file(keys[i]), keys[i])):
+        groups.setdefault((nodes.first_file(keys[i]), clt_of[i]), []).append(i)
     units = []
-    for keys in groups.values():
-        for i in range(0, len(keys), unit_graphs):
-            part = keys[i:i + unit_graphs]
-            units.append((nodes.subset(part), edges.subset(part), {k: clt_of[k] for k in part}))
-    return units, ok.num_rows
+    for idx in groups.values():
+        for a in range(0, len(idx), unit_graphs):
+            part = idx[a:a + unit_graphs]
+            ks = [keys[i] for i in part]
+            units.append(Unit(nodes.subset(ks), edges.subset(ks), ks, part, [code[clt_of[i]] for i in part]))
+    return units, keys, clts
 
 
-def run_unit(unit, top_paths: int = 10, max_hops: int = 4) -> Partials:
+def run_unit(unit: Unit, top_paths: int = 10, max_hops: int = 4) -> Partials | None:
     """Read one unit's rows and reduce them (the per-file work: runs in a Ray task as well as here)."""
-    nodes_rows, edges_rows, clt_of = unit
-    keys = list(clt_of)
     t0 = time.perf_counter()
-    nodes = nodes_rows.read_table(keys, NODE_COLS)
-    edges = edges_rows.read_table(keys, EDGE_COLS)
+    nodes = unit.nodes.read_table(unit.keys, NODE_COLS)
+    edges = unit.edges.read_table(unit.keys, EDGE_COLS)
     t1 = time.perf_counter()
-    held = set(pc.unique(nodes.column("key")).to_pylist())
-    have = {k: clt_of[k] for k in keys if k in held}
-    if not have:
+    if not nodes.num_rows:
         return None
-    p = unit_partials(nodes, edges, have, top_paths=top_paths, max_hops=max_hops)
+    p = st.unit_partials(nodes, edges, unit.keys, unit.kids, unit.clt_codes, top_paths=top_paths, max_hops=max_hops)
     p.seconds = {"read": t1 - t0, "reduce": time.perf_counter() - t1}
     return p
 
 
-def finish(p: Partials, n_ok: int, top_logits: int = TOP_LOGITS) -> tuple[pa.Table, pa.Table]:
-    """The merged partials as rows of `feature_stats` and `circuit_paths`."""
-    f = p.features.sort_by([("clt", "ascending"), ("layer", "ascending"), ("feature", "ascending")])
-    keys_l, keys_v = _lists(p.top_keys, "key", "inf", TOP_KEYS, f)
-    logit_l, logit_v = _lists(p.logits, "logit_str", "weight", top_logits, f, absolute=True)
+def finish(p: Partials, keys: list[str], clts: list[str], top_logits: int = TOP_LOGITS) -> tuple[pa.Table, pa.Table]:
+    """The merged partials as rows of `feature_stats` and `circuit_paths` (codes turned back into names)."""
+    n_ok = len(keys)
+    f = p.features.sort_by("fcode")
+    fcode = f.column("fcode").to_numpy()
+    ccode, layer, feat = st.decode_feature(fcode)
+    key_arr, clt_arr = pa.array(keys, pa.string()), pa.array(clts, pa.string())
+    keys_l, keys_v = _lists(p.top_keys, "kid", "inf", TOP_KEYS, fcode)
+    keys_l = pa.ListArray.from_arrays(keys_l.offsets, key_arr.take(keys_l.values))
+    tok = p.tokens.sort_by("token").combine_chunks()
+    logit_l, logit_v = _lists(p.logits, "token", "weight", top_logits, fcode, absolute=True)
+    at = np.searchsorted(tok.column("token").to_numpy(), logit_l.values.to_numpy(zero_copy_only=False))
+    logit_l = pa.ListArray.from_arrays(logit_l.offsets, tok.column("token_str").combine_chunks().take(pa.array(at)))
     n_pr = f.column("n_prompts").to_numpy()
-    layer, feat = f.column("layer").to_numpy(), f.column("feature").to_numpy()
     stats = pa.table({
-        "clt": f.column("clt"), "layer": pa.array(layer, pa.int32()), "feature": pa.array(feat, pa.int32()),
+        "clt": clt_arr.take(pa.array(ccode)), "layer": pa.array(layer, pa.int32()), "feature": pa.array(feat, pa.int32()),
         "node_prefix": [f"{a}_{b}_" for a, b in zip(layer.tolist(), feat.tolist())],
         "n_prompts": pa.array(n_pr, pa.int32()), "n_prompts_kept": pc.cast(f.column("n_prompts_kept"), pa.int32()),
         "frac_prompts": pa.array(n_pr / max(n_ok, 1), pa.float32()), "n_nodes": f.column("n_nodes"),
@@ -89,8 +110,9 @@ def finish(p: Partials, n_ok: int, top_logits: int = TOP_LOGITS) -> tuple[pa.Tab
         "schema_version": pa.array(np.full(f.num_rows, TABLES_SCHEMA_VERSION, np.int16))})
     paths = p.paths
     if paths.num_rows:  # recurrence: graphs whose strongest paths include the same signature (once per graph)
-        sig = pc.binary_join_element_wise(pc.fill_null(paths.column("clt"), ""), paths.column("path"), "\x00")
+        sig = pc.binary_join_element_wise(pc.cast(paths.column("ccode"), pa.string()), paths.column("path"), "\x00")
         idx = pc.dictionary_encode(sig).combine_chunks().indices.to_numpy(zero_copy_only=False)
+        del sig
         n_sup = np.bincount(idx)
         mean = np.bincount(idx, weights=paths.column("score").to_numpy(zero_copy_only=False)) / n_sup
         paths = paths.append_column("support", pa.array(n_sup[idx], pa.int32()))
@@ -99,24 +121,15 @@ def finish(p: Partials, n_ok: int, top_logits: int = TOP_LOGITS) -> tuple[pa.Tab
     else:
         paths = paths.append_column("support", pa.array([], pa.int32())).append_column(
             "support_frac", pa.array([], pa.float32())).append_column("mean_score", pa.array([], pa.float32()))
-    paths = paths.drop_columns(["clt"]) if "clt" in paths.column_names else paths
-    return stats, paths
+    return stats, paths.drop_columns(["ccode"])
 
 
-def _lists(t: pa.Table, name: str, value: str, k: int, at: pa.Table, absolute: bool = False) -> tuple[pa.Array, pa.Array]:
-    """The k largest (|value|) `name`s and `value`s per feature of `at` (its clt, layer, feature rows, sorted), as two
-    list columns aligned with `at`'s rows (empty lists where `t` has none)."""
-    t = _top_per_feature(t, value, k, absolute=absolute)  # sorted by feature, largest first
-    clts = pa.array(sorted(set(at.column("clt").to_pylist()) | set(t.column("clt").to_pylist())), pa.string())
-
-    def code(x: pa.Table) -> np.ndarray:
-        c = pc.index_in(x.column("clt"), value_set=clts).to_numpy(zero_copy_only=False).astype(np.int64)
-        return (c << 44) | (x.column("layer").to_numpy().astype(np.int64) << 28) | x.column("feature").to_numpy()
-
-    ct, ca = code(t), code(at)
-    counts = np.zeros(len(ca), np.int64)
-    pos = np.searchsorted(ca, ct)  # at is sorted by the same key; every t row's feature is in at
-    np.add.at(counts, pos, 1)
+def _lists(t: pa.Table, name: str, value: str, k: int, fcode: np.ndarray, absolute: bool = False):
+    """The k largest (|value|) `name`s and `value`s per feature, largest first, as two list columns aligned with the
+    sorted feature codes `fcode` (empty lists where `t` has none)."""
+    t = st.top_per_feature(t, value, k, absolute=absolute)  # sorted by feature, largest first
+    counts = np.zeros(len(fcode), np.int64)
+    np.add.at(counts, np.searchsorted(fcode, t.column("fcode").to_numpy()), 1)
     offs = pa.array(np.r_[0, np.cumsum(counts)].astype(np.int32))
     return (pa.ListArray.from_arrays(offs, t.column(name).combine_chunks()),
             pa.ListArray.from_arrays(offs, pc.cast(t.column(value), pa.float32()).combine_chunks()))
@@ -140,7 +153,8 @@ def analyze(store, sweep_id: str, *, top_paths: int = 10, max_hops: int = 4, wor
         raise CTRayError("--top-paths: give 1..1000; --max-hops: give 1..16; --workers: at least 1")
     store.check_exists()
     t0 = time.perf_counter()
-    units, n_ok = plan_units(store, sweep_id, unit_graphs)
+    units, keys, clts = plan_units(store, sweep_id, unit_graphs)
+    n_ok = len(keys)
     t_plan = time.perf_counter() - t0
     if workers is None:
         workers = min(os.cpu_count() or 1, len(units)) if n_ok >= AUTO_RAY_GRAPHS else 1
@@ -157,14 +171,14 @@ def analyze(store, sweep_id: str, *, top_paths: int = 10, max_hops: int = 4, wor
                 secs[k] += p.seconds.get(k, 0.0)
             pending.append(p)
             if len(pending) >= 8:  # merge in batches: one group_by per batch, not per unit
-                acc = merge_partials([acc, *pending])
+                acc = st.merge_partials([acc, *pending])
                 pending = []
-        acc = merge_partials([acc, *pending])
+        acc = st.merge_partials([acc, *pending])
     finally:
         bar.close()
     if acc is None:
         raise CTRayError(f"sweep {sweep_id!r}: its 'ok' graphs have no node rows (the tables are inconsistent)")
-    stats, paths = finish(acc, n_ok)
+    stats, paths = finish(acc, keys, clts)
     t_reduce = time.perf_counter() - t0
     if write:
         props = {"ct-ray.sweep": sweep_id, "ct-ray.analysis": "feature_stats+circuit_paths"}

@@ -28,16 +28,31 @@ TOP_LOGITS = 5  # logit tokens listed per feature
 NODE_COLS = ["key", "node", "node_id", "kind", "layer", "feature", "token", "token_str", "activation", "probability",
              "influence", "kept"]
 EDGE_COLS = ["key", "source", "target", "weight", "kept"]
-_FEATURE_KEYS = ["clt", "layer", "feature"]
+# a feature as one int64: CLT (its index in the run's CLT list) | layer | index. Partials are integer columns only, so
+# merging the sweep's distinct (feature, logit) pairs stays small and fast
+_CLT_SHIFT, _LAYER_SHIFT = 44, 28
+
+
+def feature_code(clt_code, layer, feature):
+    return (np.asarray(clt_code, np.int64) << _CLT_SHIFT) | (np.asarray(layer, np.int64) << _LAYER_SHIFT) \
+        | np.asarray(feature, np.int64)
+
+
+def decode_feature(code: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    code = np.asarray(code, np.int64)
+    return code >> _CLT_SHIFT, (code >> _LAYER_SHIFT) & ((1 << (_CLT_SHIFT - _LAYER_SHIFT)) - 1), \
+        code & ((1 << _LAYER_SHIFT) - 1)
 
 
 @dataclass
 class Partials:
-    """What a unit contributes: per-feature sums, candidate top graphs and logits per feature, and its graphs' paths."""
+    """What a unit contributes: per-feature sums, candidate top graphs and logits per feature, and its graphs' paths.
+    Features are `feature_code`s, graphs their index in the run's key list (`kid`), logits their token id."""
 
-    features: pa.Table  # clt, layer, feature, n_prompts, n_prompts_kept, n_nodes, act_sum, act_max, inf_sum, inf_max
-    top_keys: pa.Table  # clt, layer, feature, key, inf (<= TOP_KEYS rows per feature)
-    logits: pa.Table  # clt, layer, feature, logit_str, weight
+    features: pa.Table  # fcode, n_prompts, n_prompts_kept, n_nodes, act_sum, act_max, inf_sum, inf_max
+    top_keys: pa.Table  # fcode, kid, inf (<= TOP_KEYS rows per feature)
+    logits: pa.Table  # fcode, token, weight
+    tokens: pa.Table  # token, token_str of the logit nodes seen
     paths: pa.Table  # circuit_paths rows without the sweep-level columns
     n_graphs: int = 0
     seconds: dict = field(default_factory=dict)
@@ -48,10 +63,11 @@ def merge_partials(parts: list) -> Partials | None:
     parts = [p for p in parts if p is not None]
     if len(parts) <= 1:
         return parts[0] if parts else None
-    return Partials(features=_sum_features(pa.concat_tables([p.features for p in parts])),
-                    top_keys=_top_per_feature(pa.concat_tables([p.top_keys for p in parts]), "inf", TOP_KEYS),
-                    logits=_sum_logits(pa.concat_tables([p.logits for p in parts])),
-                    paths=pa.concat_tables([p.paths for p in parts]), n_graphs=sum(p.n_graphs for p in parts))
+    cat = lambda name: pa.concat_tables([getattr(p, name) for p in parts])  # noqa: E731
+    return Partials(features=_sum_features(cat("features")), top_keys=top_per_feature(cat("top_keys"), "inf", TOP_KEYS),
+                    logits=_agg(cat("logits"), ["fcode", "token"], [("weight", "sum")]),
+                    tokens=_agg(cat("tokens"), ["token"], [("token_str", "min")]),
+                    paths=cat("paths"), n_graphs=sum(p.n_graphs for p in parts))
 
 
 def _agg(t: pa.Table, keys: list[str], specs: list[tuple[str, str]]) -> pa.Table:
@@ -61,77 +77,74 @@ def _agg(t: pa.Table, keys: list[str], specs: list[tuple[str, str]]) -> pa.Table
 
 
 def _sum_features(t: pa.Table) -> pa.Table:
-    return _agg(t, _FEATURE_KEYS, [("n_prompts", "sum"), ("n_prompts_kept", "sum"), ("n_nodes", "sum"),
-                                   ("act_sum", "sum"), ("act_max", "max"), ("inf_sum", "sum"), ("inf_max", "max")])
+    return _agg(t, ["fcode"], [("n_prompts", "sum"), ("n_prompts_kept", "sum"), ("n_nodes", "sum"),
+                               ("act_sum", "sum"), ("act_max", "max"), ("inf_sum", "sum"), ("inf_max", "max")])
 
 
-def _sum_logits(t: pa.Table) -> pa.Table:
-    return _agg(t, [*_FEATURE_KEYS, "logit_str"], [("weight", "sum")])
-
-
-def _top_per_feature(t: pa.Table, by: str, k: int, absolute: bool = False) -> pa.Table:
-    """The `k` rows of largest `by` (or |by|) per (clt, layer, feature), ties broken by the other columns' order."""
+def top_per_feature(t: pa.Table, by: str, k: int, absolute: bool = False) -> pa.Table:
+    """The `k` rows of largest `by` (or |by|) per feature, largest first; rows sorted by feature."""
     if not t.num_rows:
         return t
     score = pc.abs(t.column(by)) if absolute else t.column(by)
-    t = t.append_column("_s", score).sort_by([("clt", "ascending"), ("layer", "ascending"), ("feature", "ascending"),
-                                             ("_s", "descending")])
-    lay = t.column("layer").to_numpy()
-    fea = t.column("feature").to_numpy()
-    clt = pc.dictionary_encode(t.column("clt")).combine_chunks().indices.to_numpy(zero_copy_only=False)
-    new = np.ones(len(lay), bool)
-    new[1:] = (lay[1:] != lay[:-1]) | (fea[1:] != fea[:-1]) | (clt[1:] != clt[:-1])
-    start = np.maximum.accumulate(np.where(new, np.arange(len(lay)), 0))
-    return t.filter(pa.array(np.arange(len(lay)) - start < k)).drop_columns(["_s"])
+    t = t.append_column("_s", score).sort_by([("fcode", "ascending"), ("_s", "descending")])
+    f = t.column("fcode").to_numpy()
+    new = np.ones(len(f), bool)
+    new[1:] = f[1:] != f[:-1]
+    start = np.maximum.accumulate(np.where(new, np.arange(len(f)), 0))
+    return t.filter(pa.array(np.arange(len(f)) - start < k)).drop_columns(["_s"])
 
 
-def unit_partials(nodes: pa.Table, edges: pa.Table, clt_of: dict[str, str], *, top_paths: int = 10,
-                  max_hops: int = 4, beam: int = 64) -> Partials:
-    """The partials of one unit's graphs: `nodes` / `edges` hold their rows (NODE_COLS / EDGE_COLS), `clt_of` maps
-    each graph's key to its CLT id."""
-    keys = sorted(clt_of)
-    clt_col = pc.take(pa.array([clt_of[k] for k in keys], pa.string()),
-                      pc.index_in(nodes.column("key"), pa.array(keys, pa.string())))
-    nodes = nodes.append_column("clt", clt_col)
-    feats = nodes.filter(pc.equal(nodes.column("kind"), "feature"))
-    feats = feats.set_column(feats.schema.get_field_index("influence"), "influence",
-                             pc.fill_null(pc.if_else(pc.is_nan(feats.column("influence")), 0.0,
-                                                     feats.column("influence")), 0.0))
-    feats = feats.append_column("kept_i", pc.cast(pc.fill_null(feats.column("kept"), True), pa.int32()))
+def unit_partials(nodes: pa.Table, edges: pa.Table, keys: list[str], kids: list[int], clt_codes: list[int], *,
+                  top_paths: int = 10, max_hops: int = 4, beam: int = 64) -> Partials:
+    """The partials of one unit's graphs: `nodes` / `edges` hold their rows (NODE_COLS / EDGE_COLS); graph `keys[i]`
+    has index `kids[i]` in the run's key list and CLT code `clt_codes[i]` (its index in the run's CLT list)."""
+    at = pc.index_in(nodes.column("key"), value_set=pa.array(keys, pa.string())).to_numpy(zero_copy_only=False)
+    kid = np.asarray(kids, np.int32)[at]
+    ccode = np.asarray(clt_codes, np.int64)[at]
+    is_f = np.asarray(pc.fill_null(pc.equal(nodes.column("kind"), "feature"), False).to_numpy(zero_copy_only=False))
+    is_l = np.asarray(pc.fill_null(pc.equal(nodes.column("kind"), "logit"), False).to_numpy(zero_copy_only=False))
+    node = nodes.column("node").to_numpy(zero_copy_only=False)
+    layer = pc.fill_null(nodes.column("layer"), 0).to_numpy(zero_copy_only=False)
+    feat = pc.fill_null(nodes.column("feature"), 0).to_numpy(zero_copy_only=False)
+    infl = pc.fill_null(nodes.column("influence"), 0.0).to_numpy(zero_copy_only=False).astype(np.float64)
+    infl[~np.isfinite(infl)] = 0.0
+    fcode = feature_code(ccode[is_f], layer[is_f], feat[is_f])
+    feats = pa.table({"kid": kid[is_f], "fcode": fcode, "influence": infl[is_f],
+                      "activation": pc.fill_null(nodes.column("activation"), 0.0).filter(pa.array(is_f)),
+                      "kept": pc.cast(pc.fill_null(nodes.column("kept"), True), pa.int8()).filter(pa.array(is_f))})
     # one row per (graph, feature): its positions summed
-    per = feats.group_by(["key", *_FEATURE_KEYS], use_threads=False).aggregate([
-        ("influence", "sum"), ("activation", "sum"), ("activation", "max"), ("activation", "count"), ("kept_i", "max")])
-    # aggregate's own names (column_fn) are kept here: five aggregates of two columns
-    n = per.num_rows
+    per = _agg(feats.append_column("n", pa.array(np.ones(feats.num_rows, np.int64))), ["kid", "fcode"],
+               [("influence", "sum"), ("activation", "sum"), ("kept", "max"), ("n", "sum")])
+    act_max = _agg(feats, ["kid", "fcode"], [("activation", "max")]).column("activation")  # same group order
     features = _sum_features(pa.table({
-        "clt": per.column("clt"), "layer": per.column("layer"), "feature": per.column("feature"),
-        "n_prompts": pa.array(np.ones(n, np.int64)), "n_prompts_kept": pc.cast(per.column("kept_i_max"), pa.int64()),
-        "n_nodes": pc.cast(per.column("activation_count"), pa.int64()),
-        "act_sum": pc.cast(per.column("activation_sum"), pa.float64()),
-        "act_max": pc.cast(per.column("activation_max"), pa.float32()),
-        "inf_sum": pc.cast(per.column("influence_sum"), pa.float64()),
-        "inf_max": pc.cast(per.column("influence_sum"), pa.float32())}))
-    top_keys = _top_per_feature(pa.table({
-        "clt": per.column("clt"), "layer": per.column("layer"), "feature": per.column("feature"), "key": per.column("key"),
-        "inf": pc.cast(per.column("influence_sum"), pa.float32())}), "inf", TOP_KEYS)
-    # direct edges from feature nodes into logit nodes, by the logit's token
-    src = feats.select(["key", "node", *_FEATURE_KEYS]).rename_columns(["key", "source", *_FEATURE_KEYS])
-    logit_nodes = nodes.filter(pc.equal(nodes.column("kind"), "logit")).select(["key", "node", "token_str"])
-    tgt = logit_nodes.rename_columns(["key", "target", "logit_str"])
-    direct = edges.select(["key", "source", "target", "weight"]).join(tgt, ["key", "target"], join_type="inner",
-                                                                       use_threads=False)
-    direct = direct.join(src, ["key", "source"], join_type="inner", use_threads=False)
-    logits = _sum_logits(pa.table({c: direct.column(c) for c in [*_FEATURE_KEYS, "logit_str"]}
-                                  | {"weight": pc.cast(direct.column("weight"), pa.float64())}))
-    paths = _unit_paths(nodes, edges, keys, top_paths, max_hops, beam)
-    return Partials(features, top_keys, logits, paths, n_graphs=len(keys))
+        "fcode": per.column("fcode"), "n_prompts": pa.array(np.ones(per.num_rows, np.int64)),
+        "n_prompts_kept": pc.cast(per.column("kept"), pa.int64()), "n_nodes": per.column("n"),
+        "act_sum": pc.cast(per.column("activation"), pa.float64()), "act_max": pc.cast(act_max, pa.float32()),
+        "inf_sum": per.column("influence"), "inf_max": pc.cast(per.column("influence"), pa.float32())}))
+    top_keys = top_per_feature(pa.table({"fcode": per.column("fcode"), "kid": per.column("kid"),
+                                          "inf": pc.cast(per.column("influence"), pa.float32())}), "inf", TOP_KEYS)
+    # direct edges from feature nodes into logit nodes, summed by the logit's token
+    e_at = pc.index_in(edges.column("key"), value_set=pa.array(keys, pa.string())).to_numpy(zero_copy_only=False)
+    e = pa.table({"kid": np.asarray(kids, np.int32)[e_at], "source": edges.column("source"),
+                  "target": edges.column("target"), "weight": pc.cast(edges.column("weight"), pa.float64())})
+    src = pa.table({"kid": kid[is_f], "source": node[is_f], "fcode": fcode})
+    tok = pc.fill_null(nodes.column("token"), -1).filter(pa.array(is_l))
+    tgt = pa.table({"kid": kid[is_l], "target": node[is_l], "token": tok})
+    direct = e.join(tgt, ["kid", "target"], join_type="inner", use_threads=False).join(
+        src, ["kid", "source"], join_type="inner", use_threads=False)
+    logits = _agg(direct.select(["fcode", "token", "weight"]), ["fcode", "token"], [("weight", "sum")])
+    tokens = _agg(pa.table({"token": tok, "token_str": nodes.column("token_str").filter(pa.array(is_l))}), ["token"],
+                  [("token_str", "min")])
+    paths = _unit_paths(nodes.append_column("ccode", pa.array(ccode.astype(np.int32))), edges, keys, top_paths,
+                        max_hops, beam)
+    return Partials(features, top_keys, logits, tokens, paths, n_graphs=int(len(np.unique(at))))
 
 
 # --- paths -----------------------------------------------------------------------------------------------------
 _PATH_SCHEMA = pa.schema([("key", pa.string()), ("rank", pa.int16()), ("path", pa.string()), ("hops", pa.int16()),
                           ("node_ids", pa.list_(pa.string())), ("layers", pa.list_(pa.int32())),
                           ("features", pa.list_(pa.int32())), ("logit_token", pa.int32()), ("logit_str", pa.string()),
-                          ("score", pa.float32()), ("clt", pa.string())])
+                          ("score", pa.float32()), ("ccode", pa.int32())])
 _FEATURE, _LOGIT, _OTHER = 0, 1, 2
 
 
@@ -249,4 +262,4 @@ def _path_rows(nodes: pa.Table, keys: list[str], found: list) -> pa.Table:
         "layers": pa.ListArray.from_arrays(b_offs, lay.cast(pa.int32())),
         "features": pa.ListArray.from_arrays(b_offs, fea.cast(pa.int32())),
         "logit_token": take("token", last).cast(pa.int32()), "logit_str": tok_str,
-        "score": pa.array([f[2] for f in found], pa.float32()), "clt": take("clt", last)}, schema=_PATH_SCHEMA)
+        "score": pa.array([f[2] for f in found], pa.float32()), "ccode": take("ccode", last)}, schema=_PATH_SCHEMA)
