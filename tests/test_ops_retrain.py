@@ -121,6 +121,10 @@ def test_nightly_retraining(ray_local, setup, monkeypatch, capsys):
     assert s2["stages"]["decided"]["promote"] and s2["stages"]["decided"]["against"] == v1
     assert reg.production()["version"] == v2 and reg.production()["previous"] == v1
     assert Store(str(d / "tables")).read("graphs", f"canary-{D2}").num_rows == 2
+    # the second canary records its diff against the first (graph_diffs rows too): another CLT, decoder matching
+    diff = s2["stages"]["canary"]["diff"]
+    assert diff["against"] == f"canary-{D1}" and diff["n_prompts"] == 2 and diff["match"] == "decoder", diff
+    assert Store(str(d / "tables")).read("graph_diffs", diff["diff_id"]).num_rows == 3  # 2 prompts + the aggregate
 
     # --- rollback restores the previous pointer ------------------------------------------------------------
     assert main(["clt", "rollback", "--registry", spec.registry]) == 0

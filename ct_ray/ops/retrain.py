@@ -229,7 +229,32 @@ class Retrain:
             "storage": c.storage.model_dump()}, where="canary sweep")
         self._ray()
         r = run_sweep(sweep)
-        self._save("canary", {"sweep_id": r.sweep_id, "store": r.store, "ok": r.ok + r.skipped, "failed": r.failed})
+        rec = {"sweep_id": r.sweep_id, "store": r.store, "ok": r.ok + r.skipped, "failed": r.failed}
+        prev = self._previous_canary(r.store)
+        if prev is not None and prev != r.sweep_id:  # how the circuits of the canary prompts moved since then
+            from ..analysis.diff import diff_sweeps
+
+            try:
+                d = diff_sweeps(sweep.storage.store(), prev, r.sweep_id)
+                agg = d["aggregate"]  # the sweep-level row
+                rec["diff"] = {"against": prev, "diff_id": d["diff_id"], **{k: agg.get(k) for k in (
+                    "n_prompts", "match", "replacement_delta", "completeness_delta", "top_prob_delta",
+                    "n_matched", "n_features_a", "matched_influence_a", "influence_a")}}
+                self.log(f"[{self.date}]   canary diff {d['diff_id']}: {agg.get('n_matched')} of "
+                         f"{agg.get('n_features_a')} feature nodes matched, replacement "
+                         f"{agg.get('replacement_delta')}, completeness {agg.get('completeness_delta')}")
+            except CTRayError as e:  # the diff is a record, not a gate: the sweep is done either way
+                rec["diff"] = {"against": prev, "error": str(e)}
+        self._save("canary", rec)
+
+    def _previous_canary(self, store_url: str) -> str | None:
+        """The sweep id of the latest earlier night's canary in the same store (None: the first canary)."""
+        earlier = []
+        for run in self.reg.runs():
+            c = (run.get("stages") or {}).get("canary") or {}
+            if str(run.get("date", "")) < self.date and c.get("sweep_id") and c.get("store") == store_url:
+                earlier.append((str(run["date"]), c["sweep_id"]))
+        return max(earlier)[1] if earlier else None
 
     # --- driver ---------------------------------------------------------------------------------------------
     def run(self) -> dict:
