@@ -287,6 +287,12 @@ CASES = [
     Case("sql-smuggled-copy", SQL + ["SELECT 1; COPY graphs TO '{root}/f.csv'"], "exactly one SQL statement"),
     Case("sql-call", SQL + ["CALL pragma_version()"], "not CALL"),
     Case("sql-checkpoint", SQL + ["CHECKPOINT"], "read-only"),
+    Case("sql-runs-forever", SQL + ["--timeout", "1", "SELECT sum(hash(i)) FROM range(100000000000) t(i)"],
+         "SQL stopped after 1 s"),
+    Case("sql-memory-hog", SQL + ["--memory-limit", "100MB",
+                                  "SELECT length(string_agg(i::VARCHAR, ',')) FROM range(100000000) t(i)"],
+         "more memory than its limit"),
+    Case("sql-bad-memory-limit", SQL + ["--memory-limit", "lots", "SELECT 1"], "bad memory limit"),
     # --- registry
     Case("registry-missing", ["clt", "list", "--registry", "{root}/no_registry"], "no CLT registry"),
     Case("registry-tampered-list", ["clt", "list", "--registry", "{registry}"], "production.json is invalid"),

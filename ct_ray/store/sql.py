@@ -13,6 +13,8 @@ off, configuration locked, no extension installs or loads). See docs/security.md
 
 from __future__ import annotations
 
+import os
+
 import pyarrow as pa
 
 from ..errors import CTRayError, StorageError, one_line
@@ -107,15 +109,36 @@ def data_files(store: Store, name: str) -> list[str]:
     return [task.file.file_path.removeprefix("file://") for task in tasks]
 
 
-def connect(url: str = DEFAULT_STORE, *, store: Store | None = None, sql: str | None = None, **storage_options):
-    """A DuckDB connection with the views registered over the store at `url` (only those `sql` needs, if given)."""
+MEMORY_ENV = "CT_RAY_SQL_MEMORY"  # DuckDB's memory limit for `ct-ray sql` (e.g. '4GB'); default MEMORY_FRACTION of RAM
+MEMORY_FRACTION = 0.25
+
+
+def default_memory_limit() -> str:
+    env = os.environ.get(MEMORY_ENV)
+    if env:
+        return env
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return "4GB"
+    return f"{max(256, int(ram * MEMORY_FRACTION / 2**20))}MB"
+
+
+def connect(url: str = DEFAULT_STORE, *, store: Store | None = None, sql: str | None = None,
+            memory_limit: str | None = None, **storage_options):
+    """A DuckDB connection with the views registered over the store at `url` (only those `sql` needs, if given).
+    `memory_limit`: DuckDB's (default `default_memory_limit()`, a quarter of RAM; DuckDB's own is 80%)."""
     import duckdb
 
     store = store or Store(url, **storage_options)
     store.check_exists()
     # no extension is installed or loaded behind the statement's back (views read through the fsspec filesystem)
-    con = duckdb.connect(config={"autoinstall_known_extensions": False, "autoload_known_extensions": False,
-                                 "allow_community_extensions": False})
+    try:
+        con = duckdb.connect(config={"autoinstall_known_extensions": False, "autoload_known_extensions": False,
+                                     "allow_community_extensions": False,
+                                     "memory_limit": memory_limit or default_memory_limit()})
+    except duckdb.Error as e:
+        raise CTRayError(f"bad memory limit {memory_limit or default_memory_limit()!r}: {one_line(e)}") from None
     if not store.local:
         con.register_filesystem(store.fs)
     need = _needed(sql)
@@ -153,20 +176,35 @@ def _sandbox(con, files: list[str]) -> None:
     con.execute("SET lock_configuration = true")
 
 
-def query(sql: str, url: str = DEFAULT_STORE, *, store: Store | None = None, **storage_options) -> pa.Table:
-    """Run one read-only SQL statement over the store's views (sandboxed: see the module doc); an Arrow table."""
+def query(sql: str, url: str = DEFAULT_STORE, *, store: Store | None = None, timeout_s: float | None = None,
+          memory_limit: str | None = None, **storage_options) -> pa.Table:
+    """Run one read-only SQL statement over the store's views (sandboxed: see the module doc); an Arrow table.
+    `timeout_s`: interrupt the statement after that long (None: no limit); `memory_limit`: see `connect`."""
+    import threading
+
     import duckdb
 
     check_statement(sql)
-    con = connect(url, store=store, sql=sql, **storage_options)
+    con = connect(url, store=store, sql=sql, memory_limit=memory_limit, **storage_options)
+    timer = threading.Timer(timeout_s, con.interrupt) if timeout_s else None
     try:
+        if timer is not None:
+            timer.daemon = True
+            timer.start()
         rel = con.sql(sql)
         return rel.to_arrow_table() if rel is not None else pa.table({})
+    except duckdb.InterruptException:
+        raise CTRayError(f"SQL stopped after {timeout_s:g} s (--timeout; 0 for none)") from None
+    except duckdb.OutOfMemoryException as e:
+        raise CTRayError(f"SQL needs more memory than its limit ({one_line(e)}; --memory-limit or "
+                         f"{MEMORY_ENV})") from None
     except duckdb.Error as e:  # a corrupt data file, a type error, a path outside the store: all one line
         raise CTRayError(f"SQL error: {one_line(e)}") from e
     except OSError as e:  # the store's filesystem (s3fs) failing under DuckDB
         raise StorageError(f"cannot read {store.url if store else url}: {one_line(e)}") from e
     finally:
+        if timer is not None:
+            timer.cancel()
         con.close()
 
 

@@ -107,7 +107,9 @@ def cmd_sql(args) -> int:
 
     if not args.query:
         raise CTRayError('give a query, e.g. ct-ray sql "SELECT sweep_id, count(*) FROM graphs GROUP BY 1"')
-    t = query(args.query, store=store_of(args))
+    if args.timeout < 0:
+        raise CTRayError("--timeout: 0 (no limit) or more seconds")
+    t = query(args.query, store=store_of(args), timeout_s=args.timeout or None, memory_limit=args.memory_limit)
     if t.num_columns:
         print(format_table(t, args.format, max_rows=args.max_rows))
     return 0
@@ -141,4 +143,8 @@ def add_parsers(sub) -> None:
     add_store_args(s)
     s.add_argument("--format", choices=("table", "csv", "json"), default="table")
     s.add_argument("--max-rows", type=int, default=100, help="rows shown by --format table")
+    s.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="stop the statement after SECONDS (default 300; 0: no limit)")
+    s.add_argument("--memory-limit", metavar="SIZE",
+                   help="DuckDB's memory limit, e.g. 2GB (default: $CT_RAY_SQL_MEMORY, else a quarter of RAM)")
     s.set_defaults(fn=cmd_sql)
