@@ -86,6 +86,10 @@ def world(tmp_path_factory):
     w["clt_kind"] = _cfg(c / "kind", "model_kind: pickle_of_doom\n")
     w["clt_hook"] = _cfg(c / "hook", "feature_input_hook: hook_anything\n")
     w["clt_not_list"] = _cfg(c / "not_list", "model_kind: transcoder_set\ntranscoders: {a: 1}\n")
+    w["clt_repeated"] = _tset(c / "repeated", ["layer_0.safetensors"] * 1500)
+    w["clt_repeated_dot"] = _tset(c / "repeated_dot", ["layer_0.safetensors", "./layer_0.safetensors"])
+    w["clt_many"] = _tset(c / "many", [f"layer_{i}.safetensors" for i in range(2000)])
+    w["clt_nul"] = _tset(c / "nul", ["layer_0.safetensors\x00.bin"])
     w["clt_abs"] = _tset(c / "abs", [str(root / "outside.txt")])
     w["clt_etc"] = _tset(c / "etc", ["/etc/passwd"])
     w["clt_url"] = _tset(c / "url", ["http://169.254.169.254/latest/meta-data"])
@@ -229,6 +233,10 @@ CASES = [
     Case("clt-kind", ATTR + ["--clt", "{clt_kind}", "hi"], "unknown model_kind"),
     Case("clt-hook", ATTR + ["--clt", "{clt_hook}", "hi"], "unsupported feature_input_hook"),
     Case("clt-not-list", ATTR + ["--clt", "{clt_not_list}", "hi"], "must be a list"),
+    Case("clt-repeated-file", ATTR + ["--clt", "{clt_repeated}", "hi"], "listed twice"),
+    Case("clt-repeated-dot", ATTR + ["--clt", "{clt_repeated_dot}", "hi"], "listed twice"),
+    Case("clt-too-many-layers", ATTR + ["--clt", "{clt_many}", "hi"], "more than 1024 layers"),
+    Case("clt-nul-entry", ATTR + ["--clt", "{clt_nul}", "hi"], "NUL byte"),
     Case("clt-abs-path", ATTR + ["--clt", "{clt_abs}", "hi"], "inside the CLT folder"),
     Case("clt-etc-passwd", ATTR + ["--clt", "{clt_etc}", "hi"], "inside the CLT folder"),
     Case("clt-url", ATTR + ["--clt", "{clt_url}", "hi"], "inside the CLT folder"),

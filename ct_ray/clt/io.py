@@ -74,6 +74,7 @@ def save_clt(clt: CrossLayerTranscoder, url: str, extra: dict | None = None, **s
 
 MAX_CONFIG_BYTES = 1 << 20  # config.yaml and ct_ray.json: a few KB in practice
 MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit on its JSON header
+MAX_LAYERS = 1024  # transcoder files in one config (the deepest open models have under 200 layers)
 
 
 def _confine(fs, root: str, path: str, url: str) -> None:
@@ -406,6 +407,17 @@ def _load_transcoder_set(fs, path, url, cfg, hook, dtype) -> CrossLayerTranscode
         raise CLTError(f"{url}/config.yaml: 'transcoders' must be a list of file paths, one per layer")
     if not files:
         raise CLTError(f"{url} has no per-layer transcoder files (layer_0.safetensors, ...)")
+    # checked before any file is read: a 33 KB config naming one 1 MB file 1,500 times cost 2 GB before
+    seen: dict[str, int] = {}
+    for i, fp in enumerate(files):
+        if "\x00" in fp:
+            raise CLTError(f"{url}/config.yaml: transcoder file {i} holds a NUL byte")
+        norm = "/".join(p for p in fp.replace("\\", "/").split("/") if p not in ("", "."))
+        if norm in seen:
+            raise CLTError(f"{url}/config.yaml: transcoder file {fp[:200]!r} is listed twice (layers {seen[norm]} and {i})")
+        seen[norm] = i
+    if len(files) > MAX_LAYERS:
+        raise CLTError(f"{url}/config.yaml lists {len(files)} transcoder files: more than {MAX_LAYERS} layers")
     tensors = []
     for fp in files:
         parts = fp.replace("\\", "/").split("/")
