@@ -113,7 +113,7 @@ def test_paths_equal_exhaustive_enumeration(store):
         checked += len(top)
     assert checked > 20
     # support: graphs holding the signature; mean score over them
-    for sig, grp in itertools.groupby(sorted(paths, key=lambda p: p["path"]), key=lambda p: p["path"]):
+    for _sig, grp in itertools.groupby(sorted(paths, key=lambda p: p["path"]), key=lambda p: p["path"]):
         grp = list(grp)
         assert {p["support"] for p in grp} == {len({p["key"] for p in grp})}
         assert grp[0]["mean_score"] == pytest.approx(np.mean([p["score"] for p in grp]), rel=1e-5)

@@ -1,5 +1,6 @@
 """The explorer in headless Debian Chromium (playwright-core from web/node_modules drives /usr/bin/chromium) against
-`ct-ray serve` on a tiny sweep built here with the sweep runner and `ct-ray features` (tiny model, random CLT)."""
+`ct-ray serve` on a tiny sweep built here with the sweep runner and `ct-ray features` (tiny model, random CLT), its
+analysis (`analyze`: feature_stats, circuit_paths), automatic supernodes and a second sweep diffed against it."""
 
 import json
 import os
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from ct_ray.explorer.server import STATIC_DIR, make_server
+from ct_ray.store.tables import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 WEB = ROOT / "web"
@@ -34,7 +36,6 @@ def tiny_sweep(ray_local, tiny_dir, tmp_path_factory):
     if not (WEB / "node_modules" / "playwright-core").is_dir() or not os.path.exists(os.path.join(STATIC_DIR, "app.js")):
         pytest.fail("the explorer page is not built: run `make setup` (npm ci + build in web/)")
     from ct_ray.features import parse_features_spec, run_features
-    from ct_ray.store.tables import Store
     from ct_ray.sweep import parse_sweep_spec, run_sweep
 
     tmp = tmp_path_factory.mktemp("explorer")
@@ -50,9 +51,45 @@ def tiny_sweep(ray_local, tiny_dir, tmp_path_factory):
     corpus.write_text("\n\n".join(f"The cat sat on the mat {i} times, and Paris is in France." for i in range(10)))
     run_features(parse_features_spec({"model": str(tiny_dir), "random_clt": rclt, "corpus": [str(corpus)],
                                       "context_len": 16, "n_contexts": 12, "top_k": 4, "window": 8, "storage": store}))
-    g = Store(store).read("graphs", "tiny").to_pylist()
+    # a second sweep of the same model and CLT, pruned harder, sharing two prompts: for the diff view
+    spec_b = parse_sweep_spec({"sweep_id": "tiny-b", "model": str(tiny_dir), "random_clt": rclt, "storage": store,
+                               "prompts": ["Paris is in", "The cat sat on the", "A dog ran"],
+                               "resources": {"workers": 1, "num_cpus": 1}, "pruning": {"node_threshold": 0.5},
+                               "attribution": {"max_n_logits": 3, "batch_size": 64}})
+    assert run_sweep(spec_b).ok == 3
+    st = Store(store)
+    g = st.read("graphs", "tiny").to_pylist()
     row = next(x for x in g if x["prompt"] == "The cat sat on the")
+    _analyse(st, row["key"])
     return {"store": store, "row": row, "tmp": tmp, "model": str(tiny_dir), "rclt": rclt}
+
+
+def _analyse(st, key):
+    """feature_stats + circuit_paths of 'tiny' (`ct-ray analyze`), automatic supernodes of one of its graphs (the
+    supernodes table) and the graph diffs of 'tiny' vs 'tiny-b' (`ct-ray diff`). 'tiny-b' stays unanalysed."""
+    import pyarrow.compute as pc
+
+    from ct_ray.analysis.diff import diff_sweeps
+    from ct_ray.analysis.run import analyze
+    from ct_ray.analysis.supernodes import auto_supernodes_rows, supernode_rows
+    from ct_ray.store.commit import append_rows
+
+    r = analyze(st, "tiny")
+    assert r["features"] > 0 and r["paths"] > 0
+    nodes, edges = st.read("nodes", "tiny", keys=[key]), st.read("edges", "tiny", keys=[key])
+    sset = auto_supernodes_rows(nodes, edges, threshold=0.9)
+    if not sset.supernodes:  # a random CLT can leave nothing alike: two groups by layer instead, the same row format
+        from ct_ray.perturb.supernodes import SupernodeSet
+
+        feats = nodes.filter(pc.equal(nodes.column("kind"), "feature")).to_pylist()
+        by_layer: dict = {}
+        for n in feats:
+            by_layer.setdefault(n["layer"], []).append(n["node_id"])
+        sset = SupernodeSet.model_validate({"supernodes": [{"name": f"layer {l}", "nodes": ids}
+                                                           for l, ids in sorted(by_layer.items()) if ids]})
+    append_rows(st, "supernodes", "tiny", supernode_rows(sset, nodes, key=key))
+    d = diff_sweeps(st, "tiny", "tiny-b")
+    assert d["n_prompts"] == 2
 
 
 def _graph_json(sweep, path):
@@ -73,15 +110,15 @@ def test_explorer_in_chromium(tiny_sweep):
     gj = _graph_json(tiny_sweep, tiny_sweep["tmp"] / "graph.json")
     try:
         p = subprocess.run(["node", "e2e/explorer.mjs", f"http://127.0.0.1:{srv.server_address[1]}", "tiny", row["key"],
-                            os.environ.get("CT_RAY_SCREENSHOTS", ""), str(tiny_sweep["tmp"] / "graph.json")],
-                           cwd=WEB, capture_output=True, text=True, timeout=90, env={**os.environ, "CHROMIUM": CHROMIUM})
+                            os.environ.get("CT_RAY_SCREENSHOTS", ""), str(tiny_sweep["tmp"] / "graph.json"), "tiny-b"],
+                           cwd=WEB, capture_output=True, text=True, timeout=150, env={**os.environ, "CHROMIUM": CHROMIUM})
     finally:
         srv.shutdown()
         srv.server_close()
     assert p.returncode == 0, p.stderr[-2000:]
     out = json.loads(p.stdout.strip().splitlines()[-1])
     assert out["errors"] == []
-    assert out["listed"] == 2
+    assert out["listed"] == 5  # both sweeps
     # the stored (pruned) graph, whole: every node and edge of its rows
     assert out["full"] == [row["n_nodes_pruned"], row["n_edges_pruned"]]
     assert out["restored"] == out["full"]
@@ -96,3 +133,30 @@ def test_explorer_in_chromium(tiny_sweep):
     assert out["pert_points"] > 0
     # a graph JSON file opened in the page: the same graph as the export holds
     assert out["file"] == [len(gj["nodes"]), len(gj["links"])]
+    st = Store(tiny_sweep["store"])
+    # automatic supernodes: the groups of the supernodes table, their members coloured; hand-made editing still works
+    auto = st.read("supernodes", "tiny", keys=[row["key"]]).to_pylist()
+    assert out["auto_groups"] == len(auto) > 0
+    assert out["auto_members"] == len({n for a in auto for n in a["node_ids"]})
+    assert out["auto_off_members"] == 0
+    top = max(auto, key=lambda a: abs(a["influence"] or 0))  # listed first: "use" copies it
+    assert f"{auto_name(top['supernode'])} ({len(top['node_ids'])})" in out["after_use"]
+    assert out["save_after_use"] == "saved"
+    saved = st.read_json(f"_sweeps/tiny/supernodes/{row['key']}.json")["supernodes"]
+    assert [s["name"] for s in saved] == [s.rsplit(" (", 1)[0] for s in out["after_use"]]
+    # the overview: histograms over the ok graphs, recurring features (dashboard + top graphs), recurring paths
+    assert out["ov_hist"] == [2, 2] and out["ov_bars"] == [2, 2]
+    fs = st.read("feature_stats", "tiny")
+    assert out["ov_features"] == min(25, fs.num_rows) and out["ov_top_graphs"] > 0 and out["ov_dash"] > 0
+    assert out["ov_paths"] > 0 and out["path_selected"] > 0
+    assert out["ov_b_command"].startswith("ct-ray analyze tiny-b --store ")
+    # the diff: both graphs of the prompt, drawn side by side, and its graph_diffs row
+    b = next(x for x in st.read("graphs", "tiny-b").to_pylist() if x["prompt"] == "The cat sat on the")
+    assert out["diff_nodes"] == [row["n_nodes_pruned"], b["n_nodes_pruned"]]
+    assert out["diff_row"] == "1" and "edge change L1" in out["diff_text"]
+    assert out["diff_prompts"] == 2
+
+
+def auto_name(name: str) -> str:
+    """What the page names a hand-made copy of an automatic group (the server refuses < and > in names)."""
+    return name.replace("<", "‹").replace(">", "›").strip()[:64].strip()

@@ -175,3 +175,121 @@ def test_graph_json_route(serve, tmp_path):
     from ct_ray.cli import main
 
     assert main(["serve", "--store", str(tmp_path), "--graph-json", str(tmp_path / "missing.json")]) == 2
+
+
+# --- the analysis tables: sweep overview, automatic supernodes, graph diffs --------------------------------------
+def _analysed(root) -> Store:
+    """The store of `_store`, analysed (`analyze`: feature_stats + circuit_paths of s1), with automatic supernodes
+    rows for its graph (two methods) and a second sweep s2 sharing the prompt "Hello there"."""
+    from ct_ray.analysis.run import analyze
+
+    st = _store(root)
+    analyze(st, "s1")
+    append_rows(st, "supernodes", "s1", pa.Table.from_pylist([
+        {"key": KEY, "method": "auto-v1", "supernode": "small", "size": 1, "node_ids": ["E_5_1"], "influence": 0.1,
+         "label": "small"},
+        {"key": KEY, "method": "auto-v1", "supernode": 'L0-1 → "y"', "size": 2, "node_ids": ["0_3_1", "1_2_1"],
+         "influence": -0.9, "label": "big"},
+        {"key": KEY, "method": "other", "supernode": "o", "size": 1, "node_ids": ["0_3_1"], "influence": float("nan")},
+        {"key": "elsewhere", "method": "auto-v1", "supernode": "x", "size": 1, "node_ids": ["0_3_1"], "influence": 1.0}]))
+    append_rows(st, "graphs", "s2", pa.Table.from_pylist([
+        {"key": "k2", "prompt_index": 0, "prompt": "Hello there", "status": "ok", "replacement_score_pruned": 0.6},
+        {"key": "k3", "prompt_index": 1, "prompt": "only in s2", "status": "ok"}]))
+    return st
+
+
+@pytest.fixture
+def serve_analysed(tmp_path):
+    servers = []
+
+    def start(**kw):
+        _analysed(tmp_path / "store")
+        return launch(str(tmp_path / "store"), servers, **kw)
+
+    yield start
+    stop(servers)
+
+
+def test_overview_of_a_sweep_not_analysed(serve):
+    port = serve()
+    code, o = req(port, "GET", "/api/overview?sweep=s1")
+    assert code == 200 and o["analysed"] is False and o["features"] == [] and o["paths"] == []
+    assert o["command"].startswith("ct-ray analyze s1 --store ") and (o["graphs"], o["ok"]) == (2, 1)
+    h = o["scores"]["completeness"]
+    assert len(h["counts"]) == 20 and sum(h["counts"]) == h["n"] == 0 and h["missing"] == 1  # no pruned score stored
+    assert req(port, "GET", "/api/overview?sweep=nope")[0] == 404
+
+
+def test_overview_of_an_analysed_sweep(serve_analysed):
+    port = serve_analysed()
+    code, o = req(port, "GET", "/api/overview?sweep=s1")
+    assert code == 200 and o["analysed"] is True and o["n_features"] == 2
+    assert [(f["layer"], f["feature"]) for f in o["features"]] == [(0, 3), (1, 2)]  # ties on prompts: by influence
+    f = o["features"][0]
+    assert f["node_prefix"] == "0_3_" and f["n_prompts"] == 1 and f["features_id"] is None
+    assert f["top_graphs"] == [{"key": KEY, "prompt": "Hello there", "influence": pytest.approx(0.5)}]
+    assert {x["token"] for x in o["features"][1]["top_logits"]} == {"x"}
+    assert o["n_paths"] == len(o["paths"]) == 2
+    p = o["paths"][0]
+    assert p["support"] == 1 and p["example"]["key"] == KEY and p["example"]["node_ids"][-1] == "3_7_1"
+    assert p["path"].endswith('"x"') and p["mean_score"] > 0
+    one = req(port, "GET", "/api/overview?sweep=s1&features=1&paths=1")[1]
+    assert len(one["features"]) == len(one["paths"]) == 1 and one["n_features"] == 2
+    assert req(port, "GET", "/api/overview?sweep=s2")[1]["analysed"] is False
+
+
+def test_auto_supernodes_route(serve_analysed):
+    port = serve_analysed()
+    code, r = req(port, "GET", f"/api/auto-supernodes?sweep=s1&key={KEY}")
+    assert code == 200 and r["method"] == "auto-v1" and r["methods"] == ["auto-v1", "other"]
+    assert [(s["name"], s["size"], s["nodes"]) for s in r["supernodes"]] == [
+        ('L0-1 → "y"', 2, ["0_3_1", "1_2_1"]), ("small", 1, ["E_5_1"])]  # by |influence|
+    other = req(port, "GET", f"/api/auto-supernodes?sweep=s1&key={KEY}&method=other")[1]
+    assert [s["name"] for s in other["supernodes"]] == ["o"] and other["supernodes"][0]["influence"] is None
+    assert req(port, "GET", "/api/auto-supernodes?sweep=s1&key=none1")[1]["supernodes"] == []
+    assert req(port, "GET", "/api/auto-supernodes?sweep=s2&key=k2")[1] == {
+        "sweep_id": "s2", "key": "k2", "method": None, "methods": [], "supernodes": [], "truncated": False}
+    # the hand-made supernodes are another thing, untouched
+    assert req(port, "GET", f"/api/supernodes?sweep=s1&key={KEY}")[1] == {"supernodes": []}
+
+
+def test_diff_route(serve_analysed, tmp_path):
+    port = serve_analysed()
+    code, d = req(port, "GET", "/api/diff?a=s1&b=s2")
+    assert code == 200 and d["diffed"] is False and d["command"].startswith("ct-ray diff s1 s2 --store ")
+    assert (d["n_a"], d["n_b"], d["n_common"]) == (1, 2, 1)
+    assert d["prompts"] == [{"prompt": "Hello there", "key_a": KEY, "key_b": "k2"}] and d["aggregate"] is None
+    assert req(port, "GET", "/api/diff?a=s1&b=s2&q=nothing")[1]["prompts"] == []
+    one = req(port, "GET", "/api/diff?a=s1&b=s2&prompt=Hello%20there")[1]
+    assert (one["key_a"], one["key_b"], one["row"]) == (KEY, "k2", None)
+    assert req(port, "GET", f"/api/diff?a=s1&b=s2&key_a={KEY}")[1]["key_b"] == "k2"
+    assert req(port, "GET", "/api/diff?a=s2&b=s1&prompt=only%20in%20s2")[0] == 404  # not in both
+    assert req(port, "GET", "/api/diff?a=s1&b=s2&key_a=nope")[0] == 404
+    assert req(port, "GET", "/api/diff?a=s1&b=none")[0] == 404
+    # what `ct-ray diff s1 s2` writes: one row per prompt and the sweep-level row (prompt null)
+    st = Store(str(tmp_path / "store"))
+    append_rows(st, "graph_diffs", "s1..s2", pa.Table.from_pylist([
+        {"sweep_a": "s1", "sweep_b": "s2", "prompt": "Hello there", "key_a": KEY, "key_b": "k2", "match": "feature",
+         "replacement_delta": 0.1, "edge_change_l1": float("nan"), "top_changed_edges": ["L0/F3@1 > L1/F2@1: -0.2 -> 0.4"],
+         "n_prompts": None},
+        {"sweep_a": "s1", "sweep_b": "s2", "match": "feature", "replacement_delta": 0.1, "n_prompts": 1}]))
+    one = req(port, "GET", "/api/diff?a=s1&b=s2&prompt=Hello%20there")[1]
+    assert one["diffed"] is True and one["diff_id"] == "s1..s2"
+    assert one["row"]["replacement_delta"] == pytest.approx(0.1) and one["row"]["edge_change_l1"] is None
+    assert one["row"]["top_changed_edges"] == ["L0/F3@1 > L1/F2@1: -0.2 -> 0.4"] and one["aggregate"]["n_prompts"] == 1
+    # the other way round finds the same rows (their sweep_a / sweep_b say which way the deltas go)
+    assert req(port, "GET", "/api/diff?a=s2&b=s1&prompt=Hello%20there")[1]["row"]["sweep_a"] == "s1"
+    ov = req(port, "GET", "/api/overview?sweep=s2")[1]
+    assert [(x["sweep_a"], x["sweep_b"], x["n_prompts"]) for x in ov["diffs"]] == [("s1", "s2", 1)]
+
+
+@pytest.mark.parametrize("path", [
+    "/api/overview", "/api/overview?sweep=../s1", "/api/overview?sweep=s1&features=0",
+    "/api/overview?sweep=s1&paths=201", "/api/overview?sweep=s1&features=x",
+    f"/api/auto-supernodes?sweep=s1&key={KEY}&method=%3Cb%3E", "/api/auto-supernodes?sweep=s1",
+    "/api/auto-supernodes?sweep=s1&key=a/b", "/api/diff?a=s1", "/api/diff?a=s1&b=..",
+    "/api/diff?a=s1&b=s2&key_a=../x", "/api/diff?a=s1&b=s2&limit=0", "/api/diff?a=s1&b=s2&limit=501",
+    "/api/diff?a=s1&b=s2&prompt=" + "x" * 2001, "/api/diff?a=s1&b=s2&prompt=a%00b", "/api/diff?a=s1&b=s2&q=" + "x" * 201])
+def test_analysis_routes_validate(serve, path):
+    code, body = req(serve(), "GET", path)
+    assert code == 400 and "error" in body, body

@@ -1,11 +1,11 @@
 """`ct-ray serve`: a stdlib threading HTTP server, bound to 127.0.0.1 unless told otherwise.
 
-Routes: GET /api/{info,sweeps,graphs,graph,feature,perturbations,supernodes,graph-json}, PUT /api/supernodes
-(403 unless --allow-write), GET / and /static/* (the page built from web/ by `make setup`). Request bodies over
-MAX_BODY are refused with 413 before being read; paths with `..`, backslashes or control characters (also once or
-twice percent-encoded) with 400; static files are served only from inside the static folder. Host, Origin, query
-string and JSON depth are checked first (guard.py); connections are served by a bounded pool with read timeouts
-(pool.py). Every refusal is a JSON `{"error": one line}`.
+Routes: GET /api/{info,sweeps,graphs,graph,feature,perturbations,supernodes,graph-json,overview,auto-supernodes,diff},
+PUT /api/supernodes (403 unless --allow-write), GET / and /static/* (the page built from web/ by `make setup`).
+Request bodies over MAX_BODY are refused with 413 before being read; paths with `..`, backslashes or control
+characters (also once or twice percent-encoded) with 400; static files are served only from inside the static
+folder. Host, Origin, query string and JSON depth are checked first (guard.py); connections are served by a bounded
+pool with read timeouts (pool.py). Every refusal is a JSON `{"error": one line}`.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ MAX_BODY = 1 << 20
 _DRAIN_MAX = 16 << 20  # a refused body larger than this is cut off with the connection
 _SAFE_STATIC = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_.\-/]{0,200}$")
 _GET = {"info": "info", "sweeps": "sweeps", "graphs": "graphs", "graph": "graph", "feature": "feature",
-        "perturbations": "perturbations", "supernodes": "get_supernodes"}
+        "perturbations": "perturbations", "supernodes": "get_supernodes", "overview": "overview",
+        "auto-supernodes": "auto_supernodes", "diff": "diff"}
 
 
 def _bad_path(raw: str) -> bool:

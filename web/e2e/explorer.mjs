@@ -1,8 +1,10 @@
 // End-to-end scenario in headless Debian Chromium (playwright-core, no downloaded browser), run by
-// tests/test_explorer_e2e.py: node e2e/explorer.mjs BASE_URL SWEEP KEY [SCREENSHOT_DIR]. Prints one JSON object.
+// tests/test_explorer_e2e.py: node e2e/explorer.mjs BASE_URL SWEEP KEY [SCREENSHOT_DIR [GRAPH_JSON [SWEEP_B]]]
+// ("" or "-" skips one). With SWEEP_B: automatic supernodes of SWEEP/KEY, the overviews of SWEEP (analysed) and
+// SWEEP_B, and the diff of KEY's prompt between them. Prints one JSON object.
 import { chromium } from "playwright-core";
 
-const [base, sweep, key, shots, graphJson] = process.argv.slice(2);
+const [base, sweep, key, shots, graphJson, sweepB] = process.argv.slice(2);
 const FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
   "--disable-background-networking", "--disable-component-update", "--disable-sync"];
 const out = {};
@@ -63,8 +65,72 @@ try {
     await page.waitForFunction(() => document.getElementById("title").textContent.endsWith("(file)"), null, { timeout: 10000 });
     out.file = await counts();
   }
+  if (sweepB && sweepB !== "-") await analysisViews(page, out);
   out.errors = errors;
 } finally {
   await browser.close();
 }
 console.log(JSON.stringify(out));
+
+async function analysisViews(page, out) {
+  const T = { timeout: 15000 };
+  const text = (sel) => page.$eval(sel, (e) => e.textContent);
+  const count = (sel) => page.$$eval(sel, (l) => l.length);
+  // automatic supernodes in the graph view, beside the hand-made ones
+  await page.evaluate((h) => { location.hash = h; }, `sweep=${encodeURIComponent(sweep)}&key=${encodeURIComponent(key)}`);
+  await page.waitForFunction(() => !document.getElementById("title").textContent.endsWith("(file)")
+    && +document.getElementById("graph").dataset.nodes > 0, null, T);
+  await page.check("#auto-sn");
+  await page.waitForFunction(() => !["", "loading…"].includes(document.getElementById("auto-sn-status").textContent), null, T);
+  out.auto_status = await text("#auto-sn-status");
+  out.auto_groups = await count("#auto-sn-list li");
+  out.auto_members = await count("#graph .node.auto-member");
+  if (shots) await page.screenshot({ path: `${shots}/explorer-auto-supernodes.png` });
+  await page.click("#auto-sn-list li:first-child .auto-sn-use");  // copied into the hand-made supernodes
+  out.after_use = await page.$$eval("#sn-list li span", (s) => s.map((x) => x.textContent));
+  await page.click("#sn-save");
+  await page.waitForFunction(() => document.getElementById("sn-status").textContent !== "", null, T);
+  out.save_after_use = await text("#sn-status");
+  await page.uncheck("#auto-sn");
+  out.auto_off_members = await count("#graph .node.auto-member");
+
+  // the sweep overview: score histograms, recurring features and paths
+  await page.click(`.overview-link[data-sweep='${sweep}']`);
+  await page.waitForSelector(`#overview-view[data-ready='1'][data-sweep='${sweep}']`, T);
+  out.ov_hist = await page.$$eval("#ov-hists svg", (l) => l.map((s) => +s.dataset.total));
+  out.ov_bars = await page.$$eval("#ov-hists svg", (l) => l.map((s) => [...s.querySelectorAll("rect.bar")]
+    .reduce((a, r) => a + +r.dataset.count, 0)));
+  out.ov_features = await count("#ov-features tbody tr");
+  out.ov_paths = await count("#ov-paths tbody tr");
+  await page.click("#ov-features tbody tr:first-child");
+  await page.waitForSelector("#stat-graphs li a", T);
+  await page.waitForSelector("#stat-dash #top-contexts, #stat-dash .hint", T);
+  out.ov_top_graphs = await count("#stat-graphs li a");
+  out.ov_dash = await count("#stat-dash #top-contexts .ctx");
+  if (shots) await page.screenshot({ path: `${shots}/explorer-overview.png` });
+  // a path opens its strongest graph with the path's nodes selected
+  await page.click("#ov-paths tbody tr:first-child a.path-link");
+  await page.waitForFunction(() => !document.getElementById("graph-view").hidden
+    && document.querySelectorAll("#graph .node.selected").length > 0, null, T);
+  out.path_selected = await count("#graph .node.selected");
+  // a sweep not analysed says so, with the command
+  await page.click(`.overview-link[data-sweep='${sweepB}']`);
+  await page.waitForSelector(`#overview-view[data-ready='1'][data-sweep='${sweepB}']`, T);
+  out.ov_b_command = await text("#ov-command");
+
+  // one prompt of both sweeps side by side, with its graph_diffs row
+  await page.click("#open-diff");
+  await page.waitForFunction(() => +document.getElementById("diff-prompt").dataset.count > 0, null, T);
+  await page.selectOption("#diff-a", sweep);
+  await page.selectOption("#diff-b", sweepB);
+  await page.waitForFunction(() => +document.getElementById("diff-prompt").dataset.count > 0, null, T);
+  out.diff_prompts = await count("#diff-prompt option");
+  await page.selectOption("#diff-prompt", { label: "The cat sat on the" });
+  await page.click("#diff-go");
+  await page.waitForSelector("#diff-view[data-ready='1']", T);
+  out.diff_nodes = await page.$$eval("#diff-panes svg", (l) => l.map((s) => +s.dataset.totalNodes));
+  out.diff_row = await page.$eval("#diff-table", (t) => t.dataset.row);
+  out.diff_edges = await count("#diff-edges li");
+  out.diff_text = await page.$eval("#diff-summary", (e) => e.innerText.slice(0, 2000));
+  if (shots) await page.screenshot({ path: `${shots}/explorer-diff.png` });
+}

@@ -1,13 +1,19 @@
 // The explorer page: lists graphs from the JSON API, draws one (layer on y, token position on x), prunes it live,
-// shows feature dashboards, supernodes and perturbation results. Graph JSON files (circuit-tracer / Neuronpedia
-// format) open too. Everything is served by `ct-ray serve`; nothing is fetched from elsewhere.
+// shows feature dashboards, supernodes (hand-made and automatic) and perturbation results. Graph JSON files
+// (circuit-tracer / Neuronpedia format) open too. Two more views: a sweep's overview (#overview=SWEEP: score
+// histograms, recurring features and paths) and one prompt's graphs of two sweeps side by side (#diff=1&a=&b=&key_a=).
+// Everything is served by `ct-ray serve`; nothing is fetched from elsewhere.
 import { select } from "d3-selection";
 import { scaleLinear } from "d3-scale";
-import { setHTML } from "./html.js";
+import { html, setHTML } from "./html.js";
 import { featureDetails, fmt, hint, nodeHead } from "./render.js";
+import { drawGraph, groupColor } from "./draw.js";
+import { hashOf, renderOverview } from "./overview.js";
+import { onlyIn, renderDiffSummary } from "./diff.js";
 
 const $ = (id) => document.getElementById(id);
-const state = { info: null, graph: null, selected: new Set(), supernodes: [], featureCache: new Map() };
+const state = { info: null, sweeps: [], graph: null, selected: new Set(), supernodes: [], featureCache: new Map(),
+                auto: null, diff: null };
 
 async function api(path, opts) {
   const r = await fetch(path, opts);
@@ -78,87 +84,90 @@ function fromJson(j) {
            supernodes: sn, featuresId: null };
 }
 
-// --- pruning in the browser ------------------------------------------------------------------------------------
-function visible(g, nodeTh, edgeTh) {
-  const vn = new Set(g.nodes.filter((n) => n.cum === undefined || nodeTh >= 1 || n.cum <= nodeTh + 1e-9));
-  const cand = g.edges.filter((e) => vn.has(e.s) && vn.has(e.t)).sort((a, b) => Math.abs(b.w) - Math.abs(a.w));
-  const tot = cand.reduce((s, e) => s + Math.abs(e.w), 0) || 1;
-  let acc = 0;
-  const ve = cand.filter((e) => { acc += Math.abs(e.w); return edgeTh >= 1 || acc / tot <= edgeTh + 1e-9; });
-  return { nodes: [...vn], edges: ve };
-}
-
-// --- drawing ---------------------------------------------------------------------------------------------------
-const COLORS = { feature: "#4e79a7", error: "#bab0ac", embedding: "#59a14f", logit: "#e15759" };
-const kindClass = (k) => (Object.prototype.hasOwnProperty.call(COLORS, k) ? k : "other");  // a stored kind names no other CSS class
-
+// --- the graph view: drawing (draw.js), automatic supernodes -------------------------------------------------
 function draw() {
   const g = state.graph;
   if (!g) return;
   const nodeTh = +$("node-th").value, edgeTh = +$("edge-th").value;
   $("node-th-v").textContent = nodeTh.toFixed(2);
   $("edge-th-v").textContent = edgeTh.toFixed(2);
-  const v = visible(g, nodeTh, edgeTh);
-  const nPos = Math.max(g.tokens.length, ...g.nodes.map((n) => n.pos + 1));
-  const layers = g.nodes.map((n) => n.layer);
-  const lo = Math.min(-1, ...layers), hi = Math.max(...layers);
-  const W = Math.max(700, nPos * 90), H = Math.max(420, (hi - lo + 1) * 24 + 130);
-  const x = scaleLinear().domain([0, nPos]).range([50, W - 10]);
-  const y = scaleLinear().domain([lo, hi]).range([H - 40, 100]);  // room above for the slanted logit labels
-  // nodes of one (layer, position) cell side by side
-  const cells = new Map();
-  v.nodes.forEach((n) => { const k = n.layer + "/" + n.pos; (cells.get(k) || cells.set(k, []).get(k)).push(n); });
-  cells.forEach((ns) => ns.sort((a, b) => (a.feature ?? 0) - (b.feature ?? 0)).forEach((n, i) => {
-    const cw = x(1) - x(0);
-    n.x = x(n.pos) + cw * (i + 1) / (ns.length + 1); n.y = y(n.layer);
-  }));
-  const svg = select($("graph")).attr("width", W).attr("height", H)
-    .attr("data-nodes", v.nodes.length).attr("data-edges", v.edges.length)
-    .attr("data-total-nodes", g.nodes.length).attr("data-total-edges", g.edges.length);
-  svg.selectAll("*").remove();
-  const axis = svg.append("g");
-  g.tokens.forEach((t, i) => axis.append("text").attr("x", (x(i) + x(i + 1)) / 2).attr("y", H - 8)
-    .attr("text-anchor", "middle").text(JSON.stringify(t)));
-  for (let l = lo; l <= hi; l++) axis.append("text").attr("x", 2).attr("y", y(l) + 3).text(l === -1 ? "emb" : l === hi && g.nodes.some((n) => n.kind === "logit" && n.layer === hi) ? "logit" : "L" + l);
-  const maxW = Math.max(1e-12, ...v.edges.map((e) => Math.abs(e.w)));
-  svg.append("g").selectAll("line").data(v.edges).enter().append("line").attr("class", "edge")
-    .attr("x1", (e) => e.s.x).attr("y1", (e) => e.s.y).attr("x2", (e) => e.t.x).attr("y2", (e) => e.t.y)
-    .attr("stroke", (e) => (e.w >= 0 ? "#2166ac" : "#b2182b")).attr("stroke-opacity", 0.55)
-    .attr("stroke-width", (e) => 0.3 + 4 * Math.abs(e.w) / maxW);
-  const inSn = new Set(state.supernodes.flatMap((s) => s.nodes));
-  const gn = svg.append("g").selectAll("g").data(v.nodes).enter().append("g")
-    .attr("class", (n) => `node ${kindClass(n.kind)}` + (state.selected.has(n.id) ? " selected" : "") + (inSn.has(n.id) ? " in-sn" : ""))
-    .attr("data-id", (n) => n.id).attr("data-cum", (n) => n.cum ?? "").attr("transform", (n) => `translate(${n.x},${n.y})`)
-    .on("mouseenter", (_, n) => showNode(n)).on("click", (_, n) => { toggle(n); showNode(n); });
-  gn.each(function (n) {
-    const el = select(this);
-    if (n.kind === "feature") el.append("circle").attr("r", 5);
-    else el.append("rect").attr("x", -5).attr("y", -5).attr("width", 10).attr("height", 10)
-      .attr("transform", n.kind === "logit" ? "rotate(45)" : null);
-    el.select(":first-child").attr("fill", COLORS[kindClass(n.kind)] || "#999").attr("stroke", "#333").attr("stroke-width", 0.5);
-    el.append("title").text(`${n.id} (${n.kind}) act=${fmt(n.act)}` + (n.kind === "logit" ? ` p=${fmt(n.prob)}` : ""));
-    if (n.label) el.append("text").attr("transform", n.kind === "logit" ? "translate(3,-8) rotate(-50)" : "translate(7,12)").text(n.label);
-  });
+  const auto = $("auto-sn").checked && state.auto && state.auto.graph === g ? state.auto : null;
+  const v = drawGraph($("graph"), g, { nodeTh, edgeTh, selected: state.selected,
+    inSn: new Set(state.supernodes.flatMap((s) => s.nodes)), groupOf: auto ? auto.groupOf : null,
+    groupName: (i) => auto.groups[i].name, onHover: (n) => showNode(n), onClick: (n) => { toggle(n); showNode(n); } });
   $("counts").textContent = `${v.nodes.length}/${g.nodes.length} nodes, ${v.edges.length}/${g.edges.length} edges`;
 }
 
-// --- details: feature dashboards (markup built in render.js, every stored string escaped) -------------------------
-async function showNode(n) {
-  const box = $("feature");
-  const head = nodeHead(n);
-  box.dataset.node = n.id;
-  if (n.kind !== "feature" || !state.graph.featuresId) {
-    setHTML(box, n.kind === "feature" ? hint(head, "no feature dashboards for this CLT (run ct-ray features)") : head);
-    return;
+async function loadAuto() {
+  const g = state.graph, on = $("auto-sn").checked;
+  $("auto-sn-box").hidden = !on;
+  if (!on || !g) { draw(); return; }
+  const method = $("auto-sn-method").value || null;
+  if (!(state.auto && state.auto.graph === g && (!method || state.auto.method === method))) {
+    state.auto = { graph: g, groups: [], groupOf: new Map(), methods: [], method: null, msg: "loading…" };
+    renderAuto();
+    if (g.source !== "store") state.auto.msg = "graphs from files have no automatic supernodes";
+    else {
+      try {
+        const r = await api("/api/auto-supernodes?" + qs({ sweep: g.sweep, key: g.key, method }));
+        if (state.graph !== g) return;
+        const groupOf = new Map();
+        r.supernodes.forEach((s, i) => s.nodes.forEach((id) => { if (!groupOf.has(id)) groupOf.set(id, i); }));
+        state.auto = { graph: g, groups: r.supernodes, groupOf, methods: r.methods, method: r.method,
+          msg: r.supernodes.length ? `${r.supernodes.length} groups (${r.method})` + (r.truncated ? ", the largest shown" : "")
+            : "none for this graph: the supernodes table has no rows for it" };
+      } catch (e) { state.auto.msg = e.message; }
+    }
   }
-  const key = `${state.graph.featuresId}/${n.layer}/${n.feature}`;
+  renderAuto(); draw();
+}
+
+function renderAuto() {
+  const a = state.auto && state.auto.graph === state.graph ? state.auto : { groups: [], methods: [], msg: "" };
+  $("auto-sn-status").textContent = a.msg;
+  const sel = select($("auto-sn-method"));
+  sel.selectAll("option").remove();
+  sel.selectAll("option").data(a.methods).enter().append("option").attr("value", (m) => m).text((m) => m)
+    .property("selected", (m) => m === a.method);
+  $("auto-sn-method").hidden = a.methods.length < 2;
+  const ul = select($("auto-sn-list"));
+  ul.selectAll("li").remove();
+  const li = ul.selectAll("li").data(a.groups).enter().append("li").attr("class", "auto-sn");
+  li.append("span").attr("class", "swatch").style("background", (_, i) => groupColor(i));
+  li.append("span").attr("class", "auto-sn-name").text((s) => s.name);
+  li.append("span").attr("class", "meta").text((s) => ` ${s.size} nodes · influence ${fmt(s.influence, 3)}`);
+  li.append("button").attr("class", "auto-sn-use").text("use").attr("title", "copy into the hand-made supernodes (then save)")
+    .on("click", (_, s) => {
+      const have = new Set(state.graph.nodes.map((n) => n.id));
+      // the server takes names of 1-64 printable characters without < or >
+      const name = s.name.replace(/</g, "‹").replace(/>/g, "›").replace(/[\x00-\x1f\x7f]/g, " ").trim().slice(0, 64).trim();
+      addGroup(name, s.nodes.filter((id) => have.has(id)));
+    });
+  $("auto-sn-list").dataset.count = a.groups.length;
+}
+
+// --- details: feature dashboards (markup built in render.js, every stored string escaped) -------------------------
+async function dashboard(featuresId, layer, feature) {
+  const key = `${featuresId}/${layer}/${feature}`;
   let d = state.featureCache.get(key);
   if (!d) {
     try {
-      d = await api("/api/feature?" + qs({ clt_id: state.graph.featuresId, layer: n.layer, feature: n.feature }));
+      d = await api("/api/feature?" + qs({ clt_id: featuresId, layer, feature }));
     } catch (e) { d = { error: e.message }; }
     state.featureCache.set(key, d);
   }
+  return d;
+}
+
+async function showNode(n, g = state.graph) {
+  const box = $("feature");
+  const head = nodeHead(n);
+  box.dataset.node = n.id;
+  if (n.kind !== "feature" || !g.featuresId) {
+    setHTML(box, n.kind === "feature" ? hint(head, "no feature dashboards for this CLT (run ct-ray features)") : head);
+    return;
+  }
+  const d = await dashboard(g.featuresId, n.layer, n.feature);
   if (box.dataset.node !== n.id) return;  // the pointer moved on meanwhile
   setHTML(box, d.error ? hint(head, d.error) : featureDetails(head, d));
 }
@@ -181,18 +190,25 @@ function renderSupernodes() {
   $("sn-save").title = g && g.source === "store" ? (state.info.writable ? "" : "read-only server (start it with --allow-write)") : "graphs from files are not saved";
 }
 
+function addGroup(name, nodes) {
+  // a node belongs to one group: it moves to the new one; a group left empty goes
+  if (!name || !nodes.length) { $("sn-status").textContent = "select nodes and give a name"; return; }
+  const moving = new Set(nodes);
+  state.supernodes = state.supernodes.filter((s) => s.name !== name)
+    .map((s) => ({ ...s, nodes: s.nodes.filter((id) => !moving.has(id)) })).filter((s) => s.nodes.length)
+    .concat([{ name, nodes }]);
+  $("sn-status").textContent = "";
+  renderSupernodes(); draw();
+}
+
 function addSupernode() {
   const name = $("sn-name").value.trim();
   if (!name || !state.selected.size) { $("sn-status").textContent = "select nodes and give a name"; return; }
-  // a node belongs to one group: it moves to the new one; a group left empty goes
   const nodes = [...state.selected];
-  state.supernodes = state.supernodes.filter((s) => s.name !== name)
-    .map((s) => ({ ...s, nodes: s.nodes.filter((id) => !state.selected.has(id)) })).filter((s) => s.nodes.length)
-    .concat([{ name, nodes }]);
   state.selected.clear();
   $("selection").textContent = "selected: 0";
   $("sn-name").value = "";
-  renderSupernodes(); draw();
+  addGroup(name, nodes);
 }
 
 async function saveSupernodes() {
@@ -229,24 +245,152 @@ async function loadPerturbations(g) {
 function show(g) {
   state.graph = g; state.selected.clear(); state.supernodes = g.supernodes.map((s) => ({ ...s }));
   $("selection").textContent = "selected: 0";
+  $("sn-status").textContent = "";
   $("title").textContent = g.source === "store"
     ? `${g.title} → ${JSON.stringify(g.meta.top_token_str)} (p=${fmt(g.meta.top_prob, 2)}) · completeness ${fmt(g.meta.completeness_score_pruned, 3)} · replacement ${fmt(g.meta.replacement_score_pruned, 3)}`
     : `${g.title} (file)`;
   document.querySelectorAll("#graph-list li").forEach((li) => li.classList.toggle("active", li.dataset.key === g.key));
+  select($("auto-sn-method")).selectAll("option").remove();  // each graph starts with its default method
   renderSupernodes(); draw();
+  loadAuto().catch((e) => { $("auto-sn-status").textContent = e.message; });
   loadPerturbations(g).catch((e) => { $("pert-summary").textContent = e.message; });
 }
 
-async function openFromHash() {
-  const h = new URLSearchParams(location.hash.slice(1));
+// `focus`: node ids and feature prefixes (`{layer}_{feature}_`, any position), comma-separated: selected on opening
+function focus(g, spec) {
+  const items = (spec || "").split(",").filter(Boolean).slice(0, 200);
+  const hit = g.nodes.filter((n) => items.some((f) => (f.endsWith("_") ? n.kind === "feature" && n.id.startsWith(f) : n.id === f)));
+  hit.forEach((n) => state.selected.add(n.id));
+  $("selection").textContent = `selected: ${state.selected.size}`;
+  if (hit.length) { draw(); showNode(hit[0]); }
+}
+
+async function openFromHash(h) {
   if (!h.get("sweep") || !h.get("key")) return;
   try {
-    show(fromApi(await api("/api/graph?" + qs({ sweep: h.get("sweep"), key: h.get("key") }))));
+    const g = fromApi(await api("/api/graph?" + qs({ sweep: h.get("sweep"), key: h.get("key") })));
+    show(g);
+    focus(g, h.get("focus"));
   } catch (e) { $("title").textContent = "cannot open graph: " + e.message; }
 }
 
 async function openJsonText(text) {
+  if (location.hash) history.replaceState(null, "", location.pathname + location.search);  // no view in the hash now
+  setView("graph");
   try { show(fromJson(JSON.parse(text))); } catch (e) { $("title").textContent = "not a graph JSON file: " + e.message; }
+}
+
+// --- the sweep overview ----------------------------------------------------------------------------------------
+async function openOverview(sid) {
+  const box = $("overview-view");
+  box.dataset.ready = "";
+  $("ov-title").textContent = `Sweep ${sid}: loading…`;
+  let d;
+  try { d = await api("/api/overview?" + qs({ sweep: sid })); } catch (e) {
+    $("ov-title").textContent = `cannot open the overview of ${sid}: ${e.message}`;
+    return;
+  }
+  renderOverview(d, (r) => showFeatureStat(d, r));
+}
+
+async function showFeatureStat(d, r) {
+  const box = $("feature"), id = `stat:${r.clt}/${r.layer}/${r.feature}`;
+  box.dataset.node = id;
+  const pct = (x) => (x == null ? "–" : `${(100 * x).toFixed(0)}%`);
+  setHTML(box, html`<h3>L${r.layer} #${r.feature} <small>${r.clt}</small></h3><div class="stats">in ${r.n_prompts} graphs (${
+    pct(r.frac_prompts)}), kept in ${r.n_prompts_kept ?? "–"} · influence mean ${fmt(r.influence_mean, 4)}, max ${
+    fmt(r.influence_max, 4)} · activation mean ${fmt(r.activation_mean, 2)}, max ${fmt(r.activation_max, 2)}</div><div class="stats">pushes ${
+    r.top_logits.map((l) => `${JSON.stringify(l.token)} (${fmt(l.weight, 3)})`).join(", ") || "–"}</div><h4>Top graphs</h4><ul id="stat-graphs"></ul><div id="stat-dash"></div>`);
+  select($("stat-graphs")).selectAll("li").data(r.top_graphs).enter().append("li").append("a")
+    .attr("href", (t) => hashOf({ sweep: d.sweep_id, key: t.key, focus: r.node_prefix }))
+    .text((t) => `${t.prompt ?? t.key} (influence ${fmt(t.influence, 4)})`);
+  if (!r.features_id) {
+    setHTML($("stat-dash"), html`<p class="hint">no feature dashboards for this CLT (run ct-ray features)</p>`);
+    return;
+  }
+  const f = await dashboard(r.features_id, r.layer, r.feature);
+  if (box.dataset.node !== id) return;
+  setHTML($("stat-dash"), f.error ? hint(html`<h4>Dashboard</h4>`, f.error) : featureDetails(html`<h4>Dashboard</h4>`, f));
+}
+
+// --- two sweeps' graphs of one prompt --------------------------------------------------------------------------
+function fillSweepSelect(id, value) {
+  const sel = select($(id));
+  sel.selectAll("option").remove();
+  sel.selectAll("option").data(state.sweeps).enter().append("option").attr("value", (s) => s.sweep_id)
+    .text((s) => s.sweep_id).property("selected", (s) => s.sweep_id === value);
+}
+
+let promptsAsked = 0;
+async function loadDiffPrompts(keep) {
+  const a = $("diff-a").value, b = $("diff-b").value, asked = ++promptsAsked;
+  const sel = select($("diff-prompt"));
+  sel.selectAll("option").remove();
+  $("diff-prompt").dataset.count = 0;
+  if (!a || !b) return;
+  try {
+    const r = await api("/api/diff?" + qs({ a, b, q: $("diff-q").value }));
+    if (asked !== promptsAsked) return;  // a later choice of sweeps or filter answers instead
+    sel.selectAll("option").data(r.prompts).enter().append("option").attr("value", (p) => p.key_a)
+      .text((p) => p.prompt).property("selected", (p) => p.key_a === keep);
+    $("diff-prompt").dataset.count = r.prompts.length;
+    $("diff-info").textContent = `${r.n_common} prompts in both (${r.n_a} in A, ${r.n_b} in B)` + (r.n_listed > r.prompts.length ? `, ${r.prompts.length} listed` : "")
+      + (r.diffed ? ` · graph_diffs ${r.diff_id}` : " · not diffed yet");
+  } catch (e) { if (asked === promptsAsked) $("diff-info").textContent = e.message; }
+}
+
+function drawDiff() {
+  const d = state.diff;
+  if (!d) return;
+  const nodeTh = +$("diff-node-th").value;
+  $("diff-node-th-v").textContent = nodeTh.toFixed(2);
+  for (const [side, g] of [["a", d.ga], ["b", d.gb]]) {
+    drawGraph($(`diff-graph-${side}`), g, { nodeTh, edgeTh: 1, fit: true, posWidth: 50, minWidth: 500, mark: d.only ? d.only[side] : null,
+      onHover: (n) => showNode(n, g), onClick: (n) => showNode(n, g) });
+  }
+}
+
+async function openDiff(h) {
+  const ids = state.sweeps.map((s) => s.sweep_id);
+  const a = h.get("a") || ids[0] || "", b = h.get("b") || ids[1] || ids[0] || "";
+  fillSweepSelect("diff-a", a); fillSweepSelect("diff-b", b);
+  const view = $("diff-view");
+  view.dataset.ready = "";
+  await loadDiffPrompts(h.get("key_a"));
+  if (!h.get("key_a") && !h.get("prompt")) {
+    state.diff = null;
+    select($("diff-summary")).selectAll("*").remove();
+    ["a", "b"].forEach((s) => { select($(`diff-graph-${s}`)).selectAll("*").remove(); $(`diff-title-${s}`).textContent = ""; });
+    return;
+  }
+  try {
+    const res = await api("/api/diff?" + qs({ a, b, key_a: h.get("key_a"), prompt: h.get("prompt") }));
+    const [ja, jb] = await Promise.all([api("/api/graph?" + qs({ sweep: a, key: res.key_a })),
+      api("/api/graph?" + qs({ sweep: b, key: res.key_b }))]);
+    const ga = fromApi(ja), gb = fromApi(jb);
+    state.diff = { res, ga, gb, only: onlyIn(ga, gb) };
+    $("diff-title-a").textContent = `A: ${a} · ${res.key_a}`;
+    $("diff-title-b").textContent = `B: ${b} · ${res.key_b}`;
+    drawDiff();
+    renderDiffSummary(res, ga, gb, state.diff.only);
+    view.dataset.ready = "1";
+  } catch (e) { $("diff-info").textContent = "cannot compare: " + e.message; }
+}
+
+// --- views and the location hash -------------------------------------------------------------------------------
+function setView(v) {
+  if (document.body.dataset.view !== v) setHTML($("feature"), html`<p class="hint">Hover or click a node${v === "overview" ? ", or a recurring feature" : ""}.</p>`);
+  document.body.dataset.view = v;
+  for (const name of ["graph", "overview", "diff"]) $(`${name}-view`).hidden = v !== name;
+  $("supernodes").hidden = v !== "graph";
+}
+
+async function route() {
+  const h = new URLSearchParams(location.hash.slice(1));
+  if (h.get("overview")) { setView("overview"); return openOverview(h.get("overview")); }
+  if (h.get("diff")) { setView("diff"); return openDiff(h); }
+  setView("graph");
+  return openFromHash(h);
 }
 
 async function init() {
@@ -254,20 +398,33 @@ async function init() {
   $("store").textContent = state.info.store;
   $("mode").textContent = state.info.writable ? "read-write" : "read-only";
   document.body.dataset.writable = state.info.writable;
-  for (const s of await api("/api/sweeps")) select($("sweep")).append("option").attr("value", s.sweep_id).text(`${s.sweep_id} (${s.ok}/${s.graphs})`);
+  state.sweeps = await api("/api/sweeps");
+  for (const s of state.sweeps) select($("sweep")).append("option").attr("value", s.sweep_id).text(`${s.sweep_id} (${s.ok}/${s.graphs})`);
+  const li = select($("sweep-list")).selectAll("li").data(state.sweeps).enter().append("li");
+  li.append("span").attr("class", "sweep-name").text((s) => `${s.sweep_id} (${s.ok}/${s.graphs})`);
+  li.append("a").attr("class", "overview-link").attr("data-sweep", (s) => s.sweep_id)
+    .attr("href", (s) => hashOf({ overview: s.sweep_id })).text("overview");
   ["sweep", "status", "min-completeness"].forEach((id) => $(id).addEventListener("change", loadList));
   $("q").addEventListener("input", loadList);
   ["node-th", "edge-th"].forEach((id) => $(id).addEventListener("input", draw));
   $("sn-add").addEventListener("click", addSupernode);
   $("sn-save").addEventListener("click", saveSupernodes);
+  $("auto-sn").addEventListener("change", () => loadAuto());
+  $("auto-sn-method").addEventListener("change", () => loadAuto());
+  ["diff-a", "diff-b"].forEach((id) => $(id).addEventListener("change", () => loadDiffPrompts()));
+  $("diff-q").addEventListener("input", () => loadDiffPrompts());
+  $("diff-go").addEventListener("click", () => {
+    location.hash = hashOf({ diff: 1, a: $("diff-a").value, b: $("diff-b").value, key_a: $("diff-prompt").value });
+  });
+  $("diff-node-th").addEventListener("input", drawDiff);
   $("file").addEventListener("change", (ev) => { const f = ev.target.files[0]; if (f) f.text().then(openJsonText); });
   if (state.info.graph_json) {
     $("served-json").hidden = false;
     $("served-json").addEventListener("click", () => fetch("/api/graph-json").then((r) => r.text()).then(openJsonText));
   }
-  window.addEventListener("hashchange", openFromHash);
+  window.addEventListener("hashchange", route);
   await loadList();
-  await openFromHash();
+  await route();
   document.body.dataset.ready = "1";
 }
 
