@@ -14,7 +14,7 @@ def analysis_summary(store, sweep_id: str) -> str:
     from .analysis.run import analyze
     from .analysis.run_cli import summary
 
-    r = analyze(store, sweep_id)
+    r = analyze(store, sweep_id, supernodes=True)
     return f"      {r['graphs']} graphs, {r['features']} features, {r['distinct_paths']} distinct paths " \
            f"({r['seconds']['total']:.1f} s)\n" + summary(r, 5)
 
@@ -45,7 +45,8 @@ def run_demo(path: str | Path = "workflows/quickstart.yaml", address: str | None
     for q in spec.summary_sql:
         print(f"\n> {q.strip()}")
         print(format_table(query(q, store=spec.sweep.storage.store())))
-    print(f"\n[4/4] circuits across prompts (ct-ray analyze {spec.sweep.sweep_id}: feature_stats, circuit_paths)")
+    print(f"\n[4/4] circuits across prompts (ct-ray analyze {spec.sweep.sweep_id} --supernodes: feature_stats, "
+          f"circuit_paths, supernodes)")
     print(analysis_summary(spec.sweep.storage.store(), spec.sweep.sweep_id))
     print(f"\ndone in {time.perf_counter() - t0:.0f} s. Try: .venv/bin/ct-ray sql \"SELECT * FROM graphs\"")
     return 0

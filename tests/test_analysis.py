@@ -4,6 +4,8 @@ in-process and as Ray tasks."""
 
 import itertools
 import json
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -176,3 +178,54 @@ def test_a_sweep_refuses_a_second_plan(store, tiny_dir, tmp_path):
     assert st.read("feature_stats", "p1").num_rows == 0  # the old plan's analysis went with its rows
     nodes = st.read("nodes", "p1", columns=["key"]).column("key").to_pylist()
     assert set(nodes) == {x["key"] for x in g}
+
+
+def test_supernodes_of_a_sweep(store):
+    """analyze --supernodes: each graph's automatic groups (the same as auto_supernodes_rows on its rows, with its
+    CLT) and the sweep's consensus groups, in the supernodes table; re-running replaces them."""
+    from ct_ray.analysis.diff import load_decoders
+    from ct_ray.analysis.supernodes import auto_supernodes_rows
+
+    st = Store(store)
+    r = analyze(st, "a1", supernodes=True)
+    rows = st.read("supernodes", "a1").to_pylist()
+    assert len(rows) == r["supernodes"].num_rows > 0
+    graph_rows = [x for x in rows if x["key"] is not None]
+    assert graph_rows and all(x["method"] == "auto-v1" and x["size"] == len(x["node_ids"]) >= 2 for x in graph_rows)
+    g = st.read("graphs", "a1").to_pylist()
+    clt = load_decoders(g[0]["clt"], g[0]["model"])
+    for key in {x["key"] for x in graph_rows}:
+        n, e = st.read("nodes", "a1", keys=[key]), st.read("edges", "a1", keys=[key])
+        want = auto_supernodes_rows(n, e, clt=clt)
+        assert [(s.name, list(s.nodes)) for s in want.supernodes] == \
+               [(x["supernode"], x["node_ids"]) for x in graph_rows if x["key"] == key]
+    for x in (x for x in rows if x["key"] is None):  # consensus groups: features of several graphs' groups
+        assert x["method"] == "auto-v1-consensus" and x["size"] == len(x["features"]) >= 2 and not x["node_ids"]
+    # ct-ray export carries them as Neuronpedia's qParams.supernodes when the explorer saved no grouping
+    from ct_ray.attribution.export_files import export_sweep
+
+    key = graph_rows[0]["key"]
+    out = Path(tempfile.mkdtemp())
+    export_sweep(st, "a1", str(out), keys=[key])
+    q = json.loads((out / f"a1-{key}.json").read_text())["qParams"]
+    assert q["supernodes"] == [[x["supernode"], *x["node_ids"]] for x in graph_rows if x["key"] == key]
+    analyze(st, "a1", supernodes=True)
+    assert st.read("supernodes", "a1").num_rows == len(rows)
+    analyze(st, "a1")  # without --supernodes the table is left as it is
+    assert st.read("supernodes", "a1").num_rows == len(rows)
+
+
+def test_consensus_groups_join_features_co_grouped_across_graphs():
+    import pyarrow as pa
+
+    from ct_ray.analysis.stats import decode_feature, feature_code
+    from ct_ray.analysis.sweep_supernodes import sweep_groups
+
+    f = feature_code(0, [1, 1, 2, 3, 4], [5, 6, 7, 8, 9])  # sorted codes
+    n_prompts, infl = np.array([4, 4, 4, 10, 10]), np.array([0.1, 0.2, 0.3, 0.4, 0.5])
+    pairs = pa.table({"a": [f[0], f[1], f[3]], "b": [f[1], f[2], f[4]], "n": [3, 2, 1]})  # f3-f4: once only
+    t = sweep_groups(pairs, f, n_prompts, infl, decode_feature, ["clt"], lambda i: "→ 'x'").to_pylist()
+    assert len(t) == 1 and t[0]["key"] is None and t[0]["layers"] == [1, 1, 2] and t[0]["features"] == [5, 6, 7]
+    assert t[0]["influence"] == pytest.approx(0.6) and t[0]["supernode"] == "L1-2 → 'x'"
+    rare = pa.table({"a": [f[3]], "b": [f[4]], "n": [4]})  # 4 of 10 graphs: below the consensus of 0.5
+    assert sweep_groups(rare, f, n_prompts, infl, decode_feature, ["clt"], lambda i: "").num_rows == 0

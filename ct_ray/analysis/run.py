@@ -39,11 +39,12 @@ class Unit:
 
 
 def plan_units(store, sweep_id: str, unit_graphs: int = UNIT_GRAPHS):
-    """(units, keys, clts): the sweep's 'ok' graphs grouped by the nodes data file that holds them (and their CLT),
-    at most `unit_graphs` a unit; keys and CLT ids are the lists the units' indices point into."""
+    """(units, keys, clts, models): the sweep's 'ok' graphs grouped by the nodes data file that holds them (and their
+    CLT), at most `unit_graphs` a unit; keys and CLT ids are the lists the units' indices point into; models[i] is the
+    model of clts[i]'s graphs."""
     from ..store.keyed import KeyedRows
 
-    g = store.read("graphs", sweep_id, columns=["key", "status", "clt"])
+    g = store.read("graphs", sweep_id, columns=["key", "status", "clt", "model"])
     ok = g.filter(pc.equal(g.column("status"), "ok"))
     if not g.num_rows:
         have = store.partitions("graphs")
@@ -55,6 +56,8 @@ def plan_units(store, sweep_id: str, unit_graphs: int = UNIT_GRAPHS):
     clt_of = [c or "" for c in ok.column("clt").to_pylist()]
     clts = sorted(set(clt_of))
     code = {c: i for i, c in enumerate(clts)}
+    model_of = dict(zip(clt_of, ok.column("model").to_pylist()))
+    models = [model_of[c] for c in clts]
     nodes = KeyedRows(store, "nodes", sweep_id, set(keys))
     edges = KeyedRows(store, "edges", sweep_id, set(keys))
     groups: dict[tuple, list[int]] = {}
@@ -66,10 +69,10 @@ def plan_units(store, sweep_id: str, unit_graphs: int = UNIT_GRAPHS):
             part = idx[a:a + unit_graphs]
             ks = [keys[i] for i in part]
             units.append(Unit(nodes.subset(ks), edges.subset(ks), ks, part, [code[clt_of[i]] for i in part]))
-    return units, keys, clts
+    return units, keys, clts, models
 
 
-def run_unit(unit: Unit, top_paths: int = 10, max_hops: int = 4) -> Partials | None:
+def run_unit(unit: Unit, top_paths: int = 10, max_hops: int = 4, supernodes: dict | None = None) -> Partials | None:
     """Read one unit's rows and reduce them (the per-file work: runs in a Ray task as well as here)."""
     t0 = time.perf_counter()
     nodes = unit.nodes.read_table(unit.keys, NODE_COLS)
@@ -77,13 +80,15 @@ def run_unit(unit: Unit, top_paths: int = 10, max_hops: int = 4) -> Partials | N
     t1 = time.perf_counter()
     if not nodes.num_rows:
         return None
-    p = st.unit_partials(nodes, edges, unit.keys, unit.kids, unit.clt_codes, top_paths=top_paths, max_hops=max_hops)
+    p = st.unit_partials(nodes, edges, unit.keys, unit.kids, unit.clt_codes, top_paths=top_paths, max_hops=max_hops,
+                         supernodes=supernodes)
     p.seconds = {"read": t1 - t0, "reduce": time.perf_counter() - t1}
     return p
 
 
-def finish(p: Partials, keys: list[str], clts: list[str], top_logits: int = TOP_LOGITS) -> tuple[pa.Table, pa.Table]:
-    """The merged partials as rows of `feature_stats` and `circuit_paths` (codes turned back into names)."""
+def finish(p: Partials, keys: list[str], clts: list[str], top_logits: int = TOP_LOGITS):
+    """The merged partials as rows of `feature_stats`, `circuit_paths` and (when grouped) `supernodes`: graph-level
+    rows, then the sweep's consensus groups (codes turned back into names)."""
     n_ok = len(keys)
     f = p.features.sort_by("fcode")
     fcode = f.column("fcode").to_numpy()
@@ -121,7 +126,14 @@ def finish(p: Partials, keys: list[str], clts: list[str], top_logits: int = TOP_
     else:
         paths = paths.append_column("support", pa.array([], pa.int32())).append_column(
             "support_frac", pa.array([], pa.float32())).append_column("mean_score", pa.array([], pa.float32()))
-    return stats, paths.drop_columns(["ccode"])
+    groups = None
+    if p.supernodes is not None:
+        from .sweep_supernodes import label_from_lists, sweep_groups
+
+        sweep = sweep_groups(p.pairs, fcode, n_pr, f.column("inf_sum").to_numpy(), st.decode_feature, clts,
+                             label_from_lists(logit_l))
+        groups = pa.concat_tables([p.supernodes.cast(sweep.schema), sweep])
+    return stats, paths.drop_columns(["ccode"]), groups
 
 
 def _lists(t: pa.Table, name: str, value: str, k: int, fcode: np.ndarray, absolute: bool = False):
@@ -139,10 +151,13 @@ AUTO_RAY_GRAPHS = 20_000  # from this many graphs, `workers=None` fans out over 
 
 
 def analyze(store, sweep_id: str, *, top_paths: int = 10, max_hops: int = 4, workers: int | None = None,
-            unit_graphs: int = UNIT_GRAPHS, progress: bool = False, write: bool = True) -> dict:
+            unit_graphs: int = UNIT_GRAPHS, progress: bool = False, write: bool = True, supernodes: bool = False,
+            supernodes_clt: bool = True) -> dict:
     """feature_stats + circuit_paths of `sweep_id`, committed (replacing the sweep's partitions) unless `write`
     is False. `workers`: Ray tasks in flight (1: this process; None: every CPU for sweeps of AUTO_RAY_GRAPHS graphs
-    or more, else 1). Returns counts, timings and the two tables."""
+    or more, else 1). `supernodes`: also group each graph's features automatically (with its CLT's decoders unless
+    not `supernodes_clt`) and the sweep's consensus groups, into the `supernodes` table. Returns counts, timings and
+    the tables."""
     from tqdm.auto import tqdm
 
     from ..executor.tasks import map_unordered
@@ -153,7 +168,8 @@ def analyze(store, sweep_id: str, *, top_paths: int = 10, max_hops: int = 4, wor
         raise CTRayError("--top-paths: give 1..1000; --max-hops: give 1..16; --workers: at least 1")
     store.check_exists()
     t0 = time.perf_counter()
-    units, keys, clts = plan_units(store, sweep_id, unit_graphs)
+    units, keys, clts, models = plan_units(store, sweep_id, unit_graphs)
+    sn = {"clts": clts, "models": models, "use_clt": supernodes_clt} if supernodes else None
     n_ok = len(keys)
     t_plan = time.perf_counter() - t0
     if workers is None:
@@ -163,7 +179,8 @@ def analyze(store, sweep_id: str, *, top_paths: int = 10, max_hops: int = 4, wor
     secs = {"read": 0.0, "reduce": 0.0}
     bar = tqdm(total=n_ok, desc=f"analyze {sweep_id}", unit="graph", disable=not progress)
     try:
-        for p in map_unordered(run_unit, units, workers=workers, kwargs={"top_paths": top_paths, "max_hops": max_hops}):
+        kw = {"top_paths": top_paths, "max_hops": max_hops, "supernodes": sn}
+        for p in map_unordered(run_unit, units, workers=workers, kwargs=kw):
             if p is None:
                 continue
             bar.update(p.n_graphs)
@@ -178,13 +195,15 @@ def analyze(store, sweep_id: str, *, top_paths: int = 10, max_hops: int = 4, wor
         bar.close()
     if acc is None:
         raise CTRayError(f"sweep {sweep_id!r}: its 'ok' graphs have no node rows (the tables are inconsistent)")
-    stats, paths = finish(acc, keys, clts)
+    stats, paths, groups = finish(acc, keys, clts)
     t_reduce = time.perf_counter() - t0
     if write:
         props = {"ct-ray.sweep": sweep_id, "ct-ray.analysis": "feature_stats+circuit_paths"}
         replace_partition(store, "feature_stats", sweep_id, stats, props)
         replace_partition(store, "circuit_paths", sweep_id, paths, props)
+        if groups is not None:
+            replace_partition(store, "supernodes", sweep_id, groups, {**props, "ct-ray.analysis": "supernodes"})
     return {"sweep_id": sweep_id, "graphs": acc.n_graphs, "units": len(units), "workers": workers, "features": stats.num_rows,
             "paths": paths.num_rows, "distinct_paths": len(set(paths.column("path").to_pylist())) if paths.num_rows else 0,
             "seconds": {"plan": t_plan, **secs, "total_reduce": t_reduce, "total": time.perf_counter() - t0},
-            "feature_stats": stats, "circuit_paths": paths}
+            "feature_stats": stats, "circuit_paths": paths, "supernodes": groups}

@@ -8,18 +8,22 @@ def cmd_analyze(args) -> int:
     from .run import analyze
 
     r = analyze(store_of(args), args.sweep, top_paths=args.top_paths, max_hops=args.max_hops, workers=args.workers,
-                progress=not args.no_progress, write=not args.no_write)
+                progress=not args.no_progress, write=not args.no_write, supernodes=args.supernodes,
+                supernodes_clt=not args.no_clt)
     s = r["seconds"]
     how = f"{r['workers']} Ray tasks" if r["workers"] > 1 else "in-process"
     print(f"analysed {r['graphs']} graph(s) of sweep {r['sweep_id']} in {s['total']:.1f} s ({how}): {r['features']} features "
           f"-> feature_stats, {r['paths']} paths ({r['distinct_paths']} distinct) -> circuit_paths"
+          + (f", {r['supernodes'].num_rows} groups -> supernodes" if r.get("supernodes") is not None else "")
           + (" (not written: --no-write)" if args.no_write else ""))
     print(summary(r, args.show))
     return 0
 
 
 def summary(r: dict, show: int = 5) -> str:
-    """The most recurring features and paths of an `analyze` result, as lines to print."""
+    """The most recurring features and paths (and automatic supernodes) of an `analyze` result, as lines to print."""
+    import pyarrow.compute as pc
+
     lines = []
     fs = r["feature_stats"]
     if fs.num_rows:
@@ -29,6 +33,17 @@ def summary(r: dict, show: int = 5) -> str:
             push = ", ".join(f"{t!r}" for t in (row["top_logits"] or [])[:3])
             lines.append(f"  L{row['layer']}/F{row['feature']}: {row['n_prompts']} ({row['frac_prompts']:.0%}), "
                          f"{row['influence_mean']:.3g}{', ' + push if push else ''}")
+    sn = r.get("supernodes")
+    if sn is not None and sn.num_rows:
+        graph_rows = sn.filter(pc.is_valid(sn.column("key")))
+        sweep_rows = sn.filter(pc.is_null(sn.column("key")))
+        lines.append(f"automatic supernodes: {graph_rows.num_rows} groups in "
+                     f"{len(set(graph_rows.column('key').to_pylist()))} graphs; {sweep_rows.num_rows} recurring "
+                     f"across graphs, e.g.:")
+        for row in (sweep_rows if sweep_rows.num_rows else graph_rows).slice(0, min(show, 3)).to_pylist():
+            members = ", ".join(row["node_ids"] or (f"L{a}/F{b}" for a, b in zip(row["layers"], row["features"])))
+            where = f" (graph {row['key']})" if row["key"] else ""
+            lines.append(f"  {row['supernode']}{where}: {members}")
     cp = r["circuit_paths"]
     if cp.num_rows:
         lines.append("most recurring paths (graphs, mean score):")
@@ -57,6 +72,11 @@ def add_parsers(sub) -> None:
                    help="Ray tasks in flight (1: in this process, no Ray; default: every CPU from 20,000 graphs on, "
                         "else 1)")
     s.add_argument("--show", type=int, default=5, help="rows of each summary printed (default 5)")
+    s.add_argument("--supernodes", action="store_true",
+                   help="also group each graph's features automatically, and the sweep's consensus groups, into the "
+                        "supernodes table (docs/analysis-supernodes.md)")
+    s.add_argument("--no-clt", action="store_true",
+                   help="--supernodes from the graphs alone (default: with the CLT's decoder/encoder directions)")
     s.add_argument("--no-write", action="store_true", help="compute and print, write no table")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(fn=cmd_analyze)

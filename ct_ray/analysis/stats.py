@@ -54,6 +54,8 @@ class Partials:
     logits: pa.Table  # fcode, token, weight
     tokens: pa.Table  # token, token_str of the logit nodes seen
     paths: pa.Table  # circuit_paths rows without the sweep-level columns
+    supernodes: pa.Table | None = None  # graph-level automatic supernodes rows (with --supernodes)
+    pairs: pa.Table | None = None  # features co-grouped in a graph: a, b (feature codes), n (graphs)
     n_graphs: int = 0
     seconds: dict = field(default_factory=dict)
 
@@ -64,10 +66,14 @@ def merge_partials(parts: list) -> Partials | None:
     if len(parts) <= 1:
         return parts[0] if parts else None
     cat = lambda name: pa.concat_tables([getattr(p, name) for p in parts])  # noqa: E731
+    sn = [p for p in parts if p.supernodes is not None]
+    if sn:
+        from .sweep_supernodes import merge_pairs
     return Partials(features=_sum_features(cat("features")), top_keys=top_per_feature(cat("top_keys"), "inf", TOP_KEYS),
                     logits=_agg(cat("logits"), ["fcode", "token"], [("weight", "sum")]),
-                    tokens=_agg(cat("tokens"), ["token"], [("token_str", "min")]),
-                    paths=cat("paths"), n_graphs=sum(p.n_graphs for p in parts))
+                    tokens=_agg(cat("tokens"), ["token"], [("token_str", "min")]), paths=cat("paths"),
+                    supernodes=pa.concat_tables([p.supernodes for p in sn]) if sn else None,
+                    pairs=merge_pairs([p.pairs for p in sn]) if sn else None, n_graphs=sum(p.n_graphs for p in parts))
 
 
 def _agg(t: pa.Table, keys: list[str], specs: list[tuple[str, str]]) -> pa.Table:
@@ -95,9 +101,11 @@ def top_per_feature(t: pa.Table, by: str, k: int, absolute: bool = False) -> pa.
 
 
 def unit_partials(nodes: pa.Table, edges: pa.Table, keys: list[str], kids: list[int], clt_codes: list[int], *,
-                  top_paths: int = 10, max_hops: int = 4, beam: int = 64) -> Partials:
+                  top_paths: int = 10, max_hops: int = 4, beam: int = 64, supernodes: dict | None = None) -> Partials:
     """The partials of one unit's graphs: `nodes` / `edges` hold their rows (NODE_COLS / EDGE_COLS); graph `keys[i]`
-    has index `kids[i]` in the run's key list and CLT code `clt_codes[i]` (its index in the run's CLT list)."""
+    has index `kids[i]` in the run's key list and CLT code `clt_codes[i]` (its index in the run's CLT list).
+    `supernodes`: {'clts': the run's CLT ids, 'models': their models, 'use_clt': bool} to group each graph's features
+    (sweep_supernodes.py)."""
     at = pc.index_in(nodes.column("key"), value_set=pa.array(keys, pa.string())).to_numpy(zero_copy_only=False)
     kid = np.asarray(kids, np.int32)[at]
     ccode = np.asarray(clt_codes, np.int64)[at]
@@ -137,7 +145,20 @@ def unit_partials(nodes: pa.Table, edges: pa.Table, keys: list[str], kids: list[
                   [("token_str", "min")])
     paths = _unit_paths(nodes.append_column("ccode", pa.array(ccode.astype(np.int32))), edges, keys, top_paths,
                         max_hops, beam)
-    return Partials(features, top_keys, logits, tokens, paths, n_graphs=int(len(np.unique(at))))
+    out = Partials(features, top_keys, logits, tokens, paths, n_graphs=int(len(np.unique(at))))
+    if supernodes is not None:
+        from .sweep_supernodes import graph_groups
+
+        def fcode_of(n: pa.Table, i: int) -> np.ndarray:
+            isf = np.asarray(pc.fill_null(pc.equal(n.column("kind"), "feature"), False).to_numpy(zero_copy_only=False))
+            code = feature_code(clt_codes[i], pc.fill_null(n.column("layer"), 0).to_numpy(zero_copy_only=False),
+                                pc.fill_null(n.column("feature"), 0).to_numpy(zero_copy_only=False))
+            return np.where(isf, code, -1)
+
+        ids = [supernodes["clts"][c] for c in clt_codes]
+        models = [supernodes["models"][c] for c in clt_codes]
+        out.supernodes, out.pairs = graph_groups(nodes, edges, keys, fcode_of, ids, models, supernodes["use_clt"])
+    return out
 
 
 # --- paths -----------------------------------------------------------------------------------------------------

@@ -123,6 +123,16 @@ def _old_index(dest: Store) -> dict | None:
     return old
 
 
+def _auto_supernodes(store: Store, sweep_id: str, keys: set[str]) -> dict[str, list[dict]]:
+    """{key: [{name, nodes}]} of the automatic supernodes (`supernodes` table, method auto-v1) of `keys`."""
+    t = store.read("supernodes", sweep_id, columns=["key", "method", "supernode", "node_ids"])
+    out: dict[str, list[dict]] = {}
+    for r in t.to_pylist():
+        if r["key"] in keys and r["method"] == "auto-v1" and r["node_ids"]:
+            out.setdefault(r["key"], []).append({"name": r["supernode"], "nodes": r["node_ids"]})
+    return out
+
+
 def export_sweep(store: Store, sweep_id: str, out: str, *, keys: list[str] | None = None, scan: str | None = None,
                  feature_details: dict | None = None, progress: bool = False, **out_options) -> dict:
     """Export the committed graphs of `sweep_id` (all 'ok' ones, or `keys`) to the directory URL `out`."""
@@ -139,6 +149,7 @@ def export_sweep(store: Store, sweep_id: str, out: str, *, keys: list[str] | Non
     # graphs grouped by the edges file that holds them: each edges file is read once (memory: one file's rows)
     first = {k: edges.first_file(k) for k in want}
     todo = sorted(rows, key=lambda r: first.get(r["key"], -1))
+    auto = _auto_supernodes(store, sweep_id, want)
     entries, written = {}, 0
     bar = tqdm(total=len(rows), desc=f"export {sweep_id}", unit="graph", disable=not progress)
     try:
@@ -154,7 +165,9 @@ def export_sweep(store: Store, sweep_id: str, out: str, *, keys: list[str] | Non
             e_by = edges.read(ks, ["key", "source", "target", "weight", "kept"])
             for r in batch:
                 slug = slug_of(sweep_id, r["key"])
-                sn = (store.read_json(f"{SWEEPS_DIR}/{sweep_id}/supernodes/{r['key']}.json") or {}).get("supernodes")
+                # groupings saved from the explorer win; else `ct-ray analyze --supernodes`'s automatic ones
+                sn = (store.read_json(f"{SWEEPS_DIR}/{sweep_id}/supernodes/{r['key']}.json") or {}).get("supernodes") \
+                    or auto.get(r["key"])
                 data = graph_from_rows(r, n_by.get(r["key"]), e_by.get(r["key"]), slug=slug, scan=scan,
                                        feature_details=feature_details, supernodes=sn, title_prefix=sweep_id)
                 written += _put(dest, f"{slug}.json", _dumps(data, f"graph {r['key']}"))
