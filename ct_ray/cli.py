@@ -271,7 +271,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         what = f": {e.filename}" if getattr(e, "filename", None) else ""
-        print(f"ct-ray: error: {e.strerror or type(e).__name__}{what}", file=sys.stderr)
+        from .errors import one_line
+
+        print(f"ct-ray: error: {e.strerror or one_line(e)}{what}", file=sys.stderr)
         return EXIT_USER_ERROR
     except Exception as e:  # a bug: keep it to one line unless --debug
         if args.debug:

@@ -24,6 +24,8 @@ class StorageError(CTRayError):
 def one_line(e: BaseException, limit: int = 500) -> str:
     """An exception as the one line the CLI prints: its message's first line (its type when it has none)."""
     s = str(e).strip()
+    if not s and isinstance(e, TimeoutError):  # fsspec's and botocore's timeouts carry no message
+        return f"timed out ({type(e).__name__})"
     return s.splitlines()[0][:limit] if s else type(e).__name__
 
 

@@ -384,6 +384,26 @@ def test_an_s3_endpoint_that_never_answers_fails_in_bounded_time(silent_server, 
     assert took < 20, took
 
 
+def test_s3_writes_to_an_endpoint_that_never_answers_fail_in_bounded_time(world, silent_server, monkeypatch, capsys):
+    """Issue 21 item 5: a PUT waiting for its `100 Continue` used to wait forever (the store write check of
+    `ct-ray sweep`); every S3 request is now bounded as a whole, and the error names what was written."""
+    from ct_ray.errors import StorageError
+    from ct_ray.store.tables import Store
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("CT_RAY_S3_READ_TIMEOUT", "1")
+    monkeypatch.setenv("CT_RAY_S3_REQUEST_TIMEOUT", "3")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://{silent_server}")
+    t = time.monotonic()
+    with pytest.raises(StorageError, match=r"cannot write s3://bucket/w/_sweeps/.*timed out"):
+        Store("s3://bucket/w").check_writable()
+    code = main(["clt", "random", "--model", world["tiny"], "--features", "4", "--out", "s3://bucket/clt"])
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot write s3://bucket/clt: timed out" in err and len(err.strip().splitlines()) == 1, err
+    assert time.monotonic() - t < 60
+
+
 def test_a_catalog_that_never_answers_fails_in_bounded_time(world, silent_server, capsys):
     t = time.monotonic()
     code = main(["sql", "--store", world["store"], "--catalog", f"postgresql://ct_ray@{silent_server}/db",

@@ -20,6 +20,10 @@ COMMIT_MARKER = "_COMMITTED"
 S3_CONNECT_TIMEOUT = 5.0
 S3_READ_TIMEOUT = 6.0
 S3_RETRIES = 2
+# The read timeout does not cover a PUT waiting for its `100 Continue` (an endpoint that accepts and never answers
+# kept `ct-ray sweep`'s store write check waiting for good): every S3 request as a whole is bounded too.
+# CT_RAY_S3_REQUEST_TIMEOUT overrides (seconds; large, since one request can upload a 50 MB part).
+S3_REQUEST_TIMEOUT = 300.0
 
 
 def s3_config_kwargs(storage_options: dict) -> dict:
@@ -46,7 +50,29 @@ def filesystem(url: str, **storage_options):
         raise StorageError(f"cannot open storage {url!r}: {e}") from e
     if url.startswith("s3://"):
         fs.retries = int(os.environ.get("CT_RAY_S3_RETRIES") or S3_RETRIES)  # s3fs's own retry loop (default 5)
+        _bound_requests(fs, float(os.environ.get("CT_RAY_S3_REQUEST_TIMEOUT") or S3_REQUEST_TIMEOUT))
     return fs, path.rstrip("/")
+
+
+class S3RequestTimeout(TimeoutError):
+    pass
+
+
+def _bound_requests(fs, seconds: float) -> None:
+    """Every request of this (cached, shared) s3fs instance fails after `seconds` instead of waiting forever."""
+    if getattr(fs, "_ct_ray_bound", None) == seconds:
+        return
+    import asyncio
+
+    call = getattr(fs, "_ct_ray_call_s3", None) or fs._call_s3
+
+    async def bounded(method, *args, **kwargs):
+        try:
+            return await asyncio.wait_for(call(method, *args, **kwargs), seconds)
+        except asyncio.TimeoutError:
+            raise S3RequestTimeout(f"S3 {method} got no answer in {seconds:g} s") from None
+
+    fs._ct_ray_call_s3, fs._call_s3, fs._ct_ray_bound = call, bounded, seconds
 
 
 def absolute_url(url: str | None) -> str | None:
@@ -97,8 +123,15 @@ def atomic_dir(url: str, **storage_options):
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     else:
-        if fs.exists(f"{path}/{COMMIT_MARKER}"):
-            fs.rm(f"{path}/{COMMIT_MARKER}")
-        yield fs, path
-        with fs.open(f"{path}/{COMMIT_MARKER}", "w") as f:
-            f.write("ok\n")
+        try:
+            if fs.exists(f"{path}/{COMMIT_MARKER}"):
+                fs.rm(f"{path}/{COMMIT_MARKER}")
+            yield fs, path
+            with fs.open(f"{path}/{COMMIT_MARKER}", "w") as f:
+                f.write("ok\n")
+        except (StorageError, ValueError, KeyboardInterrupt):
+            raise
+        except (OSError, RuntimeError) as e:  # the object store failing: one line naming what was written
+            from ..errors import one_line
+
+            raise StorageError(f"cannot write {url}: {one_line(e)}") from e
