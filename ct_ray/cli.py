@@ -37,6 +37,8 @@ def _cmd_attribute(args) -> int:
                   "pruning options")
     if not args.clt and not args.random_clt:
         raise CTRayError("give --clt URL (a CLT directory) or --random-clt N (a seeded random CLT, for testing)")
+    if args.out:
+        _check_graph_folder(args.out)  # before minutes of attribution
     model = load_model(args.model)
     clt = load_clt(args.clt) if args.clt else random_clt(model, args.random_clt, seed=args.seed)
     clt.check_model(model.n_layers, model.d_model)
@@ -85,10 +87,45 @@ def _cmd_attribute(args) -> int:
     return 0
 
 
+def _check_clt_size(model, features: int, span: int | None) -> None:
+    """A random CLT must fit in memory: `--features 10**12` is one line, not an allocation failure."""
+    import os
+
+    from .errors import CTRayError
+
+    L, d = model.n_layers, model.d_model
+    spans = sum(min(span or L, L - layer) for layer in range(L))
+    need = 4 * features * d * (L + spans) + 12 * features * L  # encoders, decoders, biases and thresholds in fp32
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    if need > ram // 2:
+        raise CTRayError(f"a random CLT of {features} features per layer needs {need / 2**30:.1f} GiB, more than half "
+                         f"of this machine's {ram / 2**30:.0f} GiB: use fewer --features (or a smaller --span)")
+
+
+def _check_graph_folder(out: str) -> None:
+    """`attribute --out` adds files (graph JSON, nodes/edges Parquet, summary.json) to a folder of graphs: it must be
+    absent, empty, or one ct_ray wrote (it has graph-metadata.json), never a folder of the user's own files."""
+    import os
+
+    from .errors import CTRayError
+    from .store.fs import filesystem, is_local
+
+    fs, path = filesystem(out)
+    if is_local(fs) and os.path.lexists(path) and not (
+            os.path.isdir(path) and not os.path.islink(path)
+            and (not os.listdir(path) or os.path.isfile(os.path.join(path, "graph-metadata.json")))):
+        raise CTRayError(f"--out {path} exists and is not a folder of ct_ray graphs (no graph-metadata.json): "
+                         f"choose a new path")
+
+
 def _cmd_clt_random(args) -> int:
     from . import load_model, random_clt, save_clt
 
     model = load_model(args.model)
+    _check_clt_size(model, args.features, args.span)
     clt = random_clt(model, args.features, seed=args.seed, span=args.span)
     save_clt(clt, args.out, extra={"random": True, "seed": args.seed})
     print(f"wrote a random CLT ({args.features} features/layer, {model.n_layers} layers) to {args.out}")
