@@ -506,3 +506,46 @@ def test_store_writes_stay_inside_the_store(tmp_path):
         with pytest.raises(Exception, match="not a safe name"):
             check_name(bad, "key")
     assert check_name("s1-abc.v2_0", "key") == "s1-abc.v2_0"
+
+
+def test_a_store_reads_and_writes_only_its_own_files(tmp_path, capsys):
+    """Issue 21 item 2: a copied store's catalog (naming the original's tables), a manifest entry naming another
+    store's Parquet file, and a FIFO in place of a data file are refused with one line, before anything is read or
+    written outside the store and without hanging."""
+    import pyarrow as pa
+
+    from ct_ray.errors import StorageError
+    from ct_ray.store.commit import append_rows
+    from ct_ray.store.tables import Store
+
+    s1 = Store(str(tmp_path / "store1"))
+    append_rows(s1, "graphs", "s", pa.Table.from_pylist([{"key": "a", "status": "ok"}]))
+    shutil.copytree(tmp_path / "store1", tmp_path / "store2")
+    s2 = Store(str(tmp_path / "store2"))
+    for fn in (lambda: s2.read("graphs", "s"), lambda: s2.table("graphs"),
+               lambda: append_rows(s2, "graphs", "s", pa.Table.from_pylist([{"key": "b", "status": "ok"}]))):
+        with pytest.raises(StorageError, match=r"lives at .*store1.*Moving a store"):
+            fn()
+    assert main(["sql", "--store", s2.url, "SELECT count(*) FROM graphs"]) == 2
+    assert "not in this store" in capsys.readouterr().err
+    assert s1.read("graphs", "s").num_rows == 1  # the original is untouched
+
+    s3 = Store(str(tmp_path / "store3"))  # a manifest naming store1's file
+    append_rows(s3, "graphs", "s", pa.Table.from_pylist([{"key": "c", "status": "ok"}]))
+    other = next((tmp_path / "store1" / "warehouse" / "graphs").rglob("*.parquet"))
+    s3.table("graphs").add_files([str(other)])
+    with pytest.raises(StorageError, match="outside the table's location"):
+        Store(s3.url).read("graphs", "s")
+    assert main(["sql", "--store", s3.url, "SELECT count(*) FROM graphs"]) == 2
+    assert "outside the table's location" in capsys.readouterr().err
+
+    s4 = Store(str(tmp_path / "store4"))  # a FIFO where a data file was
+    append_rows(s4, "graphs", "s", pa.Table.from_pylist([{"key": "d", "status": "ok"}]))
+    f = next((tmp_path / "store4" / "warehouse" / "graphs").rglob("*.parquet"))
+    f.unlink()
+    os.mkfifo(f)
+    t = time.monotonic()
+    with pytest.raises(StorageError, match="not a regular file"):
+        Store(s4.url).read("graphs", "s")
+    assert main(["sweep", "status", "s", "--store", s4.url]) == 2
+    assert "not a regular file" in capsys.readouterr().err and time.monotonic() - t < 30

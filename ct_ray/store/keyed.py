@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..errors import StorageError, one_line
+from .confine import check_data_files
 from .schemas import SCHEMAS
 
 
@@ -45,6 +46,7 @@ class KeyedRows:
         self.metadata_json, self._meta, self._io = table.metadata.model_dump_json(), table.metadata, table.io
         try:
             self.tasks = list(table.scan(row_filter=EqualTo("sweep_id", sweep_id)).plan_files())
+            check_data_files(name, table.metadata.location, (t.file.file_path for t in self.tasks))
             scan = ArrowScan(table.metadata, table.io, table.schema().select("key"), AlwaysTrue())
             for i, task in enumerate(self.tasks):
                 held = self._file_keys(task) if not task.delete_files else \

@@ -18,6 +18,7 @@ import os
 import pyarrow as pa
 
 from ..errors import CTRayError, StorageError, one_line
+from .confine import check_data_files
 from .schemas import SCHEMAS, TABLE_NAMES
 from .tables import DEFAULT_STORE, PARTITION, Store
 
@@ -106,7 +107,9 @@ def data_files(store: Store, name: str) -> list[str]:
     if any(task.delete_files for task in tasks):  # row-level deletes of another engine: not applied by read_parquet
         raise CTRayError(f"table {name} has row-level delete files (written by another engine): run "
                          f"'ct-ray tables compact' first")
-    return [task.file.file_path.removeprefix("file://") for task in tasks]
+    paths = [task.file.file_path.removeprefix("file://") for task in tasks]
+    check_data_files(name, t.metadata.location, paths)
+    return paths
 
 
 MEMORY_ENV = "CT_RAY_SQL_MEMORY"  # DuckDB's memory limit for `ct-ray sql` (e.g. '4GB'); default MEMORY_FRACTION of RAM

@@ -26,6 +26,7 @@ import pyarrow as pa
 
 from ..errors import StorageError, one_line
 from .catalog import CATALOG_ENV, WAREHOUSE_DIR, check_catalog_uri, default_catalog_uri, ensure_table, identifier, open_catalog
+from .confine import check_data_files, check_table_location
 from .fs import filesystem, is_local, s3_config_kwargs
 from .names import check_rel, confined, is_name
 from .schemas import PARTITIONS, SCHEMAS, SWEEP_TABLES, TABLE_NAMES, TABLES_SCHEMA_VERSION, conform  # noqa: F401
@@ -128,7 +129,9 @@ class Store:
         """The Iceberg table `name`, created (or evolved to the code's schema) on first use by this Store."""
         try:
             if name not in self._ensured:  # created or evolved once per Store (readers only load: existing_table)
-                self._tables[name] = ensure_table(self.catalog, name, self.table_location(name))
+                t = ensure_table(self.catalog, name, self.table_location(name))
+                check_table_location(self, name, t)  # a copied store's catalog would write into the original
+                self._tables[name] = t
                 self._ensured.add(name)
             elif refresh:
                 self._tables[name] = self._tables[name].refresh()
@@ -155,6 +158,7 @@ class Store:
             raise
         except Exception as e:
             raise StorageError(f"cannot open table {name} of {self.url}: {one_line(e)}") from e
+        check_table_location(self, name, t)
         self._tables[name] = t
         return t
 
@@ -185,7 +189,14 @@ class Store:
             expr = And(expr, In("key", list(keys)))
         have = {f.name for f in t.schema().fields}
         try:
-            out = t.scan(row_filter=expr, selected_fields=tuple(c for c in want if c in have)).to_arrow()
+            scan = t.scan(row_filter=expr, selected_fields=tuple(c for c in want if c in have))
+            tasks = list(scan.plan_files())
+            check_data_files(name, t.metadata.location, (task.file.file_path for task in tasks))
+            from pyiceberg.io.pyarrow import ArrowScan
+
+            out = ArrowScan(t.metadata, t.io, scan.projection(), scan.row_filter, limit=scan.limit).to_table(tasks)
+        except StorageError:
+            raise
         except Exception as e:
             raise StorageError(f"cannot read table {name} of {self.url}: {one_line(e)}") from e
         cols = [out.column(c).cast(f.type) if c in out.column_names else pa.nulls(out.num_rows, f.type)
