@@ -43,7 +43,7 @@ def test_kinds_and_ids_of_the_workflows(tmp_path):
         "sweep_s3_cluster.yaml": "sweep", "train_smollm2.yaml": "train", "features_smollm2.yaml": "features",
         "train_smollm2_quality.yaml": "train"}
     k, s = kinds["sweep_quickstart.yaml"]
-    assert submission_id(k, s) == "sweep-quickstart"
+    assert submission_id(k, s) == "sweep-quickstart-sweep"
     k, s = kinds["nightly_retrain.yaml"]
     assert submission_id(k, s, "2025-01-02") == "retrain-nightly-2025-01-02"
     k, s = kinds["train_smollm2.yaml"]
