@@ -89,10 +89,15 @@ def check_headers(headers, names: frozenset[str]) -> None:
         raise Refused(403, "requests from other origins are refused")
 
 
+_BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
+
+
 def parse_query(query: str) -> dict[str, str]:
     """The query string as {name: last value}; too long, too many fields or malformed -> 400."""
     if len(query) > MAX_QUERY:
         raise BadRequest(f"query string over {MAX_QUERY} characters")
+    if _BAD_PERCENT.search(query):  # parse_qsl would keep '%zz' as text
+        raise BadRequest("query string has an invalid percent-encoding")
     try:
         pairs = parse_qsl(query, max_num_fields=MAX_FIELDS, errors="strict")
     except UnicodeDecodeError:

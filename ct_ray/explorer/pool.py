@@ -3,7 +3,8 @@
 The stdlib ThreadingHTTPServer starts a thread per connection and lets a silent connection hold it forever, so a
 few hundred idle sockets held a few hundred threads. Here one waiter thread holds accepted connections in a
 selector until they have something to read (at most `timeout` seconds, then they are closed) and only then hands
-them to one of `threads` workers; past `threads + waiting` open connections a new one gets an immediate 503.
+them to one of `threads` workers. Past `threads + waiting` open connections a new one takes the place of the
+connection idle the longest (closed); only when every slot is being served does it get an immediate 503.
 Each read waits at most `timeout` seconds and a whole request must arrive within `deadline` seconds, so a slow
 sender (one byte at a time) cannot hold a worker for long either.
 """
@@ -62,9 +63,9 @@ class BoundedHTTPServer(HTTPServer):
             t.start()
 
     def process_request(self, request, client_address):
-        if not self._slots.acquire(blocking=False):
-            return self._busy(request)
-        self._new.put((request, client_address))
+        # at the cap, the waiter makes room by closing the connection idle the longest: silent sockets (a loop
+        # reopening them) must not lock out requests; only when every slot is being served does a new one get a 503
+        self._new.put((request, client_address, self._slots.acquire(blocking=False)))
         self._wake()
 
     def _wake(self):
@@ -104,9 +105,19 @@ class BoundedHTTPServer(HTTPServer):
                         item = self._new.get()
                         if item is _STOP:
                             running = False
-                        else:
-                            held[item[0]] = (item[1], time.monotonic())
-                            sel.register(item[0], selectors.EVENT_READ)
+                            continue
+                        sock, addr, has_slot = item
+                        if not has_slot and held:  # full: the oldest idle connection makes room
+                            old = next(iter(held))
+                            sel.unregister(old)
+                            del held[old]
+                            self._drop(old)
+                            has_slot = self._slots.acquire(blocking=False)
+                        if not has_slot:
+                            self._busy(sock)
+                            continue
+                        held[sock] = (addr, time.monotonic())
+                        sel.register(sock, selectors.EVENT_READ)
                 elif key.fileobj in held:
                     sel.unregister(key.fileobj)
                     self._ready.put((key.fileobj, held.pop(key.fileobj)[0]))
