@@ -73,3 +73,27 @@ def test_no_aws_keys_no_credentials_file(ray_local, monkeypatch):
     env = worker_env(ray_local)
     assert env["AWS_REGION"] == "eu-west-3" and "AWS_PROFILE" not in env
     assert worker_env(ray_local, forward_aws=False).get("AWS_REGION") is None
+
+
+def test_a_killed_drivers_credentials_folder_is_removed_by_the_next(tmp_path, monkeypatch):
+    """Issue 21 item 7: the private credentials file of a process that was killed (no atexit) no longer stays in the
+    temp folder: the next ct_ray process that writes one removes folders whose process is gone."""
+    import importlib
+    import os
+    import tempfile
+
+    we = importlib.import_module("ct_ray.executor.worker_env")  # the module (the package exports a function)
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(we, "_cred_dir", None)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    dead = tmp_path / "ct_ray-aws-999999-abc"  # a pid that does not run
+    dead.mkdir()
+    (dead / "credentials").write_text("[x]\naws_secret_access_key = secret\n")
+    alive = tmp_path / f"ct_ray-aws-{os.getppid()}-abc"  # a running process's: kept
+    alive.mkdir()
+    path = we._credentials_file()
+    assert not dead.exists() and alive.exists()
+    assert os.path.dirname(path).startswith(str(tmp_path / f"ct_ray-aws-{os.getpid()}-"))
+    assert oct(os.stat(path).st_mode & 0o777) == "0o600"

@@ -5,8 +5,8 @@ it in the dashboard, so credentials never go there. Workers get credentials the 
 - a local Ray started by this process inherits the driver's environment (keys included) from the start;
 - on a cluster, from the nodes' own chain: IRSA / instance role / a mounted profile (docs/deploy.md);
 - a Ray on this machine that was started before the keys were set (a notebook's, the tests') gets them through a
-  private credentials file (mode 0600, outside Ray's session directory, removed at exit) named by
-  AWS_SHARED_CREDENTIALS_FILE: a path, not a secret.
+  private credentials file (mode 0600, outside Ray's session directory, removed at exit, or by the next ct_ray
+  process when this one was killed) named by AWS_SHARED_CREDENTIALS_FILE: a path, not a secret.
 Non-secret settings (endpoint, region, profile, config files, caches) are forwarded as they are.
 """
 
@@ -22,7 +22,31 @@ SETTINGS_ENV = ("AWS_DEFAULT_REGION", "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_PRO
                 "AWS_CONFIG_FILE")
 OTHER_ENV = ("HF_HUB_OFFLINE", "CT_RAY_CACHE", "HF_HOME", "TOKENIZERS_PARALLELISM", "CT_RAY_FAULT_CRASH_PROMPT")
 _PROFILE = "ct-ray-driver"
+_PREFIX = "ct_ray-aws-"  # + the writing process's pid
 _cred_dir: str | None = None
+
+
+def _remove_stale() -> None:
+    """Credentials folders of ct_ray processes that were killed (atexit never ran): removed by the next one."""
+    base = tempfile.gettempdir()
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return
+    for n in names:
+        pid = n[len(_PREFIX):].split("-", 1)[0] if n.startswith(_PREFIX) else ""
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # its process still runs
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # another user's: not ours to remove
+        path = os.path.join(base, n)
+        if os.path.isdir(path) and not os.path.islink(path) and os.stat(path).st_uid == os.getuid():
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _same_machine(ray) -> bool:
@@ -40,7 +64,8 @@ def _credentials_file() -> str:
     """A private copy of the driver's AWS keys as a shared-credentials profile (written once per process)."""
     global _cred_dir
     if _cred_dir is None:
-        _cred_dir = tempfile.mkdtemp(prefix="ct_ray-aws-")  # 0700
+        _remove_stale()
+        _cred_dir = tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-")  # 0700
         atexit.register(shutil.rmtree, _cred_dir, True)
     path = os.path.join(_cred_dir, "credentials")
     lines = [f"[{_PROFILE}]"]
