@@ -138,7 +138,7 @@ def add_parsers(sub) -> None:
     s.set_defaults(fn=cmd_sweep)
 
     s = sub.add_parser("sql", help="SQL over the result tables (DuckDB; views graphs, nodes, edges, perturbations, "
-                                   "features, train_metrics)")
+                                   "features, train_metrics, feature_stats, circuit_paths, supernodes, graph_diffs)")
     s.add_argument("query", nargs="?")
     add_store_args(s)
     s.add_argument("--format", choices=("table", "csv", "json"), default="table")
