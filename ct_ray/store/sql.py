@@ -4,7 +4,8 @@ and iceberg extensions cannot be installed offline).
 
 Views: `graphs` (every committed prompt row, ok or error), `nodes`, `edges`, `perturbations` (rows of keys whose
 graphs row is 'ok'), `raw_nodes`, `raw_edges`, `raw_perturbations` (every committed row), `features`,
-`train_metrics` and the analysis tables (`feature_stats`, `circuit_paths`, `supernodes`, `graph_diffs`). Every view has every column of the current schema (older files read as null). See docs/sql.md.
+`train_metrics` and the analysis tables (`feature_stats`, `circuit_paths`, `supernodes`, `graph_diffs`). Every
+view has every column of the current schema (older files read as null). See docs/sql.md.
 
 The SQL text is untrusted: `query` runs exactly one read-only statement (checked on DuckDB's own parse, not by
 pattern), in a connection whose file access is limited to the planned data files (`allowed_paths`, external access
