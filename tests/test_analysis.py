@@ -223,9 +223,13 @@ def test_consensus_groups_join_features_co_grouped_across_graphs():
 
     f = feature_code(0, [1, 1, 2, 3, 4], [5, 6, 7, 8, 9])  # sorted codes
     n_prompts, infl = np.array([4, 4, 4, 10, 10]), np.array([0.1, 0.2, 0.3, 0.4, 0.5])
-    pairs = pa.table({"a": [f[0], f[1], f[3]], "b": [f[1], f[2], f[4]], "n": [3, 2, 1]})  # f3-f4: once only
+    pairs = pa.table({"a": [f[0], f[1], f[0], f[3]], "b": [f[1], f[2], f[2], f[4]], "n": [3, 2, 2, 1]})  # f3-f4: once
     t = sweep_groups(pairs, f, n_prompts, infl, decode_feature, ["clt"], lambda i: "→ 'x'").to_pylist()
     assert len(t) == 1 and t[0]["key"] is None and t[0]["layers"] == [1, 1, 2] and t[0]["features"] == [5, 6, 7]
     assert t[0]["influence"] == pytest.approx(0.6) and t[0]["supernode"] == "L1-2 → 'x'"
+    # a chain (f0-f1, f1-f2 linked, f0-f2 never co-grouped) does not join f0 and f2 through f1
+    chain = pa.table({"a": [f[0], f[1]], "b": [f[1], f[2]], "n": [3, 2]})
+    t = sweep_groups(chain, f, n_prompts, infl, decode_feature, ["clt"], lambda i: "").to_pylist()
+    assert [x["features"] for x in t] == [[5, 6]]
     rare = pa.table({"a": [f[3]], "b": [f[4]], "n": [4]})  # 4 of 10 graphs: below the consensus of 0.5
     assert sweep_groups(rare, f, n_prompts, infl, decode_feature, ["clt"], lambda i: "").num_rows == 0

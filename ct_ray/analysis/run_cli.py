@@ -41,7 +41,8 @@ def summary(r: dict, show: int = 5) -> str:
                      f"{len(set(graph_rows.column('key').to_pylist()))} graphs; {sweep_rows.num_rows} recurring "
                      f"across graphs, e.g.:")
         for row in (sweep_rows if sweep_rows.num_rows else graph_rows).slice(0, min(show, 3)).to_pylist():
-            members = ", ".join(row["node_ids"] or (f"L{a}/F{b}" for a, b in zip(row["layers"], row["features"])))
+            names = row["node_ids"] or [f"L{a}/F{b}" for a, b in zip(row["layers"], row["features"])]
+            members = ", ".join(names[:8]) + (f", ... ({len(names)} in all)" if len(names) > 8 else "")
             where = f" (graph {row['key']})" if row["key"] else ""
             lines.append(f"  {row['supernode']}{where}: {members}")
     cp = r["circuit_paths"]

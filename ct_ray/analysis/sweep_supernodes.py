@@ -7,7 +7,9 @@ loaded (the CLT id the graphs rows name; a random one is rebuilt), else from the
 
 Per sweep: two features are *co-grouped* in a graph when one of its groups holds both. Their consensus is the number
 of graphs co-grouping them over the number of graphs holding the rarer of the two (`n_prompts`). Features joined by a
-consensus of at least `CONSENSUS` in at least `MIN_SUPPORT` graphs form a sweep-level group (connected components):
+consensus of at least `CONSENSUS` in at least `MIN_SUPPORT` graphs are linked; each connected component of links is
+cut by average linkage on 1 - consensus at 1 - `CONSENSUS` (so chains a-b, b-c do not join a and c alone), and every
+part of two or more features is a sweep-level group:
 rows with a null key and method `auto-v1-consensus`, the features in `layers` / `features` (no `node_ids`), their
 summed `influence_sum` as `influence`.
 """
@@ -103,9 +105,12 @@ def sweep_groups(pairs: pa.Table, fcode: np.ndarray, n_prompts: np.ndarray, infl
     g = coo_matrix((np.ones(int(keep.sum())), (ia[keep], ib[keep])), shape=(len(fcode), len(fcode)))
     _, comp = connected_components(g, directed=False)
     members = np.unique(np.r_[ia[keep], ib[keep]])
-    rows = []
+    cons_of = {(int(x), int(y)): float(c) for x, y, c in zip(ia[keep], ib[keep], cons[keep])}
+    groups = []
     for c in np.unique(comp[members]):
-        m = members[comp[members] == c]
+        groups += _split(members[comp[members] == c], cons_of)
+    rows = []
+    for m in groups:
         if len(m) < 2:
             continue
         cc, lay, fea = decode(fcode[m])
@@ -120,6 +125,25 @@ def sweep_groups(pairs: pa.Table, fcode: np.ndarray, n_prompts: np.ndarray, infl
                      "label": f"{clts[int(cc[0])]}: {lbl}"[:500], "schema_version": TABLES_SCHEMA_VERSION})
     rows.sort(key=lambda r: -r["influence"])
     return pa.Table.from_pylist(rows, schema=_schema()) if rows else _empty()
+
+
+def _split(m: np.ndarray, cons_of: dict, max_dense: int = 2000) -> list[np.ndarray]:
+    """A connected component cut where its members are not consensus-linked on average: average linkage over
+    1 - consensus (0 consensus for pairs never co-grouped enough), cut at 1 - CONSENSUS. Components chain otherwise
+    (a-b and b-c linked puts a and c together whatever a-c says)."""
+    if len(m) <= 2 or len(m) > max_dense:
+        return [m]
+    from scipy.cluster.hierarchy import fcluster, linkage
+    from scipy.spatial.distance import squareform
+
+    idx = {int(x): i for i, x in enumerate(m)}
+    d = np.ones((len(m), len(m)))
+    np.fill_diagonal(d, 0.0)
+    for (x, y), c in cons_of.items():
+        if x in idx and y in idx:
+            d[idx[x], idx[y]] = d[idx[y], idx[x]] = 1.0 - min(c, 1.0)
+    labels = fcluster(linkage(squareform(d, checks=False), "average"), 1.0 - CONSENSUS, criterion="distance")
+    return [m[labels == k] for k in np.unique(labels)]
 
 
 def _schema() -> pa.Schema:
