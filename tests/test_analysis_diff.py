@@ -87,7 +87,8 @@ def _per_prompt(r) -> list[dict]:
     return [x for x in r["table"].to_pylist() if x["prompt"] is not None]
 
 
-ZERO = ("replacement_delta", "completeness_delta", "top_prob_delta", "logit_prob_l1", "edge_change_l1")
+ZERO = ("replacement_delta", "completeness_delta", "top_prob_delta", "logit_prob_l1", "edge_change_l1",
+        "edge_change_rel")
 
 
 def test_self_and_same_clt_diffs_are_exactly_zero(sweeps):
@@ -183,6 +184,7 @@ def test_compare_graphs_edge_l1_counts_unmatched_edges():
     ea, eb = edges([0, 1], [1.0, 2.0]), edges([0, 1], [1.5, -1.0])
     out, top = compare_graphs(row, na, ea, row_b, nb, eb, SameFeatures())
     assert out["edge_change_l1"] == pytest.approx(0.5 + 2.0 + 1.0)
+    assert out["edge_change_rel"] == pytest.approx(3.5 / (3.0 + 2.5))  # over both graphs' edge mass
     assert out["n_matched"] == 1 and out["matched_influence_a"] == 0.5 and out["influence_a"] == 1.0
     assert out["replacement_delta"] == 0.25 and out["top_prob_delta"] == pytest.approx(-0.3)
     assert out["logit_prob_l1"] == pytest.approx(0.3 + 0.05 + 0.3)

@@ -44,7 +44,8 @@ _GRAPH_COLS = ["key", "prompt_index", "prompt", "status", "model", "clt", "top_t
 _NODE_COLS = ["key", "node", "kind", "layer", "position", "feature", "token", "token_str", "influence", "kept"]
 _EDGE_COLS = ["key", "source", "target", "weight", "kept"]
 _MEAN_COLS = ("replacement_delta", "completeness_delta", "top_prob_delta", "logit_prob_l1", "influence_a",
-              "influence_b", "matched_influence_a", "matched_influence_b", "edge_change_l1")
+              "influence_b", "matched_influence_a", "matched_influence_b", "edge_change_l1",
+              "edge_change_rel")
 _SUM_COLS = ("n_features_a", "n_features_b", "n_matched")
 
 
@@ -351,6 +352,8 @@ def compare_graphs(row_a: dict, nodes_a: pa.Table, edges_a: pa.Table | None, row
         "n_features_a": int(a.is_feature.sum()), "n_features_b": int(b.is_feature.sum()),
         "n_matched": int(matched_a.sum()),
         "edge_change_l1": float(change.sum()),
+        # the same over both graphs' edge mass: 0 unchanged, 1 nothing in common (compares across models)
+        "edge_change_rel": float(change.sum() / max(np.abs(wa).sum() + np.abs(wb).sum(), 1e-30)),
         "top_changed_edges": strings,
     }
     return row, [(float(change[i]), s) for i, s in zip(top, strings)]

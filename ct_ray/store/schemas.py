@@ -255,6 +255,7 @@ GRAPH_DIFFS_SCHEMA = pa.schema(
         ("n_features_b", pa.int32()),
         ("n_matched", pa.int32()),
         ("edge_change_l1", pa.float64()),  # Σ |w_b - w_a| over matched edges and unmatched edges' |w|
+        ("edge_change_rel", pa.float64()),  # edge_change_l1 / (Σ|w_a| + Σ|w_b|): 0 unchanged, 1 disjoint
         ("top_changed_edges", pa.list_(pa.string())),  # 'src > tgt: a -> b', largest |change| first
         ("n_prompts", pa.int32()),  # aggregate row: prompts compared
         ("schema_version", pa.int16()),
