@@ -39,18 +39,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-PROMPTS = [
-    "The capital of France is", "The opposite of hot is", "Fact: Michael Jordan plays the sport of",
-    "1 2 3 4 5 6 7", "The Eiffel Tower is in the city of", "She opened the door and saw a",
-    "Water freezes at zero degrees", "The chemical symbol for gold is", "My favourite colour is",
-    "The sun rises in the", "Dogs are loyal and cats are", "A week has seven", "The largest ocean is the",
-    "To be or not to", "Bread is made from", "The first month of the year is", "Ice cream is cold and",
-    "He plays the guitar in a", "Rain falls from the", "The opposite of up is", "Cows give us",
-    "Monday comes after", "The moon orbits the", "Paris, London and", "The capital of Japan is",
-    "Two plus two equals", "The color of the sky is", "Birds can fly because they have",
-    "The author of Hamlet is", "Snow is white and coal is", "The opposite of big is", "A, B, C, D,",
-]
-ZERO = ("replacement_delta", "completeness_delta", "top_prob_delta", "logit_prob_l1", "edge_change_l1")
+sys.path.insert(0, str(REPO / "benchmarks"))
+from sweep import PROMPTS as SWEEP_PROMPTS  # noqa: E402  (the sweep benchmark's 24, plus 8 to reach 32)
+
+PROMPTS = [*SWEEP_PROMPTS, "The capital of Japan is", "Two plus two equals", "The color of the sky is",
+           "Birds can fly because they have", "The author of Hamlet is", "Snow is white and coal is",
+           "The opposite of big is", "A, B, C, D,"]
+ZERO = ("replacement_delta", "completeness_delta", "top_prob_delta", "logit_prob_l1", "edge_change_l1",
+        "edge_change_rel")
 
 
 def prepare(args, work: Path) -> tuple[str, str, str, str]:

@@ -121,13 +121,15 @@ def unit_partials(nodes: pa.Table, edges: pa.Table, keys: list[str], kids: list[
                       "activation": pc.fill_null(nodes.column("activation"), 0.0).filter(pa.array(is_f)),
                       "kept": pc.cast(pc.fill_null(nodes.column("kept"), True), pa.int8()).filter(pa.array(is_f))})
     # one row per (graph, feature): its positions summed
-    per = _agg(feats.append_column("n", pa.array(np.ones(feats.num_rows, np.int64))), ["kid", "fcode"],
-               [("influence", "sum"), ("activation", "sum"), ("kept", "max"), ("n", "sum")])
-    act_max = _agg(feats, ["kid", "fcode"], [("activation", "max")]).column("activation")  # same group order
+    # activation twice under two names: one group_by gives its sum and its max (_agg names a result by its column)
+    feats = feats.append_column("n", pa.array(np.ones(feats.num_rows, np.int64))).append_column(
+        "act", feats.column("activation"))
+    per = _agg(feats, ["kid", "fcode"], [("influence", "sum"), ("activation", "sum"), ("act", "max"), ("kept", "max"),
+                                         ("n", "sum")])
     features = _sum_features(pa.table({
         "fcode": per.column("fcode"), "n_prompts": pa.array(np.ones(per.num_rows, np.int64)),
         "n_prompts_kept": pc.cast(per.column("kept"), pa.int64()), "n_nodes": per.column("n"),
-        "act_sum": pc.cast(per.column("activation"), pa.float64()), "act_max": pc.cast(act_max, pa.float32()),
+        "act_sum": pc.cast(per.column("activation"), pa.float64()), "act_max": pc.cast(per.column("act"), pa.float32()),
         "inf_sum": per.column("influence"), "inf_max": pc.cast(per.column("influence"), pa.float32())}))
     top_keys = top_per_feature(pa.table({"fcode": per.column("fcode"), "kid": per.column("kid"),
                                           "inf": pc.cast(per.column("influence"), pa.float32())}), "inf", TOP_KEYS)

@@ -120,15 +120,13 @@ class KeyedRows:
             for i in tasks:
                 task = self.tasks[i]
                 if task.delete_files:  # another engine's row deletes: pyiceberg applies them
-                    parts.append(self._scan_read(task, keys, columns))
+                    parts.append(as_schema(self._scan_read(task, keys, columns), schema))
                     continue
                 pf = self._open(task)
                 have = set(pf.schema_arrow.names)
                 t = pf.read(columns=[c for c in columns if c in have])
                 t = t.filter(pc.is_in(t.column("key"), value_set=want))
-                parts.append(pa.Table.from_arrays(
-                    [t.column(c).cast(f.type) if c in have else pa.nulls(t.num_rows, f.type)
-                     for c, f in zip(columns, schema)], schema=schema))
+                parts.append(as_schema(t, schema))
         except StorageError:
             raise
         except Exception as e:
@@ -141,7 +139,11 @@ class KeyedRows:
 
         meta, io = self._scan_parts()
         have = {f.name for f in meta.schema().fields}
-        schema = pa.schema([SCHEMAS[self.name].field(c) for c in columns])
-        t = ArrowScan(meta, io, meta.schema().select(*[c for c in columns if c in have]), In("key", list(keys))).to_table([task])
-        return pa.Table.from_arrays([t.column(c).cast(f.type) if c in t.column_names else pa.nulls(t.num_rows, f.type)
-                                     for c, f in zip(columns, schema)], schema=schema)
+        return ArrowScan(meta, io, meta.schema().select(*[c for c in columns if c in have]),
+                         In("key", list(keys))).to_table([task])
+
+
+def as_schema(t: pa.Table, schema: pa.Schema) -> pa.Table:
+    """`t`'s columns cast to `schema`; columns a file lacks (an older schema version) as nulls."""
+    return pa.Table.from_arrays([t.column(f.name).cast(f.type) if f.name in t.column_names
+                                 else pa.nulls(t.num_rows, f.type) for f in schema], schema=schema)

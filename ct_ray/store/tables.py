@@ -28,6 +28,7 @@ from ..errors import StorageError, one_line
 from .catalog import CATALOG_ENV, WAREHOUSE_DIR, check_catalog_uri, default_catalog_uri, ensure_table, identifier, open_catalog
 from .confine import check_data_files, check_table_location
 from .fs import filesystem, is_local, s3_config_kwargs
+from .keyed import as_schema
 from .names import check_rel, confined, is_name
 from .schemas import PARTITIONS, SCHEMAS, SWEEP_TABLES, TABLE_NAMES, TABLES_SCHEMA_VERSION, conform  # noqa: F401
 
@@ -199,9 +200,7 @@ class Store:
             raise
         except Exception as e:
             raise StorageError(f"cannot read table {name} of {self.url}: {one_line(e)}") from e
-        cols = [out.column(c).cast(f.type) if c in out.column_names else pa.nulls(out.num_rows, f.type)
-                for c, f in zip(want, schema)]
-        return pa.Table.from_arrays(cols, schema=schema)
+        return as_schema(out, schema)
 
     def partitions(self, name: str) -> list[str]:
         """Partition values with committed rows (from the table's metadata only)."""
