@@ -187,6 +187,23 @@ def test_opening_a_store_that_another_process_just_created(tmp_path, monkeypatch
         Store(str(tmp_path)).table("graphs")
 
 
+def test_opening_a_new_sqlite_catalog_that_another_process_is_creating(tmp_path, monkeypatch):
+    """Two processes opening a new store at once both create the SQLite catalog's own tables; the slower one fails
+    with "table iceberg_tables already exists" (seen with two `ct-ray sweep` at once). Opened again, it finds them."""
+    from pyiceberg import catalog as pyi  # open_catalog imports load_catalog from here at each call
+
+    load, calls = pyi.load_catalog, []
+
+    def lost_the_race(*a, **kw):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("(sqlite3.OperationalError) table iceberg_tables already exists")
+        return load(*a, **kw)
+
+    monkeypatch.setattr(pyi, "load_catalog", lost_the_race)
+    assert Store(str(tmp_path)).table("graphs") is not None and len(calls) == 2
+
+
 def test_sql_errors_are_one_line(tmp_path):
     with pytest.raises(CTRayError, match="SQL error: .*nope") as e:
         query("SELECT nope FROM graphs", str(tmp_path))

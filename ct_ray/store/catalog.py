@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import time
 
 from ..errors import StorageError, one_line
 from .schemas import PARTITIONS, SCHEMAS, TABLES_SCHEMA_VERSION
@@ -103,7 +104,16 @@ def open_catalog(uri: str, io_properties: dict):
     from pyiceberg.catalog import load_catalog
 
     try:
-        cat = load_catalog(CATALOG_NAME, **{**env_properties(), **catalog_properties(uri, io_properties)})
+        for attempt in range(3):
+            try:
+                cat = load_catalog(CATALOG_NAME, **{**env_properties(), **catalog_properties(uri, io_properties)})
+                break
+            except Exception as e:
+                # two processes opening a new SQLite catalog at once both create its tables: the slower one fails
+                # with "table ... already exists"; opened again, it finds them
+                if attempt == 2 or "already exists" not in str(e):
+                    raise
+                time.sleep(0.2)
         try:
             cat.create_namespace_if_not_exists(NAMESPACE)
         except Exception:
