@@ -141,10 +141,12 @@ class Replacement:
 
     def backward(self, start_layer: int, inject: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
                  B: int, P: int, final: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 dots: torch.Tensor | None = None):
+                 dots: torch.Tensor | None = None,
+                 inject_pre: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None):
         """Propagate read-out vectors down the frozen model, from `start_layer` (the batch's top layer) to layer 0.
 
-        inject[l] = (rows, positions, vectors): add `vectors` to the gradient w.r.t. resid_mid[l] of those rows.
+        inject[l] = (rows, positions, vectors): add `vectors` to the gradient w.r.t. resid_mid[l] of those rows;
+        inject_pre[l]: the same w.r.t. resid_pre[l], the input of layer l's attention (the QK read point).
         final = (rows, vectors): read-outs of the final residual at the last position.
         dots [L, P', d]: vectors to dot with the gradient w.r.t. resid_post[l] at each layer and position, while it is
         at hand (the error nodes' columns).
@@ -166,4 +168,7 @@ class Replacement:
                 rows, pos, vec = inject[l]
                 G.index_put_((rows, pos), vec, accumulate=True)
             G = G + self.attn_vjp(l, G)
+            if inject_pre and l in inject_pre:
+                rows, pos, vec = inject_pre[l]
+                G.index_put_((rows, pos), vec, accumulate=True)
         return G_post, G, out

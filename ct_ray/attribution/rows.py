@@ -95,8 +95,9 @@ class RowEngine:
         # unscaled: one gather, no second decoder-sized copy (activations scale the matmul's result instead)
         return decoder_rows(self.rep.clt, l, idx_pad).float().flatten(2)  # [g, C, span * d]
 
-    def rows(self, t_layer: torch.Tensor, t_pos: torch.Tensor, vecs: torch.Tensor) -> torch.Tensor:
-        """[B, S] rows of targets at (layer, position) with read-out vectors `vecs`; layer L means a logit."""
+    def rows(self, t_layer: torch.Tensor, t_pos: torch.Tensor, vecs: torch.Tensor, pre: bool = False) -> torch.Tensor:
+        """[B, S] rows of targets at (layer, position) with read-out vectors `vecs`; layer L means a logit. With
+        `pre`, the vectors read resid_pre[layer] (the attention's input, before the layer's heads) instead."""
         rep = self.rep
         B, L = len(t_layer), rep.L
         P = int(t_pos.max()) + 1
@@ -108,7 +109,10 @@ class RowEngine:
             m = t_layer == l
             inject[l] = (b[m], t_pos[m], vecs[m])
         final = (b[logit], vecs[logit]) if logit.any() else None
-        G_post, G_emb, err = rep.backward(min(top, L - 1), inject, B, P, final, dots=rep.error)
+        if pre:
+            G_post, G_emb, err = rep.backward(top, {}, B, P, final, dots=rep.error, inject_pre=inject)
+        else:
+            G_post, G_emb, err = rep.backward(min(top, L - 1), inject, B, P, final, dots=rep.error)
 
         out = torch.zeros(B, self.S)
         for l in range(min(top, L)):  # only layers below the batch's top layer can reach it

@@ -57,6 +57,22 @@ class LayerWeights:
     b_O: torch.Tensor | None
 
 
+@dataclass
+class QKWeights:
+    """What a layer's attention scores are made of: score = scaling * <rope(q_norm(W_Q x + b_Q)), rope(k_norm(...))>,
+    then Gemma 2's softcap. q/k norms act per head on d_head (Qwen3, Gemma 3); None elsewhere."""
+
+    W_Q: torch.Tensor  # [n_heads * d_head, d_model]
+    b_Q: torch.Tensor | None
+    W_K: torch.Tensor  # [n_kv * d_head, d_model]
+    b_K: torch.Tensor | None
+    q_norm: Norm | None
+    k_norm: Norm | None
+    scaling: float
+    softcap: float | None
+    rope: bool  # rotary position embeddings (the cos/sin come from the model's forward)
+
+
 def frozen_scales(layers: list[LayerWeights], final: Norm, attn_in, resid_mid, final_in, attn_out=None) -> tuple:
     """The normalisation denominators of one real forward pass, frozen (docs/design.md): per layer the attention
     pre-norm's (of `attn_in[l]`), the MLP pre-norm's (of `resid_mid[l]`) and Gemma's post-attention norm's (of the raw
@@ -138,6 +154,17 @@ class Adapter:
         """(W_V, b_V, W_O, b_O) of a block's attention."""
         raise NotImplementedError
 
+    def qk_weights(self, l: int) -> QKWeights:
+        attn = self.module("attn", l)
+        W_Q, b_Q, W_K, b_K = self._qk(attn)
+        qn, kn = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+        return QKWeights(W_Q, b_Q, W_K, b_K, None if qn is None else self._norm(qn), None if kn is None else self._norm(kn),
+                         float(attn.scaling), getattr(attn, "attn_logit_softcapping", None), self.family != "gpt2")
+
+    def _qk(self, attn: nn.Module) -> tuple:
+        """(W_Q, b_Q, W_K, b_K) of a block's attention."""
+        return (*_lin(attn.q_proj), *_lin(attn.k_proj))
+
     def final_norm(self) -> Norm:
         return self._norm(self.module("final_norm"))
 
@@ -215,6 +242,10 @@ class GPT2Adapter(Adapter):
         W = b.attn.c_attn.weight.detach()[:, 2 * d : 3 * d].T.contiguous()
         bias = b.attn.c_attn.bias.detach()[2 * d : 3 * d]
         return W, bias, b.attn.c_proj.weight.detach().T.contiguous(), b.attn.c_proj.bias.detach()
+
+    def _qk(self, attn):
+        d, W, b = self.d_model, attn.c_attn.weight.detach(), attn.c_attn.bias.detach()
+        return W[:, :d].T.contiguous(), b[:d], W[:, d : 2 * d].T.contiguous(), b[d : 2 * d]
 
 
 ADAPTERS: dict[str, type[Adapter]] = {

@@ -1,0 +1,218 @@
+"""Head loadings: each edge of a graph split exactly over the attention heads that carry it.
+
+Through the frozen linear system, an edge s -> t is the sum over the paths from s's writes to t's read-out. Every path
+that goes through at least one attention head has a *last* head, (layer l, head h): after it the path stays at t's
+position and reaches t through the residual stream alone. So
+
+    edge(s -> t) = direct(s, t) + sum_{l, h} loading(s, t, l, h)
+
+where `direct` is the residual path (s writes at t's position below t's layer: no head), and loading(s, t, l, h) the
+paths whose last head is (l, h). With v_s[l] the value vectors of s's whole stream (every path from s, through any
+heads) at the input of layer l's attention, and o_t[l, h] = W_O,h^T (t's read-out, back through any post-attention
+norm), that is
+
+    loading(s, t, l, h) = sum_q pattern[l, h, p_t, q] * <o_t[l, h], v_s[l][q, kv(h)]>
+
+i.e. <z_s[l, h][p_t], o_t[l, h]> with z the head's output before W_O; so a head's loading is exactly what zeroing its output at t's position changes in t when the heads above it are
+held fixed (tests/test_heads.py). v_s is computed by a forward pass of s's writes through the frozen model (biases
+left out: they are constant terms, not edges), one batch of sources at a time, layer by layer; the cost is one
+forward per kept source plus an O(edges x heads x d_head) contraction per layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from ..clt.lazy import decoder_rows
+from .replacement import Replacement
+
+NO_HEAD = -1  # the residual path of an edge (no head): layer -1, head -1
+OTHER_HEADS = -2  # the sum of the heads an edge's rows do not list: layer -1, head -2
+
+EDGE_HEADS_SCHEMA = pa.schema([
+    ("source", pa.int32()), ("target", pa.int32()), ("layer", pa.int32()), ("head", pa.int32()),
+    ("weight", pa.float32()),
+])
+
+
+@dataclass
+class HeadLoadings:
+    """Loadings of a graph's edges: rows of `edge_heads` plus the dense form for checks."""
+
+    source: np.ndarray  # [E] node ids (the graph's `node` column)
+    target: np.ndarray  # [E]
+    edge: np.ndarray  # [E] the edge weights (the graph's adjacency)
+    direct: torch.Tensor  # [E] residual-path term
+    heads: torch.Tensor  # [E, L, H] loading per (layer, head)
+    head_mass: torch.Tensor  # [L, H, P] |loading| summed over the edges into targets at each position
+
+    def residual(self) -> torch.Tensor:
+        """|direct + sum of loadings - edge| per edge, float64."""
+        total = self.direct.double() + self.heads.double().sum((1, 2))
+        return (total - torch.from_numpy(self.edge).double()).abs()
+
+    def scale(self) -> torch.Tensor:
+        """The magnitudes summed, per edge (the tolerance of `residual` is relative to these)."""
+        return self.direct.double().abs() + self.heads.double().abs().sum((1, 2))
+
+    def rows(self, top: int = 8) -> pa.Table:
+        """`edge_heads` rows: per edge its residual path (head -1), its `top` heads by |loading| and, when more heads
+        carry it, one row (head -2) with the rest, so every edge's rows sum to its weight. top <= 0: every head."""
+        E, L, H = self.heads.shape
+        flat = self.heads.reshape(E, L * H)
+        k = L * H if top <= 0 else min(top, L * H)
+        vals, idx = flat.abs().topk(k, dim=1)
+        nz = vals > 0
+        picked = torch.gather(flat, 1, idx)
+        rest = flat.sum(1) - (picked * nz).sum(1)
+        e_idx = torch.arange(E)[:, None].expand(E, k)[nz]
+        layer = (idx // H)[nz]
+        head = (idx % H)[nz]
+        w = picked[nz]
+        has_rest = (nz.sum(1) < (flat != 0).sum(1))
+        r_idx = torch.nonzero(has_rest).squeeze(1)
+        parts_e = [torch.arange(E), e_idx, r_idx]
+        parts_l = [torch.full((E,), -1), layer, torch.full((len(r_idx),), -1)]
+        parts_h = [torch.full((E,), NO_HEAD), head, torch.full((len(r_idx),), OTHER_HEADS)]
+        parts_w = [self.direct, w, rest[r_idx]]
+        e = torch.cat(parts_e).numpy()
+        order = np.argsort(e, kind="stable")
+        return pa.table({
+            "source": pa.array(self.source[e][order], pa.int32()),
+            "target": pa.array(self.target[e][order], pa.int32()),
+            "layer": pa.array(torch.cat(parts_l).numpy()[order].astype(np.int32)),
+            "head": pa.array(torch.cat(parts_h).numpy()[order].astype(np.int32)),
+            "weight": pa.array(torch.cat(parts_w).float().numpy()[order]),
+        }, schema=EDGE_HEADS_SCHEMA)
+
+
+def source_writes(rep: Replacement, kind: list[str], layer: torch.Tensor, pos: torch.Tensor, feat: torch.Tensor,
+                  act: torch.Tensor):
+    """What each source node adds to the residual stream: (embedding part [n, d] at its position, per-layer writes
+    [n, L, d] at its position). Features write through their decoders (act x W_dec), errors their error term."""
+    n, L, d = len(kind), rep.L, rep.d
+    emb = torch.zeros(n, d)
+    writes = torch.zeros(n, L, d)
+    k = np.asarray(kind)
+    for i in np.nonzero(k == "embedding")[0]:
+        emb[i] = rep.cache.resid_pre0[pos[i]]
+    for i in np.nonzero(k == "error")[0]:
+        writes[i, layer[i]] = rep.error[layer[i], pos[i]]
+    fi = np.nonzero(k == "feature")[0]
+    for l in torch.unique(layer[fi]).tolist() if len(fi) else []:
+        sel = fi[(layer[fi] == l).numpy()]
+        dec = decoder_rows(rep.clt, l, feat[sel]).float()  # [n, span, d]
+        writes[sel, l : l + dec.shape[1]] = dec * act[sel].float()[:, None, None]
+    return emb, writes
+
+
+def target_readouts(rep: Replacement, kind: list[str], layer: torch.Tensor, pos: torch.Tensor, feat: torch.Tensor,
+                    token: torch.Tensor) -> torch.Tensor:
+    """Read-out vector of each target w.r.t. the residual it reads (resid_mid[layer], or the final residual)."""
+    v = torch.zeros(len(kind), rep.d)
+    k = np.asarray(kind)
+    lo = np.nonzero(k == "logit")[0]
+    if len(lo):
+        v[lo] = rep.logit_readout(token[lo])[0]
+    fi = np.nonzero(k == "feature")[0]
+    for l in torch.unique(layer[fi]).tolist() if len(fi) else []:
+        sel = fi[(layer[fi] == l).numpy()]
+        v[sel] = rep.encoder_readout(l, pos[sel], feat[sel])
+    return v
+
+
+class StreamForward:
+    """The frozen model's linear part (no biases) on a batch of source streams [n, P, d], one layer at a time."""
+
+    def __init__(self, rep: Replacement):
+        self.rep = rep
+
+    def values(self, l: int, x: torch.Tensor) -> torch.Tensor:
+        """Value vectors of the streams at layer l's attention input: [n, P, n_kv, d_head]."""
+        rep, W = self.rep, self.rep.W[l]
+        nrm = W.attn_norm.apply(x, rep.s_attn[l], with_bias=False)
+        return (nrm @ W.W_V.T).unflatten(-1, (rep.Hkv, rep.dh))
+
+    def mix(self, l: int, v: torch.Tensor) -> torch.Tensor:
+        """Each head's pattern applied to value vectors v: [n, P, H, d_head] (before W_O)."""
+        rep = self.rep
+        return torch.einsum("hpq,nqhd->nphd", rep.patterns[l], v.repeat_interleave(rep.H // rep.Hkv, dim=2))
+
+    def out(self, l: int, z: torch.Tensor) -> torch.Tensor:
+        """What the heads' outputs z add to the residual: [n, P, d]."""
+        rep, W = self.rep, self.rep.W[l]
+        o = z.flatten(2) @ W.W_O.T
+        if rep.s_post is not None:
+            o = W.attn_post_norm.apply(o, rep.s_post[l], with_bias=False)
+        return o
+
+
+def head_outputs(rep: Replacement, l: int, vecs: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """o_t[l, h] = W_O,h^T (read-out back through the post-attention norm): [n, H, d_head]."""
+    W = rep.W[l]
+    g = vecs
+    if rep.s_post is not None:
+        g = W.attn_post_norm.vjp(g, rep.s_post[l][pos])
+    return (g @ W.W_O).view(len(vecs), rep.H, rep.dh)
+
+
+@torch.no_grad()
+def head_loadings(rep: Replacement, graph, *, source_batch: int = 256, edge_batch: int = 4096) -> HeadLoadings:
+    """Head loadings of every edge of `graph` (a graph of `rep`'s prompt; pruned or not)."""
+    L, P, H = rep.L, rep.P, rep.H
+    kind = graph.nodes.column("kind").to_pylist()
+    layer, pos, feat = graph.column("layer").long(), graph.column("position").long(), graph.column("feature").long()
+    token, act = graph.column("token").long(), graph.column("activation")
+    ids = graph.nodes.column("node").to_numpy()
+    t, s = torch.nonzero(graph.adjacency, as_tuple=True)  # kept edges: (target row, source column)
+    E = len(t)
+    heads = torch.zeros(E, L, H)
+    head_mass = torch.zeros(L, P, H)
+    direct = torch.zeros(E)
+    # a target reads resid_mid[layer] (a logit: layer L, the final residual): writes below that layer reach it, and
+    # the heads of layers up to its own
+    t_read = layer[t]
+    t_top = t_read.clamp(max=L - 1)
+    srcs, s_local = torch.unique(s, return_inverse=True)
+    tgts, t_local = torch.unique(t, return_inverse=True)
+    skind = [kind[i] for i in srcs.tolist()]
+    tkind = [kind[i] for i in tgts.tolist()]
+    vt = target_readouts(rep, tkind, layer[tgts], pos[tgts], feat[tgts], token[tgts])
+    t_pos = pos[t]
+    fwd = StreamForward(rep)
+
+    for b0 in range(0, len(srcs), source_batch):
+        sb = srcs[b0 : b0 + source_batch]
+        bk = skind[b0 : b0 + source_batch]
+        emb, writes = source_writes(rep, bk, layer[sb], pos[sb], feat[sb], act[sb])
+        bpos = pos[sb]
+        # direct term: s's writes at t's position below t's read (t's own layer's MLP comes after its read)
+        in_b = torch.nonzero((s_local >= b0) & (s_local < b0 + len(sb))).squeeze(1)
+        if not len(in_b):
+            continue
+        loc = s_local[in_b] - b0
+        same = bpos[loc] == t_pos[in_b]
+        below = torch.arange(L)[None, :] < t_read[in_b][:, None]
+        w = (writes[loc] * below[:, :, None]).sum(1) + emb[loc]
+        direct[in_b] = torch.where(same, (w * vt[t_local[in_b]]).sum(-1), 0.0)
+
+        x = torch.zeros(len(sb), P, rep.d)
+        x[torch.arange(len(sb)), bpos] = emb
+        for l in range(L):
+            v = fwd.values(l, x)  # [n, P, Hkv, dh]
+            z = fwd.mix(l, v)  # [n, P, H, dh]: each head's output at every position, before W_O
+            live = in_b[t_top[in_b] >= l]
+            for e0 in range(0, len(live), edge_batch):
+                e = live[e0 : e0 + edge_batch]
+                o = head_outputs(rep, l, vt[t_local[e]], t_pos[e])  # [e, H, dh]
+                w = torch.linalg.vecdot(z[s_local[e] - b0, t_pos[e]], o)  # [e, H]
+                heads[e, l] = w
+                head_mass[l].index_put_((t_pos[e],), w.abs(), accumulate=True)
+            x = x + fwd.out(l, z)
+            x[torch.arange(len(sb)), bpos] += writes[:, l]
+    return HeadLoadings(ids[s.numpy()], ids[t.numpy()], graph.adjacency[t, s].numpy(), direct, heads,
+                        head_mass.permute(0, 2, 1).contiguous())
