@@ -13,10 +13,11 @@ norm), that is
 
     loading(s, t, l, h) = sum_q pattern[l, h, p_t, q] * <o_t[l, h], v_s[l][q, kv(h)]>
 
-i.e. <z_s[l, h][p_t], o_t[l, h]> with z the head's output before W_O; so a head's loading is exactly what zeroing its output at t's position changes in t when the heads above it are
-held fixed (tests/test_heads.py). v_s is computed by a forward pass of s's writes through the frozen model (biases
-left out: they are constant terms, not edges), one batch of sources at a time, layer by layer; the cost is one
-forward per kept source plus an O(edges x heads x d_head) contraction per layer.
+i.e. <z_s[l, h][p_t], o_t[l, h]> with z the head's output before W_O. So a head's loading is exactly what removing
+its output at t's position changes in t when the heads above it are held fixed (tests/test_heads.py). v_s comes from a
+forward pass of s's writes through the frozen model (biases left out: they are constant terms, not edges), one batch of
+sources at a time, layer by layer; the cost is one forward per kept source plus an O(edges x heads x d_head)
+contraction per layer.
 """
 
 from __future__ import annotations

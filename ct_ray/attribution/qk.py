@@ -56,6 +56,9 @@ class QKResult:
     query_side: list[tuple[str, float]] = field(default_factory=list)  # top query-side marginals
     key_side: list[tuple[str, float]] = field(default_factory=list)  # top key-side marginals
     scale: float = 0.0  # the magnitudes summed (query-side marginals): the tolerance of |score - decomposed|
+    ids: list[str] = field(default_factory=list, repr=False)  # source ids, the last one BIAS
+    query_terms: torch.Tensor | None = field(default=None, repr=False)  # [S + 1] every query-side marginal
+    key_terms: torch.Tensor | None = field(default=None, repr=False)  # [S + 1] every key-side marginal
 
 
 def rotary(model, tokens: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
@@ -213,7 +216,8 @@ def qk_attribution(model, rep: Replacement, items: list[QKItem], *, top: int = 1
         q, k = Cq.sum(1), Ck.sum(1)
         qm, km = scaling * (Cq.T @ k), scaling * (q @ Ck)
         res = QKResult(it, maps.score(it.layer, it.head, it.query, it.key), float(qm.sum()),
-                       float(rep.patterns[it.layer, it.head, it.query, it.key]), scale=float(qm.abs().sum()))
+                       float(rep.patterns[it.layer, it.head, it.query, it.key]), scale=float(qm.abs().sum()),
+                       ids=ids, query_terms=qm, key_terms=km)
         res.pairs = [(ids[a], ids[b], v) for a, b, v in _top_pairs(Cq, Ck, scaling, top)]
         res.query_side = _top_marginals(qm, ids, top)
         res.key_side = _top_marginals(km, ids, top)
