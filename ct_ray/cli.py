@@ -31,7 +31,9 @@ def _cmd_attribute(args) -> int:
     from .specs import AttributionSpec, PruneSpec, parse
 
     aspec = parse(AttributionSpec, {"max_n_logits": args.max_n_logits, "desired_logit_prob": args.desired_logit_prob,
-                                    "batch_size": args.batch_size, "max_feature_nodes": args.max_feature_nodes},
+                                    "batch_size": args.batch_size, "max_feature_nodes": args.max_feature_nodes,
+                                    "heads": args.heads or args.qk, "heads_top": args.heads_top, "qk": args.qk,
+                                    "qk_topk": args.qk_topk},
                   "attribution options")
     pspec = parse(PruneSpec, {"node_threshold": args.node_threshold, "edge_threshold": args.edge_threshold},
                   "pruning options")
@@ -48,11 +50,18 @@ def _cmd_attribute(args) -> int:
         with SplitRows(args.model, args.clt, random_clt=None if args.clt else {"features": args.random_clt,
                        "seed": args.seed}, workers=args.workers, num_cpus=args.worker_cpus,
                        num_gpus=args.worker_gpus, address=args.address) as split:
-            graph = attribute(model, clt, args.prompt, verbose=not args.quiet, rows=split, **aspec.model_dump())
+            graph = attribute(model, clt, args.prompt, verbose=not args.quiet, rows=split, **aspec.attribute_kwargs())
     else:
-        graph = attribute(model, clt, args.prompt, verbose=not args.quiet, **aspec.model_dump())
+        graph = attribute(model, clt, args.prompt, verbose=not args.quiet, **aspec.attribute_kwargs())
     pruned = graph.prune(**pspec.model_dump())
     full_s, pr_s = graph.scores(), pruned.scores()
+    att = None
+    if aspec.attention() is not None:
+        from .attribution.attention import attention_attribution
+
+        opts = aspec.attention()
+        opts.pop("heads")
+        att = attention_attribution(model, clt, pruned, **opts)
 
     print(f"prompt tokens: {graph.meta['token_strs']}")
     print("top logits:")
@@ -63,6 +72,8 @@ def _cmd_attribute(args) -> int:
     print(f"pruned: {pruned.n_nodes} nodes ({pruned.n_features} features), {pruned.n_edges} edges   "
           f"replacement={pr_s['replacement_score']:.4f} completeness={pr_s['completeness_score']:.4f}")
     print(f"time: {graph.meta['timings_s']['total']:.2f} s")
+    if att is not None:
+        _print_attention(att, pruned)
     if args.out:
         from .store.fs import filesystem
 
@@ -70,14 +81,15 @@ def _cmd_attribute(args) -> int:
         fs.makedirs(out, exist_ok=True)
         from .attribution.export_files import write_graph
 
-        write_graph(pruned, args.out, args.slug, full=graph)  # + graph-metadata.json: circuit-tracer's server lists it
+        write_graph(pruned, args.out, args.slug, full=graph, attention=att)  # + graph-metadata.json (circuit-tracer)
         import pyarrow as pa
 
         from .store.tables import Store
 
         dest = Store(args.out)  # each file written whole (temporary + rename), never half
         for name, table in (("nodes", graph.nodes), ("edges", graph.edges()), ("pruned_nodes", pruned.nodes),
-                            ("pruned_edges", pruned.edges())):
+                            ("pruned_edges", pruned.edges()),
+                            *((("edge_heads", att.edge_heads), ("qk_attributions", att.qk_rows)) if att else ())):
             buf = pa.BufferOutputStream()
             pq.write_table(table, buf)
             dest.put_bytes(f"{dest.root}/{name}.parquet", buf.getvalue().to_pybytes())
@@ -85,6 +97,23 @@ def _cmd_attribute(args) -> int:
         print(f"wrote {args.out}/{args.slug}.json (graph viewer JSON, listed in graph-metadata.json) and nodes/edges "
               f"Parquet files")
     return 0
+
+
+def _print_attention(att, pruned) -> None:
+    """The heads that carry most of the pruned graph, and the attention scores explained."""
+    mass = att.loadings.head_mass.sum(-1)  # [L, H]
+    total = float(att.loadings.heads.abs().sum() + att.loadings.direct.abs().sum()) or 1.0
+    vals, idx = mass.flatten().topk(min(5, mass.numel()))
+    H = mass.shape[1]
+    heads = ", ".join(f"L{i // H}.H{i % H} {v / total:.1%}" for v, i in zip(vals.tolist(), idx.tolist()) if v > 0)
+    print(f"heads:  {len(att.loadings.edge)} edges split over heads in {att.seconds['heads']:.2f} s; "
+          f"most |loading|: {heads}")
+    toks = pruned.meta["token_strs"]
+    for r in att.qk:
+        it = r.item
+        top = r.pairs[0] if r.pairs else ("-", "-", 0.0)
+        print(f"  QK L{it.layer}.H{it.head} {toks[it.query]!r} -> {toks[it.key]!r}: score {r.score:+.3f} "
+              f"(attention {r.pattern:.3f}); top pair {top[0]} x {top[1]} {top[2]:+.3f}")
 
 
 def _check_clt_size(model, features: int, span: int | None) -> None:
@@ -229,6 +258,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--worker-cpus", type=float, default=1.0, help="num_cpus (and torch threads) per worker")
     s.add_argument("--worker-gpus", type=float, default=0.0, help="num_gpus per worker (> 0: the workers use CUDA)")
     s.add_argument("--address", default=None, help="Ray cluster address for --workers (default: start a local Ray)")
+    s.add_argument("--heads", action="store_true",
+                   help="split each kept edge over the attention heads that carry it (edge_heads.parquet, JSON links)")
+    s.add_argument("--heads-top", type=int, default=8, metavar="N",
+                   help="heads listed per edge, the rest summed in one row (default 8; 0: every head)")
+    s.add_argument("--qk", action="store_true",
+                   help="also explain the attention scores of the top heads (qk_attributions.parquet, JSON "
+                        "qk_tracing_results); implies --heads")
+    s.add_argument("--qk-topk", type=int, default=10, metavar="N", help="at most N (layer, head, query) triples")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=_cmd_attribute)
 

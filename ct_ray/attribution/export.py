@@ -184,11 +184,78 @@ def build_graph_json(nodes: pa.Table, edges: pa.Table, meta: dict, *, slug: str,
             "nodes": out_nodes, "links": links}
 
 
+def _qk_only_node(node_id: str) -> dict:
+    """A descriptor (Neuronpedia's `qk_only_nodes`) of a QK contributor that is not among the exported nodes."""
+    if node_id == "bias":
+        return {"node_id": node_id, "feature": None, "layer": "0", "ctx_idx": 0, "feature_type": "bias",
+                "jsNodeId": "bias", "clerp": "constant terms (biases, BOS)", "activation": None}
+    a, b, c = node_id.split("_")
+    if a == "E":
+        return {"node_id": node_id, "feature": int(c), "layer": "E", "ctx_idx": int(c), "feature_type": "embedding",
+                "jsNodeId": f"E_{b}-{c}", "clerp": "", "activation": None}
+    if b == "-1":
+        return {"node_id": node_id, "feature": -1, "layer": a, "ctx_idx": int(c),
+                "feature_type": _KIND_TYPE["error"], "jsNodeId": f"{a}_-1-{c}", "clerp": "", "activation": None}
+    return {"node_id": node_id, "feature": cantor(int(a), int(b)), "layer": a, "ctx_idx": int(c),
+            "feature_type": _KIND_TYPE["feature"], "jsNodeId": f"{a}_{b}-0", "clerp": "", "activation": None}
+
+
+def add_attention(data: dict, nodes: pa.Table, edge_heads: pa.Table | None = None, qk: pa.Table | None = None) -> dict:
+    """Attention attribution into a graph's JSON (in place): each link's head loadings (`heads`: [[layer, head,
+    weight], ...]; layer -1: head -1 the residual path, head -2 the heads not listed), and on each node that QK
+    results are attached to, Neuronpedia's `qk_tracing_results` (with `qk_only_nodes` for contributors outside the
+    graph) plus `qk_heads`, the scores explained ([layer, head, query position, key position, score, pattern])."""
+    node_id = dict(zip(nodes.column("node").to_pylist(), nodes.column("node_id").to_pylist()))
+    if edge_heads is not None and edge_heads.num_rows:
+        per: dict[tuple, list] = {}
+        cols = [edge_heads.column(c).to_pylist() for c in ("source", "target", "layer", "head", "weight")]
+        for s, t, l, h, w in zip(*cols):
+            if s in node_id and t in node_id:
+                per.setdefault((node_id[s], node_id[t]), []).append([l, h, w])
+        for link in data["links"]:
+            hs = per.get((link["source"], link["target"]))
+            if hs:
+                link["heads"] = sorted(hs, key=lambda x: -abs(x[2]))
+    if qk is not None and qk.num_rows:
+        by_target: dict[str, dict] = {}
+        for r in qk.to_pylist():
+            t = node_id.get(r["target"])
+            if t is None:
+                continue
+            res = by_target.setdefault(t, {"pair_wise_contributors": [], "top_q_marginal_contributors": [],
+                                           "top_k_marginal_contributors": [], "heads": {}})
+            res["heads"][(r["layer"], r["head"], r["query_position"], r["key_position"])] = [r["score"], r["pattern"]]
+            if r["role"] == "pair":
+                res["pair_wise_contributors"].append([r["query_source"], r["key_source"], r["weight"]])
+            elif r["role"] == "query":
+                res["top_q_marginal_contributors"].append([r["query_source"], r["weight"]])
+            else:
+                res["top_k_marginal_contributors"].append([r["key_source"], r["weight"]])
+        present = {n["node_id"] for n in data["nodes"]}
+        only: dict[str, dict] = {}
+        for n in data["nodes"]:
+            res = by_target.get(n["node_id"])
+            if res is None:
+                continue
+            heads = res.pop("heads")
+            for v in res.values():
+                v.sort(key=lambda x: -abs(x[-1]))
+                for entry in v:
+                    for i in entry[:-1]:
+                        if i not in present and i not in only:
+                            only[i] = _qk_only_node(i)
+            n["qk_tracing_results"] = res
+            n["qk_heads"] = [[*k, *v] for k, v in heads.items()]
+        if only:
+            data["qk_only_nodes"] = only
+    return data
+
+
 def graph_json(graph, slug: str | None = None, *, full=None, scan: str | None = None,
-               feature_details: dict | None = None, supernodes=None) -> dict:
+               feature_details: dict | None = None, supernodes=None, attention=None) -> dict:
     """The JSON dict of `graph` (typically a pruned graph): its nodes and non-zero edges. Influence is each node's
     cumulative share over `full` (the graph it was pruned from; circuit-tracer's definition) when given, else over
-    `graph`'s own nodes."""
+    `graph`'s own nodes. `attention`: the graph's `attention_attribution` (head loadings, QK), added to the JSON."""
     ref = full if full is not None else graph
     inf = ref.column("influence").numpy()
     if not np.isfinite(inf).any():  # an unpruned graph: influence not computed yet
@@ -197,8 +264,11 @@ def graph_json(graph, slug: str | None = None, *, full=None, scan: str | None = 
     if cum is not None and full is not None:
         pos = {n: i for i, n in enumerate(full.nodes.column("node").to_pylist())}
         cum = cum[[pos[n] for n in graph.nodes.column("node").to_pylist()]]
-    return build_graph_json(graph.nodes.select(NODE_COLUMNS), graph.edges(), graph.meta, slug=slug or "ct-ray-graph",
+    data = build_graph_json(graph.nodes.select(NODE_COLUMNS), graph.edges(), graph.meta, slug=slug or "ct-ray-graph",
                             influence=cum, scan=scan, feature_details=feature_details, supernodes=supernodes)
+    if attention is not None:
+        add_attention(data, graph.nodes, attention.edge_heads, attention.qk_rows)
+    return data
 
 
 def index_entry(data: dict) -> dict:

@@ -17,8 +17,9 @@ import pyarrow as pa
 from ..errors import CTRayError, StorageError, one_line
 from ..store.keyed import KeyedRows
 from ..store.names import check_name
+from ..store.schemas import QK_ATTRIBUTIONS_SCHEMA
 from ..store.tables import SWEEPS_DIR, Store
-from .export import NODE_COLUMNS, build_graph_json, cumulative_influence, graph_json, index_entry, merge_index
+from .export import NODE_COLUMNS, add_attention, build_graph_json, cumulative_influence, graph_json, index_entry, merge_index
 
 INDEX = "graph-metadata.json"
 _GRAPH_COLS = ["key", "prompt_index", "prompt", "status", "error", "model", "clt", "params", "token_strs",
@@ -146,6 +147,7 @@ def export_sweep(store: Store, sweep_id: str, out: str, *, keys: list[str] | Non
     old = _old_index(dest)
     want = {r["key"] for r in rows}
     nodes, edges = KeyedRows(store, "nodes", sweep_id, want), KeyedRows(store, "edges", sweep_id, want)
+    heads, qk = KeyedRows(store, "edge_heads", sweep_id, want), KeyedRows(store, "qk_attributions", sweep_id, want)
     # graphs grouped by the edges file that holds them: each edges file is read once (memory: one file's rows)
     first = {k: edges.first_file(k) for k in want}
     todo = sorted(rows, key=lambda r: first.get(r["key"], -1))
@@ -163,6 +165,8 @@ def export_sweep(store: Store, sweep_id: str, out: str, *, keys: list[str] | Non
             ks = [r["key"] for r in batch]
             n_by = nodes.read(ks, ["key", *NODE_COLUMNS, "kept"])
             e_by = edges.read(ks, ["key", "source", "target", "weight", "kept"])
+            h_by = heads.read(ks, ["key", "source", "target", "layer", "head", "weight"]) if heads.tasks else {}
+            q_by = qk.read(ks, QK_ATTRIBUTIONS_SCHEMA.names) if qk.tasks else {}
             for r in batch:
                 slug = slug_of(sweep_id, r["key"])
                 # groupings saved from the explorer win; else `ct-ray analyze --supernodes`'s automatic ones
@@ -170,6 +174,8 @@ def export_sweep(store: Store, sweep_id: str, out: str, *, keys: list[str] | Non
                     or auto.get(r["key"])
                 data = graph_from_rows(r, n_by.get(r["key"]), e_by.get(r["key"]), slug=slug, scan=scan,
                                        feature_details=feature_details, supernodes=sn, title_prefix=sweep_id)
+                if r["key"] in h_by or r["key"] in q_by:
+                    add_attention(data, n_by[r["key"]], h_by.get(r["key"]), q_by.get(r["key"]))
                 written += _put(dest, f"{slug}.json", _dumps(data, f"graph {r['key']}"))
                 entries[r["key"]] = index_entry(data)
                 bar.update()
@@ -182,13 +188,13 @@ def export_sweep(store: Store, sweep_id: str, out: str, *, keys: list[str] | Non
             "index_written": index_written}
 
 
-def write_graph(graph, out: str, slug: str, *, full=None, **out_options) -> dict:
-    """Write `graph` (a pruned one; `full`: the graph it was pruned from) as DIR/{slug}.json and list it in
-    DIR/graph-metadata.json. Returns the JSON dict."""
+def write_graph(graph, out: str, slug: str, *, full=None, attention=None, **out_options) -> dict:
+    """Write `graph` (a pruned one; `full`: the graph it was pruned from; `attention`: its attention attribution) as
+    DIR/{slug}.json and list it in DIR/graph-metadata.json. Returns the JSON dict."""
     check_name(slug, "slug")
     dest = Store(out, **out_options)
     old = _old_index(dest)
-    data = graph_json(graph, slug, full=full)
+    data = graph_json(graph, slug, full=full, attention=attention)
     _put(dest, f"{slug}.json", _dumps(data, f"graph {slug}"))
     _put(dest, INDEX, json.dumps(merge_index(old, [index_entry(data)]), indent=1).encode())
     return data

@@ -175,7 +175,7 @@ class Retrain:
     def evaluate_version(self, version: str) -> dict:
         """A version's metrics on the fixed evaluation set (cached in the registry: computed once per version)."""
         c = self.spec.canary
-        canary = {"prompts": _prompts(c), "attribution": c.attribution.model_dump()}
+        canary = {"prompts": _prompts(c), "attribution": c.attribution.attribute_kwargs()}
         eid = eval_id(self.spec.train.harvest.model, self.spec.eval.model_dump(), canary)
         cached = self.reg.read_eval(version, eid)
         if cached is not None:
@@ -224,7 +224,7 @@ class Retrain:
         sweep = parse_sweep_spec({
             "sweep_id": f"{c.sweep_prefix}-{self.date}", "model": self.spec.train.harvest.model,
             "clt": self.reg.version_url(vid), "prompts": [p if isinstance(p, str) else p.model_dump() for p in c.prompts],
-            "attribution": c.attribution.model_dump(), "pruning": c.pruning.model_dump(),
+            "attribution": c.attribution.attribute_kwargs(), "pruning": c.pruning.model_dump(),
             "perturbation": c.perturbation.model_dump(), "resources": c.resources.model_dump(),
             "storage": c.storage.model_dump()}, where="canary sweep")
         self._ray()

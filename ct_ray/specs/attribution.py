@@ -11,12 +11,38 @@ from pydantic import Field, field_validator
 from .base import Spec
 from .intervention import Intervention
 
+ATTENTION_FIELDS = ("heads", "heads_top", "qk", "qk_topk", "qk_top_fraction", "qk_keys", "qk_pairs")
+
 
 class AttributionSpec(Spec):
     max_n_logits: int = Field(10, ge=1, le=1000)
     desired_logit_prob: float = Field(0.95, gt=0.0, le=1.0)
     batch_size: int = Field(128, ge=1)
     max_feature_nodes: int | None = Field(7500, ge=1, description="kept features (by influence); null: all active")
+    # attention attribution of the pruned graph (docs/attribution.md, "Attention: head loadings and QK")
+    heads: bool = Field(False, description="split each kept edge over the attention heads that carry it (edge_heads)")
+    heads_top: int = Field(8, ge=0, le=100_000, description="heads listed per edge (the rest summed in one row); "
+                                                            "0: every head")
+    qk: bool = Field(False, description="decompose the attention scores of the top heads (qk_attributions); "
+                                        "implies heads")
+    qk_topk: int = Field(10, ge=1, le=1000, description="at most this many (layer, head, query position) triples")
+    qk_top_fraction: float = Field(0.6, gt=0.0, le=1.0, description="the fewest triples (and key positions) "
+                                                                    "covering this share of the head-loading mass")
+    qk_keys: int = Field(3, ge=1, le=100, description="key positions explained per triple, at most")
+    qk_pairs: int = Field(10, ge=1, le=1000, description="top pairwise and marginal contributors kept per score")
+
+    def attribute_kwargs(self) -> dict:
+        """The options of `attribute()` (the attention options act on the pruned graph afterwards)."""
+        return self.model_dump(exclude=set(ATTENTION_FIELDS))
+
+    def attention(self) -> dict | None:
+        """The attention options when head loadings or QK are on, else None."""
+        return self.model_dump(include=set(ATTENTION_FIELDS)) if (self.heads or self.qk) else None
+
+    def identity(self) -> dict:
+        """What identifies a sweep's attribution setup: the attention options only when they are on, so the setups
+        of sweeps made before they existed keep their identity."""
+        return self.model_dump() if (self.heads or self.qk) else self.attribute_kwargs()
 
 
 class PruneSpec(Spec):

@@ -51,7 +51,7 @@ class SweepSpec(CLTChoice, GraphJobSpec):
         return v
 
     def params(self) -> dict:
-        return {"attribution": self.attribution.model_dump(), "pruning": self.pruning.model_dump(),
+        return {"attribution": self.attribution.identity(), "pruning": self.pruning.model_dump(),
                 "graph_rows": self.graph_rows}
 
 

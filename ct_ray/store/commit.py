@@ -25,7 +25,7 @@ from .writer import RowBuffer
 log = logging.getLogger(__name__)
 PROP_SWEEP, PROP_BATCH, PROP_FIRST = "ct-ray.sweep", "ct-ray.batch", "ct-ray.first-key"
 FAULT_ENV = "CT_RAY_FAULT_DRIVER_DIES"
-GRAPH_PARTS = ("nodes", "edges")  # committed before graphs: the tables `recover` repairs
+GRAPH_PARTS = ("nodes", "edges", "edge_heads", "qk_attributions")  # committed before graphs: the tables `recover` repairs
 
 
 def _revive(files: list, spec_id: int) -> list:

@@ -32,7 +32,8 @@ from .tablenames import human_bytes, table_names  # noqa: F401
 log = logging.getLogger(__name__)
 
 MIN_EXPIRE_AGE_S = 3600.0  # the youngest snapshot `expire` may drop: a live sweep's round must outlive it
-EXPIRE_ORDER = ("nodes", "edges", "perturbations", "features", "train_metrics", "graphs")  # graphs last (recover)
+# graphs last (recover)
+EXPIRE_ORDER = ("nodes", "edges", "edge_heads", "qk_attributions", "perturbations", "features", "train_metrics", "graphs")
 _METADATA_SUFFIXES = (".metadata.json", ".avro", ".puffin", ".stats")  # what Iceberg writes under metadata/
 _COMMIT_RETRIES = 5
 

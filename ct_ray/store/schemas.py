@@ -88,6 +88,35 @@ EDGES_SCHEMA = pa.schema(
     ]
 )
 
+EDGE_HEADS_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("source", pa.int32()),  # the edge (`node` values, as in edges)
+        ("target", pa.int32()),
+        ("layer", pa.int32()),  # the last head of the paths: layer and head; -1/-1 the residual path (no head),
+        ("head", pa.int32()),  # -1/-2 the heads not listed, summed (an edge's rows sum to its weight)
+        ("weight", pa.float32()),
+    ]
+)
+
+QK_ATTRIBUTIONS_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("target", pa.int32()),  # the graph node whose incoming edges this head carries most at the query position
+        ("layer", pa.int32()),
+        ("head", pa.int32()),
+        ("query_position", pa.int32()),
+        ("key_position", pa.int32()),
+        ("score", pa.float32()),  # the real pre-softmax score (before any softcap)
+        ("pattern", pa.float32()),  # the real attention weight
+        ("role", pa.string()),  # pair | query | key: a pairwise term or a query-/key-side marginal
+        ("rank", pa.int16()),  # 0 = largest |weight| of its role
+        ("query_source", pa.string()),  # node ids (Neuronpedia form; "bias": the constant terms)
+        ("key_source", pa.string()),
+        ("weight", pa.float32()),
+    ]
+)
+
 PERTURBATIONS_SCHEMA = pa.schema(
     [
         ("key", pa.string()),  # the graph's key
@@ -264,12 +293,14 @@ GRAPH_DIFFS_SCHEMA = pa.schema(
 
 # table -> partition column (identity-partitioned; always a string)
 PARTITIONS = {"graphs": "sweep_id", "nodes": "sweep_id", "edges": "sweep_id", "perturbations": "sweep_id",
+              "edge_heads": "sweep_id", "qk_attributions": "sweep_id",
               "features": "clt_id", "train_metrics": "run", "feature_stats": "sweep_id", "circuit_paths": "sweep_id",
               "supernodes": "sweep_id", "graph_diffs": "diff_id"}
-SWEEP_TABLES = ("graphs", "nodes", "edges", "perturbations")
+SWEEP_TABLES = ("graphs", "nodes", "edges", "perturbations", "edge_heads", "qk_attributions")
 ANALYSIS_TABLES = ("feature_stats", "circuit_paths", "supernodes", "graph_diffs")
 TABLE_NAMES = tuple(PARTITIONS)
 _BASE = {"graphs": GRAPHS_SCHEMA, "nodes": NODES_SCHEMA, "edges": EDGES_SCHEMA, "perturbations": PERTURBATIONS_SCHEMA,
+         "edge_heads": EDGE_HEADS_SCHEMA, "qk_attributions": QK_ATTRIBUTIONS_SCHEMA,
          "features": FEATURES_SCHEMA, "train_metrics": TRAIN_METRICS_SCHEMA, "feature_stats": FEATURE_STATS_SCHEMA,
          "circuit_paths": CIRCUIT_PATHS_SCHEMA, "supernodes": SUPERNODES_SCHEMA, "graph_diffs": GRAPH_DIFFS_SCHEMA}
 

@@ -23,7 +23,7 @@ from .confine import check_data_files
 from .schemas import SCHEMAS, TABLE_NAMES
 from .tables import DEFAULT_STORE, PARTITION, Store
 
-FILTERED = ("nodes", "edges", "perturbations")  # shown only for keys whose graphs row is ok
+FILTERED = ("nodes", "edges", "perturbations", "edge_heads", "qk_attributions")  # shown only for keys whose graphs row is ok
 
 
 def _sql_str(s: str) -> str:

@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..errors import CTRayError, PromptError, StorageError, one_line
-from ..specs import PerturbationPlan
+from ..specs import AttributionSpec, PerturbationPlan
 from ..store.schemas import TABLES_SCHEMA_VERSION
 from ..store.writer import RowBuffer, sweep_writer_configs
 from .perturbation import error_rows, finish_rows, resolve, select_nodes
@@ -84,6 +84,7 @@ class SweepWorker:
         self.rows = RowBuffer(cfg["writers"], cfg["sweep_id"])
         self.model, self.clt = load_model_and_clt(cfg["model"], cfg["clt"], cfg["random_clt"],
                                                   clt_options=cfg["clt_options"], device=cfg["device"])
+        self.aspec = AttributionSpec.model_validate(cfg["attribution"])
         self.plan = PerturbationPlan.model_validate(cfg["plan"])
         self.plan_hash = self.plan.plan_hash()
         self.perturb_fn, self.perturb_skip = resolve(self.plan)
@@ -123,10 +124,20 @@ class SweepWorker:
         from .. import attribute
 
         t0 = time.perf_counter()
-        g = attribute(self.model, self.clt, prompt, **self.cfg["attribution"])
+        g = attribute(self.model, self.clt, prompt, **self.aspec.attribute_kwargs())
         t1 = time.perf_counter()
         p = g.prune(**self.cfg["pruning"])
         return g, p, t1 - t0, time.perf_counter() - t1
+
+    def _attention(self, p):
+        """Head loadings (and QK attribution) of the pruned graph, when the spec asks for them."""
+        opts = self.aspec.attention()
+        if opts is None:
+            return None
+        from ..attribution.attention import attention_attribution
+
+        opts.pop("heads")
+        return attention_attribution(self.model, self.clt, p, **opts)
 
     def run_prompt(self, item: dict) -> dict:
         """Attribute + prune one prompt; buffer its nodes, edges and graphs row (committed by the driver later)."""
@@ -143,6 +154,7 @@ class SweepWorker:
         if err is None:
             try:
                 g, p, t_attr, t_prune = self._compute(item["prompt"])
+                att = self._attention(p)
             except PromptError as e:
                 err = ("prompt", one_line(e))
             except CTRayError as e:
@@ -160,6 +172,11 @@ class SweepWorker:
             nodes, edges = self._tables(g, p, key)
             self.rows.add("nodes", nodes)
             self.rows.add("edges", edges)
+            if att is not None:
+                from ..attribution.attention import with_key
+
+                self.rows.add("edge_heads", with_key(att.edge_heads, key))
+                self.rows.add("qk_attributions", with_key(att.qk_rows, key))
             toks = m["logit_tokens"]
             logit_strs = self.model.decode(toks)
             row.update(
