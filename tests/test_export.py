@@ -61,8 +61,26 @@ GRAPH_SCHEMA = {
                 "ctx_idx": _INT, "feature_type": _STR, "jsNodeId": _STR, "clerp": _STR,
                 "influence": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
                 "activation": {"type": ["number", "null"]},
+                # QK tracing (the published schema's prefixItems, as draft-07 tuple items)
+                "qk_tracing_results": {
+                    "type": "object",
+                    "required": ["pair_wise_contributors", "top_q_marginal_contributors", "top_k_marginal_contributors"],
+                    "properties": {
+                        "pair_wise_contributors": {"type": "array", "items": {
+                            "type": "array", "minItems": 3, "maxItems": 3, "items": [_STR, _STR, _NUM]}},
+                        "top_q_marginal_contributors": {"type": "array", "items": {
+                            "type": "array", "minItems": 2, "maxItems": 2, "items": [_STR, _NUM]}},
+                        "top_k_marginal_contributors": {"type": "array", "items": {
+                            "type": "array", "minItems": 2, "maxItems": 2, "items": [_STR, _NUM]}},
+                    },
+                },
             },
         }},
+        "qk_only_nodes": {"type": "object", "additionalProperties": {
+            "type": "object", "required": ["node_id", "feature_type", "layer", "ctx_idx", "jsNodeId", "clerp"],
+            "properties": {"node_id": _STR, "feature": {"type": ["integer", "null"]},
+                           "layer": {"type": ["string", "integer"]}, "ctx_idx": _INT, "feature_type": _STR,
+                           "jsNodeId": _STR, "clerp": _STR, "activation": {"type": ["number", "null"]}}}},
         "links": {"type": "array", "items": {
             "type": "object", "required": ["source", "target", "weight"],
             "properties": {"source": _STR, "target": _STR, "weight": _NUM},
@@ -78,6 +96,11 @@ INDEX_SCHEMA = {"type": "object", "required": ["graphs"], "properties": {"graphs
 
 def check_graph(data: dict):
     jsonschema.validate(data, GRAPH_SCHEMA)
+    # every QK contributor resolves to a node or to qk_only_nodes (the published schema's promise)
+    known = {n["node_id"] for n in data["nodes"]} | set(data.get("qk_only_nodes", {}))
+    for n in data["nodes"]:
+        for lst in (n.get("qk_tracing_results") or {}).values():
+            assert all(i in known for entry in lst for i in entry[:-1])
     ids = [n["node_id"] for n in data["nodes"]]
     assert len(ids) == len(set(ids))
     idset = set(ids)
