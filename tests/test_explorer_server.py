@@ -102,6 +102,35 @@ def test_api_lists_filters_and_serves_a_graph(serve):
     assert req(port, "GET", "/api/feature?clt_id=none-1&layer=0&feature=1")[0] == 404
 
 
+def test_graph_attention_attribution(serve, tmp_path):
+    """/api/graph carries the graph's head loadings (columns, like edges) and QK rows (dicts without key/sweep_id);
+    both empty while the tables do not exist, or hold nothing for the graph."""
+    port = serve()
+    g = req(port, "GET", f"/api/graph?sweep=s1&key={KEY}")[1]
+    assert g["edge_heads"] == {"source": [], "target": [], "layer": [], "head": [], "weight": []} and g["qk"] == []
+    st = Store(str(tmp_path / "store"))
+    append_rows(st, "edge_heads", "s1", pa.Table.from_pylist(
+        [{"key": KEY, "source": 1, "target": 3, "layer": l, "head": h, "weight": w}
+         for l, h, w in ((-1, -1, 0.25), (1, 0, 0.5), (0, 3, 0.375), (-1, -2, -0.125))]
+        + [{"key": "other", "source": 1, "target": 3, "layer": 0, "head": 0, "weight": 9.0}]))
+    qk = {"target": 1, "layer": 1, "head": 0, "query_position": 1, "key_position": 0, "score": 2.5, "pattern": 0.75}
+    append_rows(st, "qk_attributions", "s1", pa.Table.from_pylist(
+        [{"key": KEY, **qk, "role": "query", "rank": 0, "query_source": "0_3_1", "key_source": None, "weight": 1.5},
+         {"key": KEY, **qk, "role": "pair", "rank": 1, "query_source": "bias", "key_source": "E_5_0", "weight": -0.5},
+         {"key": KEY, **qk, "role": "pair", "rank": 0, "query_source": "0_3_1", "key_source": "E_5_0", "weight": 2.0},
+         {"key": KEY, **qk, "role": "key", "rank": 0, "query_source": None, "key_source": "E_5_0", "weight": 1.0}]))
+    g = req(port, "GET", f"/api/graph?sweep=s1&key={KEY}")[1]
+    eh = g["edge_heads"]
+    assert eh["source"] == [1] * 4 and eh["target"] == [3] * 4
+    assert sorted(zip(eh["layer"], eh["head"], eh["weight"])) == [(-1, -2, -0.125), (-1, -1, 0.25), (0, 3, 0.375),
+                                                                  (1, 0, 0.5)]
+    assert sum(eh["weight"]) == pytest.approx(1.0)  # the edge's weight
+    assert [(r["role"], r["rank"]) for r in g["qk"]] == [("key", 0), ("pair", 0), ("pair", 1), ("query", 0)]
+    assert set(g["qk"][0]) == {*qk, "role", "rank", "query_source", "key_source", "weight"}
+    assert g["qk"][1] == {**qk, "role": "pair", "rank": 0, "query_source": "0_3_1", "key_source": "E_5_0",
+                          "weight": 2.0}
+
+
 @pytest.mark.parametrize("path", ["/api/graph?sweep=../x&key=" + KEY, "/api/graph?sweep=s1&key=a/b",
                                   "/api/graphs?min_completeness=abc", "/api/graphs?status=maybe",
                                   "/api/feature?clt_id=x&layer=one&feature=2", "/api/graphs?limit=x"])

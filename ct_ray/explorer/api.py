@@ -1,5 +1,6 @@
-"""The explorer's data side: JSON-ready views of the tables (sweeps, graphs, features, perturbations, supernodes,
-and the analysis tables: a sweep's overview from feature_stats / circuit_paths, automatic supernodes, graph diffs).
+"""The explorer's data side: JSON-ready views of the tables (sweeps, graphs with their attention attribution, features,
+perturbations, supernodes, and the analysis tables: a sweep's overview from feature_stats / circuit_paths, automatic
+supernodes, graph diffs).
 
 Every argument coming from the page is validated here; a bad one raises `BadRequest` (HTTP 400). Every answer is
 bounded (limits below). Supernode groupings are the only thing written, to `_sweeps/{sweep}/supernodes/{key}.json`,
@@ -122,6 +123,9 @@ FEATURE_STATS_COLS = ["clt", "layer", "feature", "node_prefix", "n_prompts", "n_
                       "activation_mean", "activation_max", "influence_sum", "influence_mean", "influence_max",
                       "top_logits", "top_logit_weights", "top_keys", "top_key_influence"]
 PATH_COLS = ["key", "path", "hops", "node_ids", "logit_str", "score", "support", "support_frac", "mean_score"]
+EDGE_HEADS_COLS = ["source", "target", "layer", "head", "weight"]
+QK_COLS = ["target", "layer", "head", "query_position", "key_position", "score", "pattern", "role", "rank",
+           "query_source", "key_source", "weight"]
 SUPERNODE_COLS = ["key", "method", "supernode", "size", "node_ids", "influence", "label"]
 
 
@@ -178,7 +182,20 @@ class ExplorerAPI:
         edges = {c: e.column(c).to_pylist() for c in ("source", "target", "weight")}
         row.pop("created_at", None)
         return clean({"sweep_id": sid, "meta": row, "nodes": nodes, "edges": edges,
-                      "features_id": self._features_id(row["clt"]), "supernodes": self._supernodes(sid, key)})
+                      "features_id": self._features_id(row["clt"]), "supernodes": self._supernodes(sid, key),
+                      **self._attention(sid, key)})
+
+    def _attention(self, sid: str, key: str) -> dict:
+        """A graph's attention attribution, when its sweep computed one (`attribution: {heads/qk: true}`):
+        `edge_heads` (each kept edge split over heads, as columns like `edges`) and `qk` (the explained attention
+        scores' rows). Empty when the tables do not exist (Store.read reads nothing then) or hold nothing for the key."""
+        eh = self.store.read("edge_heads", sid, columns=EDGE_HEADS_COLS, keys=[key])
+        qk = self.store.read("qk_attributions", sid, columns=QK_COLS, keys=[key])
+        if qk.num_rows:
+            qk = qk.sort_by([("target", "ascending"), ("layer", "ascending"), ("head", "ascending"),
+                             ("query_position", "ascending"), ("key_position", "ascending"), ("role", "ascending"),
+                             ("rank", "ascending")])
+        return {"edge_heads": {c: eh.column(c).to_pylist() for c in EDGE_HEADS_COLS}, "qk": qk.to_pylist()}
 
     def _features_id(self, clt: str | None) -> str | None:
         """The features partition of a graph's CLT: its own id, else one whose job names the same CLT directory."""
