@@ -238,7 +238,7 @@ def sweeps(ray_local, tiny_dir, clt_dir, tmp_path_factory):
     assert (r0.ok, r1.skipped, r1.ok, r1.failed, r2.ok) == (2, 2, 1, 1, 1)
     keys = {it.prompt: it.key for it in read_prompts(pruned)[0]}
     return {"store": str(store), "keys": keys, "full_key": read_prompts(full)[0][0].key,
-            "attribution": pruned.attribution.model_dump()}
+            "attribution": pruned.attribution.attribute_kwargs()}
 
 
 def _export(capsys, *args):
