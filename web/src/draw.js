@@ -24,12 +24,13 @@ export function visible(g, nodeTh, edgeTh) {
 
 // o: nodeTh, edgeTh; selected, inSn, mark (Sets of node ids: selected, in a hand-made supernode, marked by the
 // caller, e.g. "only in this graph" in a diff); groupOf (Map node id -> automatic group rank); onHover, onClick;
-// fit (scale the drawing to the svg's box instead of drawing it at its natural size); posWidth, minWidth (pixels
+// onEdgeClick (edges selectable: a wider invisible line over each takes the click), selectedEdge (highlighted);
+// qkNodes (Set of node ids with explained attention scores: ringed); fit (scale the drawing to the svg's box instead of drawing it at its natural size); posWidth, minWidth (pixels
 // per token position and in all, before any fitting).
 export function drawGraph(svgEl, g, o = {}) {
   const nodeTh = o.nodeTh ?? 1, edgeTh = o.edgeTh ?? 1;
   const selected = o.selected || new Set(), inSn = o.inSn || new Set(), mark = o.mark || new Set();
-  const groupOf = o.groupOf || new Map();
+  const groupOf = o.groupOf || new Map(), qkNodes = o.qkNodes || new Set();
   const v = visible(g, nodeTh, edgeTh);
   const nPos = Math.max(g.tokens.length, ...g.nodes.map((n) => n.pos + 1));
   const layers = g.nodes.map((n) => n.layer);
@@ -57,12 +58,19 @@ export function drawGraph(svgEl, g, o = {}) {
   const logitTop = g.nodes.some((n) => n.kind === "logit" && n.layer === hi);
   for (let l = lo; l <= hi; l++) axis.append("text").attr("x", 2).attr("y", y(l) + 3).text(l === -1 ? "emb" : l === hi && logitTop ? "logit" : "L" + l);
   const maxW = Math.max(1e-12, ...v.edges.map((e) => Math.abs(e.w)));
-  svg.append("g").selectAll("line").data(v.edges).enter().append("line").attr("class", "edge")
-    .attr("x1", (e) => e.s.x).attr("y1", (e) => e.s.y).attr("x2", (e) => e.t.x).attr("y2", (e) => e.t.y)
+  const ends = (sel) => sel.attr("x1", (e) => e.s.x).attr("y1", (e) => e.s.y).attr("x2", (e) => e.t.x).attr("y2", (e) => e.t.y)
+    .attr("data-s", (e) => e.s.id).attr("data-t", (e) => e.t.id);
+  svg.append("g").selectAll("line").data(v.edges).enter().append("line")
+    .attr("class", (e) => (e === o.selectedEdge ? "edge selected" : "edge")).call(ends)
     .attr("stroke", (e) => (e.w >= 0 ? "#2166ac" : "#b2182b")).attr("stroke-opacity", 0.55)
     .attr("stroke-width", (e) => 0.3 + 4 * Math.abs(e.w) / maxW);
+  if (o.onEdgeClick) {
+    svg.append("g").selectAll("line").data(v.edges).enter().append("line").attr("class", "edge-hit").call(ends)
+      .on("click", (_, e) => o.onEdgeClick(e))
+      .append("title").text((e) => `${e.s.id} → ${e.t.id}: ${fmt(e.w)} (click: head loadings)`);
+  }
   const cls = (n) => `node ${kindClass(n.kind)}` + (selected.has(n.id) ? " selected" : "") + (inSn.has(n.id) ? " in-sn" : "")
-    + (groupOf.has(n.id) ? " auto-member" : "") + (mark.has(n.id) ? " marked" : "");
+    + (groupOf.has(n.id) ? " auto-member" : "") + (mark.has(n.id) ? " marked" : "") + (qkNodes.has(n.id) ? " has-qk" : "");
   const gn = svg.append("g").selectAll("g").data(v.nodes).enter().append("g")
     .attr("class", cls).attr("data-id", (n) => n.id).attr("data-cum", (n) => n.cum ?? "")
     .attr("data-group", (n) => (groupOf.has(n.id) ? groupOf.get(n.id) : null))
@@ -78,8 +86,9 @@ export function drawGraph(svgEl, g, o = {}) {
       .attr("stroke", "#333").attr("stroke-width", 0.5);
     if (gi !== undefined) el.append("circle").attr("class", "auto-ring").attr("r", 8.5).attr("fill", "none").attr("stroke", groupColor(gi));
     if (mark.has(n.id)) el.append("circle").attr("class", "mark-ring").attr("r", 9).attr("fill", "none");
+    if (qkNodes.has(n.id)) el.append("circle").attr("class", "qk-ring").attr("r", 7.5).attr("fill", "none");
     el.append("title").text(`${n.id} (${n.kind}) act=${fmt(n.act)}` + (n.kind === "logit" ? ` p=${fmt(n.prob)}` : "")
-      + (o.groupName && gi !== undefined ? ` · ${o.groupName(gi)}` : ""));
+      + (o.groupName && gi !== undefined ? ` · ${o.groupName(gi)}` : "") + (qkNodes.has(n.id) ? " · QK: click" : ""));
     if (n.label) el.append("text").attr("transform", n.kind === "logit" ? "translate(3,-8) rotate(-50)" : "translate(7,12)").text(n.label);
   });
   return v;

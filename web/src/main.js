@@ -1,5 +1,6 @@
 // The explorer page: lists graphs from the JSON API, draws one (layer on y, token position on x), prunes it live,
-// shows feature dashboards, supernodes (hand-made and automatic) and perturbation results. Graph JSON files
+// shows feature dashboards, supernodes (hand-made and automatic), perturbation results and, when the sweep computed
+// attention attribution, a selected edge's head loadings and a selected node's QK terms (attention.js). Graph JSON files
 // (circuit-tracer / Neuronpedia format) open too. Two more views: a sweep's overview (#overview=SWEEP: score
 // histograms, recurring features and paths) and one prompt's graphs of two sweeps side by side (#diff=1&a=&b=&key_a=).
 // Everything is served by `ct-ray serve`; nothing is fetched from elsewhere.
@@ -10,10 +11,11 @@ import { featureDetails, fmt, hint, nodeHead } from "./render.js";
 import { drawGraph, groupColor } from "./draw.js";
 import { hashOf, renderOverview } from "./overview.js";
 import { onlyIn, renderDiffSummary } from "./diff.js";
+import { attachHeads, edgeHeadsPanel, groupQK, linkHeads, qkPanel } from "./attention.js";
 
 const $ = (id) => document.getElementById(id);
 const state = { info: null, sweeps: [], graph: null, selected: new Set(), supernodes: [], featureCache: new Map(),
-                auto: null, diff: null };
+                auto: null, diff: null, edge: null, qkNode: null };
 
 async function api(path, opts) {
   const r = await fetch(path, opts);
@@ -59,8 +61,9 @@ function fromApi(g) {
   const byIdx = new Map(nodes.map((n) => [n.idx, n]));
   const edges = g.edges.source.map((s, i) => ({ s: byIdx.get(s), t: byIdx.get(g.edges.target[i]), w: g.edges.weight[i] }))
     .filter((e) => e.s && e.t);
-  return { source: "store", sweep: g.sweep_id, key: m.key, title: m.prompt, tokens: m.token_strs, nodes, edges,
-           featuresId: g.features_id, supernodes: g.supernodes || [], meta: m };
+  const hasHeads = attachHeads(edges, g.edge_heads) > 0;
+  return { source: "store", sweep: g.sweep_id, key: m.key, title: m.prompt, tokens: m.token_strs || [], nodes, edges,
+           featuresId: g.features_id, supernodes: g.supernodes || [], meta: m, hasHeads, qk: groupQK(g.qk, byIdx) };
 }
 
 function fromJson(j) {
@@ -77,11 +80,12 @@ function fromJson(j) {
   const L = Math.max(0, ...nodes.filter((n) => n.kind !== "logit").map((n) => n.layer)) + 1;
   nodes.forEach((n) => { if (n.kind === "logit") n.layer = L; });
   const byId = new Map(nodes.map((n) => [n.id, n]));
-  const edges = (j.links || []).map((l) => ({ s: byId.get(String(l.source)), t: byId.get(String(l.target)), w: l.weight }))
-    .filter((e) => e.s && e.t);
+  const edges = (j.links || []).map((l) => ({ s: byId.get(String(l.source)), t: byId.get(String(l.target)), w: l.weight,
+    heads: linkHeads(l) })).filter((e) => e.s && e.t);
   const sn = ((j.qParams || {}).supernodes || []).map((s) => ({ name: s[0], nodes: s.slice(1) }));
+  // head loadings of the links are shown; the file's qk_tracing_results are not (they no longer say which score)
   return { source: "file", title: md.prompt || md.slug || "graph JSON", tokens: md.prompt_tokens || [], nodes, edges,
-           supernodes: sn, featuresId: null };
+           supernodes: sn, featuresId: null, hasHeads: edges.some((e) => e.heads), qk: new Map() };
 }
 
 // --- the graph view: drawing (draw.js), automatic supernodes -------------------------------------------------
@@ -94,7 +98,8 @@ function draw() {
   const auto = $("auto-sn").checked && state.auto && state.auto.graph === g ? state.auto : null;
   const v = drawGraph($("graph"), g, { nodeTh, edgeTh, selected: state.selected,
     inSn: new Set(state.supernodes.flatMap((s) => s.nodes)), groupOf: auto ? auto.groupOf : null,
-    groupName: (i) => auto.groups[i].name, onHover: (n) => showNode(n), onClick: (n) => { toggle(n); showNode(n); } });
+    groupName: (i) => auto.groups[i].name, onHover: (n) => showNode(n), onClick: (n) => { toggle(n); showNode(n); showQK(n); },
+    onEdgeClick: g.hasHeads ? selectEdge : null, selectedEdge: state.edge, qkNodes: g.qk.size ? new Set(g.qk.keys()) : null });
   $("counts").textContent = `${v.nodes.length}/${g.nodes.length} nodes, ${v.edges.length}/${g.edges.length} edges`;
 }
 
@@ -172,6 +177,33 @@ async function showNode(n, g = state.graph) {
   setHTML(box, d.error ? hint(head, d.error) : featureDetails(head, d));
 }
 
+// --- attention: a selected edge's head loadings, a selected node's QK terms (panels built in attention.js) ---------
+function panel(id, markup, onClose) {
+  const box = $(id);
+  box.hidden = !markup;
+  if (!markup) { setHTML(box, html``); return; }
+  setHTML(box, markup);
+  box.querySelector("button.close").addEventListener("click", onClose);
+}
+
+function renderEdge() {
+  const e = state.edge;
+  panel("edge-heads", e && edgeHeadsPanel(e, state.graph), () => selectEdge(state.edge));
+  $("edge-heads").dataset.edge = e ? `${e.s.id}>${e.t.id}` : "";
+}
+
+function selectEdge(e) {  // clicking the selected edge again unselects it
+  state.edge = state.edge === e ? null : e;
+  renderEdge(); draw();
+}
+
+function showQK(n) {  // the last clicked node's explained scores, while it stays selected; nothing for a node without
+  const g = state.graph, scores = g.qk.get(n.id);
+  state.qkNode = scores && state.selected.has(n.id) ? n.id : null;
+  panel("qk", state.qkNode && qkPanel(n, scores, g), () => { state.qkNode = null; panel("qk", null); $("qk").dataset.node = ""; });
+  $("qk").dataset.node = state.qkNode || "";
+}
+
 // --- supernodes ------------------------------------------------------------------------------------------------
 function toggle(n) {
   state.selected.has(n.id) ? state.selected.delete(n.id) : state.selected.add(n.id);
@@ -244,6 +276,11 @@ async function loadPerturbations(g) {
 // --- opening graphs --------------------------------------------------------------------------------------------
 function show(g) {
   state.graph = g; state.selected.clear(); state.supernodes = g.supernodes.map((s) => ({ ...s }));
+  g.byId = new Map(g.nodes.map((n) => [n.id, n]));
+  state.edge = null; state.qkNode = null;
+  renderEdge(); panel("qk", null); $("qk").dataset.node = "";
+  $("attention").dataset.heads = g.hasHeads ? "1" : "";
+  $("attention").dataset.qk = g.qk.size;
   $("selection").textContent = "selected: 0";
   $("sn-status").textContent = "";
   $("title").textContent = g.source === "store"
@@ -383,6 +420,7 @@ function setView(v) {
   document.body.dataset.view = v;
   for (const name of ["graph", "overview", "diff"]) $(`${name}-view`).hidden = v !== name;
   $("supernodes").hidden = v !== "graph";
+  $("attention").hidden = v !== "graph";
 }
 
 async function route() {
