@@ -1,6 +1,7 @@
 """The explorer in headless Debian Chromium (playwright-core from web/node_modules drives /usr/bin/chromium) against
-`ct-ray serve` on a tiny sweep built here with the sweep runner and `ct-ray features` (tiny model, random CLT), its
-analysis (`analyze`: feature_stats, circuit_paths), automatic supernodes and a second sweep diffed against it."""
+`ct-ray serve` on a tiny sweep built here with the sweep runner and `ct-ray features` (tiny model, random CLT), with
+attention attribution (head loadings, QK), its analysis (`analyze`: feature_stats, circuit_paths), automatic
+supernodes and a second sweep (no attention attribution) diffed against it."""
 
 import json
 import os
@@ -32,7 +33,7 @@ pytestmark = pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason(
 
 @pytest.fixture(scope="module")
 def tiny_sweep(ray_local, tiny_dir, tmp_path_factory):
-    """A two-prompt sweep with perturbations and the feature dashboards of its (random) CLT."""
+    """A two-prompt sweep with perturbations, head loadings and QK, and the feature dashboards of its (random) CLT."""
     if not (WEB / "node_modules" / "playwright-core").is_dir() or not os.path.exists(os.path.join(STATIC_DIR, "app.js")):
         pytest.fail("the explorer page is not built: run `make setup` (npm ci + build in web/)")
     from ct_ray.features import parse_features_spec, run_features
@@ -43,7 +44,7 @@ def tiny_sweep(ray_local, tiny_dir, tmp_path_factory):
     rclt = {"features": 24, "seed": 3, "firing_rate": 0.15}
     spec = parse_sweep_spec({"sweep_id": "tiny", "model": str(tiny_dir), "random_clt": rclt, "storage": store,
                              "prompts": ["The cat sat on the", "Paris is in"], "resources": {"workers": 1, "num_cpus": 1},
-                             "attribution": {"max_n_logits": 3, "batch_size": 64},
+                             "attribution": {"max_n_logits": 3, "batch_size": 64, "heads": True, "qk": True},
                              "perturbation": {"top_k": 3, "interventions": [{"op": "scale", "value": -1}]}})
     r = run_sweep(spec)
     assert r.ok == 2
@@ -108,9 +109,12 @@ def test_explorer_in_chromium(tiny_sweep):
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     row = tiny_sweep["row"]
     gj = _graph_json(tiny_sweep, tiny_sweep["tmp"] / "graph.json")
+    st = Store(tiny_sweep["store"])
+    attn = _attention_case(st, row["key"])
     try:
         p = subprocess.run(["node", "e2e/explorer.mjs", f"http://127.0.0.1:{srv.server_address[1]}", "tiny", row["key"],
-                            os.environ.get("CT_RAY_SCREENSHOTS", ""), str(tiny_sweep["tmp"] / "graph.json"), "tiny-b"],
+                            os.environ.get("CT_RAY_SCREENSHOTS", ""), str(tiny_sweep["tmp"] / "graph.json"), "tiny-b",
+                            json.dumps(attn["arg"])],
                            cwd=WEB, capture_output=True, text=True, timeout=150, env={**os.environ, "CHROMIUM": CHROMIUM})
     finally:
         srv.shutdown()
@@ -133,7 +137,7 @@ def test_explorer_in_chromium(tiny_sweep):
     assert out["pert_points"] > 0
     # a graph JSON file opened in the page: the same graph as the export holds
     assert out["file"] == [len(gj["nodes"]), len(gj["links"])]
-    st = Store(tiny_sweep["store"])
+    _check_attention(out, attn, row)
     # automatic supernodes: the groups of the supernodes table, their members coloured; hand-made editing still works
     auto = st.read("supernodes", "tiny", keys=[row["key"]]).to_pylist()
     assert out["auto_groups"] == len(auto) > 0
@@ -160,3 +164,59 @@ def test_explorer_in_chromium(tiny_sweep):
 def auto_name(name: str) -> str:
     """What the page names a hand-made copy of an automatic group (the server refuses < and > in names)."""
     return name.replace("<", "‹").replace(">", "›").strip()[:64].strip()
+
+
+def _attention_case(st, key) -> dict:
+    """What the page should show of the graph's attention attribution: the strongest edge with head rows (node ids
+    and its rows) and the node with the most explained scores (its QK rows); a graph of tiny-b, which has none."""
+    node_id = dict(zip(*(st.read("nodes", "tiny", columns=["node", "node_id"], keys=[key]).column(c).to_pylist()
+                         for c in ("node", "node_id"))))
+    edges = st.read("edges", "tiny", keys=[key]).to_pylist()
+    heads = st.read("edge_heads", "tiny", keys=[key]).to_pylist()
+    qk = st.read("qk_attributions", "tiny", keys=[key]).to_pylist()
+    assert heads and qk, "the sweep computed no attention attribution"
+    with_heads = {(h["source"], h["target"]) for h in heads if h["layer"] >= 0}
+    e = max((e for e in edges if (e["source"], e["target"]) in with_heads), key=lambda e: abs(e["weight"]))
+    rows = [h for h in heads if (h["source"], h["target"]) == (e["source"], e["target"])]
+    targets = sorted({r["target"] for r in qk})
+    t = max(targets, key=lambda x: sum(r["target"] == x for r in qk))
+    key_b = next(g["key"] for g in st.read("graphs", "tiny-b").to_pylist() if g["status"] == "ok")
+    return {"arg": {"edge": [node_id[e["source"]], node_id[e["target"]]], "qk_node": node_id[t], "key_b": key_b},
+            "edge": e, "rows": rows, "qk": [r for r in qk if r["target"] == t],
+            "qk_nodes": sorted(node_id[x] for x in targets), "node_ids": set(node_id.values())}
+
+
+def _check_attention(out, attn, row):
+    """Selecting an edge lists its head loadings; selecting the QK node lists its scores, pairs and marginals."""
+    def label(h):
+        return f"L{h['layer']}.H{h['head']}" if h["layer"] >= 0 else "other heads" if h["head"] == -2 else "residual path"
+
+    assert out["attn_none"] == {"hits": 0, "ringed": 0, "hidden": [True, True]}  # tiny-b: no attention data
+    assert out["attn_flags"] == ["1", len(attn["qk_nodes"])]
+    assert out["edge_hits"] == row["n_edges_pruned"] and out["qk_ringed"] == attn["qk_nodes"]
+    # the edge: one row per stored row, by |weight|, the largest bar full; they sum to the edge's weight
+    s, t = attn["arg"]["edge"]
+    assert out["edge_panel"] == f"{s}>{t}" and out["edge_selected"] == [[s, t]]
+    want = sorted(attn["rows"], key=lambda h: -abs(h["weight"]))
+    assert [r[0] for r in out["head_rows"]] == [label(h) for h in want]
+    assert [r[1] for r in out["head_rows"]] == pytest.approx([h["weight"] for h in want], abs=6e-4)
+    assert out["head_rows"][0][2] == pytest.approx(100) and all(0 <= r[2] <= 100 for r in out["head_rows"])
+    assert "residual path" in [r[0] for r in out["head_rows"]]
+    assert f"{attn['edge']['weight']:+.3f}" in out["head_text"]
+    # the node: each explained score (layer, head, query -> key, score, attention weight) and its terms
+    qk = attn["qk"]
+    ids = sorted({(r["layer"], r["head"], r["query_position"], r["key_position"]) for r in qk})
+    assert out["qk_panel"] == attn["arg"]["qk_node"] and [tuple(d["id"]) for d in out["qk_scores"]] == ids
+    for d in out["qk_scores"]:
+        rs = [r for r in qk if (r["layer"], r["head"], r["query_position"], r["key_position"]) == tuple(d["id"])]
+        assert d["n"] == [sum(r["role"] == role for r in rs) for role in ("pair", "query", "key")]
+        assert f"score {rs[0]['score']:.3f}" in d["title"] and f"attention {rs[0]['pattern']:.3f}" in d["title"]
+        assert d["title"].startswith(f"L{rs[0]['layer']}.H{rs[0]['head']} ")
+    srcs = [x for r in qk for x in ((r["query_source"], r["key_source"]) if r["role"] == "pair"
+                                    else (r["query_source"],) if r["role"] == "query" else (r["key_source"],))]
+    assert out["qk_src"] == {"in_graph": sum(x in attn["node_ids"] for x in srcs), "bias": srcs.count("bias"),
+                             "off_graph": sum(x not in attn["node_ids"] and x != "bias" for x in srcs)}
+    assert out["qk_src"]["in_graph"] > 0
+    for nid, text in out["qk_labels"]:  # contributors in the graph by name, e.g. 'L0 #15 "c"@14 0_15_14'
+        assert nid in attn["node_ids"] and text.endswith(nid) and text != nid
+    assert out["attn_closed"] == [True, True]

@@ -1,10 +1,12 @@
 // End-to-end scenario in headless Debian Chromium (playwright-core, no downloaded browser), run by
-// tests/test_explorer_e2e.py: node e2e/explorer.mjs BASE_URL SWEEP KEY [SCREENSHOT_DIR [GRAPH_JSON [SWEEP_B]]]
+// tests/test_explorer_e2e.py: node e2e/explorer.mjs BASE_URL SWEEP KEY [SCREENSHOT_DIR [GRAPH_JSON [SWEEP_B [ATTN]]]]
 // ("" or "-" skips one). With SWEEP_B: automatic supernodes of SWEEP/KEY, the overviews of SWEEP (analysed) and
-// SWEEP_B, and the diff of KEY's prompt between them. Prints one JSON object.
+// SWEEP_B, and the diff of KEY's prompt between them. ATTN (JSON {edge: [source id, target id], qk_node, key_b}):
+// that edge's head loadings and that node's QK panel in SWEEP/KEY, and no attention panels in SWEEP_B/key_b.
+// Prints one JSON object.
 import { chromium } from "playwright-core";
 
-const [base, sweep, key, shots, graphJson, sweepB] = process.argv.slice(2);
+const [base, sweep, key, shots, graphJson, sweepB, attn] = process.argv.slice(2);
 const FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
   "--disable-background-networking", "--disable-component-update", "--disable-sync"];
 const out = {};
@@ -65,6 +67,7 @@ try {
     await page.waitForFunction(() => document.getElementById("title").textContent.endsWith("(file)"), null, { timeout: 10000 });
     out.file = await counts();
   }
+  if (attn && attn !== "-") await attentionViews(page, out, JSON.parse(attn));
   if (sweepB && sweepB !== "-") await analysisViews(page, out);
   out.errors = errors;
 } finally {
@@ -133,4 +136,51 @@ async function analysisViews(page, out) {
   out.diff_edges = await count("#diff-edges li");
   out.diff_text = await page.$eval("#diff-summary", (e) => e.innerText.slice(0, 2000));
   if (shots) await page.screenshot({ path: `${shots}/explorer-diff.png` });
+}
+
+async function attentionViews(page, out, a) {
+  const T = { timeout: 15000 };
+  const count = (sel) => page.$$eval(sel, (l) => l.length);
+  const open = async (sw, k) => {
+    await page.evaluate((h) => { location.hash = h; }, `sweep=${encodeURIComponent(sw)}&key=${encodeURIComponent(k)}`);
+    await page.waitForFunction((k) => !!document.querySelector(`#graph-list li.active[data-key='${k}']`)
+      && +document.getElementById("graph").dataset.nodes > 0, k, T);
+  };
+  const hidden = () => page.$$eval("#edge-heads, #qk", (l) => l.map((e) => e.hidden));
+  // a graph of a sweep without attention attribution: no edge to pick, no node ringed, no panel (even on a click)
+  await open(sweepB, a.key_b);
+  await page.dispatchEvent("#graph .node.feature", "click");
+  out.attn_none = { hits: await count("#graph line.edge-hit"), ringed: await count("#graph .node.has-qk"),
+                    hidden: await hidden() };
+  await open(sweep, key);
+  for (const id of ["#node-th", "#edge-th"]) await page.$eval(id, (el) => { el.value = "1"; el.dispatchEvent(new Event("input")); });
+  out.attn_flags = await page.$eval("#attention", (e) => [e.dataset.heads, +e.dataset.qk]);
+  out.edge_hits = await count("#graph line.edge-hit");
+  out.qk_ringed = await page.$$eval("#graph .node.has-qk", (l) => l.map((n) => n.dataset.id).sort());
+  // an edge: its head loadings, largest |weight| first, with bars
+  const [s, t] = a.edge;
+  const hit = `#graph line.edge-hit[data-s='${s}'][data-t='${t}']`;
+  await page.dispatchEvent(hit, "click");
+  await page.waitForSelector("#edge-heads:not([hidden]) #head-loadings", T);
+  out.edge_panel = await page.$eval("#edge-heads", (e) => e.dataset.edge);
+  out.edge_selected = await page.$$eval("#graph line.edge.selected", (l) => l.map((x) => [x.dataset.s, x.dataset.t]));
+  out.head_rows = await page.$$eval("#head-loadings tr", (l) => l.map((r) => [r.querySelector(".lbl").textContent,
+    +r.querySelector(".num").textContent, parseFloat(r.querySelector(".lbar").style.width)]));
+  out.head_text = await page.$eval("#edge-heads", (e) => e.innerText);
+  // a node with explained attention scores: each score with its pairs and query-/key-side terms
+  await page.dispatchEvent(`#graph .node[data-id='${a.qk_node}']`, "click");
+  await page.waitForSelector("#qk:not([hidden]) .qk-score", T);
+  out.qk_panel = await page.$eval("#qk", (e) => e.dataset.node);
+  out.qk_scores = await page.$$eval("#qk .qk-score", (l) => l.map((d) => ({
+    id: [+d.dataset.layer, +d.dataset.head, +d.dataset.q, +d.dataset.k],
+    title: d.querySelector(".qk-title").textContent,
+    n: ["qk-pairs", "qk-query", "qk-key"].map((c) => d.querySelectorAll(`table.${c} tr`).length) })));
+  out.qk_src = { in_graph: await count("#qk .src.in-graph"), off_graph: await count("#qk .src.off-graph"),
+                 bias: await count("#qk .src.bias") };
+  out.qk_labels = await page.$$eval("#qk .src.in-graph", (l) => l.slice(0, 5).map((x) => [x.dataset.node, x.textContent]));
+  if (shots) await page.screenshot({ path: `${shots}/explorer-attention.png` });
+  // clicking them again closes both panels
+  await page.dispatchEvent(hit, "click");
+  await page.dispatchEvent(`#graph .node[data-id='${a.qk_node}']`, "click");
+  out.attn_closed = await hidden();
 }
