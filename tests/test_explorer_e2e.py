@@ -94,14 +94,19 @@ def _analyse(st, key):
 
 
 def _graph_json(sweep, path):
-    """The same prompt's pruned graph as circuit-tracer / Neuronpedia JSON (what ct-ray attribute --out writes)."""
+    """The same prompt's pruned graph as circuit-tracer / Neuronpedia JSON (what ct-ray attribute --heads --out
+    writes: links with their head loadings)."""
     from ct_ray import attribute, load_model, random_clt
+    from ct_ray.attribution.attention import attention_attribution
+    from ct_ray.attribution.export import graph_json
 
     lm = load_model(sweep["model"])
     r = sweep["rclt"]
     clt = random_clt(lm, r["features"], seed=r["seed"], firing_rate=r["firing_rate"])
     p = attribute(lm, clt, "The cat sat on the", max_n_logits=3, batch_size=64).prune()
-    return p.to_json(str(path))
+    data = graph_json(p, attention=attention_attribution(lm, clt, p))
+    path.write_text(json.dumps(data))
+    return data
 
 
 def test_explorer_in_chromium(tiny_sweep):
@@ -137,6 +142,7 @@ def test_explorer_in_chromium(tiny_sweep):
     assert out["pert_points"] > 0
     # a graph JSON file opened in the page: the same graph as the export holds
     assert out["file"] == [len(gj["nodes"]), len(gj["links"])]
+    assert out["file_edge_hits"] == sum(bool(link.get("heads")) for link in gj["links"]) > 0  # its links' heads
     _check_attention(out, attn, row)
     # automatic supernodes: the groups of the supernodes table, their members coloured; hand-made editing still works
     auto = st.read("supernodes", "tiny", keys=[row["key"]]).to_pylist()

@@ -66,6 +66,7 @@ try {
     await page.setInputFiles("#file", graphJson);
     await page.waitForFunction(() => document.getElementById("title").textContent.endsWith("(file)"), null, { timeout: 10000 });
     out.file = await counts();
+    out.file_edge_hits = await page.$$eval("#graph line.edge-hit", (l) => l.length);  // links with head loadings
   }
   if (attn && attn !== "-") await attentionViews(page, out, JSON.parse(attn));
   if (sweepB && sweepB !== "-") await analysisViews(page, out);
