@@ -162,7 +162,7 @@ def head_outputs(rep: Replacement, l: int, vecs: torch.Tensor, pos: torch.Tensor
 
 
 @torch.no_grad()
-def head_loadings(rep: Replacement, graph, *, source_batch: int = 256, edge_batch: int = 4096) -> HeadLoadings:
+def head_loadings(rep: Replacement, graph, *, source_batch: int = 256) -> HeadLoadings:
     """Head loadings of every edge of `graph` (a graph of `rep`'s prompt; pruned or not)."""
     L, P, H = rep.L, rep.P, rep.H
     kind = graph.nodes.column("kind").to_pylist()
@@ -179,6 +179,15 @@ def head_loadings(rep: Replacement, graph, *, source_batch: int = 256, edge_batc
     t_read = layer[t]
     t_top = t_read.clamp(max=L - 1)
     srcs, s_local = torch.unique(s, return_inverse=True)
+    # sources ordered by the layer of their first write (embeddings first, in batches of their own): a batch's
+    # forward starts at its lowest layer, since a stream is zero below its source's first write
+    first_w = torch.tensor([-1 if kind[i] == "embedding" else int(layer[i]) for i in srcs.tolist()], dtype=torch.long)
+    order = torch.argsort(first_w, stable=True)
+    srcs, first_w = srcs[order], first_w[order]
+    s_local = torch.argsort(order)[s_local]
+    n_emb = int((first_w < 0).sum())
+    starts = [0] + list(range(n_emb, len(srcs), source_batch)) if n_emb else list(range(0, len(srcs), source_batch))
+    bounds = [(a, (starts + [len(srcs)])[i + 1]) for i, a in enumerate(starts) if a < len(srcs)]
     tgts, t_local = torch.unique(t, return_inverse=True)
     skind = [kind[i] for i in srcs.tolist()]
     tkind = [kind[i] for i in tgts.tolist()]
@@ -186,33 +195,39 @@ def head_loadings(rep: Replacement, graph, *, source_batch: int = 256, edge_batc
     t_pos = pos[t]
     fwd = StreamForward(rep)
 
-    for b0 in range(0, len(srcs), source_batch):
-        sb = srcs[b0 : b0 + source_batch]
-        bk = skind[b0 : b0 + source_batch]
-        emb, writes = source_writes(rep, bk, layer[sb], pos[sb], feat[sb], act[sb])
-        bpos = pos[sb]
-        # direct term: s's writes at t's position below t's read (t's own layer's MLP comes after its read)
+    # o_t[l, h] of every target at every layer, computed once: [L, n_t, H, dh]
+    O = torch.stack([head_outputs(rep, l, vt, pos[tgts]) for l in range(L)])
+    for b0, b1 in bounds:
+        sb = srcs[b0:b1]
         in_b = torch.nonzero((s_local >= b0) & (s_local < b0 + len(sb))).squeeze(1)
         if not len(in_b):
             continue
+        emb, writes = source_writes(rep, skind[b0:b1], layer[sb], pos[sb], feat[sb], act[sb])
+        bpos = pos[sb]
         loc = s_local[in_b] - b0
-        same = bpos[loc] == t_pos[in_b]
-        below = torch.arange(L)[None, :] < t_read[in_b][:, None]
-        w = (writes[loc] * below[:, :, None]).sum(1) + emb[loc]
-        direct[in_b] = torch.where(same, (w * vt[t_local[in_b]]).sum(-1), 0.0)
+        # direct term: s's writes at t's position below t's read (t's own layer's MLP comes after its read)
+        below = torch.cat([emb[:, None], emb[:, None] + torch.cumsum(writes, 1)], 1)  # [n, L + 1, d]: up to layer
+        w = below[loc, t_read[in_b]]
+        direct[in_b] = torch.where(bpos[loc] == t_pos[in_b], (w * vt[t_local[in_b]]).sum(-1), 0.0)
+        del below, w
 
+        # the batch's edges grouped by target position: per layer and position, one small matmul over every
+        # (source, target) pair there, from which the edges are gathered (no per-edge copies of z)
+        groups = []
+        for p in torch.unique(t_pos[in_b]).tolist():
+            e = in_b[t_pos[in_b] == p]
+            tp, t_in = torch.unique(t_local[e], return_inverse=True)
+            groups.append((p, e, s_local[e] - b0, tp, t_in))
+        first = int(first_w[b0])
         x = torch.zeros(len(sb), P, rep.d)
-        x[torch.arange(len(sb)), bpos] = emb
-        for l in range(L):
-            v = fwd.values(l, x)  # [n, P, Hkv, dh]
-            z = fwd.mix(l, v)  # [n, P, H, dh]: each head's output at every position, before W_O
-            live = in_b[t_top[in_b] >= l]
-            for e0 in range(0, len(live), edge_batch):
-                e = live[e0 : e0 + edge_batch]
-                o = head_outputs(rep, l, vt[t_local[e]], t_pos[e])  # [e, H, dh]
-                w = torch.linalg.vecdot(z[s_local[e] - b0, t_pos[e]], o)  # [e, H]
+        x[torch.arange(len(sb)), bpos] = emb + writes[:, : first + 1].sum(1)
+        for l in range(first + 1, L):
+            z = fwd.mix(l, fwd.values(l, x))  # [n, P, H, dh]: each head's output at every position, before W_O
+            for p, e, s_in, tp, t_in in groups:
+                M = torch.einsum("shd,thd->sth", z[:, p], O[l, tp])  # [n, targets at p, H]
+                w = M[s_in, t_in] * (t_top[e] >= l)[:, None]  # heads above a target's read do not reach it
                 heads[e, l] = w
-                head_mass[l].index_put_((t_pos[e],), w.abs(), accumulate=True)
+                head_mass[l, p] += w.abs().sum(0)
             x = x + fwd.out(l, z)
             x[torch.arange(len(sb)), bpos] += writes[:, l]
     return HeadLoadings(ids[s.numpy()], ids[t.numpy()], graph.adjacency[t, s].numpy(), direct, heads,

@@ -172,8 +172,8 @@ def _top_pairs(Cq: torch.Tensor, Ck: torch.Tensor, scaling: float, k: int) -> li
 
 
 @torch.no_grad()
-def qk_attribution(model, rep: Replacement, items: list[QKItem], *, top: int = 10, batch_size: int = 256,
-                   engine: RowEngine | None = None) -> list[QKResult]:
+def qk_attribution(model, rep: Replacement, items: list[QKItem], *, top: int = 10, batch_size: int = 1024,
+                   engine: RowEngine | None = None, memory_budget: int | None = None) -> list[QKResult]:
     """Decompose the pre-softmax score of each item over every source of `rep`'s prompt (see the module docs)."""
     from .attribute import _features
 
@@ -182,6 +182,9 @@ def qk_attribution(model, rep: Replacement, items: list[QKItem], *, top: int = 1
     feats = _features(rep)
     if engine is None:
         engine = RowEngine(rep, *feats, chunk_bytes=_budget.CHUNK_BYTES)
+        budget = _budget.default_budget(rep.cache.resid_mid.device) if memory_budget is None else int(memory_budget)
+        if engine.decoder_bytes() <= int(budget * _budget.CACHE_FRACTION):
+            engine.fill_cache(engine.decoder_bytes())  # decoder rows gathered once, not per batch of read-outs
     ids = source_ids(engine, *feats[:3], rep.cache.tokens.tolist())
     maps = QKMaps(model, rep, rotary(model, rep.cache.tokens))
     G = rep.H // rep.Hkv
