@@ -14,6 +14,7 @@ For every case the benchmark
 
     python benchmarks/attribution.py            # full run (tiny-plt, tiny-clt, smollm2-clt, smollm2-plt; ~11 min)
     python benchmarks/attribution.py --quick    # small smoke configuration (tiny model only, ~1 minute)
+    python benchmarks/attribution.py --heads    # head loadings and QK attribution vs attribution (attention.py)
     python benchmarks/attribution.py --lengths 16,32,64 --json idle.json   # peak RSS and time vs prompt length,
         # ct_ray and circuit-tracer, SmolLM2 with a realistic-density CLT (benchmarks/attribution_lengths.py)
 
@@ -385,9 +386,18 @@ def main(argv=None) -> int:
                    help="kill a measurement whose resident memory passes this (recorded as killed); 0: no limit")
     g.add_argument("--slowdown", default=None, metavar="IDLE.json,BUSY.json",
                    help="print busy/idle time per tool and length from two --lengths runs' --json, then exit")
+    ap.add_argument("--heads", action="store_true",
+                    help="attention attribution mode: head loadings and QK vs attribution time (benchmarks/attention.py)")
     ap.add_argument("--_worker", choices=("prepare", "ctray"), help=argparse.SUPPRESS)
     ap.add_argument("--_case-dir", help=argparse.SUPPRESS)
-    a = ap.parse_args(argv)
+    a, rest = ap.parse_known_args(argv)
+    if a.heads:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import attention
+
+        return attention.main(rest + (["--json", a.json] if a.json else []))
+    if rest:
+        ap.error(f"unrecognized arguments: {' '.join(rest)}")
 
     if a.lengths or a.slowdown:
         sys.path.insert(0, str(Path(__file__).resolve().parent))

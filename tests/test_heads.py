@@ -194,3 +194,11 @@ def test_heads_and_qk_on_smollm2(smollm2):
     assert len(res) == 3
     for r in res:
         assert abs(r.score - r.decomposed) <= 1e-5 * r.scale + 1e-6
+
+
+def test_head_loadings_check_their_memory_first(tiny_models):
+    from ct_ray.attribution.budget import GraphTooLargeError
+
+    _, g, rep = _setup(tiny_models["llama"])
+    with pytest.raises(GraphTooLargeError, match="head loadings of .* edges need"):
+        head_loadings(rep, g, memory_budget=10_000)

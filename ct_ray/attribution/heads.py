@@ -161,15 +161,31 @@ def head_outputs(rep: Replacement, l: int, vecs: torch.Tensor, pos: torch.Tensor
     return (g @ W.W_O).view(len(vecs), rep.H, rep.dh)
 
 
+def estimate_bytes(n_edges: int, n_sources: int, L: int, H: int, P: int, d: int, source_batch: int = 256) -> int:
+    """Peak bytes `head_loadings` (and its rows) allocate: the [E, L, H] loadings about three times over (values,
+    the rows' top-k and gathers), one source batch's streams and writes, the targets' per-layer head outputs."""
+    b = min(source_batch, max(n_sources, 1))
+    return 4 * (3 * n_edges * L * H + b * (3 * P + 2 * L + 2) * d + b * P * H * d + n_sources * L * H * d // 8)
+
+
 @torch.no_grad()
-def head_loadings(rep: Replacement, graph, *, source_batch: int = 256) -> HeadLoadings:
-    """Head loadings of every edge of `graph` (a graph of `rep`'s prompt; pruned or not)."""
+def head_loadings(rep: Replacement, graph, *, source_batch: int = 256, memory_budget: int | None = None) -> HeadLoadings:
+    """Head loadings of every edge of `graph` (a graph of `rep`'s prompt; pruned or not). The memory they need is
+    estimated first: past `memory_budget` (default: attribution's, see budget.py) a GraphTooLargeError says so."""
+    from . import budget as _budget
     L, P, H = rep.L, rep.P, rep.H
     kind = graph.nodes.column("kind").to_pylist()
     layer, pos, feat = graph.column("layer").long(), graph.column("position").long(), graph.column("feature").long()
     token, act = graph.column("token").long(), graph.column("activation")
     ids = graph.nodes.column("node").to_numpy()
     t, s = torch.nonzero(graph.adjacency, as_tuple=True)  # kept edges: (target row, source column)
+    budget = _budget.default_budget(rep.cache.resid_mid.device) if memory_budget is None else int(memory_budget)
+    need = estimate_bytes(len(t), len(torch.unique(s)), L, H, P, rep.d, source_batch)
+    if need > budget:
+        raise _budget.GraphTooLargeError(
+            f"head loadings of {len(t):,} edges need ~{need / 2**30:.1f} GiB, more than the memory budget of "
+            f"{budget / 2**30:.1f} GiB: prune harder (node/edge thresholds) or raise the budget "
+            f"(CT_RAY_ATTRIBUTION_MEMORY)")
     E = len(t)
     heads = torch.zeros(E, L, H)
     head_mass = torch.zeros(L, P, H)
