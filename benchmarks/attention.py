@@ -18,7 +18,6 @@ import argparse
 import json
 import resource
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,17 +35,9 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _best(fn, repeats: int):
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, out
-
-
 def run(a) -> list[dict]:
     import torch
+    from perturb import _time as _best  # best of `repeats` (benchmarks/ is on sys.path: the script's directory)
 
     from ct_ray import attribute, load_model, random_clt
     from ct_ray.attribution.capture import capture
