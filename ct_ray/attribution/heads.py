@@ -187,13 +187,6 @@ def head_loadings(rep: Replacement, graph, *, source_batch: int = 256, memory_bu
             f"{budget / 2**30:.1f} GiB: prune harder (node/edge thresholds) or raise the budget "
             f"(CT_RAY_ATTRIBUTION_MEMORY)")
     E = len(t)
-    heads = torch.zeros(E, L, H)
-    head_mass = torch.zeros(L, P, H)
-    direct = torch.zeros(E)
-    # a target reads resid_mid[layer] (a logit: layer L, the final residual): writes below that layer reach it, and
-    # the heads of layers up to its own
-    t_read = layer[t]
-    t_top = t_read.clamp(max=L - 1)
     srcs, s_local = torch.unique(s, return_inverse=True)
     # sources ordered by the layer of their first write (embeddings first, in batches of their own): a batch's
     # forward starts at its lowest layer, since a stream is zero below its source's first write
@@ -204,47 +197,70 @@ def head_loadings(rep: Replacement, graph, *, source_batch: int = 256, memory_bu
     n_emb = int((first_w < 0).sum())
     starts = [0] + list(range(n_emb, len(srcs), source_batch)) if n_emb else list(range(0, len(srcs), source_batch))
     bounds = [(a, (starts + [len(srcs)])[i + 1]) for i, a in enumerate(starts) if a < len(srcs)]
+    batch_of = torch.zeros(len(srcs), dtype=torch.long)
+    for i, (b0, b1) in enumerate(bounds):
+        batch_of[b0:b1] = i
+    # a target reads resid_mid[layer] (a logit: layer L, the final residual): writes below that layer reach it, and
+    # the heads of layers up to its own
+    t_top = layer[t].clamp(max=L - 1)
+    # edges ordered by (source batch, target position, deepest target first): each (batch, position) group is one
+    # contiguous range, and at layer l the edges its heads reach are a prefix of it
+    perm = torch.argsort((batch_of[s_local] * P + pos[t]) * L + (L - 1 - t_top), stable=True)
+    t, s, s_local, t_top = t[perm], s[perm], s_local[perm], t_top[perm]
+    t_read, t_pos = layer[t], pos[t]
     tgts, t_local = torch.unique(t, return_inverse=True)
     skind = [kind[i] for i in srcs.tolist()]
     tkind = [kind[i] for i in tgts.tolist()]
     vt = target_readouts(rep, tkind, layer[tgts], pos[tgts], feat[tgts], token[tgts])
-    t_pos = pos[t]
     fwd = StreamForward(rep)
+    heads = torch.zeros(L, E, H)  # layer-major while filled (each group's rows contiguous); [E, L, H] at the end
+    head_mass = torch.zeros(L, P, H)
+    direct = torch.zeros(E)
 
     # o_t[l, h] of every target at every layer, computed once: [L, n_t, H, dh]
     O = torch.stack([head_outputs(rep, l, vt, pos[tgts]) for l in range(L)])
-    for b0, b1 in bounds:
-        sb = srcs[b0:b1]
-        in_b = torch.nonzero((s_local >= b0) & (s_local < b0 + len(sb))).squeeze(1)
-        if not len(in_b):
+    e_start = torch.searchsorted(batch_of[s_local], torch.arange(len(bounds) + 1)).tolist()
+    for bi, (b0, b1) in enumerate(bounds):
+        g0, g1 = e_start[bi], e_start[bi + 1]
+        if g0 == g1:
             continue
+        sb = srcs[b0:b1]
         emb, writes = source_writes(rep, skind[b0:b1], layer[sb], pos[sb], feat[sb], act[sb])
         bpos = pos[sb]
-        loc = s_local[in_b] - b0
+        loc = s_local[g0:g1] - b0
         # direct term: s's writes at t's position below t's read (t's own layer's MLP comes after its read)
-        below = torch.cat([emb[:, None], emb[:, None] + torch.cumsum(writes, 1)], 1)  # [n, L + 1, d]: up to layer
-        w = below[loc, t_read[in_b]]
-        direct[in_b] = torch.where(bpos[loc] == t_pos[in_b], (w * vt[t_local[in_b]]).sum(-1), 0.0)
-        del below, w
+        same = g0 + torch.nonzero(bpos[loc] == t_pos[g0:g1]).squeeze(1)  # only edges within one position have it
+        if len(same):
+            below = torch.cat([emb[:, None], emb[:, None] + torch.cumsum(writes, 1)], 1)  # [n, L + 1, d]: below layer
+            w = below[s_local[same] - b0, t_read[same]]
+            direct[same] = torch.linalg.vecdot(w, vt[t_local[same]])
+            del below, w
 
-        # the batch's edges grouped by target position: per layer and position, one small matmul over every
-        # (source, target) pair there, from which the edges are gathered (no per-edge copies of z)
+        # per target position: one small matmul over every (source, target) pair there, the edges gathered from it
         groups = []
-        for p in torch.unique(t_pos[in_b]).tolist():
-            e = in_b[t_pos[in_b] == p]
-            tp, t_in = torch.unique(t_local[e], return_inverse=True)
-            groups.append((p, e, s_local[e] - b0, tp, t_in))
+        pp, counts = torch.unique_consecutive(t_pos[g0:g1], return_counts=True)
+        r0 = g0
+        for p, c in zip(pp.tolist(), counts.tolist()):
+            tp, t_in = torch.unique(t_local[r0 : r0 + c], return_inverse=True)
+            flat = (s_local[r0 : r0 + c] - b0) * len(tp) + t_in
+            reach = (L - 1 - t_top[r0 : r0 + c]).contiguous()  # ascending: edges reached at layer l are a prefix
+            groups.append((p, r0, flat, tp, reach))
+            r0 += c
         first = int(first_w[b0])
         x = torch.zeros(len(sb), P, rep.d)
         x[torch.arange(len(sb)), bpos] = emb + writes[:, : first + 1].sum(1)
         for l in range(first + 1, L):
             z = fwd.mix(l, fwd.values(l, x))  # [n, P, H, dh]: each head's output at every position, before W_O
-            for p, e, s_in, tp, t_in in groups:
-                M = torch.einsum("shd,thd->sth", z[:, p], O[l, tp])  # [n, targets at p, H]
-                w = M[s_in, t_in] * (t_top[e] >= l)[:, None]  # heads above a target's read do not reach it
-                heads[e, l] = w
+            for p, r0, flat, tp, reach in groups:
+                k = int(torch.searchsorted(reach, L - 1 - l, right=True))  # targets at layer >= l
+                if not k:
+                    continue
+                M = torch.einsum("shd,thd->sth", z[:, p], O[l, tp]).reshape(-1, H)  # [n x targets at p, H]
+                w = M.index_select(0, flat[:k])
+                heads[l, r0 : r0 + k] = w
                 head_mass[l, p] += w.abs().sum(0)
             x = x + fwd.out(l, z)
             x[torch.arange(len(sb)), bpos] += writes[:, l]
+    heads = heads.permute(1, 0, 2).contiguous()
     return HeadLoadings(ids[s.numpy()], ids[t.numpy()], graph.adjacency[t, s].numpy(), direct, heads,
                         head_mass.permute(0, 2, 1).contiguous())
