@@ -60,35 +60,35 @@ class HeadLoadings:
         """The magnitudes summed, per edge (the tolerance of `residual` is relative to these)."""
         return self.direct.double().abs() + self.heads.double().abs().sum((1, 2))
 
-    def rows(self, top: int = 8) -> pa.Table:
+    def rows(self, top: int = 8, chunk: int = 65536) -> pa.Table:
         """`edge_heads` rows: per edge its residual path (head -1), its `top` heads by |loading| and, when more heads
-        carry it, one row (head -2) with the rest, so every edge's rows sum to its weight. top <= 0: every head."""
+        carry it, one row (head -2) with the rest, so every edge's rows sum to its weight. top <= 0: every head.
+        Edges are taken `chunk` at a time (temporaries bounded by the chunk, not the graph)."""
         E, L, H = self.heads.shape
-        flat = self.heads.reshape(E, L * H)
         k = L * H if top <= 0 else min(top, L * H)
-        vals, idx = flat.abs().topk(k, dim=1)
-        nz = vals > 0
-        picked = torch.gather(flat, 1, idx)
-        rest = flat.sum(1) - (picked * nz).sum(1)
-        e_idx = torch.arange(E)[:, None].expand(E, k)[nz]
-        layer = (idx // H)[nz]
-        head = (idx % H)[nz]
-        w = picked[nz]
-        has_rest = (nz.sum(1) < (flat != 0).sum(1))
-        r_idx = torch.nonzero(has_rest).squeeze(1)
-        parts_e = [torch.arange(E), e_idx, r_idx]
-        parts_l = [torch.full((E,), -1), layer, torch.full((len(r_idx),), -1)]
-        parts_h = [torch.full((E,), NO_HEAD), head, torch.full((len(r_idx),), OTHER_HEADS)]
-        parts_w = [self.direct, w, rest[r_idx]]
-        e = torch.cat(parts_e).numpy()
-        order = np.argsort(e, kind="stable")
-        return pa.table({
-            "source": pa.array(self.source[e][order], pa.int32()),
-            "target": pa.array(self.target[e][order], pa.int32()),
-            "layer": pa.array(torch.cat(parts_l).numpy()[order].astype(np.int32)),
-            "head": pa.array(torch.cat(parts_h).numpy()[order].astype(np.int32)),
-            "weight": pa.array(torch.cat(parts_w).float().numpy()[order]),
-        }, schema=EDGE_HEADS_SCHEMA)
+        parts = []
+        for c0 in range(0, E, chunk):
+            flat = self.heads[c0 : c0 + chunk].reshape(-1, L * H)
+            n = len(flat)
+            vals, idx = flat.abs().topk(k, dim=1)
+            nz = vals > 0
+            picked = torch.gather(flat, 1, idx)
+            rest = flat.sum(1) - (picked * nz).sum(1)
+            has_rest = nz.sum(1) < (flat != 0).sum(1)
+            r_idx = torch.nonzero(has_rest).squeeze(1)
+            e = torch.cat([torch.arange(n), torch.arange(n)[:, None].expand(n, k)[nz], r_idx]) + c0
+            lay = torch.cat([torch.full((n,), -1), (idx // H)[nz], torch.full((len(r_idx),), -1)])
+            hd = torch.cat([torch.full((n,), NO_HEAD), (idx % H)[nz], torch.full((len(r_idx),), OTHER_HEADS)])
+            w = torch.cat([self.direct[c0 : c0 + n], picked[nz], rest[r_idx]])
+            order = np.argsort(e.numpy(), kind="stable")
+            parts.append(pa.table({
+                "source": pa.array(self.source[e.numpy()][order], pa.int32()),
+                "target": pa.array(self.target[e.numpy()][order], pa.int32()),
+                "layer": pa.array(lay.numpy()[order].astype(np.int32)),
+                "head": pa.array(hd.numpy()[order].astype(np.int32)),
+                "weight": pa.array(w.float().numpy()[order]),
+            }, schema=EDGE_HEADS_SCHEMA))
+        return pa.concat_tables(parts) if parts else EDGE_HEADS_SCHEMA.empty_table()
 
 
 def source_writes(rep: Replacement, kind: list[str], layer: torch.Tensor, pos: torch.Tensor, feat: torch.Tensor,
@@ -162,10 +162,12 @@ def head_outputs(rep: Replacement, l: int, vecs: torch.Tensor, pos: torch.Tensor
 
 
 def estimate_bytes(n_edges: int, n_sources: int, L: int, H: int, P: int, d: int, source_batch: int = 256) -> int:
-    """Peak bytes `head_loadings` (and its rows) allocate: the [E, L, H] loadings about three times over (values,
-    the rows' top-k and gathers), one source batch's streams and writes, the targets' per-layer head outputs."""
+    """Peak bytes `head_loadings` (and its rows, chunked) allocate: the [E, L, H] loadings plus a third for the
+    edge index arrays and the rows' output, one source batch's streams and writes, the targets' per-layer head
+    outputs."""
     b = min(source_batch, max(n_sources, 1))
-    return 4 * (3 * n_edges * L * H + b * (3 * P + 2 * L + 2) * d + b * P * H * d + n_sources * L * H * d // 8)
+    return int(4 * (1.35 * n_edges * L * H + 16 * n_edges + b * (3 * P + 2 * L + 2) * d + b * P * H * d
+                    + n_sources * L * H * d // 8))
 
 
 @torch.no_grad()
@@ -213,7 +215,7 @@ def head_loadings(rep: Replacement, graph, *, source_batch: int = 256, memory_bu
     tkind = [kind[i] for i in tgts.tolist()]
     vt = target_readouts(rep, tkind, layer[tgts], pos[tgts], feat[tgts], token[tgts])
     fwd = StreamForward(rep)
-    heads = torch.zeros(L, E, H)  # layer-major while filled (each group's rows contiguous); [E, L, H] at the end
+    heads = torch.zeros(E, L, H)
     head_mass = torch.zeros(L, P, H)
     direct = torch.zeros(E)
 
@@ -257,10 +259,9 @@ def head_loadings(rep: Replacement, graph, *, source_batch: int = 256, memory_bu
                     continue
                 M = torch.einsum("shd,thd->sth", z[:, p], O[l, tp]).reshape(-1, H)  # [n x targets at p, H]
                 w = M.index_select(0, flat[:k])
-                heads[l, r0 : r0 + k] = w
+                heads[r0 : r0 + k, l] = w  # a contiguous range of edges: a strided copy, no scatter
                 head_mass[l, p] += w.abs().sum(0)
             x = x + fwd.out(l, z)
             x[torch.arange(len(sb)), bpos] += writes[:, l]
-    heads = heads.permute(1, 0, 2).contiguous()
     return HeadLoadings(ids[s.numpy()], ids[t.numpy()], graph.adjacency[t, s].numpy(), direct, heads,
                         head_mass.permute(0, 2, 1).contiguous())

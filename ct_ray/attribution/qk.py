@@ -256,11 +256,13 @@ def select_items(model, rep: Replacement, graph, loadings, *, top_fraction: floa
     is_t = np.isin(np.asarray(kind), ["feature", "logit"])
     tgt = torch.from_numpy(np.nonzero(is_t)[0])
     vt = target_readouts(rep, [kind[i] for i in tgt.tolist()], layer[tgt], pos[tgt], feat[tgt], token[tgt])
-    # per target node: |loading| through each (layer, head)
-    by_target: dict[int, torch.Tensor] = {}
-    heads_abs = loadings.heads.abs()
-    for j, t in enumerate(loadings.target.tolist()):
-        by_target[t] = by_target.get(t, 0) + heads_abs[j]
+    # per target node, |loading| through one (layer, head): summed over its edges when an item needs it
+    t_ids, t_of_edge = np.unique(loadings.target, return_inverse=True)
+    t_of_edge = torch.from_numpy(t_of_edge)
+
+    def by_target(l: int, h: int) -> dict[int, float]:
+        m = torch.zeros(len(t_ids)).index_add_(0, t_of_edge, loadings.heads[:, l, h].abs())
+        return dict(zip(t_ids.tolist(), m.tolist()))
     maps = QKMaps(model, rep, [None] * rep.L)
     items = []
     for f in flat[:n].tolist():
@@ -280,6 +282,7 @@ def select_items(model, rep: Replacement, graph, loadings, *, top_fraction: floa
         kv_vals, kv_idx = m.sort(descending=True)
         nk = int(torch.searchsorted(torch.cumsum(kv_vals, 0), torch.tensor([top_fraction * float(m.sum())])).item()) + 1
         nk = max(1, min(nk, max_keys, int((kv_vals > 0).sum()) or 1))
-        best = max(node[sel.numpy()].tolist(), key=lambda t: float(by_target.get(t, torch.zeros(L, H))[l, h]))
+        mass_t = by_target(l, h)
+        best = max(node[sel.numpy()].tolist(), key=lambda t: mass_t.get(t, 0.0))
         items += [QKItem(l, h, p, int(q), int(best)) for q in kv_idx[:nk].tolist()]
     return items
