@@ -322,3 +322,21 @@ def test_diff_route(serve_analysed, tmp_path):
 def test_analysis_routes_validate(serve, path):
     code, body = req(serve(), "GET", path)
     assert code == 400 and "error" in body, body
+
+
+def test_a_taken_port_is_one_clear_line(tmp_path, capsys):
+    """`ct-ray serve` on a port another process holds: 'cannot listen on ...', not an AttributeError."""
+    import socket
+
+    from ct_ray.cli import main as cli_main
+
+    graph = tmp_path / "g.json"
+    graph.write_text("{}")
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        rc = cli_main(["serve", "--graph-json", str(graph), "--port", str(port)])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"cannot listen on 127.0.0.1:{port}" in err and "internal error" not in err
+    assert len(err.strip().splitlines()) == 1

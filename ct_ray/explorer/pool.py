@@ -147,6 +147,8 @@ class BoundedHTTPServer(HTTPServer):
 
     def server_close(self):
         super().server_close()
+        if not hasattr(self, "_wake_w"):  # the bind failed (a taken port): HTTPServer closes before our set-up ran
+            return
         self._new.put(_STOP)  # the waiter closes what it holds
         self._wake()
         while True:  # connections no worker will serve now
