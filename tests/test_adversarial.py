@@ -31,6 +31,7 @@ class Case:
     argv: list[str]
     message: str  # a substring of the one stderr line
     code: int = 2
+    hint_lines: int = 0  # lines of the tool's own help after it (DuckDB's candidates and caret for SQL mistakes)
 
 
 def _tset(d: Path, entries=None, **tensors) -> str:
@@ -278,8 +279,8 @@ CASES = [
          "is not a safe name"),
     # --- SQL text
     Case("sql-empty", SQL + [""], "give a query"),
-    Case("sql-syntax", SQL + ["SELEC 1"], "SQL error"),
-    Case("sql-unknown-column", SQL + ["SELECT nope FROM graphs"], "SQL error"),
+    Case("sql-syntax", SQL + ["SELEC 1"], "SQL error", hint_lines=2),
+    Case("sql-unknown-column", SQL + ["SELECT nope FROM graphs"], "SQL error", hint_lines=1),
     Case("sql-read-passwd", SQL + ["SELECT * FROM read_csv('/etc/passwd')"], "Permission Error"),
     Case("sql-read-outside", SQL + ["SELECT * FROM read_text('{root}/outside.txt')"], "Permission Error"),
     Case("sql-read-catalog", SQL + ["SELECT * FROM read_blob('{store}/catalog.db')"], "Permission Error"),
@@ -340,7 +341,8 @@ def test_bad_input(world, case, capsys):
     out, err = capsys.readouterr()
     assert "Traceback" not in err + out
     lines = err.strip().splitlines()
-    assert len(lines) == 1, err  # one line (library progress bars and warnings aside: there are none here)
+    # one line (library progress bars and warnings aside: there are none here), plus any hint lines the case expects
+    assert len(lines) == 1 + case.hint_lines, err
     assert code == case.code, err
     assert case.message.format(**world) in lines[0], lines[0]
     assert lines[0].startswith("ct-ray"), lines[0]

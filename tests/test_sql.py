@@ -204,10 +204,11 @@ def test_opening_a_new_sqlite_catalog_that_another_process_is_creating(tmp_path,
     assert Store(str(tmp_path)).table("graphs") is not None and len(calls) == 2
 
 
-def test_sql_errors_are_one_line(tmp_path):
+def test_sql_errors_lead_with_one_line(tmp_path):
+    """The error is its first line; what follows is DuckDB's own help for a mistake in the SQL text."""
     with pytest.raises(CTRayError, match="SQL error: .*nope") as e:
         query("SELECT nope FROM graphs", str(tmp_path))
-    assert "\n" not in str(e.value)
+    assert str(e.value).splitlines()[1].startswith("Candidate bindings:")
     assert cli_main(["sql", "--store", str(tmp_path), "SELEC 1"]) == 2
 
 
@@ -302,3 +303,16 @@ def test_sql_on_s3_is_sandboxed(s3, tmp_path):
     assert not st.fs.exists(f"{s3['bucket']}/forged.csv")
     with pytest.raises(CTRayError, match="no store at"):
         query("SELECT * FROM graphs", f"s3://{s3['bucket']}/not-there")
+
+
+def test_sql_mistakes_keep_duckdbs_hints(tmp_path):
+    """A mistyped column or table keeps DuckDB's help: the candidates, the suggestion, the caret."""
+    with pytest.raises(CTRayError) as e:
+        query("SELECT promt FROM graphs", str(tmp_path))
+    assert 'Candidate bindings: "prompt"' in str(e.value)
+    with pytest.raises(CTRayError) as e:
+        query("SELECT prompt FROM graph", str(tmp_path))
+    assert 'Did you mean "graphs"' in str(e.value)
+    with pytest.raises(CTRayError) as e:
+        query("SELEC 1", str(tmp_path))
+    assert "LINE 1: SELEC 1" in str(e.value) and "^" in str(e.value)

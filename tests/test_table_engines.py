@@ -12,14 +12,14 @@ import pytest
 from ct_ray.store.catalog import CATALOG_NAME, NAMESPACE
 from ct_ray.store.commit import Committer
 from ct_ray.store.schemas import SWEEP_TABLES as _ALL
-
-# the tables report() fills (edge_heads / qk_attributions take the same commit path as nodes and edges)
-SWEEP_TABLES = tuple(t for t in _ALL if t not in ("edge_heads", "qk_attributions"))
 from ct_ray.store.sql import FILTERED, query
 from ct_ray.store.tables import Store
 from ct_ray.store.writer import RowBuffer
 
 from .test_sql import report
+
+# the tables report() fills (edge_heads / qk_attributions take the same commit path as nodes and edges)
+SWEEP_TABLES = tuple(t for t in _ALL if t not in ("edge_heads", "qk_attributions"))
 
 # sweep id -> key -> graphs status; "007" must stay the string "007" in every engine
 SWEEPS = {"s1": {"a": "ok", "b": "error", "c": "ok"}, "007": {"a": "ok", "d": "error"}}

@@ -54,7 +54,7 @@ def check_statement(sql: str) -> str:
     try:
         stmts = duckdb.extract_statements(sql)
     except duckdb.Error as e:
-        raise CTRayError(f"SQL error: {one_line(e)}") from e
+        raise CTRayError(f"SQL error: {_user_error(e)}") from e
     if len(stmts) != 1:
         raise CTRayError(f"give exactly one SQL statement (got {len(stmts)})")
     st = stmts[0]
@@ -180,6 +180,16 @@ def _sandbox(con, files: list[str]) -> None:
     con.execute("SET lock_configuration = true")
 
 
+def _user_error(e) -> str:
+    """DuckDB's message for a mistake in the SQL text itself, whole: its hints ('Candidate bindings', 'Did you mean')
+    and the caret under the offending token are the help; any other error keeps to its first line."""
+    import duckdb
+
+    if isinstance(e, (duckdb.ParserException, duckdb.BinderException, duckdb.CatalogException)):
+        return "\n".join(line.rstrip() for line in str(e).strip().splitlines() if line.strip())[:2000]
+    return one_line(e)
+
+
 def query(sql: str, url: str = DEFAULT_STORE, *, store: Store | None = None, timeout_s: float | None = None,
           memory_limit: str | None = None, **storage_options) -> pa.Table:
     """Run one read-only SQL statement over the store's views (sandboxed: see the module doc); an Arrow table.
@@ -203,7 +213,7 @@ def query(sql: str, url: str = DEFAULT_STORE, *, store: Store | None = None, tim
         raise CTRayError(f"SQL needs more memory than its limit ({one_line(e)}; --memory-limit or "
                          f"{MEMORY_ENV})") from None
     except duckdb.Error as e:  # a corrupt data file, a type error, a path outside the store: all one line
-        raise CTRayError(f"SQL error: {one_line(e)}") from e
+        raise CTRayError(f"SQL error: {_user_error(e)}") from e
     except OSError as e:  # the store's filesystem (s3fs) failing under DuckDB
         raise StorageError(f"cannot read {store.url if store else url}: {one_line(e)}") from e
     finally:
