@@ -219,6 +219,15 @@ def test_format_table():
     assert format_table(t, "csv").splitlines() == ["a,s,f", "1,x,0.5", "22,,0.3333333333333333"]
     assert format_table(t, "json").splitlines()[0] == '{"a": 1, "s": "x", "f": 0.5}'
     assert "1 not shown" in format_table(t, max_rows=1)
+    # lists and timestamps: JSON text in CSV (not Python reprs), ISO 8601; JSON Lines; a Markdown table
+    import datetime as dt
+
+    t = pa.table({"l": [[1, 2], None], "s": ["x|y", "z"], "ts": [dt.datetime(2026, 1, 1), None]})
+    assert format_table(t, "csv").splitlines()[1] == '"[1, 2]",x|y,2026-01-01T00:00:00'
+    assert format_table(t, "jsonl").splitlines()[0] == '{"l": [1, 2], "s": "x|y", "ts": "2026-01-01T00:00:00"}'
+    assert format_table(t, "json") == format_table(t, "jsonl")
+    md = format_table(t, "markdown").splitlines()
+    assert md[0] == "| l | s | ts |" and md[1] == "|---|---|---|" and md[2] == "| [1, 2] | x\\|y | 2026-01-01T00:00:00 |"
 
 
 def test_rest_catalog_settings_come_from_the_environment():

@@ -222,23 +222,63 @@ def query(sql: str, url: str = DEFAULT_STORE, *, store: Store | None = None, tim
         con.close()
 
 
+FORMATS = {
+    "table": "an aligned text table (--max-rows rows)",
+    "csv": "CSV with a header row; lists and structs as JSON text, timestamps in ISO 8601",
+    "jsonl": "JSON Lines: one JSON object per row",
+    "json": "the same as jsonl (JSON Lines)",
+    "markdown": "a Markdown (GitHub) table for pasting (--max-rows rows)",
+}
+
+
+def _plain(v):
+    """A value as JSON can hold it (timestamps as ISO 8601, bytes as hex, nested values recursively)."""
+    import datetime as _dt
+
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, (_dt.datetime, _dt.date, _dt.time)):
+        return v.isoformat()
+    if isinstance(v, bytes):
+        return v.hex()
+    if isinstance(v, float) and v != v:
+        return None  # NaN: JSON has no such number
+    return v if v is None or isinstance(v, (str, int, float, bool)) else str(v)
+
+
 def format_table(t: pa.Table, fmt: str = "table", max_rows: int = 100, max_width: int = 60) -> str:
-    """Render a result for the terminal: an aligned text table, CSV or JSON lines."""
+    """Render a result for the terminal in one of FORMATS."""
     import csv
     import io
     import json
 
-    rows = t.slice(0, max_rows).to_pylist() if fmt == "table" else t.to_pylist()
+    rows = t.slice(0, max_rows).to_pylist() if fmt in ("table", "markdown") else t.to_pylist()
     cols = t.column_names
-    if fmt == "json":
-        return "\n".join(json.dumps(r, default=str) for r in rows)
+    if fmt in ("json", "jsonl"):
+        return "\n".join(json.dumps(_plain(r), ensure_ascii=False) for r in rows)
     if fmt == "csv":
         buf = io.StringIO()
         w = csv.writer(buf)
         w.writerow(cols)
         for r in rows:
-            w.writerow([r[c] for c in cols])
+            w.writerow([json.dumps(_plain(v), ensure_ascii=False) if isinstance(v, (list, tuple, dict))
+                        else _plain(v) for v in (r[c] for c in cols)])
         return buf.getvalue().rstrip("\n")
+    if fmt == "markdown":
+        def md(v) -> str:
+            v = _plain(v)
+            text = "" if v is None else json.dumps(v, ensure_ascii=False) if isinstance(v, (list, dict)) else str(v)
+            return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
+
+        lines = ["| " + " | ".join(md(c) for c in cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+        lines += ["| " + " | ".join(md(r[c]) for c in cols) + " |" for r in rows]
+        if t.num_rows > len(rows):
+            lines.append(f"\n({t.num_rows - len(rows)} more rows not shown: --max-rows)")
+        return "\n".join(lines)
+    if fmt != "table":
+        raise CTRayError(f"unknown format {fmt!r}: one of {', '.join(FORMATS)}")
 
     def cell(v) -> str:
         if v is None:

@@ -138,11 +138,15 @@ def add_parsers(sub) -> None:
     s.set_defaults(fn=cmd_sweep)
 
     s = sub.add_parser("sql", help="SQL over the result tables (DuckDB; views graphs, nodes, edges, perturbations, "
-                                   "features, train_metrics, feature_stats, circuit_paths, supernodes, graph_diffs)")
+                                   "edge_heads, qk_attributions, features, train_metrics, feature_stats, circuit_paths, "
+                                   "supernodes, graph_diffs)")
     s.add_argument("query", nargs="?")
     add_store_args(s)
-    s.add_argument("--format", choices=("table", "csv", "json"), default="table")
-    s.add_argument("--max-rows", type=int, default=100, help="rows shown by --format table")
+    from ..store.sql import FORMATS
+
+    s.add_argument("--format", choices=tuple(FORMATS), default="table", metavar="FORMAT",
+                   help="; ".join(f"{k}: {v}" for k, v in FORMATS.items()))
+    s.add_argument("--max-rows", type=int, default=100, help="rows shown by --format table and markdown")
     s.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS",
                    help="stop the statement after SECONDS (default 300; 0: no limit)")
     s.add_argument("--memory-limit", metavar="SIZE",
