@@ -68,3 +68,20 @@ def test_console_entry_point(tiny_dir):
     assert r.stderr.strip().startswith("ct-ray: error: unknown model")
     r = subprocess.run([sys.executable, "-m", "ct_ray.cli", "models"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "smollm2-135m" in r.stdout
+
+
+def test_the_local_ray_token_notice_is_dropped():
+    """ct_ray's local Ray keeps token authentication on; Ray's notice about it at every start is dropped, nothing else."""
+    import importlib
+    import logging
+
+    from ct_ray.executor.ray_start import _AUTH_LOGGER, _QuietTokenNotice
+
+    importlib.import_module(_AUTH_LOGGER)  # the module that logs it is where the filter expects it
+
+    def rec(msg):
+        return logging.LogRecord(_AUTH_LOGGER, logging.WARNING, __file__, 1, msg, (), None)
+
+    f = _QuietTokenNotice()
+    assert not f.filter(rec("Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled ..."))
+    assert f.filter(rec("Token authentication is disabled for this Ray cluster. Anyone with network access ..."))

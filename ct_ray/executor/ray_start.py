@@ -14,6 +14,17 @@ from ..errors import CTRayError, one_line
 _TRAINING = {"include_dashboard": True, "dashboard_host": "127.0.0.1"}
 
 
+class _QuietTokenNotice:
+    """Drops Ray's 'Token authentication is enabled for this Ray cluster' notice, printed at every local start: the
+    local Ray ct_ray starts keeps token authentication on (the safe default); the user did not ask to hear it."""
+
+    def filter(self, record) -> bool:
+        return not str(record.getMessage()).startswith("Token authentication is enabled for this Ray cluster")
+
+
+_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
 def ensure_ray(address: str | None = None, *, training: bool = False, log_to_driver: bool = False, **init_kwargs):
     """The `ray` module, initialised: the caller's Ray if this process already has one, else a fresh local Ray
     (`address` None or 'local') or the cluster at `address`. `training`: a local Ray fit for Ray Train.
@@ -24,7 +35,12 @@ def ensure_ray(address: str | None = None, *, training: bool = False, log_to_dri
         return ray
     kw = {"log_to_driver": log_to_driver, "configure_logging": True, "logging_level": "WARNING", **init_kwargs}
     if address in (None, "local"):
+        import logging
+
         address = "local"
+        log = logging.getLogger(_AUTH_LOGGER)
+        if not any(isinstance(f, _QuietTokenNotice) for f in log.filters):
+            log.addFilter(_QuietTokenNotice())
         for k, v in (_TRAINING if training else {"include_dashboard": False}).items():
             kw.setdefault(k, v)
     try:
