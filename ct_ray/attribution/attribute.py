@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from ..specs.attribution import AttributionSpec
 from . import budget as _budget
 from .budget import DEFAULT_MAX_FEATURE_NODES
 from .capture import capture
@@ -108,9 +109,9 @@ def attribute(
     clt,
     prompt: str | Sequence[int] | torch.Tensor,
     *,
-    max_n_logits: int = 10,
-    desired_logit_prob: float = 0.95,
-    batch_size: int = 128,
+    max_n_logits: int = AttributionSpec.field_default("max_n_logits"),
+    desired_logit_prob: float = AttributionSpec.field_default("desired_logit_prob"),
+    batch_size: int = AttributionSpec.field_default("batch_size"),
     max_feature_nodes: int | None = DEFAULT_MAX_FEATURE_NODES,
     memory_budget: int | None = None,
     verbose: bool = False,

@@ -8,8 +8,9 @@ import os
 import torch
 
 from ..errors import PromptError
+from ..specs.attribution import AttributionSpec
 
-DEFAULT_MAX_FEATURE_NODES = 7500  # circuit-tracer's default (docs/attribution.md)
+DEFAULT_MAX_FEATURE_NODES = AttributionSpec.field_default("max_feature_nodes")  # 7500, circuit-tracer's (docs/attribution.md)
 BATCH_BYTES = 512 * 2**20  # per-batch gradient buffers ([B, P, L, d] floats): at least this much, and up to
 MAX_BATCH_BYTES = 2 * 2**30  # a quarter of the budget, at most this: larger batches share each decoder gather
 CHUNK_BYTES = 128 * 2**20  # decoder rows gathered at once when they are not cached

@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from ..specs.attribution import PruneSpec
 from ..store.schemas import GRAPH_NODES_SCHEMA
 from . import prune as _prune
 
@@ -145,7 +146,8 @@ class Graph:
         """Replacement and completeness scores (Ameisen et al. 2025) of this graph."""
         return _prune.graph_scores(self.adjacency, self.logit_weights, self.error_slice, self.embedding_slice)
 
-    def prune(self, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> Graph:
+    def prune(self, node_threshold: float = PruneSpec.field_default("node_threshold"),
+              edge_threshold: float = PruneSpec.field_default("edge_threshold")) -> Graph:
         """The subgraph keeping `node_threshold` of the node influence and `edge_threshold` of the edge influence.
         Embedding and logit nodes are always kept. Node order and kinds are preserved."""
         for name, v in (("node_threshold", node_threshold), ("edge_threshold", edge_threshold)):

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..specs.attribution import PruneSpec
+
 CHUNK = 2048  # rows per chunk: bounds temporaries at CHUNK x N
 
 
@@ -96,7 +98,8 @@ class PruneResult:
 
 
 def prune(A: torch.Tensor, logit_weights: torch.Tensor, n_features: int, n_fixed: int,
-          node_threshold: float = 0.8, edge_threshold: float = 0.98) -> PruneResult:
+          node_threshold: float = PruneSpec.field_default("node_threshold"),
+          edge_threshold: float = PruneSpec.field_default("edge_threshold")) -> PruneResult:
     """Keep the nodes carrying `node_threshold` of the influence on the logits and the edges carrying
     `edge_threshold` of the edge influence. The last `n_fixed` nodes (embeddings + logits) are always kept."""
     N = A.shape[0]

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelError, PromptError, one_line
+from ..specs.common import DEFAULT_MODEL
 from .adapters import Adapter, adapter_for
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,6 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         "SmolLM2-135M-Instruct (Llama, 30 layers, d_model 576), GGUF Q4_1 dequantised to fp32",
     ),
 }
-DEFAULT_MODEL = "smollm2-135m"
 
 
 def cache_dir() -> Path:

@@ -6,23 +6,27 @@
     res = sp.run([ablate(3, 17, positions=5), steer(3, 17, -1.0)], mode="constrained")   # one row each
     res.logit_delta(tokens), res.kl()
     v = validate(model, clt, graph.prune(), top_k=10)              # v.metrics, v.table (`perturbations` rows)
+
+The names are imported on first use (PEP 562): `ct_ray.perturb.cli` (whose parser `ct-ray --help` may build) and the
+table rows load without torch until an intervention runs.
 """
 
-from ..specs.intervention import Intervention, InterventionError, PositionRange, SpliceMode, ablate, steer
-from .interventions import Generation, generate, intervene, node_intervention
-from .predict import Predictor
-from .splice import InterventionResult, Splice
-from .supernodes import (
-    CollapsedGraph,
-    Supernode,
-    SupernodeSet,
-    collapse,
-    suggest_supernodes,
-    supernode_interventions,
-)
-from .sweep_rows import perturbation_rows
-from .table import graph_id, perturbation_table
-from .validate import DEFAULT_OPS, Validation, ValidationSpec, sign_agreement, spearman, validate
+import sys
+import types
+
+_LAZY = {
+    **dict.fromkeys(("Intervention", "InterventionError", "PositionRange", "SpliceMode", "ablate", "steer"),
+                    "..specs.intervention"),
+    **dict.fromkeys(("Generation", "generate", "intervene", "node_intervention"), ".interventions"),
+    "Predictor": ".predict",
+    **dict.fromkeys(("InterventionResult", "Splice"), ".splice"),
+    **dict.fromkeys(("CollapsedGraph", "Supernode", "SupernodeSet", "collapse", "suggest_supernodes",
+                     "supernode_interventions"), ".supernodes"),
+    "perturbation_rows": ".sweep_rows",
+    **dict.fromkeys(("graph_id", "perturbation_table"), ".table"),
+    **dict.fromkeys(("DEFAULT_OPS", "Validation", "ValidationSpec", "sign_agreement", "spearman", "validate"),
+                    ".validate"),
+}
 
 __all__ = [
     "Generation", "generate", "intervene", "node_intervention", "Predictor", "Intervention", "InterventionError",
@@ -31,3 +35,30 @@ __all__ = [
     "perturbation_table", "perturbation_rows", "DEFAULT_OPS", "Validation", "ValidationSpec", "sign_agreement",
     "spearman", "validate",
 ]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted({*globals(), *__all__})
+
+
+class _Package(types.ModuleType):
+    """`validate` names both a submodule and its function: importing the submodule must not rebind the package's
+    `validate` (as the eager imports did, `ct_ray.perturb.validate` stays the function)."""
+
+    def __setattr__(self, name, value):
+        if name in _LAZY and isinstance(value, types.ModuleType):
+            return  # the import system binding a submodule over a lazy name: the name resolves on first use
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

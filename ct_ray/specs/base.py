@@ -19,6 +19,12 @@ class Spec(BaseModel):
         """The first `n` hex digits of a SHA-256 over the spec's JSON (keys sorted; `dump`: model_dump options)."""
         return hashlib.sha256(json.dumps(self.model_dump(mode="json", **dump), sort_keys=True).encode()).hexdigest()[:n]
 
+    @classmethod
+    def field_default(cls, name: str):
+        """The default of field `name`: a setting's one default, which the library's signatures and the CLI's flags
+        read instead of repeating it."""
+        return cls.model_fields[name].get_default(call_default_factory=True)
+
 
 def first_error(e: ValidationError, root: str = "spec") -> str:
     """The first of pydantic's errors as 'field.path: message' (`root` when the whole object is at fault)."""

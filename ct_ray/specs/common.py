@@ -9,8 +9,10 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from ..store.tables import DEFAULT_STORE
+from ..store.options import DEFAULT_STORE
 from .base import Spec
+
+DEFAULT_MODEL = "smollm2-135m"  # the built-in offline model (ct_ray/models/loading.py) every job defaults to
 
 # storage option names that would carry secrets; they must come from the AWS chain / environment instead
 _SECRET_OPTIONS = {"key", "secret", "token", "password", "aws_access_key_id", "aws_secret_access_key",

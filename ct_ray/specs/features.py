@@ -7,11 +7,11 @@ import json
 
 from pydantic import Field, field_validator
 
-from .common import CLTChoice, RandomCLTSpec, StorageSpec
+from .common import DEFAULT_MODEL, CLTChoice, RandomCLTSpec, StorageSpec
 
 
 class FeaturesSpec(CLTChoice):
-    model: str = Field("smollm2-135m", min_length=1)
+    model: str = Field(DEFAULT_MODEL, min_length=1)
     clt: str | None = Field(None, description="CLT directory URL (local or s3://)")
     random_clt: RandomCLTSpec | None = None
     corpus: list[str] = Field(default_factory=lambda: ["wiki-summaries"],

@@ -7,12 +7,13 @@ from typing import Literal
 from pydantic import Field
 
 from .base import Spec
+from .common import DEFAULT_MODEL
 
 
 class HarvestSpec(Spec):
     """Activation harvesting: corpus -> contexts -> model actors -> (x at the read point, y = mlp_out) per layer."""
 
-    model: str = "smollm2-135m"
+    model: str = DEFAULT_MODEL
     corpus: list[str] = Field(default_factory=lambda: ["wiki-summaries"],
                               description="built-in names (wiki-summaries, bbc-news) or fsspec URLs/globs")
     text_column: str = "text"

@@ -30,9 +30,9 @@ from .confine import check_data_files, check_table_location
 from .fs import filesystem, is_local, s3_config_kwargs
 from .keyed import as_schema
 from .names import check_rel, confined, is_name
+from .options import DEFAULT_STORE
 from .schemas import PARTITIONS, SCHEMAS, SWEEP_TABLES, TABLE_NAMES, TABLES_SCHEMA_VERSION, conform  # noqa: F401
 
-DEFAULT_STORE = "./ct_ray_data"
 SWEEPS_DIR = "_sweeps"
 PARTITION = "sweep_id"
 _TMP_TAG = ".tmp-"
