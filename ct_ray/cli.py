@@ -23,6 +23,59 @@ def _feature_nodes(v: str) -> int | None:
     return None if v == "all" else int(v)  # argparse reports a ValueError as "invalid _feature_nodes value"
 
 
+def _add_models(s) -> None:
+    s.set_defaults(fn=_cmd_models)
+
+
+def _add_attribute(s) -> None:
+    from .cliargs import add_progress_arg, positive_int
+    from .specs import AttributionSpec, PruneSpec, RandomCLTSpec
+    from .specs.common import DEFAULT_MODEL
+
+    a, pr = AttributionSpec.field_default, PruneSpec.field_default  # one default per setting: the specs'
+    s.add_argument("prompt", help="the prompt text; the graph explains its next-token logits")
+    s.add_argument("--model", default=DEFAULT_MODEL,
+                   help="built-in name, local HF directory or hub id (default %(default)s)")
+    s.add_argument("--clt", help="CLT directory URL (circuit-tracer layout; local path or s3://)")
+    s.add_argument("--random-clt", type=positive_int, metavar="N", help="use a seeded random CLT with N features per layer")
+    s.add_argument("--seed", type=int, default=RandomCLTSpec.field_default("seed"),
+                   help="seed of --random-clt (default %(default)s)")
+    s.add_argument("--out", help="directory for graph JSON + Parquet nodes/edges")
+    s.add_argument("--slug", default="graph",
+                   help="name of the graph JSON file (SLUG.json) and of its entry in graph-metadata.json "
+                        "(default %(default)s)")
+    s.add_argument("--max-n-logits", type=int, default=a("max_n_logits"),
+                   help="logit nodes, at most (default %(default)s)")
+    s.add_argument("--desired-logit-prob", type=float, default=a("desired_logit_prob"),
+                   help="logit nodes: the top tokens covering this probability (default %(default)s)")
+    s.add_argument("--batch-size", type=int, default=a("batch_size"),
+                   help="adjacency rows per backward pass (default %(default)s)")
+    s.add_argument("--max-feature-nodes", type=_feature_nodes, default=a("max_feature_nodes"),
+                   help="feature nodes kept, chosen by influence (default %(default)s, as circuit-tracer); "
+                        "'all': every one")
+    s.add_argument("--node-threshold", type=float, default=pr("node_threshold"),
+                   help="pruning keeps the nodes up to this cumulative influence (default %(default)s)")
+    s.add_argument("--edge-threshold", type=float, default=pr("edge_threshold"),
+                   help="pruning keeps the edges up to this cumulative influence (default %(default)s)")
+    s.add_argument("--workers", type=positive_int, default=1,
+                   help="split the prompt's rows over N Ray workers, each holding the model and the CLT (default 1: "
+                        "in this process; docs/attribution.md)")
+    s.add_argument("--worker-cpus", type=float, default=1.0, help="num_cpus (and torch threads) per worker")
+    s.add_argument("--worker-gpus", type=float, default=0.0, help="num_gpus per worker (> 0: the workers use CUDA)")
+    s.add_argument("--address", default=None, help="Ray cluster address for --workers (default: start a local Ray)")
+    s.add_argument("--heads", action="store_true",
+                   help="split each kept edge over the attention heads that carry it (edge_heads.parquet, JSON links)")
+    s.add_argument("--heads-top", type=int, default=a("heads_top"), metavar="N",
+                   help="heads listed per edge, the rest summed in one row (default %(default)s; 0: every head)")
+    s.add_argument("--qk", action="store_true",
+                   help="also explain the attention scores of the top heads (qk_attributions.parquet, JSON "
+                        "qk_tracing_results); implies --heads")
+    s.add_argument("--qk-topk", type=int, default=a("qk_topk"), metavar="N",
+                   help="at most N (layer, head, query) triples (default %(default)s)")
+    add_progress_arg(s)
+    s.set_defaults(fn=_cmd_attribute)
+
+
 def _cmd_attribute(args) -> int:
     import pyarrow.parquet as pq
 
@@ -50,9 +103,9 @@ def _cmd_attribute(args) -> int:
         with SplitRows(args.model, args.clt, random_clt=None if args.clt else {"features": args.random_clt,
                        "seed": args.seed}, workers=args.workers, num_cpus=args.worker_cpus,
                        num_gpus=args.worker_gpus, address=args.address) as split:
-            graph = attribute(model, clt, args.prompt, verbose=not args.quiet, rows=split, **aspec.attribute_kwargs())
+            graph = attribute(model, clt, args.prompt, verbose=not args.no_progress, rows=split, **aspec.attribute_kwargs())
     else:
-        graph = attribute(model, clt, args.prompt, verbose=not args.quiet, **aspec.attribute_kwargs())
+        graph = attribute(model, clt, args.prompt, verbose=not args.no_progress, **aspec.attribute_kwargs())
     pruned = graph.prune(**pspec.model_dump())
     full_s, pr_s = graph.scores(), pruned.scores()
     att = None
@@ -87,7 +140,8 @@ def _cmd_attribute(args) -> int:
         from .store.tables import Store
 
         dest = Store(args.out)  # each file written whole (temporary + rename), never half
-        for name, table in (("nodes", graph.nodes), ("edges", graph.edges()), ("pruned_nodes", pruned.nodes),
+        for name, table in (("nodes", graph.with_influence().nodes), ("edges", graph.edges()),
+                            ("pruned_nodes", pruned.nodes),
                             ("pruned_edges", pruned.edges()),
                             *((("edge_heads", att.edge_heads), ("qk_attributions", att.qk_rows)) if att else ())):
             buf = pa.BufferOutputStream()
@@ -161,15 +215,14 @@ def _cmd_clt_random(args) -> int:
     return 0
 
 
-def _positive_int(v: str) -> int:
-    n = int(v)  # argparse reports a ValueError as "invalid _positive_int value"
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
-    return n
-
-
 class _Parser(argparse.ArgumentParser):
-    """Usage errors in one line, like every other error (the usage is one `--help` away)."""
+    """Usage errors in one line, like every other error (the usage is one `--help` away). Every parser (the
+    sub-commands' too) takes --debug, so it goes before or after the sub-command."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                          help="show the full traceback of an internal error")
 
     def error(self, message):
         self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -179,6 +232,51 @@ def _ray_init(address: str | None) -> None:
     from .executor import ensure_ray
 
     ensure_ray(address, training=True, log_to_driver=True)
+
+
+def _add_spec_command(s, fn, spec_help: str, progress: bool = True) -> None:
+    from .cliargs import add_progress_arg
+
+    s.add_argument("spec", help=spec_help)
+    s.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
+    if progress:
+        add_progress_arg(s)
+    s.set_defaults(fn=fn)
+
+
+def _add_harvest(s) -> None:
+    _add_spec_command(s, _cmd_harvest, "HarvestSpec YAML (its `out:` says where the shards go)")
+
+
+def _add_train(s) -> None:
+    _add_spec_command(s, _cmd_train, "TrainSpec YAML (e.g. workflows/train_smollm2.yaml)")
+
+
+def _add_demo(s) -> None:
+    from .cliargs import add_progress_arg
+
+    s.add_argument("--spec", default="workflows/quickstart.yaml", help="QuickstartSpec YAML (default %(default)s)")
+    s.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
+    add_progress_arg(s)
+    s.set_defaults(fn=_cmd_demo)
+
+
+def _add_clt(s) -> None:
+    from .cliargs import add_group, positive_int
+    from .ops.cli import add_clt_parsers  # the registry: list, show, runs, register, promote, rollback
+    from .specs import RandomCLTSpec
+    from .specs.common import DEFAULT_MODEL
+
+    csub = add_group(s, "clt_cmd")
+    r = csub.add_parser("random", help="write a seeded random CLT for a model (for tests and demos)")
+    r.add_argument("--model", default=DEFAULT_MODEL, help="built-in name, local HF directory or hub id "
+                                                         "(default %(default)s)")
+    r.add_argument("--features", type=positive_int, default=256, help="features per layer (default %(default)s)")
+    r.add_argument("--span", type=positive_int, default=None, help="layers each decoder writes (1 = per-layer transcoder)")
+    r.add_argument("--seed", type=int, default=RandomCLTSpec.field_default("seed"), help="seed (default %(default)s)")
+    r.add_argument("--out", required=True, help="directory the CLT is written to (circuit-tracer layout)")
+    r.set_defaults(fn=_cmd_clt_random)
+    add_clt_parsers(csub)
 
 
 def _cmd_harvest(args) -> int:
@@ -191,7 +289,7 @@ def _cmd_harvest(args) -> int:
 
         raise CTRayError(f"{args.spec}: set `out:` (where to persist the shards); streamed harvests feed `ct-ray train`")
     _ray_init(args.address)
-    m = harvest_to_store(spec, spec.out)
+    m = harvest_to_store(spec, spec.out, progress=not args.no_progress)
     print(f"harvested {m['n_tokens']} tokens in {len(m['shards'])} shards to {spec.out}")
     return 0
 
@@ -202,7 +300,7 @@ def _cmd_train(args) -> int:
 
     spec = load_yaml(args.spec, TrainSpec)
     _ray_init(args.address)
-    s = train(spec)
+    s = train(spec, progress=not args.no_progress)
     f = s.get("final", {})
     print(f"trained {spec.name}: {s['steps']} steps, fvu={f.get('fvu', float('nan')):.3f} l0={f.get('l0', float('nan')):.1f} "
           f"dead={f.get('dead_frac', float('nan')):.3f} (harvest {s['harvest_s']:.0f} s, train {s['train_s']:.0f} s)")
@@ -220,97 +318,72 @@ def _cmd_train(args) -> int:
 def _cmd_demo(args) -> int:
     from .demo import run_demo
 
-    return run_demo(args.spec, args.address)
+    return run_demo(args.spec, args.address, progress=not args.no_progress)
 
 
-def _cmd_perturb(args) -> int:
-    from .perturb.cli import cmd_perturb
+# Every command: name -> (module, the function that adds its arguments to its parser, the line `ct-ray --help` shows).
+# A command's module is imported only when that command runs (or shows its own --help): `ct-ray sql` never loads the
+# modules of `attribute`, and nothing loads torch, transformers or Ray before a command needs them. None: this module.
+COMMANDS: dict[str, tuple[str | None, str, str]] = {
+    "models": (None, "_add_models", "list the built-in offline models"),
+    "attribute": (None, "_add_attribute", "attribution graph of one prompt"),
+    "harvest": (None, "_add_harvest", "harvest activations to object storage (Ray Data)"),
+    "train": (None, "_add_train", "train a CLT (Ray Train, feature-sharded)"),
+    "demo": (None, "_add_demo", "run the embedded end-to-end job (make demo)"),
+    "perturb": ("ct_ray.perturb.cli", "add_perturb",
+                "validate a graph by perturbing its top nodes (predicted vs measured)"),
+    "clt": (None, "_add_clt", "CLT utilities: random, and the registry (list, show, runs, register, promote, "
+                              "rollback)"),
+    "submit": ("ct_ray.ops.cli", "add_submit", "run a harvest/train/sweep/retrain spec on a Ray cluster as a Ray Job"),
+    "jobs": ("ct_ray.ops.cli", "add_jobs", "status / logs / stop of a submitted job, or list them"),
+    "retrain": ("ct_ray.ops.cli", "add_retrain",
+                "nightly CLT retraining: harvest, train, evaluate, promote, canary sweep"),
+    "sweep": ("ct_ray.sweep.cli", "add_sweep",
+              "run a prompt sweep from a spec (or: sweep status|repair SWEEP_ID, sweep list)"),
+    "sql": ("ct_ray.sweep.cli", "add_sql",
+            "SQL over the result tables (DuckDB; views graphs, nodes, edges, perturbations, edge_heads, "
+            "qk_attributions, features, train_metrics, feature_stats, circuit_paths, supernodes, graph_diffs)"),
+    "features": ("ct_ray.features.cli", "add_features",
+                 "feature dashboards of a CLT (density, top contexts) into the features table"),
+    "serve": ("ct_ray.explorer.cli", "add_serve", "the graph explorer in the browser (JSON API + page over the tables)"),
+    "tables": ("ct_ray.store.cli", "add_tables", "the result tables: list, compact, expire, vacuum, import"),
+    "export": ("ct_ray.attribution.export_cli", "add_export",
+               "a sweep's graphs as circuit-tracer / Neuronpedia graph JSON files"),
+    "analyze": ("ct_ray.analysis.run_cli", "add_analyze",
+                "circuits across a sweep's prompts: feature_stats and circuit_paths tables"),
+    "diff": ("ct_ray.analysis.diff_cli", "add_diff",
+             "how the graphs of the same prompts changed between two sweeps (graph_diffs table)"),
+}
 
-    return cmd_perturb(args)
+
+def _command_of(argv: list[str]) -> str | None:
+    """The command `argv` names: its first word that is not an option (the top-level options take no value)."""
+    for a in argv:
+        if a == "--":
+            return None
+        if not a.startswith("-"):
+            return a
+    return None
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The `ct-ray` parser. Given `argv`, only the command it names gets its arguments (the others are listed with
+    their help line), so a command imports only its own modules; without, every command is complete."""
+    import importlib
+
+    from . import __version__
+    from .cliargs import add_group
+
     p = _Parser(prog="ct-ray", description="Circuit tracing of language models on Ray.")
-    p.add_argument("--debug", action="store_true", help="show full tracebacks")
-    sub = p.add_subparsers(dest="cmd", required=True)
-
-    s = sub.add_parser("models", help="list the built-in offline models")
-    s.set_defaults(fn=_cmd_models)
-
-    s = sub.add_parser("attribute", help="attribution graph of one prompt")
-    s.add_argument("prompt")
-    s.add_argument("--model", default="smollm2-135m", help="built-in name, local HF directory or hub id")
-    s.add_argument("--clt", help="CLT directory URL (circuit-tracer layout; local path or s3://)")
-    s.add_argument("--random-clt", type=_positive_int, metavar="N", help="use a seeded random CLT with N features per layer")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--out", help="directory for graph JSON + Parquet nodes/edges")
-    s.add_argument("--slug", default="graph")
-    s.add_argument("--max-n-logits", type=int, default=10)
-    s.add_argument("--desired-logit-prob", type=float, default=0.95)
-    s.add_argument("--batch-size", type=int, default=128)
-    s.add_argument("--max-feature-nodes", type=_feature_nodes, default=7500,
-                   help="feature nodes kept, chosen by influence (default 7500, as circuit-tracer); 'all': every one")
-    s.add_argument("--node-threshold", type=float, default=0.8)
-    s.add_argument("--edge-threshold", type=float, default=0.98)
-    s.add_argument("--workers", type=_positive_int, default=1,
-                   help="split the prompt's rows over N Ray workers, each holding the model and the CLT (default 1: "
-                        "in this process; docs/attribution.md)")
-    s.add_argument("--worker-cpus", type=float, default=1.0, help="num_cpus (and torch threads) per worker")
-    s.add_argument("--worker-gpus", type=float, default=0.0, help="num_gpus per worker (> 0: the workers use CUDA)")
-    s.add_argument("--address", default=None, help="Ray cluster address for --workers (default: start a local Ray)")
-    s.add_argument("--heads", action="store_true",
-                   help="split each kept edge over the attention heads that carry it (edge_heads.parquet, JSON links)")
-    s.add_argument("--heads-top", type=int, default=8, metavar="N",
-                   help="heads listed per edge, the rest summed in one row (default 8; 0: every head)")
-    s.add_argument("--qk", action="store_true",
-                   help="also explain the attention scores of the top heads (qk_attributions.parquet, JSON "
-                        "qk_tracing_results); implies --heads")
-    s.add_argument("--qk-topk", type=int, default=10, metavar="N", help="at most N (layer, head, query) triples")
-    s.add_argument("--quiet", action="store_true")
-    s.set_defaults(fn=_cmd_attribute)
-
-    for name, help_, spec_arg, fn in (
-            ("harvest", "harvest activations to object storage (Ray Data)", ("spec", {"help": "HarvestSpec YAML"}),
-             _cmd_harvest),
-            ("train", "train a CLT (Ray Train, feature-sharded)",
-             ("spec", {"help": "TrainSpec YAML (e.g. workflows/train_smollm2.yaml)"}), _cmd_train),
-            ("demo", "run the embedded end-to-end job (make demo)", ("--spec", {"default": "workflows/quickstart.yaml"}),
-             _cmd_demo)):
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
+                   help="print the version of ct_ray and exit")
+    p.set_defaults(debug=False)
+    sub = add_group(p, "cmd")
+    chosen = None if argv is None else _command_of(argv)
+    for name, (module, adder, help_) in COMMANDS.items():
         s = sub.add_parser(name, help=help_)
-        s.add_argument(spec_arg[0], **spec_arg[1])
-        s.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
-        s.set_defaults(fn=fn)
-
-    s = sub.add_parser("perturb", help="validate a graph by perturbing its top nodes (predicted vs measured)")
-    from .perturb.cli import add_arguments as _add_perturb_arguments
-
-    _add_perturb_arguments(s)
-    s.set_defaults(fn=_cmd_perturb)
-
-    s = sub.add_parser("clt", help="CLT utilities")
-    csub = s.add_subparsers(dest="clt_cmd", required=True)
-    r = csub.add_parser("random", help="write a seeded random CLT for a model (for tests and demos)")
-    r.add_argument("--model", default="smollm2-135m")
-    r.add_argument("--features", type=_positive_int, default=256)
-    r.add_argument("--span", type=_positive_int, default=None, help="layers each decoder writes (1 = per-layer transcoder)")
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--out", required=True)
-    r.set_defaults(fn=_cmd_clt_random)
-    from .ops.cli import add_clt_parsers  # registry, submit, jobs, retrain
-    from .ops.cli import add_parsers as _add_ops_parsers
-
-    add_clt_parsers(csub)
-    _add_ops_parsers(sub)
-
-    from .sweep.cli import add_parsers as _add_sweep_parsers  # `sweep` and `sql` (ct_ray/sweep/cli.py)
-
-    _add_sweep_parsers(sub)
-    from .explorer.cli import add_parsers as _add_explorer_parsers  # `features` and `serve` (ct_ray/explorer/cli.py)
-
-    _add_explorer_parsers(sub)
-    __import__("ct_ray.store.cli", fromlist=["add_parsers"]).add_parsers(sub)  # `tables` (ct_ray/store/cli.py)
-    __import__("ct_ray.attribution.export_cli", fromlist=["add_parsers"]).add_parsers(sub)  # `export`
-    __import__("ct_ray.analysis.cli", fromlist=["add_parsers"]).add_parsers(sub)  # `analyze`, `diff`
+        if argv is None or name == chosen:
+            getattr(importlib.import_module(module) if module else sys.modules[__name__], adder)(s)
     return p
 
 
@@ -324,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"ct-ray: error: argument {i} is not valid UTF-8 text", file=sys.stderr)
             return EXIT_USER_ERROR
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser(argv).parse_args(argv)
     except SystemExit as e:  # --help, or a usage error (printed already)
         return e.code if isinstance(e.code, int) else EXIT_USER_ERROR
     from .errors import CTRayError
@@ -342,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
         print("ct-ray: interrupted", file=sys.stderr)
         return 130
     except OSError as e:  # the environment (permissions, a full disk, a file where a folder goes), not a bug
-        if args.debug:
+        if getattr(args, "debug", False):
             raise
         what = f": {e.filename}" if getattr(e, "filename", None) else ""
         from .errors import one_line
@@ -350,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ct-ray: error: {e.strerror or one_line(e)}{what}", file=sys.stderr)
         return EXIT_USER_ERROR
     except Exception as e:  # a bug: keep it to one line unless --debug
-        if args.debug:
+        if getattr(args, "debug", False):
             raise
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
         print(f"ct-ray: internal error: {type(e).__name__}: {msg} (rerun with --debug for details)", file=sys.stderr)

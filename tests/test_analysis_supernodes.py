@@ -83,7 +83,7 @@ def test_rows_entry_point_equals_graph(setup):
     kept_n = np.isin(g.nodes.column("node").to_numpy(), p.nodes.column("node").to_numpy())
     ge, pe = g.edges(), p.edges()
     code = lambda e: e.column("source").to_numpy().astype(np.int64) * g.n_nodes + e.column("target").to_numpy()
-    full_nodes = g.nodes.append_column("kept", pa.array(kept_n))
+    full_nodes = g.with_influence().nodes.append_column("kept", pa.array(kept_n))
     full_edges = ge.append_column("kept", pa.array(np.isin(code(ge), code(pe))))
     perm = np.random.default_rng(0).permutation(full_nodes.num_rows)
     got = auto_supernodes_rows(full_nodes.take(pa.array(perm)), full_edges, None, clt=clt)

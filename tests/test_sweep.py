@@ -183,17 +183,6 @@ def test_worker_start_failure_is_one_clear_error(ray_local, tiny_dir, tmp_path):
     assert Store(str(tmp_path / "store")).committed("nostart").num_rows == 0
 
 
-def test_demo_sweep_helper(ray_local, tiny_dir, tmp_path):
-    from ct_ray.sweep.demo import demo_sweep
-
-    r, table = demo_sweep(["The cat sat on", {"prompt": "1 2 3", "target": " 4"}], model=str(tiny_dir),
-                          random_clt_features=16, store=str(tmp_path / "store"), num_cpus=1, progress=False,
-                          perturbation={"top_k": 1, "interventions": [{"op": "scale", "value": 0.0}],
-                                        "function": "ct_ray.sweep.perturbation:predicted_only"})
-    assert (r.ok, r.failed, r.perturbed) == (2, 0, 2)
-    assert table.splitlines()[0].split()[:3] == ["i", "prompt", "status"] and table.endswith("(2 rows)")
-
-
 def test_a_prompt_utf8_cannot_encode_is_one_error_row(ray_local, tiny_dir, tmp_path):
     """Issue 21 item 4: a lone surrogate (a YAML or JSON escape) in a prompt or a target, inline or in a JSONL file,
     gets an error row of kind 'prompt'; the other prompts are committed and a re-run skips it."""

@@ -146,10 +146,22 @@ class Graph:
         """Replacement and completeness scores (Ameisen et al. 2025) of this graph."""
         return _prune.graph_scores(self.adjacency, self.logit_weights, self.error_slice, self.embedding_slice)
 
+    def _with_influence_column(self, infl: torch.Tensor) -> pa.Table:
+        return self.nodes.set_column(self.nodes.schema.get_field_index("influence"), "influence",
+                                     pa.array(infl.numpy().astype(np.float32), pa.float32()))
+
+    def with_influence(self) -> Graph:
+        """This graph with its nodes' `influence` column filled (computed once, kept with the graph; `prune`
+        computes it too). A new Graph sharing the adjacency."""
+        return Graph(self.adjacency, self._with_influence_column(self.influence()), self.meta, self.target_values,
+                     self.constants, dict(self._cache))
+
     def prune(self, node_threshold: float = PruneSpec.field_default("node_threshold"),
               edge_threshold: float = PruneSpec.field_default("edge_threshold")) -> Graph:
-        """The subgraph keeping `node_threshold` of the node influence and `edge_threshold` of the edge influence.
-        Embedding and logit nodes are always kept. Node order and kinds are preserved."""
+        """A new graph: the subgraph keeping `node_threshold` of the node influence and `edge_threshold` of the edge
+        influence, its nodes' `influence` column filled (influence over this graph). Embedding and logit nodes are
+        always kept; node order and kinds are preserved. This graph is not changed (`with_influence` gives it the
+        column too)."""
         for name, v in (("node_threshold", node_threshold), ("edge_threshold", edge_threshold)):
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {v}")
@@ -158,12 +170,8 @@ class Graph:
                            edge_threshold)
         keep = torch.nonzero(res.node_mask).squeeze(1)
         A = self.adjacency[keep][:, keep] * res.edge_mask
-        infl = res.node_influence.numpy().astype(np.float32)
-        nodes = self.nodes.set_column(self.nodes.schema.get_field_index("influence"), "influence",
-                                      pa.array(infl, pa.float32()))
-        self._cache["influence"] = res.node_influence
-        self.nodes = nodes
-        sub_nodes = nodes.take(pa.array(keep.numpy()))
+        self._cache["influence"] = res.node_influence  # a cache: this graph itself is left as it was
+        sub_nodes = self._with_influence_column(res.node_influence).take(pa.array(keep.numpy()))
         meta = {**self.meta, "pruning": {"node_threshold": node_threshold, "edge_threshold": edge_threshold,
                                          "parent_n_nodes": self.n_nodes, "parent_n_edges": self.n_edges}}
         return Graph(A, sub_nodes, meta, self.target_values[keep], self.constants[keep])

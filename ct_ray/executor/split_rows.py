@@ -246,16 +246,3 @@ class SplitRows:
             np.copyto(out[i::n].numpy(), p)  # one copy out of the (read-only) object store buffer
         return out.to(vecs.device)
 
-
-def attribute_split(model: str, clt: str | None, prompt, *, workers: int = 2, random_clt: dict | None = None,
-                    clt_options: dict | None = None, num_cpus: float = 1.0, num_gpus: float = 0.0,
-                    address: str | None = None, device: str = "cpu", **attribute_kwargs):
-    """`attribute` of one prompt with its rows split over `workers` Ray actors: loads the model and the CLT here
-    (on `device`) and in every worker, attributes, closes the workers."""
-    from .. import attribute
-    from ..clt.io import load_model_and_clt
-
-    lm, c = load_model_and_clt(model, clt, random_clt, clt_options=clt_options, device=device)
-    with SplitRows(model, clt, random_clt=random_clt, clt_options=clt_options, workers=workers, num_cpus=num_cpus,
-                   num_gpus=num_gpus, address=address) as split:
-        return attribute(lm, c, prompt, rows=split, **attribute_kwargs)

@@ -2,10 +2,10 @@
 
 A perturbation function has the signature `fn(model, clt, graph, plan) -> rows` where
 - `model` is the worker's LoadedModel, `clt` its CrossLayerTranscoder,
-- `graph` is the *full* attribution Graph of the prompt (its `nodes` carry the influence computed by pruning),
+- `graph` is the *full* attribution Graph of the prompt, its nodes' `influence` filled (`Graph.with_influence`),
 - `plan` is the sweep's PerturbationPlan with `nodes` set to the node indices (`node` column) to intervene on,
 - rows are a pyarrow Table, a list of dicts or a dict of columns holding columns of the `perturbations` table
-  (ct_ray.store.tables.PERTURBATIONS_SCHEMA); `key` and `plan` are filled in by the sweep, node description
+  (ct_ray.store.schemas.PERTURBATIONS_SCHEMA); `key` and `plan` are filled in by the sweep, node description
   columns (node_id, layer, position, feature, influence) are filled from the graph when missing.
 
 `plan.function` names it as 'module:function' (default `ct_ray.perturb:perturbation_rows`). When it cannot be

@@ -127,7 +127,7 @@ class SweepWorker:
         g = attribute(self.model, self.clt, prompt, **self.aspec.attribute_kwargs())
         t1 = time.perf_counter()
         p = g.prune(**self.cfg["pruning"])
-        return g, p, t1 - t0, time.perf_counter() - t1
+        return g.with_influence(), p, t1 - t0, time.perf_counter() - t1
 
     def _attention(self, p):
         """Head loadings (and QK attribution) of the pruned graph, when the spec asks for them."""
