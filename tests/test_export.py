@@ -7,8 +7,14 @@ import jsonschema
 import numpy as np
 import pytest
 
-from ct_ray import attribute, load_clt, load_model, random_clt, save_clt
-from ct_ray.attribution.export import cumulative_influence, graph_json, scan_id, supernode_params
+from ct_ray import attribute, load_clt, load_model
+from ct_ray.attribution.export import (
+    cumulative_influence,
+    graph_json,
+    scan_id,
+    supernode_params,
+    viewer_node_threshold,
+)
 from ct_ray.cli import main as cli_main
 from ct_ray.store.tables import Store
 from ct_ray.sweep import parse_sweep_spec, read_prompts, run_sweep
@@ -105,21 +111,33 @@ def check_graph(data: dict):
     assert len(ids) == len(set(ids))
     idset = set(ids)
     assert all(x["source"] in idset and x["target"] in idset for x in data["links"])
-    shown = [n for n in data["nodes"] if n["feature_type"] not in ("embedding", "logit")]
-    # the viewers' default dynamic pruning (influence <= node_threshold) shows every exported node
-    assert all(n["influence"] <= data["metadata"]["node_threshold"] for n in shown)
+    # the viewers' slider starts at metadata.node_threshold (test_viewer_node_threshold): it shows some nodes
+    th = data["metadata"]["node_threshold"]
+    assert 0 < th <= 1 and (not shown_ids(data) or shown_ids(data, th))
+
+
+def shown_ids(data: dict, threshold: float = 1.0) -> set[str]:
+    """The feature and error nodes the viewers show at `threshold` (influence <= it; all when unknown)."""
+    return {n["node_id"] for n in data["nodes"] if n["feature_type"] not in ("embedding", "logit")
+            and (n["influence"] is None or n["influence"] <= threshold)}
+
+
+def pruned_ids(nodes: list[dict], threshold: float) -> set[str]:
+    """ct_ray's pruning rule (prune.py) over node rows: the smallest most influential set of feature and error
+    nodes whose share of their influence reaches `threshold`."""
+    ranked = sorted((n for n in nodes if n["kind"] in ("feature", "error")), key=lambda n: -n["influence"])
+    total, acc, out = sum(n["influence"] for n in ranked), 0.0, set()
+    for n in ranked:
+        out.add(n["node_id"])
+        acc += n["influence"]
+        if acc >= threshold * total * (1 - 1e-9):
+            break
+    return out
 
 
 @pytest.fixture(scope="module")
 def lm(tiny_dir):
     return load_model(tiny_dir)
-
-
-@pytest.fixture(scope="module")
-def clt_dir(lm, tmp_path_factory):
-    path = tmp_path_factory.mktemp("export_clt") / "my_clt"
-    save_clt(random_clt(lm, 24, seed=3, firing_rate=0.15), str(path))
-    return str(path)
 
 
 def test_in_memory_json_passes_schema(lm, clt_dir):
@@ -216,6 +234,29 @@ def test_rows_of_other_writers_export():
     flat = graph_from_rows({**row, "params": '{"max_n_logits": 3, "node_threshold": 0.7}'}, nodes, edges, slug="s")
     assert flat["metadata"]["generation_settings"] == {"max_n_logits": 3}
     assert flat["metadata"]["pruning_settings"] == {"node_threshold": 0.7}
+    # cumulative influence over all nodes: feature 0.5, embedding 0.8, error 1.0; the viewers open the graph pruned
+    # at its threshold by ct_ray's rule over the feature and error nodes (shares 0.5, 0.2: 71%, 100%)
+    assert flat["metadata"]["node_threshold"] == 0.5  # 0.7: the feature alone reaches it, the error node is hidden
+    for params, want in (('{"attribution": {"max_n_logits": 3}, "pruning": {"node_threshold": 0.9, '
+                          '"edge_threshold": 0.95}, "graph_rows": "pruned"}', {"node_threshold": 0.9, "edge_threshold": 0.95}),
+                         ("[1, 2]", {}), ("not json", {})):
+        m = graph_from_rows({**row, "params": params}, nodes, edges, slug="s")["metadata"]
+        assert m["pruning_settings"] == want  # a sweep's params nest them; unknown ones are left out
+        assert m["node_threshold"] == 1.0  # 0.9, or PruneSpec's 0.8 when unknown: both nodes
+    assert m["generation_settings"] == {}
+
+
+def test_viewer_node_threshold():
+    # influence 0.4 (feature), 0.3 (embedding), 0.2 (error), 0.1 (feature): cumulative 0.4, 0.7, 0.9, 1.0; the
+    # feature / error shares 0.4, 0.2, 0.1 reach 57%, 86%, 100% of theirs
+    cum, ranked = cumulative_influence(np.array([0.4, 0.3, 0.2, 0.1])), [True, False, True, True]
+    assert viewer_node_threshold(cum, ranked, 0.8) == pytest.approx(0.9)  # feature and error shown, not the last
+    assert viewer_node_threshold(cum, ranked) == pytest.approx(0.9)  # PruneSpec's default: 0.8
+    assert viewer_node_threshold(cum, ranked, 0.5) == pytest.approx(0.4)
+    assert viewer_node_threshold(cum, ranked, 1.0) == pytest.approx(1.0)
+    assert viewer_node_threshold(cum[[0, 1, 2]], ranked[:3], 0.8, kept_set=True) == pytest.approx(0.9)  # all shown
+    assert viewer_node_threshold(cum[[0, 1]], ranked[:2], 0.8, kept_set=True) == 0.8
+    assert viewer_node_threshold([], [], 0.6) == 0.6 and viewer_node_threshold([0.5], [False]) == 0.8
 
 
 # --- sweeps ---------------------------------------------------------------------------------------------------
@@ -256,7 +297,8 @@ def test_export_sweep_files_index_and_idempotence(sweeps, lm, clt_dir, tmp_path,
     ok_keys = [sweeps["keys"][p] for p in PROMPTS[:3]]
     assert [g["slug"] for g in index["graphs"]] == [f"s1-{k}" for k in ok_keys]  # in prompt order, errors skipped
     assert sorted(p.name for p in out.iterdir()) == sorted(["graph-metadata.json"] + [f"s1-{k}.json" for k in ok_keys])
-    clt = load_clt(clt_dir)
+    clt, st = load_clt(clt_dir), Store(sweeps["store"])
+    hidden = 0
     for prompt, key in zip(PROMPTS, ok_keys):
         data = json.loads((out / f"s1-{key}.json").read_text())
         check_graph(data)
@@ -267,9 +309,17 @@ def test_export_sweep_files_index_and_idempotence(sweeps, lm, clt_dir, tmp_path,
         assert data["nodes"] == mem["nodes"] and data["links"] == mem["links"]
         for k in ("scan", "prompt_tokens", "prompt", "node_threshold", "pruning_settings"):
             assert data["metadata"][k] == mem["metadata"][k], k
+        # the thresholds the sweep pruned with (its spec's: PruneSpec's defaults); influence is over the pruned
+        # graph (graph_rows: pruned), so the viewers prune it once more at 0.8 (ct_ray's rule over the stored
+        # rows' influence) instead of opening it whole
+        assert data["metadata"]["pruning_settings"] == {"node_threshold": 0.8, "edge_threshold": 0.98}
+        shown = shown_ids(data, data["metadata"]["node_threshold"])
+        assert shown == pruned_ids(st.read("nodes", "s1", keys=[key]).to_pylist(), 0.8) & shown_ids(data)
+        hidden += len(shown_ids(data)) - len(shown)
         gs, mgs = data["metadata"]["generation_settings"], mem["metadata"]["generation_settings"]
         assert gs["batch_size"] == 64 and {k: gs[k] for k in mgs if k in gs} == {k: mgs[k] for k in gs if k in mgs}
         assert data["metadata"]["info"]["create_time_ms"] > 0 and data["metadata"]["title_prefix"] == "s1"
+    assert hidden > 0
 
     # a re-run writes nothing and leaves the same bytes; an index of other graphs keeps them
     before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir()}
@@ -316,6 +366,9 @@ def test_export_full_rows_use_circuit_tracer_influence(sweeps, lm, clt_dir, tmp_
     mem = graph_json(g.prune(), full=g)  # kept nodes, influence over the full graph
     assert data["nodes"] == mem["nodes"] and data["links"] == mem["links"]
     assert data["metadata"]["node_threshold"] == mem["metadata"]["node_threshold"] < 1
+    # influence over the full graph: the exported nodes are the pruned set already, and all of them show
+    assert data["metadata"]["pruning_settings"] == {"node_threshold": 0.8, "edge_threshold": 0.98}
+    assert shown_ids(data, data["metadata"]["node_threshold"]) == shown_ids(data)
 
 
 def test_sweep_spec_export_dir(sweeps, tiny_dir, clt_dir, tmp_path, capsys):

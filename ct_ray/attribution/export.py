@@ -109,14 +109,50 @@ def _settings(d: dict, ints: tuple, floats: tuple) -> dict:
     return out
 
 
+def prune_defaults() -> dict:
+    """The pruning thresholds of ct_ray/specs/attribution.py `PruneSpec` (node 0.8, edge 0.98)."""
+    from ..specs.attribution import PruneSpec
+
+    return PruneSpec().model_dump()
+
+
+def viewer_node_threshold(cum, ranked, node_threshold: float | None = None, *, kept_set: bool = False) -> float:
+    """`metadata.node_threshold`, where the viewers' influence slider starts (they show the feature and error nodes
+    whose `influence` is at most it): the graph opens pruned at `node_threshold` (the thresholds it was pruned
+    with, else PruneSpec's default 0.8) by ct_ray's pruning rule (prune.py): the smallest most influential set of
+    the feature / error nodes (`ranked`) whose share of their influence reaches the threshold.
+
+    cum: each node row's cumulative influence (`cumulative_influence`, circuit-tracer's definition: over every
+    node, embeddings included). kept_set: `cum` is over the graph the rows were pruned from (they are that
+    pruning's kept set already): every row shows. Otherwise `cum` is over these rows (a sweep's default
+    `graph_rows: pruned`, or an unpruned graph), each row's share is recovered from it and the viewers prune them
+    once more at the threshold, as the explorer does."""
+    t = float(node_threshold if node_threshold is not None else prune_defaults()["node_threshold"])
+    c = np.asarray(cum, dtype=np.float64)
+    r = np.asarray(ranked, dtype=bool)
+    if not r.any():
+        return t
+    if kept_set:
+        return max(t, float(c[r].max()))
+    order = np.argsort(c, kind="stable")
+    share = np.diff(c[order], prepend=0.0)[r[order]]  # the cumulative sum undone, feature / error rows only
+    if share.sum() <= 0:
+        return t
+    reach = np.cumsum(share) / share.sum()
+    i = min(int(np.searchsorted(reach, t * (1 - 1e-9))), len(reach) - 1)
+    return float(c[order][r[order]][i])
+
+
 def build_graph_json(nodes: pa.Table, edges: pa.Table, meta: dict, *, slug: str, influence=None, scan: str | None = None,
-                     feature_details: dict | None = None, supernodes=None, title_prefix: str | None = None) -> dict:
+                     feature_details: dict | None = None, supernodes=None, title_prefix: str | None = None,
+                     kept_set: bool = False) -> dict:
     """The JSON dict of one graph from its rows.
 
     nodes: NODE_COLUMNS rows of the exported graph; edges: `source`, `target` (`node` values) and `weight`;
-    influence: each node row's cumulative influence (see `cumulative_influence`; None: not known); meta: prompt,
-    token_strs, n_layers, logit_tokens, model, clt, attribution / pruning settings, created_at_ms (all optional
-    but token_strs and n_layers)."""
+    influence: each node row's cumulative influence (see `cumulative_influence`; None: not known); kept_set: it is
+    over the graph the rows were pruned from (see `viewer_node_threshold`); meta: prompt, token_strs, n_layers,
+    logit_tokens, model, clt, attribution / pruning settings (`pruning`: node_threshold, edge_threshold),
+    created_at_ms (all optional but token_strs and n_layers)."""
     cols = {c: nodes.column(c).to_pylist() for c in NODE_COLUMNS if c != "influence"}
     L = int(meta["n_layers"])
     target = (meta.get("logit_tokens") or [None])[0]
@@ -152,8 +188,7 @@ def build_graph_json(nodes: pa.Table, edges: pa.Table, meta: dict, *, slug: str,
         out_nodes.append(rec)
     present = {n["node_id"] for n in out_nodes}
     sn, pinned = supernode_params(supernodes, present)
-    cums = [n["influence"] for n in out_nodes if n["feature_type"] in (_KIND_TYPE["feature"], _KIND_TYPE["error"])]
-    pruning = meta.get("pruning") or {}
+    pruning = meta.get("pruning") if isinstance(meta.get("pruning"), dict) else {}
     metadata = {
         "slug": slug,
         "scan": scan or scan_id(meta.get("model")),
@@ -173,12 +208,10 @@ def build_graph_json(nodes: pa.Table, edges: pa.Table, meta: dict, *, slug: str,
         metadata["info"]["create_time_ms"] = int(meta["created_at_ms"])
     if title_prefix:
         metadata["title_prefix"] = title_prefix
-    # the viewers' default dynamic pruning keeps nodes with influence <= node_threshold: the smallest value that
-    # shows every exported node (the graph is pruned already; the slider prunes further from there)
-    if any(c is not None for c in cums):
-        metadata["node_threshold"] = max(c for c in cums if c is not None)
-    elif pruning.get("node_threshold") is not None:
-        metadata["node_threshold"] = float(pruning["node_threshold"])
+    t = metadata["pruning_settings"].get("node_threshold")
+    metadata["node_threshold"] = (viewer_node_threshold(influence, [k in ("feature", "error") for k in cols["kind"]], t,
+                                                         kept_set=kept_set)
+                                  if influence is not None else viewer_node_threshold([], [], t))
     return {"metadata": metadata,
             "qParams": {"pinnedIds": pinned, "supernodes": sn, "linkType": "both", "clickedId": "", "sg_pos": ""},
             "nodes": out_nodes, "links": links}
@@ -265,7 +298,8 @@ def graph_json(graph, slug: str | None = None, *, full=None, scan: str | None = 
         pos = {n: i for i, n in enumerate(full.nodes.column("node").to_pylist())}
         cum = cum[[pos[n] for n in graph.nodes.column("node").to_pylist()]]
     data = build_graph_json(graph.nodes.select(NODE_COLUMNS), graph.edges(), graph.meta, slug=slug or "ct-ray-graph",
-                            influence=cum, scan=scan, feature_details=feature_details, supernodes=supernodes)
+                            influence=cum, scan=scan, feature_details=feature_details, supernodes=supernodes,
+                            kept_set=full is not None)
     if attention is not None:
         add_attention(data, graph.nodes, attention.edge_heads, attention.qk_rows)
     return data

@@ -80,13 +80,18 @@ def graph_from_rows(row: dict, nodes: pa.Table | None, edges: pa.Table | None, *
         params = json.loads(row["params"] or "{}")
     except ValueError:  # settings are informative only: a row without readable ones still exports
         params = {}
+    params = params if isinstance(params, dict) else {}
     created = row.get("created_at")
-    meta = {**(params.get("attribution") or params), "pruning": params.get("pruning") or params,  # nested or flat
+    # a sweep's params nest them ({"attribution": {...}, "pruning": {"node_threshold", "edge_threshold"}}); other
+    # writers' rows may hold them flat
+    nested = {k: params[k] for k in ("attribution", "pruning") if isinstance(params.get(k), dict)}
+    meta = {**nested.get("attribution", params), "pruning": nested.get("pruning", params),
             "prompt": row["prompt"], "token_strs": row["token_strs"] or [], "n_layers": n_layers,
             "logit_tokens": row["logit_tokens"] or [], "model": row["model"], "clt": row["clt"],
             "created_at_ms": int(created.timestamp() * 1000) if created is not None else None}
     return build_graph_json(nodes.select(NODE_COLUMNS), edges, meta, slug=slug, influence=cum, scan=scan,
-                            feature_details=feature_details, supernodes=supernodes, title_prefix=title_prefix)
+                            feature_details=feature_details, supernodes=supernodes, title_prefix=title_prefix,
+                            kept_set=not kept.all())
 
 
 def _dumps(data: dict, what: str) -> bytes:
