@@ -97,9 +97,26 @@ def test_api_lists_filters_and_serves_a_graph(serve):
     code, g = req(port, "GET", f"/api/graph?sweep=s1&key={KEY}")
     assert code == 200 and len(g["nodes"]) == 4 and g["edges"]["weight"] == pytest.approx([0.5, -0.2, 1.0])
     assert g["nodes"][0]["probability"] is None  # NaN is not JSON
+    # no params in its row: the sliders open at PruneSpec's defaults, which /api/info also gives (graph files)
+    assert g["pruning"] == req(port, "GET", "/api/info")[1]["prune_defaults"] == {"node_threshold": 0.8,
+                                                                                   "edge_threshold": 0.98}
     assert req(port, "GET", "/api/graph?sweep=s1&key=nope")[0] == 404
     assert req(port, "GET", "/api/perturbations?sweep=s1&key=" + KEY) == (200, [])
     assert req(port, "GET", "/api/feature?clt_id=none-1&layer=0&feature=1")[0] == 404
+
+
+def test_graph_pruning_from_params():
+    """The thresholds a graph was pruned with (the explorer's sliders open there): a sweep's nested params, flat
+    ones, PruneSpec's defaults for what is missing or not a threshold."""
+    from ct_ray.explorer.api import graph_pruning
+
+    nested = json.dumps({"attribution": {"max_n_logits": 3}, "pruning": {"node_threshold": 0.5, "edge_threshold": 0.9},
+                         "graph_rows": "pruned"})
+    assert graph_pruning(nested) == {"node_threshold": 0.5, "edge_threshold": 0.9}
+    assert graph_pruning('{"node_threshold": 0.6}') == {"node_threshold": 0.6, "edge_threshold": 0.98}
+    for bad in (None, "", "not json", "[1]", '{"pruning": {"node_threshold": 7, "edge_threshold": true}}',
+                '{"node_threshold": "0.5"}'):
+        assert graph_pruning(bad) == {"node_threshold": 0.8, "edge_threshold": 0.98}, bad
 
 
 def test_graph_attention_attribution(serve, tmp_path):

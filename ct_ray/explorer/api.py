@@ -40,6 +40,22 @@ class BadRequest(ValueError):
     pass
 
 
+def graph_pruning(params: str | None) -> dict:
+    """The node / edge thresholds a graph was pruned with, from its graphs row's `params` (a sweep's nest them under
+    `pruning`; other writers' rows may hold them flat): the explorer's sliders open there. PruneSpec's defaults for
+    those not known."""
+    from ..attribution.export import prune_defaults
+
+    try:
+        p = json.loads(params or "{}")
+    except ValueError:
+        p = {}
+    p = p if isinstance(p, dict) else {}
+    src = p["pruning"] if isinstance(p.get("pruning"), dict) else p
+    ok = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x <= 1  # noqa: E731
+    return {k: float(src[k]) if ok(src.get(k)) else v for k, v in prune_defaults().items()}
+
+
 class Forbidden(PermissionError):
     pass
 
@@ -136,7 +152,10 @@ class ExplorerAPI:
         self._lock = threading.Lock()
 
     def info(self) -> dict:
-        return {"store": self.store.url, "writable": self.allow_write, "graph_json": bool(self.graph_json_path)}
+        from ..attribution.export import prune_defaults
+
+        return {"store": self.store.url, "writable": self.allow_write, "graph_json": bool(self.graph_json_path),
+                "prune_defaults": prune_defaults()}
 
     def sweeps(self) -> list[dict]:
         out = []
@@ -181,7 +200,7 @@ class ExplorerAPI:
         e = self.store.read("edges", sid, keys=[key])
         edges = {c: e.column(c).to_pylist() for c in ("source", "target", "weight")}
         row.pop("created_at", None)
-        return clean({"sweep_id": sid, "meta": row, "nodes": nodes, "edges": edges,
+        return clean({"sweep_id": sid, "meta": row, "nodes": nodes, "edges": edges, "pruning": graph_pruning(row.get("params")),
                       "features_id": self._features_id(row["clt"]), "supernodes": self._supernodes(sid, key),
                       **self._attention(sid, key)})
 
