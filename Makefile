@@ -31,7 +31,7 @@ test: setup
 	$(PY) -m pytest -q
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not real"
+	$(PY) -m pytest -q -m "not real and not ray"
 
 demo: setup
 	$(VENV)/bin/ct-ray demo

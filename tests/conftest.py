@@ -39,6 +39,18 @@ def tiny_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def clt_dir(tiny_dir, tmp_path_factory):
+    """A seeded random CLT for `tiny_dir`'s model, saved once (24 features per layer, 15% firing)."""
+    from ct_ray.clt.io import save_clt
+    from ct_ray.clt.transcoder import random_clt
+    from ct_ray.models.loading import load_model
+
+    path = tmp_path_factory.mktemp("tiny_clt") / "my_clt"
+    save_clt(random_clt(load_model(tiny_dir), 24, seed=3, firing_rate=0.15), str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
 def s3():
     """A real S3 endpoint: moto's standalone server on 127.0.0.1, with one bucket. Credentials are dummies."""
     import logging
@@ -76,3 +88,11 @@ def ray_local():
                                                                 "TOKENIZERS_PARALLELISM": "false"}})
     yield ray
     ray.shutdown()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests that start or join Ray carry the `ray` marker (`make test-fast` skips them): those using a Ray fixture,
+    and modules that mark themselves (their Ray runs in subprocesses)."""
+    for item in items:
+        if {"ray_local", "ray_head"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.ray)

@@ -16,10 +16,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from safetensors.torch import save_file
 
 from ct_ray.cli import main
+from tests._helpers import transcoder_set
 
 SENTINEL = "SENTINEL-DO-NOT-READ"
 D = 64  # d_model of the tiny Llama
@@ -35,13 +34,7 @@ class Case:
 
 
 def _tset(d: Path, entries=None, **tensors) -> str:
-    """A one-layer transcoder_set for the tiny model (d_model D), `entries` as config.yaml's file list."""
-    d.mkdir(parents=True, exist_ok=True)
-    t = {"W_enc": torch.ones(3, D), "W_dec": torch.ones(3, D), "b_enc": torch.zeros(3), "b_dec": torch.zeros(D)}
-    save_file({**t, **tensors}, d / "layer_0.safetensors")
-    (d / "config.yaml").write_text(yaml.safe_dump({"model_kind": "transcoder_set",
-                                                   "transcoders": entries or ["layer_0.safetensors"]}))
-    return str(d)
+    return str(transcoder_set(d, entries, D, **tensors))  # one layer, the tiny model's d_model
 
 
 def _cfg(d: Path, text: str | bytes) -> str:

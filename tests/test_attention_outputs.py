@@ -4,23 +4,12 @@ qk_attributions tables (queried with SQL), and the exported JSON (Neuronpedia's 
 import json
 
 import pyarrow.parquet as pq
-import pytest
 
 from ct_ray.cli import main as cli_main
-from ct_ray.clt.io import save_clt
-from ct_ray.clt.transcoder import random_clt
-from ct_ray.models.loading import load_model
 from ct_ray.specs import parse_sweep_spec
 from ct_ray.store.sql import query
 from ct_ray.sweep import run_sweep
 from tests.test_export import check_graph
-
-
-@pytest.fixture(scope="module")
-def clt_dir(tiny_dir, tmp_path_factory):
-    path = tmp_path_factory.mktemp("att_clt") / "clt"
-    save_clt(random_clt(load_model(tiny_dir), 24, seed=3, firing_rate=0.15), str(path))
-    return str(path)
 
 
 def test_attribute_heads_qk_files(tiny_dir, clt_dir, tmp_path, capsys):

@@ -6,7 +6,6 @@ passwords come from PGPASSWORD, never from the URI."""
 import glob
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -21,6 +20,7 @@ from ct_ray.store.commit import Committer
 from ct_ray.store.schemas import SWEEP_TABLES
 from ct_ray.store.sql import query
 from ct_ray.store.tables import Store
+from tests._helpers import free_ports
 
 from .test_sql import report
 
@@ -32,9 +32,7 @@ NO_SERVER = "no PostgreSQL server binaries (/usr/lib/postgresql/*/bin): install 
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 @pytest.fixture(scope="module")

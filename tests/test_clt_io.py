@@ -6,6 +6,7 @@ from safetensors.torch import save_file
 from ct_ray import load_clt, random_clt, save_clt, save_transcoder_set
 from ct_ray.attribution.capture import capture
 from ct_ray.errors import CLTError
+from tests._helpers import transcoder_set
 
 
 def _same_outputs(a, b, x):
@@ -115,13 +116,7 @@ def test_clt_for_another_model_rejected(tiny_models):
 
 # --- untrusted CLT folders (docs/security.md) ---------------------------------------------------------------------
 def _tset(d, entries=None, W_enc=None):
-    """A one-layer transcoder_set by hand (d_model 4, 3 features); `entries` replaces config.yaml's file list."""
-    d.mkdir(parents=True, exist_ok=True)
-    save_file({"W_enc": torch.ones(3, 4) if W_enc is None else W_enc, "W_dec": torch.ones(3, 4),
-               "b_enc": torch.zeros(3), "b_dec": torch.zeros(4)}, d / "layer_0.safetensors")
-    (d / "config.yaml").write_text(yaml.safe_dump({"model_kind": "transcoder_set",
-                                                   "transcoders": entries or ["layer_0.safetensors"]}))
-    return d
+    return transcoder_set(d, entries, 4, W_enc=W_enc)  # d_model 4, 3 features
 
 
 def test_a_hand_built_transcoder_set_loads(tmp_path):

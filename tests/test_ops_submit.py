@@ -11,7 +11,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,6 +31,7 @@ from ct_ray.ops.submit import (
     stage_working_dir,
     submission_id,
 )
+from tests._helpers import free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -135,21 +135,11 @@ def test_token_required_when_token_mode(monkeypatch, capsys, tmp_path):
 
 
 # --- a real head -----------------------------------------------------------------------------------------------
-def _free_ports(n):
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 @pytest.fixture
 def ray_head():
     """`ray start --head --block` with token auth, in its own process group and temp dir; killed afterwards."""
     token = secrets.token_hex(16)
-    gcs, dash, agent, client = _free_ports(4)
+    gcs, dash, agent, client = free_ports(4)
     tmp = tempfile.mkdtemp(prefix="ctr")  # short: Ray's socket paths must fit in 107 characters
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RAY_ADDRESS")}  # the job ships its code
     bindir = os.path.dirname(sys.executable)

@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow.compute as pc
 import pytest
 
-from ct_ray import attribute, load_clt, load_model, random_clt, save_clt
+from ct_ray import attribute, load_clt, load_model
 from ct_ray.cli import main as cli_main
 from ct_ray.store.sql import connect, query
 from ct_ray.store.tables import Store
@@ -16,14 +16,6 @@ from ct_ray.sweep import parse_sweep_spec, read_prompts, run_sweep
 
 PROMPTS = ["The cat sat on", "Once upon a time", "1 2 3 4", "hello world", "abcabcabc", "Paris is in",
            "red green blue", "x = y + z", "What is the", "zzz top", "the end of the line is near", "quiet night"]
-
-
-@pytest.fixture(scope="module")
-def clt_dir(tiny_dir, tmp_path_factory):
-    lm = load_model(tiny_dir)
-    path = tmp_path_factory.mktemp("sweep_clt") / "clt"
-    save_clt(random_clt(lm, 24, seed=3, firing_rate=0.15), str(path))
-    return str(path)
 
 
 def make_spec(tiny_dir, clt_dir, store, sweep_id, prompts, **kw):

@@ -18,6 +18,7 @@ from ct_ray.store.sql import query
 from ct_ray.store.tables import Store
 from ct_ray.store.writer import RowBuffer, sweep_writer_configs
 
+pytestmark = pytest.mark.ray  # two `ct-ray sweep` processes, each with its own local Ray
 
 def test_lease_is_exclusive_lapses_and_is_released(tmp_path):
     st = Store(str(tmp_path / "s"))
