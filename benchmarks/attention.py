@@ -40,10 +40,10 @@ def run(a) -> list[dict]:
     from perturb import _time as _best  # best of `repeats` (benchmarks/ is on sys.path: the script's directory)
 
     from ct_ray import attribute, load_model, random_clt
-    from ct_ray.attribution.capture import capture
     from ct_ray.attribution.heads import head_loadings
     from ct_ray.attribution.qk import qk_attribution, select_items
     from ct_ray.attribution.replacement import Replacement
+    from ct_ray.models.capture import capture
 
     torch.set_num_threads(a.threads)
     model = load_model(a.model)

@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from ct_ray import attribute, load_model, random_clt  # noqa: E402
-from ct_ray.attribution.capture import capture  # noqa: E402
 from ct_ray.attribution.replacement import Replacement  # noqa: E402
+from ct_ray.models.capture import capture  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = [

@@ -2,8 +2,8 @@
 
 import torch
 
-from ct_ray.attribution.capture import capture
 from ct_ray.attribution.replacement import Replacement, Sources
+from ct_ray.models.capture import capture
 
 
 def assert_exact(g, rtol=1e-5):

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from ct_ray import attribute, random_clt
-from ct_ray.attribution.capture import capture
 from ct_ray.attribution.replacement import Replacement
+from ct_ray.models.capture import capture
 from ct_ray.models.tiny import FAMILIES
 
 from ._attr_helpers import assert_exact, autograd_rows

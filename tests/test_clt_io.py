@@ -4,8 +4,8 @@ import yaml
 from safetensors.torch import save_file
 
 from ct_ray import load_clt, random_clt, save_clt, save_transcoder_set
-from ct_ray.attribution.capture import capture
 from ct_ray.errors import CLTError
+from ct_ray.models.capture import capture
 from tests._helpers import transcoder_set
 
 

@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from ct_ray.attribution.attribute import _features, attribute
-from ct_ray.attribution.capture import capture
 from ct_ray.attribution.heads import NO_HEAD, OTHER_HEADS, head_loadings
 from ct_ray.attribution.qk import BIAS, QKItem, QKMaps, _top_pairs, qk_attribution, rotary, select_items
 from ct_ray.attribution.replacement import Replacement, Sources
 from ct_ray.clt.transcoder import random_clt
+from ct_ray.models.capture import capture
 from ct_ray.models.tiny import FAMILIES
 
 PROMPT = "Hello world, the cat sat"

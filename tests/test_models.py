@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from ct_ray import load_model
-from ct_ray.attribution.capture import capture
 from ct_ray.errors import ModelError, PromptError
+from ct_ray.models.capture import capture
 from ct_ray.models.tiny import FAMILIES
 
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from ct_ray import CrossLayerTranscoder, CTRayError, attribute, random_clt
-from ct_ray.attribution.capture import capture
 from ct_ray.attribution.replacement import Replacement, Sources
+from ct_ray.models.capture import capture
 from ct_ray.perturb import (
     Intervention,
     InterventionError,
@@ -487,7 +487,7 @@ def test_cli_perturb_bad_input(capsys, tiny_dir, tmp_path, argv, message):
         lm = load_model(str(tiny_dir))
         attribute(lm, random_clt(lm, 16, seed=0), "hello there").save(graph_dir)
     argv = [a.format(graph=graph_dir) for a in argv]
-    code = main(["perturb", "--model", str(tiny_dir), *argv])
+    code = main(["perturb", "--model", str(tiny_dir), "--no-progress", *argv])  # no attribution bar on stderr
     err = capsys.readouterr().err
     assert code == 2, err
     assert message in err and len(err.strip().splitlines()) == 1

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import torch
 
+from ..models.capture import capture
 from ..store.schemas import EDGE_HEADS_SCHEMA, QK_ATTRIBUTIONS_SCHEMA
-from .capture import capture
 from .heads import HeadLoadings, head_loadings
 from .qk import QKResult, qk_attribution, select_items
 from .replacement import Replacement

@@ -23,10 +23,10 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from ..models.capture import capture
 from ..specs.attribution import AttributionSpec
 from . import budget as _budget
 from .budget import DEFAULT_MAX_FEATURE_NODES
-from .capture import capture
 from .graph import Graph
 from .replacement import Replacement
 from .rows import RowEngine

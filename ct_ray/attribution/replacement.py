@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..models.adapters import frozen_scales
-from .capture import Cache
+from ..models.capture import Cache
 
 
 @dataclass

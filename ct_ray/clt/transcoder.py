@@ -105,7 +105,7 @@ def random_clt(model, n_features: int = 256, *, seed: int = 0, span: int | None 
                feature_input_hook: str = "resid_mid", calibration_text: str | None = None) -> CrossLayerTranscoder:
     """A seeded random CLT for `model` (a `LoadedModel`), calibrated on one short text so that about
     `firing_rate` of the features fire per token and decoders write at the scale of the real MLP outputs."""
-    from ..attribution.capture import capture
+    from ..models.capture import capture
 
     ad = model.adapter
     g = torch.Generator().manual_seed(seed)

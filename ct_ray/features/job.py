@@ -223,7 +223,7 @@ def _clt_widths(spec: FeaturesSpec, clt: str | None) -> list[int]:
         from ..models import load_model
 
         return [spec.random_clt.features] * load_model(spec.model).n_layers
-    from .. import load_clt
+    from ..clt.io import load_clt
 
     return list(load_clt(clt).d_tc)  # on the driver: a bad CLT URL fails here with one clear line
 

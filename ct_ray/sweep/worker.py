@@ -121,7 +121,7 @@ class SweepWorker:
                 "target_in_graph": tid in logit_tokens}
 
     def _compute(self, prompt: str):
-        from .. import attribute
+        from ..attribution.attribute import attribute
 
         t0 = time.perf_counter()
         g = attribute(self.model, self.clt, prompt, **self.aspec.attribute_kwargs())

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..models.hooks import Hooks, forward
+from .hooks import Hooks, forward
 
 
 @dataclass
