@@ -19,7 +19,7 @@ def analysis_summary(store, sweep_id: str) -> str:
            f"({r['seconds']['total']:.1f} s)\n" + summary(r, 5)
 
 
-def run_demo(path: str | Path = "workflows/quickstart.yaml", address: str | None = None) -> int:
+def run_demo(path: str | Path = "workflows/quickstart.yaml", address: str | None = None, progress: bool = True) -> int:
     from .executor import ensure_ray
     from .store.sql import format_table, query
     from .sweep.runner import run_sweep
@@ -34,11 +34,11 @@ def run_demo(path: str | Path = "workflows/quickstart.yaml", address: str | None
     else:
         print(f"[1/4] harvest + train a CLT for {tr.harvest.model} ({tr.clt.n_features} features/layer, "
               f"{tr.optim.steps} steps) -> {tr.out}")
-        s = train(tr)
+        s = train(tr, progress=progress)
         f = s["final"]
         print(f"      fvu {f['fvu']:.3f}, L0 {f['l0']:.1f}, harvest {s['harvest_s']:.0f} s, train {s['train_s']:.0f} s")
     print(f"[2/4] sweep {spec.sweep.sweep_id!r}: attribution + pruning + perturbations -> {spec.sweep.storage.url}")
-    r = run_sweep(spec.sweep, progress=True)
+    r = run_sweep(spec.sweep, progress=progress)
     print(f"      {r.ok} attributed, {r.skipped} already done, {r.failed} failed, {r.perturbed} perturbation jobs "
           f"({r.seconds:.0f} s)")
     print("[3/4] SQL summary (DuckDB over the Iceberg tables)")

@@ -1,4 +1,4 @@
-"""`ct-ray diff SWEEP_A SWEEP_B` (registered through ct_ray/analysis/cli.py): graph diffs between two sweeps."""
+"""`ct-ray diff SWEEP_A SWEEP_B` (in ct_ray/cli.py's command registry: `add_diff`): graph diffs between two sweeps."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from ..errors import finite_float
 
 
 def cmd_diff(args) -> int:
+    from ..store.options import store_of
     from ..store.tables import Store
-    from ..sweep.cli import store_of
     from .diff import diff_sweeps, format_summary
 
     store_a = store_of(args)
@@ -26,16 +26,16 @@ def cmd_diff(args) -> int:
     return 0
 
 
-def add_parsers(sub) -> None:
-    from ..sweep.cli import add_store_args
+def add_diff(s) -> None:
+    from ..cliargs import add_progress_arg
+    from ..store.options import add_store_args
     from .diff import BATCH_PROMPTS, DEFAULT_THRESHOLD, TOP_EDGES
 
-    s = sub.add_parser("diff", help="how the graphs of the same prompts changed between two sweeps (graph_diffs table)",
-                       description="Compare the 'ok' graphs two sweeps hold for the same prompt texts: score deltas, "
-                                   "logit probability changes, feature influence on matched features, edge changes. "
-                                   "Same CLT: features match by (layer, feature); different CLTs: by mutual best "
-                                   "decoder cosine >= --threshold. Writes partition SWEEP_A..SWEEP_B of the "
-                                   "graph_diffs table of --store (re-running replaces it). See docs/analysis-diff.md.")
+    s.description = ("Compare the 'ok' graphs two sweeps hold for the same prompt texts: score deltas, "
+                     "logit probability changes, feature influence on matched features, edge changes. "
+                     "Same CLT: features match by (layer, feature); different CLTs: by mutual best "
+                     "decoder cosine >= --threshold. Writes partition SWEEP_A..SWEEP_B of the "
+                     "graph_diffs table of --store (re-running replaces it). See docs/analysis-diff.md.")
     add_store_args(s)
     s.add_argument("sweep_a", metavar="SWEEP_A", help="the reference sweep (of --store)")
     s.add_argument("sweep_b", metavar="SWEEP_B", help="the sweep compared to it (of --store-b, default --store)")
@@ -49,5 +49,5 @@ def add_parsers(sub) -> None:
                    help=f"most changed edges listed per prompt (default {TOP_EDGES})")
     s.add_argument("--show", type=int, default=5, help="most changed prompts printed (default 5)")
     s.add_argument("--no-write", action="store_true", help="compute and print, write no table")
-    s.add_argument("--no-progress", action="store_true")
+    add_progress_arg(s)
     s.set_defaults(fn=cmd_diff)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 def cmd_analyze(args) -> int:
-    from ..sweep.cli import store_of
+    from ..store.options import store_of
     from .run import analyze
 
     r = analyze(store_of(args), args.sweep, top_paths=args.top_paths, max_hops=args.max_hops, workers=args.workers,
@@ -56,15 +56,15 @@ def summary(r: dict, show: int = 5) -> str:
     return "\n".join(lines)
 
 
-def add_parsers(sub) -> None:
-    from ..sweep.cli import add_store_args
+def add_analyze(s) -> None:
+    from ..cliargs import add_progress_arg
+    from ..store.options import add_store_args
 
-    s = sub.add_parser("analyze", help="circuits across a sweep's prompts: feature_stats and circuit_paths tables",
-                       description="Read a sweep's committed graphs, nodes and edges (file by file, bounded memory) "
-                                   "and write the tables feature_stats (per feature: prompts, activation, logit "
-                                   "influence, logits pushed, top prompts) and circuit_paths (each graph's strongest "
-                                   "feature -> ... -> logit paths and their recurrence) in the same store. Re-running "
-                                   "replaces the sweep's rows. See docs/analysis.md.")
+    s.description = ("Read a sweep's committed graphs, nodes and edges (file by file, bounded memory) "
+                     "and write the tables feature_stats (per feature: prompts, activation, logit "
+                     "influence, logits pushed, top prompts) and circuit_paths (each graph's strongest "
+                     "feature -> ... -> logit paths and their recurrence) in the same store. Re-running "
+                     "replaces the sweep's rows. See docs/analysis.md.")
     add_store_args(s)
     s.add_argument("sweep", help="sweep id")
     s.add_argument("--top-paths", type=int, default=10, help="paths kept per graph (default 10)")
@@ -79,5 +79,5 @@ def add_parsers(sub) -> None:
     s.add_argument("--no-clt", action="store_true",
                    help="--supernodes from the graphs alone (default: with the CLT's decoder/encoder directions)")
     s.add_argument("--no-write", action="store_true", help="compute and print, write no table")
-    s.add_argument("--no-progress", action="store_true")
+    add_progress_arg(s)
     s.set_defaults(fn=cmd_analyze)

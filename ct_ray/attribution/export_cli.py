@@ -1,4 +1,4 @@
-"""`ct-ray export` (registered by ct_ray/cli.py through `add_parsers`): a sweep's graphs as graph JSON files."""
+"""`ct-ray export` (in ct_ray/cli.py's command registry: `add_export`): a sweep's graphs as graph JSON files."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from ..store.names import is_name
 
 
 def cmd_export(args) -> int:
-    from ..sweep.cli import store_of
+    from ..store.options import store_of
     from .export_files import export_sweep
 
     if bool(args.keys) == bool(args.all):
@@ -27,13 +27,13 @@ def cmd_export(args) -> int:
     return 0
 
 
-def add_parsers(sub) -> None:
-    from ..sweep.cli import add_store_args
+def add_export(s) -> None:
+    from ..cliargs import add_progress_arg
+    from ..store.options import add_store_args
 
-    s = sub.add_parser("export", help="a sweep's graphs as circuit-tracer / Neuronpedia graph JSON files",
-                       description="Rebuild each committed graph of a sweep from the tables (no model needed) as "
-                                   "DIR/<sweep>-<key>.json plus DIR/graph-metadata.json, the index circuit-tracer's "
-                                   "local server lists. Re-running rewrites only what changed. See docs/export.md.")
+    s.description = ("Rebuild each committed graph of a sweep from the tables (no model needed) as "
+                     "DIR/<sweep>-<key>.json plus DIR/graph-metadata.json, the index circuit-tracer's "
+                     "local server lists. Re-running rewrites only what changed. See docs/export.md.")
     add_store_args(s)
     s.add_argument("--sweep", required=True, help="sweep id")
     s.add_argument("--keys", help="comma-separated graph keys (the graphs table's `key`)")
@@ -42,5 +42,5 @@ def add_parsers(sub) -> None:
     s.add_argument("--scan", help="metadata.scan, the viewer's model id (default: from the model's hub id)")
     s.add_argument("--neuronpedia-source-set", help="feature_details.neuronpedia_source_set (Neuronpedia dashboards)")
     s.add_argument("--feature-json-base-url", help="feature_details.feature_json_base_url (your feature JSON files)")
-    s.add_argument("--no-progress", action="store_true")
+    add_progress_arg(s)
     s.set_defaults(fn=cmd_export)

@@ -1,4 +1,4 @@
-"""CLI parsers of this area: `ct-ray features` (ct_ray/features/cli.py) and `ct-ray serve`."""
+"""`ct-ray serve` (in ct_ray/cli.py's command registry: `add_serve`)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ def cmd_serve(args) -> int:
     from .server import make_server
 
     srv = make_server(args.store, host=args.host, port=args.port, allow_write=args.allow_write,
-                      graph_json=args.graph_json, endpoint_url=args.endpoint_url, allow_hosts=args.allow_host or ())
+                      graph_json=args.graph_json, endpoint_url=args.endpoint_url, catalog=args.catalog,
+                      allow_hosts=args.allow_host or ())
     host, port = srv.server_address[:2]
     mode = "read-write (supernodes can be saved)" if args.allow_write else "read-only"
     print(f"ct-ray explorer on http://{host}:{port}/  store {srv.api.store.url}  {mode}  (Ctrl-C stops)", flush=True)
@@ -22,18 +23,14 @@ def cmd_serve(args) -> int:
     return 0
 
 
-def add_parsers(sub) -> None:
-    from ..features.cli import add_parsers as add_features
-    from ..store.tables import DEFAULT_STORE
+def add_serve(s) -> None:
+    from ..store.options import add_store_args
 
-    add_features(sub)
-    s = sub.add_parser("serve", help="the graph explorer in the browser (JSON API + page over the tables)",
-                       description="ct-ray serve --store URL: browse sweeps, draw graphs, feature dashboards, "
-                                   "supernodes, perturbation results. Read-only unless --allow-write.")
-    s.add_argument("--store", default=DEFAULT_STORE, help=f"storage URL (default {DEFAULT_STORE})")
-    s.add_argument("--endpoint-url", help="S3-compatible endpoint (credentials come from the AWS env/chain)")
+    s.description = ("ct-ray serve --store URL: browse sweeps, draw graphs, feature dashboards, supernodes, "
+                     "perturbation results. Read-only unless --allow-write.")
+    add_store_args(s)
     s.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--port", type=int, default=8000, help="port (default %(default)s)")
     s.add_argument("--allow-host", action="append", metavar="NAME",
                    help="also answer requests addressed to this host name (repeatable; IP addresses, localhost and "
                         "the --host name always work; other names are refused against DNS rebinding)")

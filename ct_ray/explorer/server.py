@@ -214,11 +214,12 @@ class ExplorerServer(BoundedHTTPServer):
 
 
 def make_server(store: str, *, host: str = "127.0.0.1", port: int = 8000, allow_write: bool = False,
-                graph_json: str | None = None, endpoint_url: str | None = None, allow_hosts=(),
-                **limits) -> ExplorerServer:
-    """`limits`: threads, waiting, timeout, deadline of the connection pool (pool.BoundedHTTPServer)."""
+                graph_json: str | None = None, endpoint_url: str | None = None, catalog: str | None = None,
+                allow_hosts=(), **limits) -> ExplorerServer:
+    """`catalog`: the store's Iceberg catalog URI (default: $CT_RAY_CATALOG, else SQLite in the store). `limits`:
+    threads, waiting, timeout, deadline of the connection pool (pool.BoundedHTTPServer)."""
     opts = {"endpoint_url": endpoint_url} if endpoint_url else {}
-    st = Store(store, **opts)
+    st = Store(store, catalog=catalog, **opts)
     if not graph_json:  # a mistyped --store is an error, not an empty explorer (a graph JSON alone needs none)
         st.check_exists()
     if graph_json and not os.path.isfile(graph_json) and "://" not in graph_json:

@@ -1,5 +1,5 @@
 """`ct-ray submit`, `ct-ray jobs ...`, `ct-ray retrain` and `ct-ray clt list|show|runs|register|promote|rollback`
-(registered by ct_ray/cli.py)."""
+(in ct_ray/cli.py's command registry: `add_submit`, `add_jobs`, `add_retrain`; `add_clt_parsers` under `clt`)."""
 
 from __future__ import annotations
 
@@ -136,20 +136,24 @@ def cmd_clt_rollback(args) -> int:
 
 def add_clt_parsers(csub) -> None:
     """Registry commands under `ct-ray clt`."""
+    from ..store.options import ENDPOINT_HELP
+
     def reg_args(p):
         p.add_argument("--registry", required=True, help="registry URL (local directory or s3://bucket/prefix)")
-        p.add_argument("--endpoint-url", help="S3-compatible endpoint (credentials come from the AWS env/chain)")
+        p.add_argument("--endpoint-url", metavar="URL", help=ENDPOINT_HELP)
 
     commands = [  # name, help, handler, (positional or option, kwargs)...
         ("list", "versions in a CLT registry (* marks production)", cmd_clt_list),
         ("show", "a version's metrics and provenance, or (no VERSION) the pointer and history", cmd_clt_show,
-         ("version", {"nargs": "?"})),
+         ("version", {"nargs": "?", "help": "a version id (default: the production pointer and its history)"})),
         ("runs", "nightly retraining runs recorded in the registry (date, status, outcome)", cmd_clt_runs),
         ("register", "copy a CLT directory into the registry as a new immutable version", cmd_clt_register,
          ("clt", {"help": "CLT directory URL"})),
-        ("promote", "point production at VERSION", cmd_clt_promote, ("version", {}), ("--reason", {})),
+        ("promote", "point production at VERSION", cmd_clt_promote, ("version", {"help": "the version id"}),
+         ("--reason", {"help": "why, recorded in the pointer's history (default: manual promote)"})),
         ("rollback", "point production back at the version it replaced (or --to VERSION)", cmd_clt_rollback,
-         ("--to", {}), ("--reason", {})),
+         ("--to", {"metavar": "VERSION", "help": "the version to point production at (default: the one it replaced)"}),
+         ("--reason", {"help": "why, recorded in the pointer's history (default: manual rollback)"})),
     ]
     for name, help_, fn, *args in commands:
         p = csub.add_parser(name, help=help_)
@@ -159,12 +163,11 @@ def add_clt_parsers(csub) -> None:
         p.set_defaults(fn=fn)
 
 
-def add_parsers(sub) -> None:
-    s = sub.add_parser("submit", help="run a harvest/train/sweep/retrain spec on a Ray cluster as a Ray Job",
-                       description="Submit SPEC.yaml as a Ray Job with a deterministic submission id (a second "
-                                   "submit of the same spec is refused). Token auth: RAY_AUTH_MODE=token and "
-                                   "RAY_AUTH_TOKEN in the environment.")
-    s.add_argument("spec")
+def add_submit(s) -> None:
+    s.description = ("Submit SPEC.yaml as a Ray Job with a deterministic submission id (a second "
+                     "submit of the same spec is refused). Token auth: RAY_AUTH_MODE=token and "
+                     "RAY_AUTH_TOKEN in the environment.")
+    s.add_argument("spec", help="a harvest, train, sweep or retrain spec YAML (its `kind:` says which)")
     s.add_argument("--address", help="Ray dashboard URL, e.g. http://HEAD:8265 (default: $RAY_ADDRESS)")
     s.add_argument("--date", help="retrain: the night to run (YYYY-MM-DD, default today UTC)")
     s.add_argument("--submission-id", help="override the deterministic id (e.g. to run a spec again)")
@@ -173,19 +176,22 @@ def add_parsers(sub) -> None:
     s.add_argument("--project", help="project directory to ship (default: the checkout ct_ray runs from)")
     s.add_argument("--pip", metavar="REQUIREMENTS", help="pinned requirements file installed in the job's runtime_env")
     s.add_argument("--python", default="python", help="python on the cluster (default: python)")
-    s.add_argument("--entrypoint-num-cpus", type=float, default=None)
+    s.add_argument("--entrypoint-num-cpus", type=float, default=None,
+                   help="CPUs reserved for the job's driver on the cluster (default: Ray's)")
     s.add_argument("--wait", action="store_true", help="follow the job's logs; exit non-zero unless it succeeds")
     s.set_defaults(fn=cmd_submit)
 
-    s = sub.add_parser("jobs", help="status / logs / stop of a submitted job, or list them")
-    s.add_argument("action", choices=("status", "logs", "stop", "list"))
-    s.add_argument("job_id", nargs="?")
+
+def add_jobs(s) -> None:
+    s.add_argument("action", choices=("status", "logs", "stop", "list"), help="what to do: %(choices)s")
+    s.add_argument("job_id", nargs="?", help="the submission id (every action but list)")
     s.add_argument("--address", help="Ray dashboard URL (default: $RAY_ADDRESS)")
     s.add_argument("--follow", action="store_true", help="logs: stream until the job ends")
     s.add_argument("--json", action="store_true", help="status as JSON")
     s.set_defaults(fn=cmd_jobs)
 
-    s = sub.add_parser("retrain", help="nightly CLT retraining: harvest, train, evaluate, promote, canary sweep")
+
+def add_retrain(s) -> None:
     s.add_argument("spec", help="RetrainSpec YAML (e.g. workflows/nightly_retrain.yaml)")
     s.add_argument("--date", help="the night (YYYY-MM-DD, default today UTC); re-running a date finishes it only")
     s.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray when needed)")

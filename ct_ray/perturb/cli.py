@@ -1,4 +1,5 @@
-"""`ct-ray perturb`: validate a graph by perturbing its top nodes and print predicted vs measured effects."""
+"""`ct-ray perturb` (ct_ray/cli.py's command registry: `add_perturb`): validate a graph by perturbing its top nodes
+and print predicted vs measured effects."""
 
 from __future__ import annotations
 
@@ -8,25 +9,41 @@ from ..errors import finite_float
 from ..specs.intervention import InterventionError
 
 
-def add_arguments(s) -> None:
-    s.add_argument("--model", default="smollm2-135m", help="built-in name, local HF directory or hub id")
+def add_perturb(s) -> None:
+    """`ct-ray perturb`'s arguments (ct_ray/cli.py's command registry); defaults from ValidationSpec and PruneSpec."""
+    from ..cliargs import add_progress_arg, positive_int
+    from ..specs import PruneSpec, RandomCLTSpec
+    from ..specs.common import DEFAULT_MODEL
+    from ..specs.intervention import DEFAULT_OPS, ValidationSpec
+
+    v, pr = ValidationSpec.field_default, PruneSpec.field_default
+    s.add_argument("--model", default=DEFAULT_MODEL, help="built-in name, local HF directory or hub id "
+                                                         "(default %(default)s)")
     s.add_argument("--clt", help="CLT directory URL (circuit-tracer layout; local path or s3://)")
-    s.add_argument("--random-clt", type=int, metavar="N", help="use a seeded random CLT with N features per layer")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--random-clt", type=positive_int, metavar="N", help="use a seeded random CLT with N features per layer")
+    s.add_argument("--seed", type=int, default=RandomCLTSpec.field_default("seed"),
+                   help="seed of --random-clt (default %(default)s)")
     s.add_argument("--graph", metavar="DIR", help="a graph directory written by Graph.save (pruned if it is not)")
     s.add_argument("--prompt", help="attribute this prompt on the fly instead of loading --graph")
-    s.add_argument("--top-k", type=int, default=10, help="perturb the K most influential feature nodes")
-    s.add_argument("--mode", default="constrained", help="constrained (default) or free")
+    s.add_argument("--top-k", type=int, default=v("top_k"),
+                   help="perturb the K most influential feature nodes (default %(default)s)")
+    s.add_argument("--mode", default=v("mode").mode, help="constrained (default) or free")
     s.add_argument("--layers", metavar="START:END", help="constrained layer range, inclusive (default: all)")
     s.add_argument("--freeze-attention", action="store_true", help="free layers keep the clean attention patterns")
-    s.add_argument("--ops", default="set:0,scale:-1,scale:2", help="comma-separated OP:VALUE (set/scale/add)")
+    s.add_argument("--ops", default=",".join(f"{op}:{val:g}" for op, val in DEFAULT_OPS),
+                   help="comma-separated OP:VALUE (set/scale/add; default %(default)s)")
     s.add_argument("--supernodes", metavar="FILE", help="YAML/JSON list of {name, nodes} to perturb as well")
-    s.add_argument("--node-threshold", type=float, default=0.8)
-    s.add_argument("--edge-threshold", type=float, default=0.98)
-    s.add_argument("--batch-size", type=int, default=32, help="interventions per forward pass")
+    s.add_argument("--node-threshold", type=float, default=pr("node_threshold"),
+                   help="pruning of an unpruned graph: nodes up to this cumulative influence (default %(default)s)")
+    s.add_argument("--edge-threshold", type=float, default=pr("edge_threshold"),
+                   help="pruning of an unpruned graph: edges up to this cumulative influence (default %(default)s)")
+    s.add_argument("--batch-size", type=int, default=v("batch_size"),
+                   help="interventions per forward pass (default %(default)s)")
     s.add_argument("--all-logits", action="store_true", help="print every logit node, not only the top one")
     s.add_argument("--out", metavar="DIR", help="write perturbations.parquet (the perturbations table's row type) and "
                                                 "validation.json (the metrics) here")
+    add_progress_arg(s)
+    s.set_defaults(fn=cmd_perturb)
 
 
 def _parse_ops(text: str) -> list[tuple[str, float]]:  # (op, value) pairs: ValidationSpec makes templates
@@ -65,8 +82,12 @@ def _load_supernodes(path: str | None):
 
 
 def cmd_perturb(args) -> int:
-    from .. import Graph, attribute, load_clt, load_model, random_clt
+    from ..attribution.attribute import attribute
+    from ..attribution.graph import Graph
+    from ..clt.io import load_clt
+    from ..clt.transcoder import random_clt
     from ..errors import CTRayError
+    from ..models import load_model
     from .validate import validate
 
     if (args.graph is None) == (args.prompt is None):
@@ -89,7 +110,8 @@ def cmd_perturb(args) -> int:
         if "pruning" not in graph.meta:
             graph = graph.prune(args.node_threshold, args.edge_threshold)
     else:
-        graph = attribute(model, clt, args.prompt).prune(args.node_threshold, args.edge_threshold)
+        graph = attribute(model, clt, args.prompt, verbose=not args.no_progress).prune(args.node_threshold,
+                                                                                 args.edge_threshold)
 
     v = validate(model, clt, graph, top_k=args.top_k, ops=ops, mode=args.mode, layers=layers,
                  freeze_attention=args.freeze_attention or None, supernodes=supernodes, batch_size=args.batch_size)

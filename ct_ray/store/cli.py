@@ -1,4 +1,4 @@
-"""`ct-ray tables list|compact|expire|vacuum|import` (registered by ct_ray/cli.py through `add_parsers`)."""
+"""`ct-ray tables list|compact|expire|vacuum|import` (in ct_ray/cli.py's command registry: `add_tables`)."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def _run(fn, *a, **kw):
 
 
 def _store(args, must_exist: bool = True):
-    from ..sweep.cli import store_of
+    from .options import store_of
 
     st = store_of(args)
     if must_exist:  # a mistyped --store is an error, not a store of empty tables
@@ -66,7 +66,8 @@ def cmd_compact(args) -> int:
     if args.target_mb is not None and args.target_mb <= 0:
         raise CTRayError(f"--target-mb must be positive, got {args.target_mb}")
     kw = {"target_bytes": int(args.target_mb * 2**20)} if args.target_mb is not None else {}
-    r = _run(compact, _store(args), _tables(args), older_than_s=parse_duration(args.older_than), progress=True, **kw)
+    r = _run(compact, _store(args), _tables(args), older_than_s=parse_duration(args.older_than),
+           progress=not args.no_progress, **kw)
     print(f"compacted {r['partitions']} partition(s) of {r['tables']} table(s): {r['files_before']} files "
           f"({human_bytes(r['bytes_before'])}) -> {r['files_after']} ({human_bytes(r['bytes_after'])}), {r['rows']} rows"
           f"; {r['recovered']} file(s) of cut rounds removed"
@@ -102,7 +103,7 @@ def cmd_vacuum(args) -> int:
 def cmd_import(args) -> int:
     from .migrate import import_legacy
 
-    r = _run(import_legacy, _store(args, must_exist=False), progress=True)  # may start a store
+    r = _run(import_legacy, _store(args, must_exist=False), progress=not args.no_progress)  # may start a store
 
     def show(v):
         if isinstance(v, float):
@@ -116,12 +117,12 @@ def cmd_import(args) -> int:
     return 0
 
 
-def add_parsers(sub) -> None:
-    from ..sweep.cli import add_store_args
+def add_tables(s) -> None:
+    from ..cliargs import add_group, add_progress_arg
+    from .options import add_store_args
 
-    s = sub.add_parser("tables", help="the result tables: list, compact, expire, vacuum, import",
-                       description="Maintenance of the Iceberg result tables of a store. See docs/tables.md.")
-    tsub = s.add_subparsers(dest="tables_cmd", required=True)
+    s.description = "Maintenance of the Iceberg result tables of a store. See docs/tables.md."
+    tsub = add_group(s, "tables_cmd")
 
     def common(p, older_than: str | None, what: str):
         add_store_args(p)
@@ -137,6 +138,7 @@ def add_parsers(sub) -> None:
     p = tsub.add_parser("compact", help="merge small data files into ~128 MB ones (one commit per partition)")
     common(p, "1h", "merge only files committed longer ago than this, and repair rounds cut short as old")
     p.add_argument("--target-mb", type=float, default=None, help="target data file size in MiB (default 128)")
+    add_progress_arg(p)
     p.set_defaults(fn=cmd_compact)
 
     p = tsub.add_parser("expire", help="drop old snapshots (the current one stays; files go with vacuum)")
@@ -151,4 +153,5 @@ def add_parsers(sub) -> None:
 
     p = tsub.add_parser("import", help="import a store of the older one-file-per-prompt layout into the tables")
     add_store_args(p)
+    add_progress_arg(p)
     p.set_defaults(fn=cmd_import)

@@ -1,25 +1,10 @@
-"""`ct-ray sweep ...` and `ct-ray sql ...` (registered by ct_ray/cli.py through `add_parsers`)."""
+"""`ct-ray sweep ...` and `ct-ray sql ...` (in ct_ray/cli.py's command registry: `add_sweep`, `add_sql`)."""
 
 from __future__ import annotations
 
 import json
 
-from ..store.tables import DEFAULT_STORE, Store
-
-
-def _storage_options(args) -> dict:
-    return {"endpoint_url": args.endpoint_url} if getattr(args, "endpoint_url", None) else {}
-
-
-def store_of(args) -> Store:
-    """The store the command line names (--store, --endpoint-url, --catalog)."""
-    return Store(args.store or DEFAULT_STORE, catalog=getattr(args, "catalog", None), **_storage_options(args))
-
-
-def add_store_args(s, default: str | None = DEFAULT_STORE) -> None:
-    s.add_argument("--store", default=default, help=f"storage URL (default {DEFAULT_STORE})")
-    s.add_argument("--endpoint-url", help="S3-compatible endpoint (credentials come from the AWS env/chain)")
-    s.add_argument("--catalog", help="Iceberg catalog URI (default: $CT_RAY_CATALOG, else SQLite in the store)")
+from ..cliargs import add_progress_arg, add_store_args, storage_override, store_of  # noqa: F401 (store_of: callers)
 
 
 def cmd_sweep(args) -> int:
@@ -67,11 +52,8 @@ def cmd_sweep(args) -> int:
     upd = {}
     if args.sweep_id:
         upd["sweep_id"] = args.sweep_id
-    if args.store or args.endpoint_url or args.catalog:
-        st = spec.storage.model_dump()
-        st["url"] = args.store or st["url"]
-        st["endpoint_url"] = args.endpoint_url or st["endpoint_url"]
-        st["catalog"] = args.catalog or st["catalog"]
+    st = storage_override(args, spec.storage.model_dump())
+    if st is not None:
         upd["storage"] = st
     if args.workers:
         upd["resources"] = {**spec.resources.model_dump(), "workers": args.workers}
@@ -115,17 +97,18 @@ def cmd_sql(args) -> int:
     return 0
 
 
-def add_parsers(sub) -> None:
-    s = sub.add_parser("sweep", help="run a prompt sweep from a spec (or: sweep status|repair SWEEP_ID, sweep list)",
-                       description="ct-ray sweep SPEC.yaml [--address ADDR]: attribute every prompt on a Ray actor "
-                                   "pool into Parquet tables; re-running finishes only what is missing.  "
-                                   "ct-ray sweep status SWEEP_ID --store URL: progress read from storage.  "
-                                   "ct-ray sweep repair SWEEP_ID --store URL: remove every row of keys committed more "
-                                   "than once (two drivers at once), so the next run recomputes them.  "
-                                   "ct-ray sweep list --store URL: sweeps in a store.")
-    s.add_argument("what", nargs="+", metavar="SPEC.yaml | status SWEEP_ID | repair SWEEP_ID | list")
+def add_sweep(s) -> None:
+    s.description = ("ct-ray sweep SPEC.yaml [--address ADDR]: attribute every prompt on a Ray actor "
+                     "pool into Parquet tables; re-running finishes only what is missing.  "
+                     "ct-ray sweep status SWEEP_ID --store URL: progress read from storage.  "
+                     "ct-ray sweep repair SWEEP_ID --store URL: remove every row of keys committed more "
+                     "than once (two drivers at once), so the next run recomputes them.  "
+                     "ct-ray sweep list --store URL: sweeps in a store.")
+    s.add_argument("what", nargs="+", metavar="SPEC.yaml | status SWEEP_ID | repair SWEEP_ID | list",
+                   help="a SweepSpec YAML to run, or status / repair SWEEP_ID, or list")
     s.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
-    add_store_args(s, default=None)
+    add_store_args(s, default=None, store_help="storage URL (default: the spec's storage.url; status, repair, list: "
+                                               "./ct_ray_data)")
     s.add_argument("--sweep-id", help="override the spec's sweep_id")
     s.add_argument("--workers", type=int, help="override resources.workers")
     s.add_argument("--retry-errors", action="store_true", help="also retry prompts that failed permanently")
@@ -133,14 +116,13 @@ def add_parsers(sub) -> None:
                    help="another driver runs this sweep: wait up to SECONDS for it (default: refuse at once)")
     s.add_argument("--new-plan", action="store_true",
                    help="the spec's model/CLT/params differ from the sweep's committed plan: remove its rows, start over")
-    s.add_argument("--no-progress", action="store_true")
+    add_progress_arg(s)
     s.add_argument("--json", action="store_true", help="status as JSON")
     s.set_defaults(fn=cmd_sweep)
 
-    s = sub.add_parser("sql", help="SQL over the result tables (DuckDB; views graphs, nodes, edges, perturbations, "
-                                   "edge_heads, qk_attributions, features, train_metrics, feature_stats, circuit_paths, "
-                                   "supernodes, graph_diffs)")
-    s.add_argument("query", nargs="?")
+
+def add_sql(s) -> None:
+    s.add_argument("query", nargs="?", help="one read-only SQL statement over the views (see docs/sql.md)")
     add_store_args(s)
     from ..store.sql import FORMATS
 
