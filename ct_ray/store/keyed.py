@@ -14,7 +14,7 @@ import pyarrow as pa
 
 from ..errors import StorageError, one_line
 from .confine import check_data_files
-from .schemas import SCHEMAS
+from .schemas import SCHEMAS, empty_table
 
 
 def by_key(t: pa.Table) -> dict[str, pa.Table]:
@@ -131,7 +131,7 @@ class KeyedRows:
             raise
         except Exception as e:
             raise StorageError(f"cannot read table {self.name} of {self.url}: {one_line(e)}") from e
-        return pa.concat_tables(parts) if parts else schema.empty_table()
+        return pa.concat_tables(parts) if parts else empty_table(schema)
 
     def _scan_read(self, task, keys: list[str], columns: list[str]) -> pa.Table:
         from pyiceberg.expressions import In

@@ -314,6 +314,12 @@ def _full(name: str) -> pa.Schema:
 SCHEMAS = {name: _full(name) for name in _BASE}
 
 
+def empty_table(schema: pa.Schema) -> pa.Table:
+    """A table of no rows with `schema` (metadata kept). Not `schema.empty_table()`: that imports pandas (0.3-0.5 s,
+    most of `ct-ray sql`'s start-up on an empty store)."""
+    return pa.Table.from_batches([], schema=schema)
+
+
 def conform(table: pa.Table | list[dict] | dict, name: str, partition: str | None = None) -> pa.Table:
     """Cast `table` (an Arrow table, list of row dicts or dict of columns) to the table's schema: columns in order,
     missing nullable columns filled with nulls, the partition column set to `partition` when given. Unknown columns

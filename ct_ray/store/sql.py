@@ -20,7 +20,7 @@ import pyarrow as pa
 
 from ..errors import CTRayError, StorageError, one_line
 from .confine import check_data_files
-from .schemas import SCHEMAS, TABLE_NAMES
+from .schemas import SCHEMAS, TABLE_NAMES, empty_table
 from .tables import DEFAULT_STORE, PARTITION, Store
 
 FILTERED = ("nodes", "edges", "perturbations", "edge_heads", "qk_attributions")  # shown only for keys whose graphs row is ok
@@ -148,7 +148,7 @@ def connect(url: str = DEFAULT_STORE, *, store: Store | None = None, sql: str | 
     need = _needed(sql)
     allowed: list[str] = []
     for t in TABLE_NAMES:
-        empty = SCHEMAS[t].empty_table()
+        empty = empty_table(SCHEMAS[t])
         con.register(f"_empty_{t}", empty)
         files = data_files(store, t) if t in need else []
         src = f"_empty_{t}"

@@ -31,7 +31,7 @@ from .fs import filesystem, is_local, s3_config_kwargs
 from .keyed import as_schema
 from .names import check_rel, confined, is_name
 from .options import DEFAULT_STORE
-from .schemas import PARTITIONS, SCHEMAS, SWEEP_TABLES, TABLE_NAMES, TABLES_SCHEMA_VERSION, conform  # noqa: F401
+from .schemas import PARTITIONS, SCHEMAS, SWEEP_TABLES, TABLE_NAMES, TABLES_SCHEMA_VERSION, conform, empty_table  # noqa: F401
 
 SWEEPS_DIR = "_sweeps"
 PARTITION = "sweep_id"
@@ -180,13 +180,13 @@ class Store:
         schema = pa.schema([SCHEMAS[name].field(c) for c in want])
         t = self.existing_table(name)
         if t is None or t.current_snapshot() is None:
-            return schema.empty_table()
+            return empty_table(schema)
         expr = where if where is not None else AlwaysTrue()
         if partition is not None:
             expr = And(expr, EqualTo(part, str(partition)))
         if keys is not None:
             if not keys:
-                return schema.empty_table()
+                return empty_table(schema)
             expr = And(expr, In("key", list(keys)))
         have = {f.name for f in t.schema().fields}
         try:
