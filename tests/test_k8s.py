@@ -14,7 +14,7 @@ import yaml
 from ct_ray.deploy import kustomize
 from ct_ray.deploy.kustomize import KustomizeError, render
 from ct_ray.deploy.policy import containers, embedded_manifests, image_pinned, ray_cluster_specs, violations
-from ct_ray.deploy.validate import CRD_FILES, SCHEMA_DIR, validate, validate_crd
+from ct_ray.deploy.schema_check import CRD_FILES, SCHEMA_DIR, validate, validate_crd
 
 from ._deploy_helpers import pinned_ray, project_version
 

@@ -9,7 +9,7 @@ from ct_ray import load_clt, random_clt, save_clt
 from ct_ray.cli import main
 from ct_ray.errors import CTRayError
 from ct_ray.models import load_model
-from ct_ray.ops.evaluate import decide
+from ct_ray.ops.promotion import decide
 from ct_ray.ops.registry import Registry
 
 

@@ -115,7 +115,7 @@ def test_streamed_and_persisted_harvests_agree(harvested):
     import numpy as np
 
     from ct_ray.harvest.pipeline import build_contexts, harvest_dataset
-    from ct_ray.harvest.store import ActivationStore
+    from ct_ray.harvest.shards import ActivationStore
     from ct_ray.models import load_model
 
     spec = _spec(harvested).harvest
@@ -194,7 +194,7 @@ def test_data_parallel_replicas_equal_one_worker_on_the_joint_batch(harvested):
 
 
 def test_exported_clt_reproduces_trained_model(harvested):
-    from ct_ray.harvest.store import ActivationStore
+    from ct_ray.harvest.shards import ActivationStore
     from ct_ray.train.local import train_local
 
     spec = _spec(harvested, name="export")

@@ -28,9 +28,9 @@ from ..specs.attribution import AttributionSpec
 from . import budget as _budget
 from .budget import DEFAULT_MAX_FEATURE_NODES
 from .graph import Graph
+from .node_selection import RowFn, assemble, select
 from .replacement import Replacement
 from .rows import RowEngine
-from .select import RowFn, assemble, select
 
 
 @dataclass(frozen=True)

@@ -52,7 +52,7 @@ class HarvestActor:
         doc = np.asarray(batch["doc"])[b.numpy()]
         pos = (np.asarray(batch["offset"])[b.numpy()] + t.numpy()).astype(np.int32)
         if self.out is not None:
-            from .store import write_shard
+            from .shards import write_shard
 
             entry = write_shard(self.out, f"{int(batch['ctx'][0]):09d}", xs, ys, doc, pos, self.dtype)
             return {"entry": np.array([json.dumps(entry)])}
@@ -106,7 +106,7 @@ def harvest_to_store(spec: HarvestSpec, url: str, progress: bool = True) -> dict
 
     from ..models import load_model
     from ..store.fs import absolute_url
-    from .store import ActivationStore, write_manifest
+    from .shards import ActivationStore, write_manifest
 
     url = absolute_url(url)
     tok = load_model(spec.model).tokenizer

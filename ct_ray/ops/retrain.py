@@ -23,7 +23,7 @@ import subprocess
 from ..errors import CTRayError
 from ..specs import CanarySpec, RetrainSpec, TrainSpec, load_yaml
 from ..specs.retrain import stable_hash as _hash
-from .evaluate import decide, eval_id, evaluate_clt
+from .promotion import decide, eval_id, evaluate_clt
 from .registry import Registry
 
 STAGES = ("harvested", "trained", "registered", "evaluated", "decided", "promoted", "canary")

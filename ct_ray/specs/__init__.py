@@ -8,14 +8,14 @@ values rejected), the parts several jobs share (common.py), one module per job k
     intervention.py  interventions on features and splice modes (ct-ray perturb, validation)
     train.py         harvest, CLT shape, optimiser, training
     sweep.py         sweeps (and the graph-job part the retraining canary shares)
-    retrain.py       nightly retraining;  features.py  feature dashboards;  demo.py  the embedded demo
+    retrain.py       nightly retraining;  features.py  feature dashboards;  quickstart.py  the embedded demo
 """
 
 from .attribution import PLUGINS_ENV, AttributionSpec, PerturbationPlan, PlannedIntervention, PruneSpec, plugin_modules
 from .base import MAX_SPEC_BYTES, Spec, first_error, load_yaml, parse, read_yaml, safe_yaml
 from .common import CLTChoice, CommitSpec, PromptEntry, PromptFile, RandomCLTSpec, ResourceSpec, StorageSpec
-from .demo import QuickstartSpec
 from .features import FeaturesSpec
+from .quickstart import QuickstartSpec
 from .retrain import CanarySpec, EvalSetSpec, MarginsSpec, RetrainSpec
 from .sweep import GraphJobSpec, SweepSpec, load_sweep_spec, parse_sweep_spec
 from .train import CLTShapeSpec, HarvestSpec, OptimSpec, TrainSpec

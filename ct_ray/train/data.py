@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from ..harvest.store import ActivationStore
+from ..harvest.shards import ActivationStore
 
 
 def norm_scales(x_mean_norm, y_mean_norm, d_model: int) -> tuple[torch.Tensor, torch.Tensor]:
