@@ -85,3 +85,104 @@ def test_the_local_ray_token_notice_is_dropped():
     f = _QuietTokenNotice()
     assert not f.filter(rec("Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled ..."))
     assert f.filter(rec("Token authentication is disabled for this Ray cluster. Anyone with network access ..."))
+
+
+# --- start-up and the one options layer (issue 25) --------------------------------------------------------------
+# Runs each command in this one fresh process and reports, per command, the heavy modules loaded so far.
+_LIGHT_RUNNER = """
+import json, sys
+from ct_ray.cli import main
+out = []
+for argv in json.loads(sys.argv[1]):
+    try:
+        code = main(argv)
+    except SystemExit as e:  # --help, --version
+        code = e.code
+    out.append([argv, code, [m for m in ("torch", "transformers", "ray") if m in sys.modules]])
+sys.stdout.write("\\nLOADED " + json.dumps(out) + "\\n")
+"""
+
+
+def test_light_commands_do_not_import_torch(tmp_path):
+    """`--help`, `sql`, `tables`, `sweep status`, `export`, `serve` and every command's `--help` start without torch,
+    transformers or Ray (benchmarks/cli.py times them)."""
+    import json
+
+    from ct_ray.cli import COMMANDS
+
+    from .test_sql import _committed_store
+
+    store = _committed_store(tmp_path / "store", sid="s1").url
+    runs = [["--help"], ["--version"], ["sql", "SELECT count(*) FROM graphs", "--store", store],
+            ["tables", "list", "--store", store], ["tables"], ["sweep", "status", "s1", "--store", store],
+            ["sweep", "list", "--store", store], ["--debug", "sql", "SELECT 1", "--store", str(tmp_path / "empty")],
+            *([name, "--help"] for name in COMMANDS), ["tables", "compact", "--help"], ["clt", "list", "--help"]]
+    (tmp_path / "empty").mkdir()
+    r = subprocess.run([sys.executable, "-c", _LIGHT_RUNNER, json.dumps(runs)], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout.rsplit("\nLOADED ", 1)[1])
+    for argv, code, loaded in report:
+        assert code == (2 if argv == ["tables"] else 0), (argv, r.stderr[-2000:])
+        assert loaded == [], f"ct-ray {' '.join(argv)} imported {loaded}"
+
+
+def _all_parsers(p, path=("ct-ray",)):
+    import argparse
+
+    yield path, p
+    for a in p._actions:
+        if isinstance(a, argparse._SubParsersAction):
+            for name, sp in a.choices.items():
+                yield from _all_parsers(sp, (*path, name))
+
+
+def _options(p) -> set[str]:
+    return {o for a in p._actions for o in a.option_strings}
+
+
+def test_every_option_has_help_and_debug_goes_anywhere(capsys, tmp_path):
+    import argparse
+
+    from ct_ray import __version__
+    from ct_ray.cli import build_parser
+
+    for path, p in _all_parsers(build_parser()):
+        for a in p._actions:
+            if not isinstance(a, argparse._SubParsersAction):
+                assert a.help and a.help != argparse.SUPPRESS, f"{' '.join(path)} {a.option_strings or a.dest}: no help"
+        assert "--debug" in _options(p), path
+    p = build_parser()
+    assert p.parse_args(["--debug", "tables", "list"]).debug and p.parse_args(["tables", "list", "--debug"]).debug
+    assert not p.parse_args(["tables", "list"]).debug
+    assert main(["--version"]) == 0 and capsys.readouterr().out.strip() == f"ct-ray {__version__}"
+    for group, commands in ((["tables"], "list, compact, expire, vacuum, import"), (["clt"], "random, list"),
+                            ([], "models, attribute")):
+        code, out, err = _run(capsys, *group)
+        assert code == 2 and out.startswith(f"usage: {' '.join(['ct-ray', *group])}"), out  # the group's help
+        assert len(err.strip().splitlines()) == 1 and commands in err and "tables_cmd" not in err, err
+
+
+def test_one_options_layer():
+    """Every command that opens a store takes --store/--catalog/--endpoint-url; every long one --no-progress (alias
+    --quiet); attribute's and perturb's defaults are the specs'."""
+    from ct_ray.cli import build_parser
+    from ct_ray.specs import AttributionSpec, PruneSpec
+    from ct_ray.specs.intervention import ValidationSpec
+
+    parsers = {" ".join(path[1:]): p for path, p in _all_parsers(build_parser())}
+    store_cmds = ["sql", "sweep", "serve", "features", "export", "analyze", "diff", "tables list", "tables compact",
+                  "tables expire", "tables vacuum", "tables import"]
+    for c in store_cmds:
+        assert {"--store", "--catalog", "--endpoint-url"} <= _options(parsers[c]), c
+    for c in ["attribute", "perturb", "harvest", "train", "demo", "sweep", "features", "export", "analyze", "diff",
+              "tables compact", "tables import"]:
+        acts = {o: a for a in parsers[c]._actions for o in a.option_strings}
+        assert acts["--quiet"] is acts["--no-progress"] and acts["--quiet"].dest == "no_progress", c
+    a = parsers["attribute"].parse_args(["hi"])
+    for f in ("max_n_logits", "desired_logit_prob", "batch_size", "max_feature_nodes", "heads_top", "qk_topk"):
+        assert getattr(a, f) == AttributionSpec.field_default(f), f
+    for f in ("node_threshold", "edge_threshold"):
+        assert getattr(a, f) == PruneSpec.field_default(f) == getattr(parsers["perturb"].parse_args([]), f), f
+    pt = parsers["perturb"].parse_args([])
+    assert (pt.top_k, pt.batch_size) == (ValidationSpec.field_default("top_k"), ValidationSpec.field_default("batch_size"))
