@@ -247,3 +247,28 @@ class Graph:
             "n_features": self.n_features,
             **self.scores(),
         }
+
+
+def graph_rows(full: Graph, pruned: Graph, which: str = "pruned", key: str | None = None) -> tuple[pa.Table, pa.Table]:
+    """The `nodes` and `edges` rows of a graph and its pruned subgraph, as a sweep writes them and `ct-ray attribute
+    --out` saves them: `which` 'pruned' (the pruned graph's rows) or 'full' (every row of the full graph, its
+    influence filled), each row with `kept` (in the pruned graph) and, given `key`, the graph's key first."""
+    if which == "pruned":
+        nodes, edges = pruned.nodes, pruned.edges()
+        kept_n = np.ones(nodes.num_rows, dtype=bool)
+        kept_e = np.ones(edges.num_rows, dtype=bool)
+    elif which == "full":
+        nodes, edges = full.with_influence().nodes, full.edges()
+        kept_n = np.isin(nodes.column("node").to_numpy(), pruned.nodes.column("node").to_numpy())
+        pe, n = pruned.edges(), np.int64(full.n_nodes)
+        code = lambda e: e.column("source").to_numpy().astype(np.int64) * n + e.column("target").to_numpy()  # noqa: E731
+        kept_e = np.isin(code(edges), code(pe))
+    else:
+        raise ValueError(f"which: 'pruned' or 'full', not {which!r}")
+    nodes = nodes.append_column("kept", pa.array(kept_n))
+    edges = edges.append_column("kept", pa.array(kept_e))
+    if key is not None:
+        nodes = nodes.add_column(0, "key", pa.array([key] * nodes.num_rows, pa.string()))
+        edges = edges.add_column(0, "key", pa.array([key] * edges.num_rows, pa.string()))
+    return nodes, edges
+

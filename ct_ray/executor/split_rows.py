@@ -124,10 +124,9 @@ class SplitRows:
             raise CTRayError(f"workers must be at least 1, got {workers}")
         if bool(clt) == bool(random_clt):
             raise CTRayError("give the row workers exactly one of clt (a CLT URL) and random_clt")
-        if os.path.isdir(os.path.expanduser(str(model))):  # a worker's working directory is not the driver's
-            model = os.path.abspath(os.path.expanduser(str(model)))
-        if clt and "://" not in clt and os.path.exists(os.path.expanduser(clt)):
-            clt = os.path.abspath(os.path.expanduser(clt))
+        from ..store.fs import worker_locations
+
+        model, clt = worker_locations(model, clt)
         self.cfg = {"model": str(model), "clt": clt, "clt_options": clt_options or {}, "random_clt": random_clt,
                     "device": "cuda" if num_gpus > 0 else "cpu", "torch_threads": torch_threads or max(1, int(num_cpus))}
         self.num_cpus, self.num_gpus, self.retries = num_cpus, num_gpus, retries

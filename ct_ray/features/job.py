@@ -23,6 +23,7 @@ from ..errors import CTRayError, one_line
 from ..executor.pool import ActorPool
 from ..specs import FeaturesSpec, load_yaml, parse
 from ..store.commit import replace_partition
+from ..store.fs import worker_locations
 from ..store.schemas import TABLES_SCHEMA_VERSION, conform
 from . import accumulate as acc
 
@@ -193,12 +194,10 @@ def run_features(spec: FeaturesSpec, *, address: str | None = None, progress: bo
     if prev and prev.get("job") == job and _committed_job(store, cid) == job:
         return {**prev, "skipped": True}
     store.check_writable()
-    clt = spec.clt
-    if clt and "://" not in clt and os.path.exists(os.path.expanduser(clt)):
-        clt = os.path.abspath(os.path.expanduser(clt))  # actors run in other directories
+    model, clt = worker_locations(spec.model, spec.clt)  # actors run in other directories
     ctxs, tok = _contexts(spec)
     d_tc = _clt_widths(spec, clt)
-    cfg = {"model": os.path.abspath(spec.model) if os.path.isdir(spec.model) else spec.model, "clt": clt,
+    cfg = {"model": model, "clt": clt,
            "random_clt": spec.random_clt.model_dump() if spec.random_clt else None, "num_cpus": spec.num_cpus,
            **spec.model_dump(include={"batch_contexts", "top_k", "samples", "window"})}
     state = _run_actors(spec, cfg, ctxs, sum(d_tc), address, progress)

@@ -82,6 +82,18 @@ def absolute_url(url: str | None) -> str | None:
     return os.path.abspath(str(url).removeprefix("file://"))
 
 
+def worker_locations(model: str, clt: str | None) -> tuple[str, str | None]:
+    """A model and a CLT as a Ray worker must be told them: local folders and files made absolute (the worker's
+    working directory is not the driver's, `~` is expanded), built-in names, hub ids and URLs unchanged. The one
+    place sweeps, feature jobs and split rows prepare their actors' model and CLT."""
+    model = str(model)
+    if os.path.isdir(os.path.expanduser(model)):
+        model = os.path.abspath(os.path.expanduser(model))
+    if clt and "://" not in clt and os.path.exists(os.path.expanduser(clt)):
+        clt = os.path.abspath(os.path.expanduser(clt))
+    return model, clt
+
+
 def is_local(fs) -> bool:
     return "file" in (fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,))
 

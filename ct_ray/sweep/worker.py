@@ -17,11 +17,10 @@ import time
 import traceback
 import uuid
 
-import numpy as np
 import pyarrow as pa
 
 from ..errors import CTRayError, PromptError, StorageError, one_line
-from ..specs import AttributionSpec, PerturbationPlan
+from ..specs import AttributionSpec, PerturbationPlan, PruneSpec
 from ..store.schemas import TABLES_SCHEMA_VERSION
 from ..store.writer import RowBuffer, sweep_writer_configs
 from .perturbation import error_rows, finish_rows, resolve, select_nodes
@@ -33,12 +32,9 @@ CRASH_ENV = "CT_RAY_FAULT_CRASH_PROMPT"  # fault injection (tests): a worker han
 
 def worker_config(spec, store, device: str = "cpu") -> dict:
     """The small, picklable description a worker is built from (never model objects)."""
-    model = spec.model
-    if os.path.isdir(os.path.expanduser(model)):
-        model = os.path.abspath(os.path.expanduser(model))
-    clt = spec.clt
-    if clt and "://" not in clt and os.path.exists(os.path.expanduser(clt)):
-        clt = os.path.abspath(os.path.expanduser(clt))
+    from ..store.fs import worker_locations
+
+    model, clt = worker_locations(spec.model, spec.clt)
     r = spec.resources
     return {
         "sweep_id": spec.sweep_id,
@@ -84,7 +80,8 @@ class SweepWorker:
         self.rows = RowBuffer(cfg["writers"], cfg["sweep_id"])
         self.model, self.clt = load_model_and_clt(cfg["model"], cfg["clt"], cfg["random_clt"],
                                                   clt_options=cfg["clt_options"], device=cfg["device"])
-        self.aspec = AttributionSpec.model_validate(cfg["attribution"])
+        self.aspec = AttributionSpec.model_validate(cfg["attribution"])  # typed from the spec to the worker
+        self.pspec = PruneSpec.model_validate(cfg["pruning"])
         self.plan = PerturbationPlan.model_validate(cfg["plan"])
         self.plan_hash = self.plan.plan_hash()
         self.perturb_fn, self.perturb_skip = resolve(self.plan)
@@ -126,7 +123,7 @@ class SweepWorker:
         t0 = time.perf_counter()
         g = attribute(self.model, self.clt, prompt, **self.aspec.attribute_kwargs())
         t1 = time.perf_counter()
-        p = g.prune(**self.cfg["pruning"])
+        p = g.prune(**self.pspec.model_dump())
         return g.with_influence(), p, t1 - t0, time.perf_counter() - t1
 
     def _attention(self, p):
@@ -169,7 +166,9 @@ class SweepWorker:
             m, fs, ps = g.meta, g.scores(), p.scores()
             t_w = time.perf_counter()
             t_compute = t_w - t_start  # attribute + prune + scores
-            nodes, edges = self._tables(g, p, key)
+            from ..attribution.graph import graph_rows
+
+            nodes, edges = graph_rows(g, p, self.cfg["graph_rows"], key)
             self.rows.add("nodes", nodes)
             self.rows.add("edges", edges)
             if att is not None:
@@ -205,25 +204,6 @@ class SweepWorker:
                 "n_nodes": row.get("n_nodes"), "n_features_pruned": row.get("n_features_pruned"),
                 "perturb_nodes": perturb_nodes, "worker": self.worker, "pid": os.getpid(),
                 "compute_seconds": t_compute, "seconds": time.perf_counter() - t_start}
-
-    def _tables(self, g, p, key: str) -> tuple[pa.Table, pa.Table]:
-        if self.cfg["graph_rows"] == "pruned":
-            nodes, edges = p.nodes, p.edges()
-            kept_n = np.ones(nodes.num_rows, dtype=bool)
-            kept_e = np.ones(edges.num_rows, dtype=bool)
-        else:
-            nodes, edges = g.nodes, g.edges()
-            kept_n = np.isin(nodes.column("node").to_numpy(), p.nodes.column("node").to_numpy())
-            pe = p.edges()
-            n = np.int64(g.n_nodes)
-            full_code = edges.column("source").to_numpy().astype(np.int64) * n + edges.column("target").to_numpy()
-            pr_code = pe.column("source").to_numpy().astype(np.int64) * n + pe.column("target").to_numpy()
-            kept_e = np.isin(full_code, pr_code)
-        nodes = nodes.append_column("key", pa.array([key] * nodes.num_rows, pa.string()))
-        nodes = nodes.append_column("kept", pa.array(kept_n))
-        edges = edges.append_column("key", pa.array([key] * edges.num_rows, pa.string()))
-        edges = edges.append_column("kept", pa.array(kept_e))
-        return nodes, edges
 
     def _remember(self, key, graph):
         self.cache[key] = graph
