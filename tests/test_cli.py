@@ -186,3 +186,36 @@ def test_one_options_layer():
         assert getattr(a, f) == PruneSpec.field_default(f) == getattr(parsers["perturb"].parse_args([]), f), f
     pt = parsers["perturb"].parse_args([])
     assert (pt.top_k, pt.batch_size) == (ValidationSpec.field_default("top_k"), ValidationSpec.field_default("batch_size"))
+
+
+def test_store_flags_override_the_specs_storage(tmp_path, monkeypatch):
+    """`sweep SPEC` and `features` take the same --store/--catalog/--endpoint-url, applied over the spec's `storage:`."""
+    import ct_ray.features.job as fjob
+    import ct_ray.sweep.runner as runner
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def capture(name):
+        def fn(spec, **kw):
+            seen[name] = spec.storage
+            raise Stop
+
+        return fn
+
+    monkeypatch.setattr(runner, "run_sweep", capture("sweep"))
+    monkeypatch.setattr(fjob, "run_features", capture("features"))
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text("sweep_id: s\nmodel: m\nrandom_clt: {features: 4}\nprompts: [{prompt: hi}]\n"
+                    "storage: {url: /spec/store, endpoint_url: http://spec:9000}\n")
+    cat = f"sqlite:///{tmp_path}/c.db"
+    for argv, name in ((["sweep", str(spec), "--store", str(tmp_path / "st"), "--catalog", cat], "sweep"),
+                       (["features", "--random-clt", "4", "--store", str(tmp_path / "st"), "--catalog", cat,
+                         "--endpoint-url", "http://flag:9000"], "features")):
+        with pytest.raises(Stop):
+            main([*argv, "--debug"])  # --debug: main lets the exception through
+        st = seen[name]
+        assert (st.url, st.catalog) == (str(tmp_path / "st"), cat), name
+        assert st.endpoint_url == ("http://spec:9000" if name == "sweep" else "http://flag:9000")
