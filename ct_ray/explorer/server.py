@@ -5,7 +5,7 @@ PUT /api/supernodes (403 unless --allow-write), GET / and /static/* (the page bu
 Request bodies over MAX_BODY are refused with 413 before being read; paths with `..`, backslashes or control
 characters (also once or twice percent-encoded) with 400; static files are served only from inside the static
 folder. Host, Origin, query string and JSON depth are checked first (guard.py); connections are served by a bounded
-pool with read timeouts (pool.py). Every refusal is a JSON `{"error": one line}`.
+pool with read timeouts (http_pool.py). Every refusal is a JSON `{"error": one line}`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from ..errors import CTRayError
 from ..store.tables import Store
 from .api import BadRequest, ExplorerAPI, Forbidden, NotFound
 from .guard import Refused, allowed_names, check_headers, check_json_depth, parse_query
-from .pool import BoundedHTTPServer, DeadlineReader
+from .http_pool import BoundedHTTPServer, DeadlineReader
 
 log = logging.getLogger(__name__)
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
