@@ -13,21 +13,12 @@ from .errors import CTRayError
 __version__ = "0.1.0"
 # The public API, imported on first use (PEP 562): `import ct_ray.store...` or `ct_ray.analysis...` (the CLI's table
 # commands, analysis tasks on Ray workers) then never loads torch and transformers.
+from .exports import lazy_exports
+
 _LAZY = {"attribute": ".attribution.attribute", "Graph": ".attribution.graph", "load_clt": ".clt.io",
          "save_clt": ".clt.io", "save_transcoder_set": ".clt.io", "CrossLayerTranscoder": ".clt.transcoder",
          "random_clt": ".clt.transcoder", "LoadedModel": ".models", "list_builtin": ".models", "load_model": ".models"}
 __all__ = [*_LAZY, "CTRayError", "__version__"]
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'ct_ray' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, __all__)

@@ -28,11 +28,11 @@ def _add_models(s) -> None:
 
 
 def _add_attribute(s) -> None:
-    from .cliargs import add_progress_arg, positive_int
-    from .specs import AttributionSpec, PruneSpec, RandomCLTSpec
+    from .cliargs import add_progress_arg, add_prune_args, positive_int
+    from .specs import AttributionSpec, RandomCLTSpec
     from .specs.common import DEFAULT_MODEL
 
-    a, pr = AttributionSpec.field_default, PruneSpec.field_default  # one default per setting: the specs'
+    a = AttributionSpec.field_default  # one default per setting: the specs'
     s.add_argument("prompt", help="the prompt text; the graph explains its next-token logits")
     s.add_argument("--model", default=DEFAULT_MODEL,
                    help="built-in name, local HF directory or hub id (default %(default)s)")
@@ -53,10 +53,7 @@ def _add_attribute(s) -> None:
     s.add_argument("--max-feature-nodes", type=_feature_nodes, default=a("max_feature_nodes"),
                    help="feature nodes kept, chosen by influence (default %(default)s, as circuit-tracer); "
                         "'all': every one")
-    s.add_argument("--node-threshold", type=float, default=pr("node_threshold"),
-                   help="pruning keeps the nodes up to this cumulative influence (default %(default)s)")
-    s.add_argument("--edge-threshold", type=float, default=pr("edge_threshold"),
-                   help="pruning keeps the edges up to this cumulative influence (default %(default)s)")
+    add_prune_args(s)
     s.add_argument("--workers", type=positive_int, default=1,
                    help="split the prompt's rows over N Ray workers, each holding the model and the CLT (default 1: "
                         "in this process; docs/attribution.md)")

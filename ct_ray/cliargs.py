@@ -24,6 +24,15 @@ def positive_int(v: str) -> int:
     return n
 
 
+def add_prune_args(p, what: str = "pruning keeps") -> None:
+    """--node-threshold / --edge-threshold, their defaults from PruneSpec (one default per setting)."""
+    from .specs import PruneSpec
+
+    for name in ("node", "edge"):
+        p.add_argument(f"--{name}-threshold", type=float, default=PruneSpec.field_default(f"{name}_threshold"),
+                       help=f"{what} the {name}s up to this cumulative influence (default %(default)s)")
+
+
 def add_progress_arg(p) -> None:
     """`--no-progress` (alias `--quiet`): no progress bars. Read it as `args.no_progress`."""
     p.add_argument("--no-progress", "--quiet", dest="no_progress", action="store_true",

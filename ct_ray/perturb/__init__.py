@@ -14,6 +14,8 @@ table rows load without torch until an intervention runs.
 import sys
 import types
 
+from ..exports import lazy_exports
+
 _LAZY = {
     **dict.fromkeys(("Intervention", "InterventionError", "PositionRange", "SpliceMode", "ablate", "steer"),
                     "..specs.intervention"),
@@ -37,18 +39,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, __all__)
 
 
 class _Package(types.ModuleType):

@@ -11,12 +11,12 @@ from ..specs.intervention import InterventionError
 
 def add_perturb(s) -> None:
     """`ct-ray perturb`'s arguments (ct_ray/cli.py's command registry); defaults from ValidationSpec and PruneSpec."""
-    from ..cliargs import add_progress_arg, positive_int
-    from ..specs import PruneSpec, RandomCLTSpec
+    from ..cliargs import add_progress_arg, add_prune_args, positive_int
+    from ..specs import RandomCLTSpec
     from ..specs.common import DEFAULT_MODEL
     from ..specs.intervention import DEFAULT_OPS, ValidationSpec
 
-    v, pr = ValidationSpec.field_default, PruneSpec.field_default
+    v = ValidationSpec.field_default
     s.add_argument("--model", default=DEFAULT_MODEL, help="built-in name, local HF directory or hub id "
                                                          "(default %(default)s)")
     s.add_argument("--clt", help="CLT directory URL (circuit-tracer layout; local path or s3://)")
@@ -33,10 +33,7 @@ def add_perturb(s) -> None:
     s.add_argument("--ops", default=",".join(f"{op}:{val:g}" for op, val in DEFAULT_OPS),
                    help="comma-separated OP:VALUE (set/scale/add; default %(default)s)")
     s.add_argument("--supernodes", metavar="FILE", help="YAML/JSON list of {name, nodes} to perturb as well")
-    s.add_argument("--node-threshold", type=float, default=pr("node_threshold"),
-                   help="pruning of an unpruned graph: nodes up to this cumulative influence (default %(default)s)")
-    s.add_argument("--edge-threshold", type=float, default=pr("edge_threshold"),
-                   help="pruning of an unpruned graph: edges up to this cumulative influence (default %(default)s)")
+    add_prune_args(s, "pruning of an unpruned graph keeps")
     s.add_argument("--batch-size", type=int, default=v("batch_size"),
                    help="interventions per forward pass (default %(default)s)")
     s.add_argument("--all-logits", action="store_true", help="print every logit node, not only the top one")

@@ -4,6 +4,8 @@ Parquet tables in object storage (ct_ray.store), resumable and idempotent. See d
 The names below are imported on first use (PEP 562): `ct-ray sweep status`, `ct-ray sql` and the other light commands
 import `ct_ray.sweep.cli` / `ct_ray.sweep.status` without loading the runner (torch, Ray)."""
 
+from ..exports import lazy_exports
+
 _LAZY = {
     **dict.fromkeys(("PerturbationPlan", "PlannedIntervention", "PromptEntry", "PromptFile", "RandomCLTSpec",
                      "ResourceSpec", "StorageSpec", "SweepSpec", "load_sweep_spec", "parse_sweep_spec"), "..specs"),
@@ -16,15 +18,4 @@ __all__ = ["SweepSpec", "PromptEntry", "PromptFile", "RandomCLTSpec", "Perturbat
            "sweep_status", "read_prompts", "task_key", "PromptItem"]
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, __all__)
