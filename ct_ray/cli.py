@@ -137,8 +137,11 @@ def _cmd_attribute(args) -> int:
         from .store.tables import Store
 
         dest = Store(args.out)  # each file written whole (temporary + rename), never half
-        for name, table in (("nodes", graph.with_influence().nodes), ("edges", graph.edges()),
-                            ("pruned_nodes", pruned.nodes),
+        from .attribution.graph import graph_rows
+
+        # the sweep's row types: the full graph's rows with `kept`, and the pruned graph's
+        full_nodes, full_edges = graph_rows(graph, pruned, "full")
+        for name, table in (("nodes", full_nodes), ("edges", full_edges), ("pruned_nodes", pruned.nodes),
                             ("pruned_edges", pruned.edges()),
                             *((("edge_heads", att.edge_heads), ("qk_attributions", att.qk_rows)) if att else ())):
             buf = pa.BufferOutputStream()
