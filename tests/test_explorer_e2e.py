@@ -10,6 +10,7 @@ import subprocess
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from ct_ray.explorer.server import STATIC_DIR, make_server
@@ -44,8 +45,9 @@ def tiny_sweep(ray_local, tiny_dir, tmp_path_factory):
     rclt = {"features": 24, "seed": 3, "firing_rate": 0.15}
     spec = parse_sweep_spec({"sweep_id": "tiny", "model": str(tiny_dir), "random_clt": rclt, "storage": store,
                              "prompts": ["The cat sat on the", "Paris is in"], "resources": {"workers": 1, "num_cpus": 1},
-                             "attribution": {"max_n_logits": 3, "batch_size": 64, "heads": True, "qk": True},
-                             "perturbation": {"top_k": 3, "interventions": [{"op": "scale", "value": -1}]}})
+                             "attribution": {"max_n_logits": 8, "batch_size": 64, "heads": True, "qk": True},
+                             "perturbation": {"top_k": 3, "interventions": [{"op": "scale", "value": -1},
+                                                                            {"op": "scale", "value": -1, "mode": "free"}]}})
     r = run_sweep(spec)
     assert r.ok == 2
     corpus = tmp / "corpus.txt"
@@ -128,7 +130,13 @@ def test_explorer_in_chromium(tiny_sweep):
     out = json.loads(p.stdout.strip().splitlines()[-1])
     assert out["errors"] == []
     assert out["listed"] == 5  # both sweeps
-    # the stored (pruned) graph, whole: every node and edge of its rows
+    # it opens pruned at the thresholds the sweep pruned with (PruneSpec's defaults): ct_ray's pruning rule over the
+    # stored rows, then the strongest edges up to 98% of |weight|
+    assert out["opened_sliders"] == {"th": [0.8, 0.98], "values": [0.8, 0.98], "shown": ["0.80", "0.98"]}
+    assert out["opened"] == expected_view(st, "tiny", row["key"], 0.8, 0.98)
+    assert out["opened"][0] < row["n_nodes_pruned"]
+    check_labels(out["labels"], min_labels=5)
+    # at 1: the stored (pruned) graph, whole: every node and edge of its rows
     assert out["full"] == [row["n_nodes_pruned"], row["n_edges_pruned"]]
     assert out["restored"] == out["full"]
     assert out["node_th"][0] < out["full"][0] and out["both_th"][1] < out["node_th"][1]
@@ -138,10 +146,16 @@ def test_explorer_in_chromium(tiny_sweep):
     # supernodes: saved to the store (server started with --allow-write) and shown again after a reload
     assert out["selected"] == "selected: 2" and out["save_status"] == "saved"
     assert out["after_reload"] == ["my group (2)"] and len(out["in_supernode"]) == 2
-    # perturbation results: one predicted-vs-measured point per measured row
-    assert out["pert_points"] > 0
-    # a graph JSON file opened in the page: the same graph as the export holds
-    assert out["file"] == [len(gj["nodes"]), len(gj["links"])]
+    # perturbation results: one predicted-vs-measured point per measured row, constrained and free rows apart
+    _check_perturbations(out, st.read("perturbations", "tiny", keys=[row["key"]]).to_pylist())
+    # a graph JSON file opened in the page: the same graph as the export holds, opened where the viewers open it
+    md = gj["metadata"]
+    assert out["file_total"] == out["file"] == [len(gj["nodes"]), len(gj["links"])]
+    assert out["file_sliders"]["th"] == [md["node_threshold"], md["pruning_settings"]["edge_threshold"]] == [
+        md["node_threshold"], 0.98]
+    assert out["file_opened"][0] == sum(n["feature_type"] in ("embedding", "logit") or n["influence"] <= md["node_threshold"]
+                                        for n in gj["nodes"]) < len(gj["nodes"])
+    check_labels(out["file_labels"], min_labels=3)
     assert out["file_edge_hits"] == sum(bool(link.get("heads")) for link in gj["links"]) > 0  # its links' heads
     _check_attention(out, attn, row)
     # automatic supernodes: the groups of the supernodes table, their members coloured; hand-made editing still works
@@ -165,6 +179,75 @@ def test_explorer_in_chromium(tiny_sweep):
     assert out["diff_nodes"] == [row["n_nodes_pruned"], b["n_nodes_pruned"]]
     assert out["diff_row"] == "1" and "edge change L1" in out["diff_text"]
     assert out["diff_prompts"] == 2
+
+
+def expected_view(st, sweep, key, node_th, edge_th) -> list[int]:
+    """[nodes, edges] the page draws of a stored graph at these thresholds: embeddings and logits, the smallest most
+    influential set of feature / error nodes whose share of their influence reaches node_th (ct_ray's pruning rule),
+    then among the edges between them the strongest up to edge_th of their |weight|."""
+    nodes = st.read("nodes", sweep, keys=[key]).to_pylist()
+    ranked = sorted((n for n in nodes if n["kind"] in ("feature", "error")), key=lambda n: -max(0.0, n["influence"] or 0))
+    total = sum(max(0.0, n["influence"] or 0) for n in ranked) or 1
+    shown, acc = {n["node"] for n in nodes if n["kind"] not in ("feature", "error")}, 0.0
+    for n in ranked:
+        if acc / total >= node_th - 1e-9:
+            break
+        shown.add(n["node"])
+        acc += max(0.0, n["influence"] or 0)
+    w = sorted((abs(e["weight"]) for e in st.read("edges", sweep, keys=[key]).to_pylist()
+                if e["source"] in shown and e["target"] in shown), reverse=True)
+    tot, acc, kept = sum(w) or 1, 0.0, 0
+    for x in w:
+        acc += x
+        kept += acc / tot <= edge_th + 1e-9
+    return [len(shown), kept]
+
+
+def check_labels(got, min_labels):
+    """One label per logit, level text inside the drawing, no two boxes overlapping; long tokens truncated, the
+    whole token in the tooltip."""
+    labels = got["labels"]
+    assert len(labels) == got["logits"] >= min_labels
+    l0, t0, r0, b0 = got["svg"]
+    for i, a in enumerate(labels):
+        la, ta, ra, ba = a["box"]
+        assert l0 <= la < ra <= r0 and t0 <= ta < ba <= b0, a
+        assert ba - ta < 20, a  # level, one line high (a slanted label's box is as tall as it is long)
+        for b in labels[i + 1:]:
+            lb, tb, rb, bb = b["box"]
+            assert ra <= lb or rb <= la or ba <= tb or bb <= ta, (a, b)
+        token = a["title"].rsplit(" p=", 1)[0]
+        shown = a["text"].rsplit(" ", 1)[0]
+        assert shown == token if len(token) <= 16 else (len(shown) == 16 and shown.endswith("…")
+                                                          and token.startswith(shown[:-1]))
+        assert a["title"].endswith(f"({a['id']})")
+
+
+def _check_perturbations(out, rows):
+    """Two figures, constrained and free rows apart, each with ticks on both axes, axis titles and its own sign
+    agreement and Spearman's rho; the constrained one says it is exact by construction."""
+    from scipy.stats import spearmanr
+
+    ok = [r for r in rows if r["status"] == "ok" and r["predicted_delta"] is not None and r["measured_delta"] is not None]
+    assert out["pert_points"] == len(ok) > 0
+    figs = {f["mode"]: f for f in out["pert"]}
+    assert sorted(figs) == ["constrained", "free"]
+    for mode, f in figs.items():
+        pts = [r for r in ok if (r["mode"] == "constrained") == (mode == "constrained")]
+        assert f["points"] == f["circles"] == len(pts) > 0, mode
+        agree = sum(np.sign(r["predicted_delta"]) == np.sign(r["measured_delta"]) for r in pts)
+        assert f["agree"] == agree and "sign agreement " in f["caption"] and f"% ({agree}/{len(pts)})" in f["caption"]
+        rho = spearmanr([r["predicted_delta"] for r in pts], [r["measured_delta"] for r in pts]).statistic
+        if len(pts) >= 3 and np.isfinite(rho):
+            assert f["spearman"] == pytest.approx(rho, abs=1e-6) and f"Spearman ρ {rho:.3f}" in f["caption"]
+        assert len(f["xticks"]) >= 3 and len(f["yticks"]) >= 3
+        assert all(np.isfinite(float(t.replace("−", "-"))) for t in f["xticks"] + f["yticks"])
+        assert f["axis_titles"] == ["predicted Δ (graph)", "measured Δ (model)"]
+        assert f["title"].startswith(("Constrained mode" if mode == "constrained" else "Free mode") + f": {len(pts)} ")
+    assert "exact by construction" in figs["constrained"]["caption"].lower()
+    assert "exact by construction" not in figs["free"]["caption"].lower()
+    n_c = sum(r["mode"] == "constrained" for r in ok)
+    assert f"{n_c} in constrained mode, {len(ok) - n_c} in free mode" in out["pert_summary"]
 
 
 def auto_name(name: str) -> str:
@@ -198,6 +281,7 @@ def _check_attention(out, attn, row):
         return f"L{h['layer']}.H{h['head']}" if h["layer"] >= 0 else "other heads" if h["head"] == -2 else "residual path"
 
     assert out["attn_none"] == {"hits": 0, "ringed": 0, "hidden": [True, True]}  # tiny-b: no attention data
+    assert out["attn_b_opened_at"] == [0.5, 0.98]  # tiny-b pruned at node_threshold 0.5: its sliders open there
     assert out["attn_flags"] == ["1", len(attn["qk_nodes"])]
     assert out["edge_hits"] == row["n_edges_pruned"] and out["qk_ringed"] == attn["qk_nodes"]
     # the edge: one row per stored row, by |weight|, the largest bar full; they sum to the edge's weight

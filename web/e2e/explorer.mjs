@@ -16,13 +16,32 @@ try {
   const errors = [];
   page.on("pageerror", (e) => errors.push(String(e)));
   const counts = () => page.$eval("#graph", (s) => [+s.dataset.nodes, +s.dataset.edges]);
+  const totals = () => page.$eval("#graph", (s) => [+s.dataset.totalNodes, +s.dataset.totalEdges]);
+  // where the sliders stand: the exact thresholds, the sliders' own (rounded) values, the numbers shown
+  const sliders = () => page.$eval("#controls", (c) => ({ th: [+c.dataset.nodeTh, +c.dataset.edgeTh],
+    values: [...c.querySelectorAll("input[type=range]")].map((e) => +e.value),
+    shown: [...c.querySelectorAll("output")].map((e) => e.textContent) }));
+  // the logit labels: text, tooltip and box (page pixels), and the svg's box
+  const labels = (sel) => page.$eval(sel, (svg) => ({ svg: (({ left, top, right, bottom }) => [left, top, right, bottom])(svg.getBoundingClientRect()),
+    logits: svg.querySelectorAll(".node.logit").length,
+    labels: [...svg.querySelectorAll(".logit-label")].map((g) => {
+      const t = g.querySelector("text"), b = t.getBoundingClientRect();
+      return { id: g.dataset.id, text: t.firstChild.nodeValue, title: t.querySelector("title").textContent,
+               box: [b.left, b.top, b.right, b.bottom] };
+    }) }));
   const url = `${base}/#sweep=${encodeURIComponent(sweep)}&key=${encodeURIComponent(key)}`;
   await page.goto(url);
   await page.waitForSelector("body[data-ready='1']", { timeout: 15000 });
   await page.waitForFunction(() => +document.getElementById("graph").dataset.nodes > 0, null, { timeout: 15000 });
   out.listed = await page.$$eval("#graph-list li", (l) => l.length);
-  out.full = await counts();
+  // the graph opens pruned at the thresholds it was pruned with
+  out.opened = await counts();
+  out.opened_sliders = await sliders();
+  out.labels = await labels("#graph");
   const setTh = (id, v) => page.$eval(id, (el, v) => { el.value = v; el.dispatchEvent(new Event("input")); }, v);
+  await setTh("#node-th", "1");
+  await setTh("#edge-th", "1");
+  out.full = await counts();
   await setTh("#node-th", "0.3");
   out.node_th = await counts();
   await setTh("#edge-th", "0.5");
@@ -30,8 +49,18 @@ try {
   await setTh("#node-th", "1");
   await setTh("#edge-th", "1");
   out.restored = await counts();
-  await page.waitForFunction(() => +document.getElementById("pert-plot").dataset.points >= 0);
-  out.pert_points = +(await page.$eval("#pert-plot", (s) => s.dataset.points));
+  // perturbations: one figure per splice mode, with ticks, axis titles and its own agreement
+  await page.waitForFunction(() => document.getElementById("pert-summary").textContent !== "", null, { timeout: 15000 });
+  out.pert_points = +(await page.$eval("#pert", (s) => s.dataset.points));
+  out.pert_summary = await page.$eval("#pert-summary", (s) => s.textContent);
+  out.pert = await page.$$eval("#pert .pert-fig", (fs) => fs.map((f) => ({ mode: f.dataset.mode, points: +f.dataset.points,
+    agree: +f.dataset.agree, spearman: f.dataset.spearman === "" ? null : +f.dataset.spearman,
+    circles: f.querySelectorAll("circle.pt").length, title: f.querySelector(".pert-title").textContent,
+    xticks: [...f.querySelectorAll(".tick-x text")].map((t) => t.textContent),
+    yticks: [...f.querySelectorAll(".tick-y text")].map((t) => t.textContent),
+    axis_titles: [...f.querySelectorAll(".axis-title")].map((t) => t.textContent),
+    caption: f.querySelector("figcaption").innerText })));
+  if (shots) await page.locator("#pert").screenshot({ path: `${shots}/explorer-perturbations.png` });
   // the most influential feature nodes first: the first one's dashboard shows top contexts
   const feats = await page.$$eval(".node.feature", (ns) => ns.map((n) => [+n.dataset.cum, n.dataset.id])
     .sort((a, b) => a[0] - b[0]).map((x) => x[1]));
@@ -57,7 +86,7 @@ try {
   out.after_reload = await page.$$eval("#sn-list li span", (s) => s.map((x) => x.textContent));
   out.in_supernode = await page.$$eval(".node.in-sn", (s) => s.map((x) => x.dataset.id).sort());
   if (shots) {
-    await setTh("#node-th", process.env.SHOT_NODE_TH || "1");
+    if (process.env.SHOT_NODE_TH) await setTh("#node-th", process.env.SHOT_NODE_TH);  // else where it opens
     await page.click(`.node.feature[data-id='${feats[0]}']`, { force: true });  // a dashboard beside the graph
     await page.waitForSelector("#top-contexts .ctx", { timeout: 10000 });
     await page.screenshot({ path: `${shots}/explorer-graph.png` });
@@ -65,6 +94,12 @@ try {
   if (graphJson && graphJson !== "-") {  // a circuit-tracer / Neuronpedia JSON file opened in the page
     await page.setInputFiles("#file", graphJson);
     await page.waitForFunction(() => document.getElementById("title").textContent.endsWith("(file)"), null, { timeout: 10000 });
+    out.file_opened = await counts();
+    out.file_sliders = await sliders();
+    out.file_total = await totals();
+    out.file_labels = await labels("#graph");
+    await setTh("#node-th", "1");
+    await setTh("#edge-th", "1");
     out.file = await counts();
     out.file_edge_hits = await page.$$eval("#graph line.edge-hit", (l) => l.length);  // links with head loadings
   }
@@ -84,6 +119,7 @@ async function analysisViews(page, out) {
   await page.evaluate((h) => { location.hash = h; }, `sweep=${encodeURIComponent(sweep)}&key=${encodeURIComponent(key)}`);
   await page.waitForFunction(() => !document.getElementById("title").textContent.endsWith("(file)")
     && +document.getElementById("graph").dataset.nodes > 0, null, T);
+  for (const id of ["#node-th", "#edge-th"]) await page.$eval(id, (el) => { el.value = "1"; el.dispatchEvent(new Event("input")); });
   await page.check("#auto-sn");
   await page.waitForFunction(() => !["", "loading…"].includes(document.getElementById("auto-sn-status").textContent), null, T);
   out.auto_status = await text("#auto-sn-status");
@@ -142,19 +178,21 @@ async function analysisViews(page, out) {
 async function attentionViews(page, out, a) {
   const T = { timeout: 15000 };
   const count = (sel) => page.$$eval(sel, (l) => l.length);
-  const open = async (sw, k) => {
+  const open = async (sw, k) => {  // then every stored node and edge
     await page.evaluate((h) => { location.hash = h; }, `sweep=${encodeURIComponent(sw)}&key=${encodeURIComponent(k)}`);
     await page.waitForFunction((k) => !!document.querySelector(`#graph-list li.active[data-key='${k}']`)
       && +document.getElementById("graph").dataset.nodes > 0, k, T);
+    const th = await page.$eval("#controls", (c) => [+c.dataset.nodeTh, +c.dataset.edgeTh]);
+    for (const id of ["#node-th", "#edge-th"]) await page.$eval(id, (el) => { el.value = "1"; el.dispatchEvent(new Event("input")); });
+    return th;
   };
   const hidden = () => page.$$eval("#edge-heads, #qk", (l) => l.map((e) => e.hidden));
   // a graph of a sweep without attention attribution: no edge to pick, no node ringed, no panel (even on a click)
-  await open(sweepB, a.key_b);
+  out.attn_b_opened_at = await open(sweepB, a.key_b);  // pruned at node_threshold 0.5: its sliders open there
   await page.dispatchEvent("#graph .node.feature", "click");
   out.attn_none = { hits: await count("#graph line.edge-hit"), ringed: await count("#graph .node.has-qk"),
                     hidden: await hidden() };
   await open(sweep, key);
-  for (const id of ["#node-th", "#edge-th"]) await page.$eval(id, (el) => { el.value = "1"; el.dispatchEvent(new Event("input")); });
   out.attn_flags = await page.$eval("#attention", (e) => [e.dataset.heads, +e.dataset.qk]);
   out.edge_hits = await count("#graph line.edge-hit");
   out.qk_ringed = await page.$$eval("#graph .node.has-qk", (l) => l.map((n) => n.dataset.id).sort());

@@ -1,5 +1,5 @@
 // Drawing one attribution graph into a given <svg>: token positions on x, layers on y (embeddings at the bottom,
-// logits at the top), edges by |weight|. Used by the graph view and by both panes of the diff view. Pruning by
+// logits at the top, their labels in rows above them that never overlap), edges by |weight|. Used by the graph view and by both panes of the diff view. Pruning by
 // node / edge threshold happens here too (`visible`), in the browser.
 import { select } from "d3-selection";
 import { scaleLinear } from "d3-scale";
@@ -13,8 +13,12 @@ export const GROUP_COLORS = ["#e6194b", "#3cb44b", "#f58231", "#911eb4", "#42d4f
   "#9a6324", "#800000", "#808000", "#000075", "#ffe119", "#4363d8", "#a9a9a9"];
 export const groupColor = (i) => GROUP_COLORS[i % GROUP_COLORS.length];
 
-export function visible(g, nodeTh, edgeTh) {
-  const vn = new Set(g.nodes.filter((n) => n.cum === undefined || nodeTh >= 1 || n.cum <= nodeTh + 1e-9));
+// Nodes up to `nodeTh`: with `before` (the share of the more influential nodes, graphs of the store) ct_ray's pruning
+// rule, the smallest most influential set whose share reaches it; else (graph JSON files) the viewers' rule, cumulative
+// influence at most it. Nodes in `keep` (selected, in a supernode) always show, as the viewers show pinned ones.
+export function visible(g, nodeTh, edgeTh, keep = new Set()) {
+  const vn = new Set(g.nodes.filter((n) => n.cum === undefined || nodeTh >= 1 || keep.has(n.id)
+    || (n.before !== undefined ? n.before < nodeTh - 1e-9 : n.cum <= nodeTh + 1e-9)));
   const cand = g.edges.filter((e) => vn.has(e.s) && vn.has(e.t)).sort((a, b) => Math.abs(b.w) - Math.abs(a.w));
   const tot = cand.reduce((s, e) => s + Math.abs(e.w), 0) || 1;
   let acc = 0;
@@ -31,27 +35,32 @@ export function drawGraph(svgEl, g, o = {}) {
   const nodeTh = o.nodeTh ?? 1, edgeTh = o.edgeTh ?? 1;
   const selected = o.selected || new Set(), inSn = o.inSn || new Set(), mark = o.mark || new Set();
   const groupOf = o.groupOf || new Map(), qkNodes = o.qkNodes || new Set();
-  const v = visible(g, nodeTh, edgeTh);
+  const v = visible(g, nodeTh, edgeTh, new Set([...selected, ...inSn]));
   const nPos = Math.max(g.tokens.length, ...g.nodes.map((n) => n.pos + 1));
   const layers = g.nodes.map((n) => n.layer);
   const lo = Math.min(-1, ...layers), hi = Math.max(...layers);
-  const W = Math.max(o.minWidth ?? 700, nPos * (o.posWidth ?? 90)), H = Math.max(420, (hi - lo + 1) * 24 + 130);
-  const x = scaleLinear().domain([0, nPos]).range([50, W - 10]);
-  const y = scaleLinear().domain([lo, hi]).range([H - 40, 100]);  // room above for the slanted logit labels
-  // nodes of one (layer, position) cell side by side
+  const GW = Math.max(o.minWidth ?? 700, nPos * (o.posWidth ?? 90));
+  const x = scaleLinear().domain([0, nPos]).range([50, GW - 10]);
+  // nodes of one (layer, position) cell side by side; logits by probability, the likeliest leftmost
   const cells = new Map();
   v.nodes.forEach((n) => { const k = n.layer + "/" + n.pos; (cells.get(k) || cells.set(k, []).get(k)).push(n); });
-  cells.forEach((ns) => ns.sort((a, b) => (a.feature ?? 0) - (b.feature ?? 0)).forEach((n, i) => {
+  const order = (a, b) => (a.kind === "logit" && b.kind === "logit" ? (b.prob ?? 0) - (a.prob ?? 0) : (a.feature ?? 0) - (b.feature ?? 0));
+  cells.forEach((ns) => ns.sort(order).forEach((n, i) => {
     const cw = x(1) - x(0);
-    n.x = x(n.pos) + cw * (i + 1) / (ns.length + 1); n.y = y(n.layer);
+    n.x = x(n.pos) + cw * (i + 1) / (ns.length + 1);
   }));
-  const svg = select(svgEl)
-    .attr("data-nodes", v.nodes.length).attr("data-edges", v.edges.length)
+  const svg = select(svgEl);
+  svg.selectAll("*").remove();
+  const labels = layoutLogitLabels(svg, v.nodes.filter((n) => n.kind === "logit" && n.label), x);
+  const top = Math.max(40, 24 + labels.rows * LABEL_ROW);  // room above the logits for their labels
+  const W = Math.max(GW, labels.right + 6), H = Math.max(420, (hi - lo + 1) * 24 + 30 + top);
+  const y = scaleLinear().domain([lo, hi]).range([H - 40, top]);
+  v.nodes.forEach((n) => { n.y = y(n.layer); });
+  svg.attr("data-nodes", v.nodes.length).attr("data-edges", v.edges.length)
     .attr("data-total-nodes", g.nodes.length).attr("data-total-edges", g.edges.length)
     .classed("grouped", groupOf.size > 0);
   if (o.fit) svg.attr("viewBox", `0 0 ${W} ${H}`).attr("width", "100%").attr("height", null);
   else svg.attr("viewBox", null).attr("width", W).attr("height", H);
-  svg.selectAll("*").remove();
   const axis = svg.append("g");
   g.tokens.forEach((t, i) => axis.append("text").attr("x", (x(i) + x(i + 1)) / 2).attr("y", H - 8)
     .attr("text-anchor", "middle").text(JSON.stringify(t)));
@@ -89,7 +98,48 @@ export function drawGraph(svgEl, g, o = {}) {
     if (qkNodes.has(n.id)) el.append("circle").attr("class", "qk-ring").attr("r", 7.5).attr("fill", "none");
     el.append("title").text(`${n.id} (${n.kind}) act=${fmt(n.act)}` + (n.kind === "logit" ? ` p=${fmt(n.prob)}` : "")
       + (o.groupName && gi !== undefined ? ` · ${o.groupName(gi)}` : "") + (qkNodes.has(n.id) ? " · QK: click" : ""));
-    if (n.label) el.append("text").attr("transform", n.kind === "logit" ? "translate(3,-8) rotate(-50)" : "translate(7,12)").text(n.label);
+    if (n.label && n.kind !== "logit") el.append("text").attr("transform", "translate(7,12)").text(n.label);
   });
+  drawLogitLabels(svg, labels, o);
   return v;
+}
+
+// --- logit labels ----------------------------------------------------------------------------------------------
+// A logit's label is its token (truncated past LABEL_CHARS, the whole text in a tooltip) and probability, written
+// level in rows above the logit row: each starts right of its position's cell and takes the lowest row where it
+// overlaps no label already placed, the rightmost logit first, so the labels of one position stack into a column
+// (likeliest on top) and a leader line joins each to its node without crossing another.
+export const LABEL_CHARS = 16;
+const LABEL_ROW = 13, LABEL_GAP = 8;
+export const truncate = (s, n = LABEL_CHARS) => (s.length > n ? s.slice(0, n - 1) + "…" : s);
+
+function layoutLogitLabels(svg, logits, x) {
+  const probe = svg.append("text").attr("class", "label-probe").attr("visibility", "hidden");
+  const items = logits.map((n) => {
+    const text = `${truncate(n.label)} ${fmt(n.prob, 2)}`;
+    const w = probe.text(text).node().getComputedTextLength() || 6 * text.length;  // an estimate when not laid out
+    return { n, text, full: `${n.label} p=${fmt(n.prob, 3)} (${n.id})`, x0: x(n.pos + 1) + LABEL_GAP, w };
+  });
+  probe.remove();
+  const rows = [];  // per row: the [from, to] spans taken
+  items.sort((a, b) => b.n.x - a.n.x || a.n.id.localeCompare(b.n.id)).forEach((it) => {
+    const span = [it.x0, it.x0 + it.w];
+    let r = rows.findIndex((spans) => spans.every(([a, b]) => span[1] + 4 <= a || span[0] >= b + 4));
+    if (r < 0) { r = rows.length; rows.push([]); }
+    rows[r].push(span);
+    it.row = r;
+  });
+  return { items, rows: rows.length, right: Math.max(0, ...items.map((it) => it.x0 + it.w)) };
+}
+
+function drawLogitLabels(svg, labels, o) {
+  if (!labels.items.length) return;
+  const base = (it) => it.n.y - 14 - it.row * LABEL_ROW;  // the text's baseline
+  const gl = svg.append("g").attr("class", "logit-labels").selectAll("g").data(labels.items).enter().append("g")
+    .attr("class", "logit-label").attr("data-id", (it) => it.n.id).attr("data-row", (it) => it.row)
+    .on("mouseenter", (_, it) => o.onHover && o.onHover(it.n)).on("click", (_, it) => o.onClick && o.onClick(it.n));
+  gl.append("line").attr("class", "leader").attr("x1", (it) => it.n.x).attr("y1", (it) => it.n.y - 6)
+    .attr("x2", (it) => it.x0 - 2).attr("y2", (it) => base(it) - 3);
+  gl.append("text").attr("x", (it) => it.x0).attr("y", base).text((it) => it.text)
+    .append("title").text((it) => it.full);
 }

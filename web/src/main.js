@@ -12,10 +12,11 @@ import { drawGraph, groupColor } from "./draw.js";
 import { hashOf, renderOverview } from "./overview.js";
 import { onlyIn, renderDiffSummary } from "./diff.js";
 import { attachHeads, edgeHeadsPanel, groupQK, linkHeads, qkPanel } from "./attention.js";
+import { renderPerturbations } from "./perturb.js";
 
 const $ = (id) => document.getElementById(id);
 const state = { info: null, sweeps: [], graph: null, selected: new Set(), supernodes: [], featureCache: new Map(),
-                auto: null, diff: null, edge: null, qkNode: null };
+                auto: null, diff: null, edge: null, qkNode: null, th: { node: 1, edge: 1 } };
 
 async function api(path, opts) {
   const r = await fetch(path, opts);
@@ -43,27 +44,37 @@ async function loadList() {
 
 // --- graphs from the API or from a JSON file, normalised to one shape -------------------------------------------
 function cumulative(nodes) {
-  // share of the total influence of the nodes at least as influential (circuit-tracer's `influence`)
+  // share of the total influence of the nodes at least as influential (circuit-tracer's `influence`; `before`: of
+  // the more influential ones, for ct_ray's pruning rule in draw.js `visible`)
   const ranked = nodes.filter((n) => n.kind === "feature" || n.kind === "error");
   const tot = ranked.reduce((s, n) => s + Math.max(0, n.influence || 0), 0) || 1;
   let acc = 0;
   ranked.sort((a, b) => (b.influence || 0) - (a.influence || 0)).forEach((n) => {
-    acc += Math.max(0, n.influence || 0); n.cum = acc / tot;
+    n.before = acc / tot; acc += Math.max(0, n.influence || 0); n.cum = acc / tot;
   });
+}
+
+// where a graph's sliders open: the thresholds it was pruned with, else PruneSpec's defaults (from /api/info)
+function thresholds(node, edge) {
+  const d = state.info.prune_defaults || { node_threshold: 0.8, edge_threshold: 0.98 };
+  const ok = (t) => typeof t === "number" && t >= 0 && t <= 1;
+  return { node: ok(node) ? node : d.node_threshold, edge: ok(edge) ? edge : d.edge_threshold };
 }
 
 function fromApi(g) {
   const m = g.meta;
   const nodes = g.nodes.map((n) => ({ id: n.node_id, idx: n.node, kind: n.kind, layer: n.layer, pos: n.position,
     feature: n.feature, act: n.activation, prob: n.probability, influence: n.influence,
-    label: n.kind === "logit" ? `${JSON.stringify(n.token_str)} p=${fmt(n.probability, 2)}` : "" }));
+    label: n.kind === "logit" ? JSON.stringify(n.token_str ?? "") : "" }));
   cumulative(nodes);
   const byIdx = new Map(nodes.map((n) => [n.idx, n]));
   const edges = g.edges.source.map((s, i) => ({ s: byIdx.get(s), t: byIdx.get(g.edges.target[i]), w: g.edges.weight[i] }))
     .filter((e) => e.s && e.t);
   const hasHeads = attachHeads(edges, g.edge_heads) > 0;
+  const p = g.pruning || {};
   return { source: "store", sweep: g.sweep_id, key: m.key, title: m.prompt, tokens: m.token_strs || [], nodes, edges,
-           featuresId: g.features_id, supernodes: g.supernodes || [], meta: m, hasHeads, qk: groupQK(g.qk, byIdx) };
+           featuresId: g.features_id, supernodes: g.supernodes || [], meta: m, hasHeads, qk: groupQK(g.qk, byIdx),
+           th: thresholds(p.node_threshold, p.edge_threshold) };
 }
 
 function fromJson(j) {
@@ -75,7 +86,7 @@ function fromJson(j) {
     const f = kind === "feature" && n.jsNodeId ? parseInt(String(n.jsNodeId).split("_")[1], 10) : -1;
     return { id: String(n.node_id), kind, layer, pos: n.ctx_idx, feature: f, act: n.activation, prob: n.token_prob,
              cum: kind === "feature" || kind === "error" ? (n.influence ?? 1) : undefined,
-             label: kind === "logit" ? n.clerp || `p=${fmt(n.token_prob, 2)}` : "" };
+             label: kind === "logit" ? logitLabel(n.clerp) : "" };
   });
   const L = Math.max(0, ...nodes.filter((n) => n.kind !== "logit").map((n) => n.layer)) + 1;
   nodes.forEach((n) => { if (n.kind === "logit") n.layer = L; });
@@ -84,15 +95,23 @@ function fromJson(j) {
     heads: linkHeads(l) })).filter((e) => e.s && e.t);
   const sn = ((j.qParams || {}).supernodes || []).map((s) => ({ name: s[0], nodes: s.slice(1) }));
   // head loadings of the links are shown; the file's qk_tracing_results are not (they no longer say which score)
+  // the viewers' slider starts at metadata.node_threshold; the edges' at the threshold the file was pruned with
   return { source: "file", title: md.prompt || md.slug || "graph JSON", tokens: md.prompt_tokens || [], nodes, edges,
-           supernodes: sn, featuresId: null, hasHeads: edges.some((e) => e.heads), qk: new Map() };
+           supernodes: sn, featuresId: null, hasHeads: edges.some((e) => e.heads), qk: new Map(),
+           th: thresholds(md.node_threshold, (md.pruning_settings || {}).edge_threshold) };
+}
+
+// a logit's clerp as circuit-tracer and ct_ray write it, 'Output "tok" (p=0.123)': the token, quoted like the store's
+function logitLabel(clerp) {
+  const m = /^Output "([\s\S]*)" \(p=[-\d.e]+\)$/.exec(clerp || "");
+  return m ? JSON.stringify(m[1]) : clerp || "?";
 }
 
 // --- the graph view: drawing (draw.js), automatic supernodes -------------------------------------------------
 function draw() {
   const g = state.graph;
   if (!g) return;
-  const nodeTh = +$("node-th").value, edgeTh = +$("edge-th").value;
+  const nodeTh = state.th.node, edgeTh = state.th.edge;
   $("node-th-v").textContent = nodeTh.toFixed(2);
   $("edge-th-v").textContent = edgeTh.toFixed(2);
   const auto = $("auto-sn").checked && state.auto && state.auto.graph === g ? state.auto : null;
@@ -252,25 +271,10 @@ async function saveSupernodes() {
   } catch (e) { $("sn-status").textContent = "not saved: " + e.message; }
 }
 
-// --- perturbations ---------------------------------------------------------------------------------------------
+// --- perturbations (figures in perturb.js) ----------------------------------------------------------------------
 async function loadPerturbations(g) {
-  const rows = g.source === "store" ? await api("/api/perturbations?" + qs({ sweep: g.sweep, key: g.key })) : [];
-  const pts = rows.filter((r) => r.status === "ok" && r.predicted_delta != null && r.measured_delta != null);
-  const svg = select($("pert-plot")).attr("data-points", pts.length);
-  svg.selectAll("*").remove();
-  if (!pts.length) { $("pert-summary").textContent = rows.length ? "no measured rows" : "no perturbation rows"; return; }
-  const ext = Math.max(1e-9, ...pts.flatMap((p) => [Math.abs(p.predicted_delta), Math.abs(p.measured_delta)]));
-  const x = scaleLinear().domain([-ext, ext]).range([30, 310]), y = scaleLinear().domain([-ext, ext]).range([220, 10]);
-  svg.append("line").attr("x1", x(-ext)).attr("y1", y(-ext)).attr("x2", x(ext)).attr("y2", y(ext)).attr("stroke", "#aaa").attr("stroke-dasharray", "3 3");
-  svg.append("line").attr("x1", x(0)).attr("y1", y(-ext)).attr("x2", x(0)).attr("y2", y(ext)).attr("stroke", "#eee");
-  svg.append("line").attr("x1", x(-ext)).attr("y1", y(0)).attr("x2", x(ext)).attr("y2", y(0)).attr("stroke", "#eee");
-  svg.selectAll("circle").data(pts).enter().append("circle").attr("r", 3).attr("fill", "#4e79a7").attr("fill-opacity", 0.7)
-    .attr("cx", (p) => x(p.predicted_delta)).attr("cy", (p) => y(p.measured_delta))
-    .append("title").text((p) => `${p.node_id} ${p.op} ${p.value} → ${p.target_id}: predicted ${fmt(p.predicted_delta)}, measured ${fmt(p.measured_delta)}`);
-  svg.append("text").attr("x", 170).attr("y", 238).attr("font-size", 10).text("predicted Δ");
-  svg.append("text").attr("x", 2).attr("y", 10).attr("font-size", 10).text("measured Δ");
-  const agree = pts.filter((p) => Math.sign(p.predicted_delta) === Math.sign(p.measured_delta)).length;
-  $("pert-summary").textContent = `${pts.length} measured changes, sign agreement ${(100 * agree / pts.length).toFixed(0)}%`;
+  const rows = g.source === "store" ? await api("/api/perturbations?" + qs({ sweep: g.sweep, key: g.key })) : null;
+  if (state.graph === g) renderPerturbations($("pert"), rows);
 }
 
 // --- opening graphs --------------------------------------------------------------------------------------------
@@ -283,6 +287,7 @@ function show(g) {
   $("attention").dataset.qk = g.qk.size;
   $("selection").textContent = "selected: 0";
   $("sn-status").textContent = "";
+  setThresholds(g.th);
   $("title").textContent = g.source === "store"
     ? `${g.title} → ${JSON.stringify(g.meta.top_token_str)} (p=${fmt(g.meta.top_prob, 2)}) · completeness ${fmt(g.meta.completeness_score_pruned, 3)} · replacement ${fmt(g.meta.replacement_score_pruned, 3)}`
     : `${g.title} (file)`;
@@ -291,6 +296,13 @@ function show(g) {
   renderSupernodes(); draw();
   loadAuto().catch((e) => { $("auto-sn-status").textContent = e.message; });
   loadPerturbations(g).catch((e) => { $("pert-summary").textContent = e.message; });
+}
+
+// the sliders of the graph view (they show a value rounded to their step; the threshold itself is kept exact)
+function setThresholds(th) {
+  state.th = { ...th };
+  $("node-th").value = th.node; $("edge-th").value = th.edge;
+  $("controls").dataset.nodeTh = th.node; $("controls").dataset.edgeTh = th.edge;
 }
 
 // `focus`: node ids and feature prefixes (`{layer}_{feature}_`, any position), comma-separated: selected on opening
@@ -444,7 +456,10 @@ async function init() {
     .attr("href", (s) => hashOf({ overview: s.sweep_id })).text("overview");
   ["sweep", "status", "min-completeness"].forEach((id) => $(id).addEventListener("change", loadList));
   $("q").addEventListener("input", loadList);
-  ["node-th", "edge-th"].forEach((id) => $(id).addEventListener("input", draw));
+  [["node-th", "node"], ["edge-th", "edge"]].forEach(([id, k]) => $(id).addEventListener("input", () => {
+    state.th[k] = +$(id).value; $("controls").dataset[k + "Th"] = state.th[k]; draw();
+  }));
+  $("diff-node-th").value = thresholds().node;
   $("sn-add").addEventListener("click", addSupernode);
   $("sn-save").addEventListener("click", saveSupernodes);
   $("auto-sn").addEventListener("change", () => loadAuto());
