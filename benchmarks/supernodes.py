@@ -1,4 +1,4 @@
-"""Automatic supernodes (ct_ray/analysis/supernodes.py): speed, and an honest evaluation against baselines.
+"""Automatic supernodes (ct_ray/analysis/auto_supernodes.py): speed, and an honest evaluation against baselines.
 
     python benchmarks/supernodes.py --quick                      # tiny model + random CLT, a smoke run (~1 min)
     python benchmarks/supernodes.py --clt ct_ray_data/clts/X     # SmolLM2-135M + that CLT, 32 prompts
@@ -49,7 +49,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from ct_ray import Graph, attribute, load_clt, load_model, random_clt  # noqa: E402
-from ct_ray.analysis.supernodes import auto_supernodes, auto_supernodes_rows  # noqa: E402
+from ct_ray.analysis.auto_supernodes import auto_supernodes, auto_supernodes_rows  # noqa: E402
 from ct_ray.clt.transcoder import CrossLayerTranscoder  # noqa: E402
 from ct_ray.perturb import Intervention, Splice, collapse, suggest_supernodes  # noqa: E402
 from ct_ray.perturb.supernodes import member_interventions  # noqa: E402

@@ -11,7 +11,7 @@ from .specs import QuickstartSpec, load_yaml
 
 
 def analysis_summary(store, sweep_id: str) -> str:
-    from .analysis.run import analyze
+    from .analysis.analyze import analyze
     from .analysis.run_cli import summary
 
     r = analyze(store, sweep_id, supernodes=True)

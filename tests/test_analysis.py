@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from ct_ray import load_model, random_clt, save_clt
-from ct_ray.analysis.run import analyze
+from ct_ray.analysis.analyze import analyze
 from ct_ray.cli import main as cli_main
 from ct_ray.store.sql import query
 from ct_ray.store.tables import Store
@@ -183,8 +183,8 @@ def test_a_sweep_refuses_a_second_plan(store, tiny_dir, tmp_path):
 def test_supernodes_of_a_sweep(store):
     """analyze --supernodes: each graph's automatic groups (the same as auto_supernodes_rows on its rows, with its
     CLT) and the sweep's consensus groups, in the supernodes table; re-running replaces them."""
+    from ct_ray.analysis.auto_supernodes import auto_supernodes_rows
     from ct_ray.analysis.diff import load_decoders
-    from ct_ray.analysis.supernodes import auto_supernodes_rows
 
     st = Store(store)
     r = analyze(st, "a1", supernodes=True)

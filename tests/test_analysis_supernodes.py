@@ -1,4 +1,4 @@
-"""Automatic supernodes (ct_ray/analysis/supernodes.py) on tiny random models built in code."""
+"""Automatic supernodes (ct_ray/analysis/auto_supernodes.py) on tiny random models built in code."""
 
 import re
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ct_ray import attribute, random_clt
-from ct_ray.analysis.supernodes import auto_supernodes, auto_supernodes_rows, indirect_influence, supernode_rows
+from ct_ray.analysis.auto_supernodes import auto_supernodes, auto_supernodes_rows, indirect_influence, supernode_rows
 from ct_ray.attribution import prune as _prune
 from ct_ray.perturb import collapse
 

@@ -72,9 +72,9 @@ def _analyse(st, key):
     supernodes table) and the graph diffs of 'tiny' vs 'tiny-b' (`ct-ray diff`). 'tiny-b' stays unanalysed."""
     import pyarrow.compute as pc
 
+    from ct_ray.analysis.analyze import analyze
+    from ct_ray.analysis.auto_supernodes import auto_supernodes_rows, supernode_rows
     from ct_ray.analysis.diff import diff_sweeps
-    from ct_ray.analysis.run import analyze
-    from ct_ray.analysis.supernodes import auto_supernodes_rows, supernode_rows
     from ct_ray.store.commit import append_rows
 
     r = analyze(st, "tiny")

@@ -227,7 +227,7 @@ def test_graph_json_route(serve, tmp_path):
 def _analysed(root) -> Store:
     """The store of `_store`, analysed (`analyze`: feature_stats + circuit_paths of s1), with automatic supernodes
     rows for its graph (two methods) and a second sweep s2 sharing the prompt "Hello there"."""
-    from ct_ray.analysis.run import analyze
+    from ct_ray.analysis.analyze import analyze
 
     st = _store(root)
     analyze(st, "s1")

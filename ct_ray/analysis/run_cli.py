@@ -5,7 +5,7 @@ from __future__ import annotations
 
 def cmd_analyze(args) -> int:
     from ..store.options import store_of
-    from .run import analyze
+    from .analyze import analyze
 
     r = analyze(store_of(args), args.sweep, top_paths=args.top_paths, max_hops=args.max_hops, workers=args.workers,
                 progress=not args.no_progress, write=not args.no_write, supernodes=args.supernodes,

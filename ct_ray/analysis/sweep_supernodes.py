@@ -46,7 +46,7 @@ def graph_groups(nodes: pa.Table, edges: pa.Table, keys: list[str], fcode_of, cl
     maps a graph's node rows to the feature codes of its feature nodes (stats.feature_code)."""
     from ..store.keyed import by_key
     from ..store.schemas import conform
-    from .supernodes import auto_supernodes_rows, supernode_rows
+    from .auto_supernodes import auto_supernodes_rows, supernode_rows
 
     n_by, e_by = by_key(nodes), by_key(edges)
     rows, pairs, skipped = [], [], []
