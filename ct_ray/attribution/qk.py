@@ -180,11 +180,13 @@ def qk_attribution(model, rep: Replacement, items: list[QKItem], *, top: int = 1
     if not items:
         return []
     feats = _features(rep)
+    budget = _budget.default_budget(rep.cache.resid_mid.device) if memory_budget is None else int(memory_budget)
     if engine is None:
         engine = RowEngine(rep, *feats, chunk_bytes=_budget.CHUNK_BYTES)
-        budget = _budget.default_budget(rep.cache.resid_mid.device) if memory_budget is None else int(memory_budget)
         if engine.decoder_bytes() <= int(budget * _budget.CACHE_FRACTION):
             engine.fill_cache(engine.decoder_bytes())  # decoder rows gathered once, not per batch of read-outs
+    # read-out rows per backward pass sized as attribution sizes its batches: the gradient buffers within their share
+    batch_size = _budget.batch_size_for(batch_size, rep.P, rep.L, rep.d, engine.S, budget)
     ids = source_ids(engine, *feats[:3], rep.cache.tokens.tolist())
     maps = QKMaps(model, rep, rotary(model, rep.cache.tokens))
     G = rep.H // rep.Hkv
