@@ -52,13 +52,15 @@ class HeadLoadings:
     head_mass: torch.Tensor  # [L, H, P] |loading| summed over the edges into targets at each position
 
     def residual(self) -> torch.Tensor:
-        """|direct + sum of loadings - edge| per edge, float64."""
-        total = self.direct.double() + self.heads.double().sum((1, 2))
+        """|direct + sum of loadings - edge| per edge, in float64 (accumulated, never a float64 copy of the loadings)."""
+        total = self.direct.double() + self.heads.sum((1, 2), dtype=torch.float64)
         return (total - torch.from_numpy(self.edge).double()).abs()
 
-    def scale(self) -> torch.Tensor:
-        """The magnitudes summed, per edge (the tolerance of `residual` is relative to these)."""
-        return self.direct.double().abs() + self.heads.double().abs().sum((1, 2))
+    def scale(self, chunk: int = 65536) -> torch.Tensor:
+        """The magnitudes summed, per edge (the tolerance of `residual` is relative to these); edges `chunk` at a time."""
+        parts = [self.heads[c0 : c0 + chunk].abs().sum((1, 2), dtype=torch.float64)
+                 for c0 in range(0, len(self.heads), chunk)]
+        return self.direct.double().abs() + (torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64))
 
     def rows(self, top: int = 8, chunk: int = 65536) -> pa.Table:
         """`edge_heads` rows: per edge its residual path (head -1), its `top` heads by |loading| and, when more heads
