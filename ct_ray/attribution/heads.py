@@ -129,28 +129,23 @@ def target_readouts(rep: Replacement, kind: list[str], layer: torch.Tensor, pos:
 
 
 class StreamForward:
-    """The frozen model's linear part (no biases) on a batch of source streams [n, P, d], one layer at a time."""
+    """The frozen model's linear part (no biases) on a batch of source streams [n, P, d], one layer at a time: the
+    replacement model's own attention steps, without their biases."""
 
     def __init__(self, rep: Replacement):
         self.rep = rep
 
     def values(self, l: int, x: torch.Tensor) -> torch.Tensor:
-        """Value vectors of the streams at layer l's attention input: [n, P, n_kv, d_head]."""
-        rep, W = self.rep, self.rep.W[l]
-        nrm = W.attn_norm.apply(x, rep.s_attn[l], with_bias=False)
-        return (nrm @ W.W_V.T).unflatten(-1, (rep.Hkv, rep.dh))
+        return self.rep.attn_values(l, x, self.rep.s_attn[l], bias=False)
 
     def mix(self, l: int, v: torch.Tensor) -> torch.Tensor:
-        """Each head's pattern applied to value vectors v: [n, P, H, d_head] (before W_O)."""
-        rep = self.rep
-        return torch.einsum("hpq,nqhd->nphd", rep.patterns[l], v.repeat_interleave(rep.H // rep.Hkv, dim=2))
+        return self.rep.attn_mix(l, v)
 
     def out(self, l: int, z: torch.Tensor) -> torch.Tensor:
-        """What the heads' outputs z add to the residual: [n, P, d]."""
-        rep, W = self.rep, self.rep.W[l]
-        o = z.flatten(2) @ W.W_O.T
+        rep = self.rep
+        o = rep.attn_out(l, z, bias=False)
         if rep.s_post is not None:
-            o = W.attn_post_norm.apply(o, rep.s_post[l], with_bias=False)
+            o = rep.W[l].attn_post_norm.apply(o, rep.s_post[l], with_bias=False)
         return o
 
 

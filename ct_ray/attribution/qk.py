@@ -99,28 +99,26 @@ class QKMaps:
             self._w[l] = self.ad.qk_weights(l)
         return self._w[l]
 
-    def _project(self, l: int, x: torch.Tensor, pos: int, head: int, side: str, bias: bool) -> torch.Tensor:
+    def _linear(self, l: int, x: torch.Tensor, pos: int, head: int, side: str, bias: bool) -> torch.Tensor:
+        """W_Q,h (or W_K) applied to the frozen pre-norm of x, plus its bias: the vector before any q/k norm."""
         rep, w, dh = self.rep, self.weights(l), self.rep.dh
-        W, b, norm = (w.W_Q, w.b_Q, w.q_norm) if side == "q" else (w.W_K, w.b_K, w.k_norm)
-        Wh = W[head * dh : (head + 1) * dh].float()
-        n = rep.W[l].attn_norm.apply(x, rep.s_attn[l][pos], with_bias=bias)
-        y = n @ Wh.T
+        W, b = (w.W_Q, w.b_Q) if side == "q" else (w.W_K, w.b_K)
+        y = rep.W[l].attn_norm.apply(x, rep.s_attn[l][pos], with_bias=bias) @ W[head * dh : (head + 1) * dh].float().T
         if bias and b is not None:
             y = y + b[head * dh : (head + 1) * dh].float()
+        return y
+
+    def _project(self, l: int, x: torch.Tensor, pos: int, head: int, side: str, bias: bool) -> torch.Tensor:
+        w = self.weights(l)
+        y = self._linear(l, x, pos, head, side, bias)
+        norm = w.q_norm if side == "q" else w.k_norm
         if norm is not None:  # per-head norm, denominator frozen at the real vector's
-            y = norm.apply(y, self._norm_scale(l, pos, head, side), with_bias=bias)
+            real = self._linear(l, self.x_real[l, pos], pos, head, side, True)
+            y = norm.apply(y, norm.scale(real), with_bias=bias)
         if self.rope[l] is not None:
             cos, sin = self.rope[l][0][pos], self.rope[l][1][pos]
             y = y * cos + _rotate_half(y) * sin
         return y
-
-    def _norm_scale(self, l: int, pos: int, head: int, side: str) -> torch.Tensor:
-        rep, w, dh = self.rep, self.weights(l), self.rep.dh
-        W, b, norm = (w.W_Q, w.b_Q, w.q_norm) if side == "q" else (w.W_K, w.b_K, w.k_norm)
-        y = rep.W[l].attn_norm.apply(self.x_real[l, pos], rep.s_attn[l][pos]) @ W[head * dh : (head + 1) * dh].float().T
-        if b is not None:
-            y = y + b[head * dh : (head + 1) * dh].float()
-        return norm.scale(y)
 
     def vector(self, l: int, x: torch.Tensor, pos: int, head: int, side: str) -> torch.Tensor:
         """The (affine) query or key vector of the stream value x [d] at `pos`."""
@@ -274,12 +272,7 @@ def select_items(model, rep: Replacement, graph, loadings, *, top_fraction: floa
             continue
         sel = tgt[at]
         o = head_outputs(rep, l, vt[at], pos[sel])[:, h]  # [n, dh]
-        W = rep.W[l]
-        kv = h // (rep.H // rep.Hkv)
-        x = W.attn_norm.apply(maps.x_real[l], rep.s_attn[l])
-        v = x @ W.W_V[kv * rep.dh : (kv + 1) * rep.dh].T
-        if W.b_V is not None:
-            v = v + W.b_V[kv * rep.dh : (kv + 1) * rep.dh]
+        v = rep.attn_values(l, maps.x_real[l], rep.s_attn[l])[:, h // (rep.H // rep.Hkv)]  # [P, dh], real stream
         m = (rep.patterns[l, h, p][None, :] * (o @ v.T)).abs().sum(0)  # [P] per key position
         kv_vals, kv_idx = m.sort(descending=True)
         nk = int(torch.searchsorted(torch.cumsum(kv_vals, 0), torch.tensor([top_fraction * float(m.sum())])).item()) + 1

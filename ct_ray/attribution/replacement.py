@@ -68,18 +68,30 @@ class Replacement:
         self.mlp_const[:, 0] = c.mlp_out[:, 0]
 
     # --- forward --------------------------------------------------------------------------------------
-    def _attn_raw(self, l: int, x: torch.Tensor, s_attn: torch.Tensor) -> torch.Tensor:
+    # the frozen attention sub-block in three steps, on one stream [P, d] or a batch of them [n, P, d]; `bias=False`
+    # is its linear part (head loadings push single sources' streams through it)
+    def attn_values(self, l: int, x: torch.Tensor, s_attn: torch.Tensor, bias: bool = True) -> torch.Tensor:
+        """Value vectors of x at layer l's attention input: [..., P, n_kv, d_head]."""
         W = self.W[l]
-        n = W.attn_norm.apply(x, s_attn)
-        v = n @ W.W_V.T
-        if W.b_V is not None:
+        v = W.attn_norm.apply(x, s_attn, with_bias=bias) @ W.W_V.T
+        if bias and W.b_V is not None:
             v = v + W.b_V
-        v = v.view(-1, self.Hkv, self.dh).repeat_interleave(self.H // self.Hkv, dim=1)  # [P, H, dh]
-        z = torch.einsum("hpq,qhd->phd", self.patterns[l], v).reshape(-1, self.H * self.dh)
-        o = z @ W.W_O.T
-        if W.b_O is not None:
-            o = o + W.b_O
+        return v.unflatten(-1, (self.Hkv, self.dh))
+
+    def attn_mix(self, l: int, v: torch.Tensor) -> torch.Tensor:
+        """Each head's frozen pattern applied to value vectors: [..., P, H, d_head] (before W_O)."""
+        return torch.einsum("hpq,...qhd->...phd", self.patterns[l][:, : v.shape[-3], : v.shape[-3]],
+                            v.repeat_interleave(self.H // self.Hkv, dim=-2))
+
+    def attn_out(self, l: int, z: torch.Tensor, bias: bool = True) -> torch.Tensor:
+        """What the heads' outputs z add to the residual, before any post-attention norm: [..., P, d]."""
+        o = z.flatten(-2) @ self.W[l].W_O.T
+        if bias and self.W[l].b_O is not None:
+            o = o + self.W[l].b_O
         return o
+
+    def _attn_raw(self, l: int, x: torch.Tensor, s_attn: torch.Tensor) -> torch.Tensor:
+        return self.attn_out(l, self.attn_mix(l, self.attn_values(l, x, s_attn)))
 
     def forward(self, src: Sources) -> tuple[torch.Tensor, torch.Tensor]:
         """Residual stream of the frozen model: (resid_mid [L, P, d], final residual [P, d])."""
