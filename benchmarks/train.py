@@ -8,6 +8,13 @@
 shapes (30 layers, d 576) at a fixed L0 per layer, with the decoder computed densely vs through gathered active
 rows only; `--batch 256,1024,4096` repeats it per batch size.
 
+    .venv/bin/python benchmarks/train.py decode-kernel --threads 1   # the decoder alone, forward + backward
+
+`decode-kernel` times only the decoder's forward and backward (random codes at L0 16, 64, 256 per layer by default,
+`--l0s`; 2048 features, d 576, 1024 tokens, one layer unless `--layers`/`--span`): `decode_dense` (`clt.decode`,
+dense matmuls) against `decode_sparse` (the codes' nonzeros found, then `_GatherDecode`), the kernel alone from
+given indices (what a TopK code hands over), and the previous autograd `embedding_bag` path.
+
     .venv/bin/python benchmarks/train.py heldout --spec workflows/train_smollm2_quality.yaml --clt URL[,URL]
                                                  # FVU / L0 of trained CLTs on the text after the spec's harvest
 """
@@ -58,6 +65,71 @@ def bench_decode(args) -> None:
         print(f"batch {n:5d}  sparse / dense speed-up: {rates[True] / rates[False]:.2f}x")
 
 
+def bench_decode_kernel(args) -> None:
+    import torch.nn.functional as F
+
+    from ct_ray.clt.training import decode_dense, decode_sparse, gather_decode
+    from ct_ray.clt.transcoder import CrossLayerTranscoder
+
+    torch.set_num_threads(args.threads)
+    L, d, Fe, n = args.layers, args.d_model, args.features, int(args.batch)
+    clt = CrossLayerTranscoder(L, d, Fe, args.span)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for w in clt.W_dec:
+            w.copy_(torch.randn(w.shape, generator=g) / d**0.5)
+    grads = [torch.randn(n, d, generator=g) for _ in range(L)]
+    print(f"decoder forward + backward: {L} layer(s) x {Fe} features, d_model {d}, spans {clt.spans}, {n} tokens, "
+          f"{args.threads} thread(s); best of {args.steps} after one warm-up")
+
+    def timed(fn):
+        fn()
+        ts = []
+        for _ in range(args.steps):
+            clt.zero_grad(set_to_none=True)
+            t = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t)
+        return 1000 * min(ts)
+
+    def old_embedding_bag(acts):  # the path before _GatherDecode (autograd's embedding_bag backward)
+        out = [torch.zeros(n, d) for _ in range(L)]
+        for ls, a in enumerate(acts):
+            tok, feat = torch.nonzero(a, as_tuple=True)
+            off = torch.searchsorted(tok, torch.arange(n))
+            y = F.embedding_bag(feat, clt.W_dec[ls].reshape(Fe, -1), off, mode="sum", per_sample_weights=a[tok, feat])
+            for k, yk in enumerate(y.view(n, clt.spans[ls], d).unbind(1)):
+                out[ls + k] = out[ls + k] + yk
+        return out
+
+    for l0 in [int(x) for x in args.l0s.split(",")]:
+        idx = [torch.stack([torch.randperm(Fe, generator=g)[:l0] for _ in range(n)]).sort(1).values for _ in range(L)]
+        vals = [torch.rand(n, l0, generator=g) + 0.1 for _ in range(L)]
+        acts = [torch.zeros(n, Fe).scatter_(1, i, v).requires_grad_(True) for i, v in zip(idx, vals)]
+        tok = torch.arange(n).repeat_interleave(l0)
+
+        def run(dec, acts=acts):
+            out = dec(clt, acts, with_bias=False) if dec is not old_embedding_bag else dec(acts)
+            torch.autograd.backward(out, grads)
+
+        # from (indices, values): no search for the nonzeros, no dense activation gradient
+        def kernel_only(vals=vals, idx=idx, tok=tok):
+            out = [torch.zeros(n, d) for _ in range(L)]
+            for ls in range(L):
+                v = vals[ls].flatten().requires_grad_(True)
+                y = gather_decode(v, clt.W_dec[ls].reshape(Fe, -1), tok, idx[ls].flatten(), n)
+                for k, yk in enumerate(y.view(n, clt.spans[ls], d).unbind(1)):
+                    out[ls + k] = out[ls + k] + yk
+            torch.autograd.backward(out, grads)
+
+        t = {"dense": timed(lambda: run(decode_dense)), "sparse": timed(lambda: run(decode_sparse)),
+             "kernel": timed(kernel_only), "embedding_bag": timed(lambda: run(old_embedding_bag))}
+        print(f"L0 {l0:4d}/layer: dense {t['dense']:7.1f} ms | sparse {t['sparse']:6.1f} ms "
+              f"({t['dense'] / t['sparse']:5.1f}x) | kernel from indices {t['kernel']:6.1f} ms "
+              f"({t['dense'] / t['kernel']:5.1f}x) | previous embedding_bag {t['embedding_bag']:6.1f} ms "
+              f"({t['dense'] / t['embedding_bag']:4.1f}x)", flush=True)
+
+
 def bench_shards(args) -> None:
     import ray
 
@@ -102,12 +174,13 @@ def bench_heldout(args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["decode", "shards", "heldout"])
+    ap.add_argument("what", choices=["decode", "decode-kernel", "shards", "heldout"])
     ap.add_argument("--layers", type=int, default=30)
     ap.add_argument("--d-model", type=int, default=576)
     ap.add_argument("--features", type=int, default=2048)
     ap.add_argument("--span", type=int, default=None)
     ap.add_argument("--l0", type=int, default=32)
+    ap.add_argument("--l0s", default="16,64,256", help="decode-kernel: L0s per layer, comma-separated")
     ap.add_argument("--batch", default="256", help="tokens per step; several comma-separated for `decode`")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2, help="decode: torch threads (1 = one feature shard's share)")
@@ -117,7 +190,11 @@ def main() -> None:
     ap.add_argument("--clt", default="ct_ray_data/clts/smollm2-plt", help="heldout: CLT URLs, comma-separated")
     ap.add_argument("--tokens", type=int, default=4096, help="heldout: held-out tokens")
     args = ap.parse_args()
-    {"decode": bench_decode, "shards": bench_shards, "heldout": bench_heldout}[args.what](args)
+    if args.what == "decode-kernel":  # its own defaults: one layer (per-layer), batch 1024
+        args.layers = 1 if args.layers == 30 else args.layers
+        args.batch = "1024" if args.batch == "256" else args.batch
+    run = {"decode": bench_decode, "decode-kernel": bench_decode_kernel, "shards": bench_shards, "heldout": bench_heldout}
+    run[args.what](args)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ with JumpReLU trained through a straight-through estimator (rectangle kernel of 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -101,22 +102,86 @@ def decoder_norms(clt: CrossLayerTranscoder) -> list[torch.Tensor]:
     return [_RowNorm.apply(w) for w in clt.W_dec]
 
 
+class _GatherDecode(torch.autograd.Function):
+    """y[t] = Σ_j vals_j · W[feat_j] over the nonzeros j of token t (COO in row-major order, `tok` sorted), with a
+    backward that touches only the active rows, in three sparse kernels and no [nnz, d] temporary:
+      forward   y      = weighted `embedding_bag` of the rows of W (bags = tokens);
+      ∂/∂vals   g_v[j] = g[tok_j] · W[feat_j]: a sampled dense-dense product (`torch.sparse.sampled_addmm`, CSR);
+      ∂/∂W      g_W[f] = Σ_{j: feat_j = f} vals_j · g[tok_j]: the same weighted `embedding_bag`, transposed (bags =
+                features, the nonzeros sorted by feature), so inactive rows get exact zeros and nothing is scattered.
+    W: [n_features, span·d]; g_v and g_W equal the dense products' within float rounding (tests/test_train.py).
+    On this 2-core CPU, one thread, 2048 features x 576 x 1024 tokens: 6-24x faster than the dense matmuls for the
+    decoder's forward + backward at L0 64-16 (benchmarks/train.py decode-kernel, RESULTS.md)."""
+
+    @staticmethod
+    def forward(ctx, vals, W, tok, feat, n: int):
+        crow = torch.zeros(n + 1, dtype=torch.int64, device=tok.device)
+        torch.cumsum(torch.bincount(tok, minlength=n), 0, out=crow[1:])
+        ctx.save_for_backward(vals, W, tok, feat, crow)
+        return F.embedding_bag(feat, W, crow[:-1], mode="sum", per_sample_weights=vals)
+
+    @staticmethod
+    def backward(ctx, g):
+        vals, W, tok, feat, crow = ctx.saved_tensors
+        g = g.contiguous()
+        g_vals = g_W = None
+        if ctx.needs_input_grad[0]:
+            with warnings.catch_warnings():  # torch warns that CSR support is in beta
+                warnings.simplefilter("ignore")
+                pattern = torch.sparse_csr_tensor(crow, feat, vals.detach(), (g.shape[0], W.shape[0]),
+                                                  check_invariants=False)
+            g_vals = torch.sparse.sampled_addmm(pattern, g, W.T, beta=0.0).values()
+        if ctx.needs_input_grad[1]:
+            fsorted, order = torch.sort(feat)
+            fptr = torch.searchsorted(fsorted, torch.arange(W.shape[0], device=feat.device))
+            g_W = F.embedding_bag(tok[order], g, fptr, mode="sum", per_sample_weights=vals.detach()[order])
+        return g_vals, g_W, None, None, None
+
+
+def gather_decode(vals: torch.Tensor, W: torch.Tensor, tok: torch.Tensor, feat: torch.Tensor, n: int) -> torch.Tensor:
+    """[n, W.shape[1]]: Σ over each token's nonzeros (tok sorted) of vals · W[feat]; see `_GatherDecode`. Falls back to
+    autograd's `embedding_bag` for dtypes the sampled product does not take (e.g. bfloat16 on the CPU)."""
+    if vals.dtype in (torch.float32, torch.float64):
+        return _GatherDecode.apply(vals, W, tok, feat, n)
+    offsets = torch.searchsorted(tok, torch.arange(n, device=tok.device))
+    return F.embedding_bag(feat, W, offsets, mode="sum", per_sample_weights=vals)
+
+
+class _Take(torch.autograd.Function):
+    """a.view(-1)[flat] for distinct indices; the backward writes the gradient with one scatter into zeros
+    (autograd's indexing backward accumulates, which costs a sort)."""
+
+    @staticmethod
+    def forward(ctx, a, flat):
+        ctx.save_for_backward(flat)
+        ctx.shape = a.shape
+        return a.reshape(-1)[flat]
+
+    @staticmethod
+    def backward(ctx, g):
+        (flat,) = ctx.saved_tensors
+        out = g.new_zeros(math.prod(ctx.shape))
+        return out.index_copy_(0, flat, g).view(ctx.shape), None
+
+
 def decode_sparse(clt: CrossLayerTranscoder, acts: list[torch.Tensor], with_bias: bool = True) -> list[torch.Tensor]:
-    """Same result as `clt.decode`, touching only the decoder rows of active features: a weighted
-    `embedding_bag` (sum of the active rows of each token, weighted by their activations), whose backward writes
-    only those rows too. For a batch with L0 ≪ d_tc this is the cheap path, forward and backward."""
+    """Same result as `clt.decode`, touching only the decoder rows of active features, forward and backward
+    (`_GatherDecode`). The activations' gradient is nonzero only where they are (the dense product also gives one
+    where a code is 0: JumpReLU's straight-through estimator of θ reads it within the bandwidth, so θ's gradient
+    differs between the two paths; TopK's does not read it)."""
     n, d = acts[0].shape[0], clt.d_model
-    out = [torch.zeros(n, d, dtype=acts[0].dtype, device=acts[0].device) for _ in range(clt.n_layers)]
+    out: list[torch.Tensor | None] = [None] * clt.n_layers
     for ls, a in enumerate(acts):
-        tok, feat = torch.nonzero(a, as_tuple=True)  # row-major: tokens sorted, as the bag offsets need
-        if tok.numel() == 0:
+        flat = torch.nonzero((a != 0).view(-1)).squeeze(1)  # row-major: tokens sorted, as the bags need
+        if flat.numel() == 0:
             continue
-        vals = a[tok, feat]  # keeps the graph to the activations
-        offsets = torch.searchsorted(tok, torch.arange(n, device=tok.device))
-        y = F.embedding_bag(feat, clt.W_dec[ls].reshape(clt.d_tc[ls], -1), offsets, mode="sum",
-                            per_sample_weights=vals).view(n, clt.spans[ls], d)
+        tok = torch.div(flat, a.shape[1], rounding_mode="floor")
+        feat = flat - tok * a.shape[1]
+        vals = _Take.apply(a, flat)  # keeps the graph to the activations
+        y = gather_decode(vals, clt.W_dec[ls].reshape(clt.d_tc[ls], -1), tok, feat, n).view(n, clt.spans[ls], d)
         for k, yk in enumerate(y.unbind(1)):  # (indexing y[:, k] would cost a y-sized zero fill per k in backward)
-            out[ls + k] = out[ls + k] + yk
+            out[ls + k] = yk if out[ls + k] is None else out[ls + k] + yk
+    out = [o if o is not None else acts[0].new_zeros(n, d) for o in out]
     if with_bias:
         out = [o + clt.b_dec[l] for l, o in enumerate(out)]
     return out
