@@ -70,6 +70,41 @@ class _Codes(torch.autograd.Function):
         return g_h, g_theta, g_n, None, None
 
 
+@torch.no_grad()
+def topk_mask(h: torch.Tensor, mode: str, k: int, gather=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which codes a TopK / BatchTopK activation keeps, and the batch's JumpReLU-equivalent threshold. h: [n, F].
+
+    topk: each token's k largest positive pre-activations. batchtopk: the k·n largest positive pre-activations of
+    the batch (a token keeps any number). The threshold, for both, is the (k·n)-th largest positive pre-activation of
+    the batch: a JumpReLU at that threshold keeps exactly BatchTopK's codes and, on average, k per token (for TopK it
+    is found among each token's 2k largest, exact unless a token has more than 2k codes above it). `gather(t)`
+    (feature-sharded training) concatenates a tensor's last dimension over the feature shards, so the choice is over
+    all features; each shard pads its candidates to the same size with −1 (never kept). Ties keep every tied code."""
+    r = h.clamp_min(0)
+    m = k * r.shape[0]
+    if mode == "topk":
+        cand = r.topk(min(2 * k, r.shape[1]), dim=1, sorted=False).values
+        if gather is not None:
+            cand = gather(F.pad(cand, (0, 2 * k - cand.shape[1]), value=-1.0))
+            cand = cand.topk(min(2 * k, cand.shape[1]), dim=1, sorted=False).values
+        if cand.shape[1] < k:  # fewer features than k: keep every positive code
+            return r > 0, r.new_zeros(())
+        kth = cand.topk(k, dim=1, sorted=False).values.min(1).values
+        flat = cand.reshape(-1)
+        t = flat.kthvalue(flat.numel() - m + 1).values
+        return (r >= kth[:, None]) & (r > 0), t.clamp_min(0)
+    if mode != "batchtopk":
+        raise ValueError(f"topk mode must be 'topk' or 'batchtopk', not {mode!r}")
+    flat = r.reshape(-1)
+    if gather is None:
+        t = flat.kthvalue(flat.numel() - m + 1).values if m <= flat.numel() else flat.new_zeros(())
+    else:
+        cand = flat.topk(min(m, flat.numel()), sorted=False).values
+        cand = gather(F.pad(cand, (0, m - cand.numel()), value=-1.0))
+        t = cand.topk(m, sorted=False).values.min()
+    return (r >= t) & (r > 0), t.clamp_min(0)
+
+
 @dataclass
 class LossWeights:
     sparsity: float  # λ (already ramped)
@@ -195,15 +230,30 @@ def decode_dense(clt: CrossLayerTranscoder, acts: list[torch.Tensor], with_bias:
 
 
 def clt_loss(clt: CrossLayerTranscoder, xs: torch.Tensor, ys: torch.Tensor, w: LossWeights, sparse: bool = True,
-             reduce_recon=None):
-    """xs, ys: [n, L, d] scaled inputs and targets. Returns (loss, parts dict, acts).
+             reduce_recon=None, topk: tuple[str, int] | None = None, gather=None):
+    """xs, ys: [n, L, d] scaled inputs and targets. Returns (loss, parts dict, acts, ŷ).
 
     `reduce_recon(tensor)` lets a feature-sharded caller sum the partial reconstructions [n, L, d] across workers
     before the MSE;
-    the sparsity terms stay local to the features a worker owns."""
+    the sparsity terms stay local to the features a worker owns.
+    `topk = (mode, k)`: TopK / BatchTopK codes (`topk_mask`) instead of the CLT's own activation, no sparsity
+    penalty (L0 is fixed by k); the pre-activation loss, when `w.preact > 0`, reads the CLT's thresholds (the running
+    estimate of the smallest kept activation, which the caller keeps: `parts["topk_threshold"]`, [L]) and gives
+    them no gradient. `gather`: see `topk_mask`."""
     L = clt.n_layers
     norms = decoder_norms(clt)
-    if clt.activation == "jumprelu":
+    if topk is not None:
+        acts, thr, preact = [], [], torch.zeros((), dtype=xs.dtype, device=xs.device)
+        for l in range(L):
+            h = clt.pre_activation(l, xs[:, l])
+            keep, t = topk_mask(h, topk[0], topk[1], gather)
+            acts.append(h * keep)
+            thr.append(t)
+            if w.preact > 0:
+                theta = clt.threshold[l].detach().to(h.dtype)
+                preact = preact + ((theta - h).clamp_min(0).sum(0) * norms[l]).sum() / h.shape[0]
+        sparsity = torch.zeros((), dtype=xs.dtype, device=xs.device)
+    elif clt.activation == "jumprelu":
         acts, sp, pa = zip(*(_Codes.apply(clt.pre_activation(l, xs[:, l]), clt.threshold[l].to(xs.dtype), norms[l],
                                           w.c, w.bandwidth) for l in range(L)))
         sparsity, preact = sum(sp), sum(pa)
@@ -217,7 +267,10 @@ def clt_loss(clt: CrossLayerTranscoder, xs: torch.Tensor, ys: torch.Tensor, w: L
         y_hat = reduce_recon(y_hat) + torch.stack(list(clt.b_dec))
     mse = (y_hat - ys).pow(2).sum(-1).mean(0).sum()  # Σ_l E||ŷ_l − y_l||²
     loss = mse + w.sparsity * sparsity + w.preact * preact
-    return loss, {"mse": mse.detach(), "sparsity": sparsity.detach(), "preact": preact.detach()}, acts, y_hat.detach()
+    parts = {"mse": mse.detach(), "sparsity": sparsity.detach(), "preact": preact.detach()}
+    if topk is not None:
+        parts["topk_threshold"] = torch.stack(thr).detach()
+    return loss, parts, acts, y_hat.detach()
 
 
 def init_clt(clt: CrossLayerTranscoder, seed: int, threshold: float = 0.03) -> None:

@@ -71,7 +71,7 @@ def same_shape(meta_clt: dict, shape) -> bool:
     n = meta_clt["n_layers"]
     spans = [min(shape.span or n, n - l) for l in range(n)]
     return (meta_clt["features_per_layer"], meta_clt["spans"], meta_clt["activation"]) == \
-        (shape.n_features, spans, shape.activation)
+        (shape.n_features, spans, shape.file_activation)
 
 
 def _prompts(canary: CanarySpec) -> list[str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from .base import Spec
 from .common import DEFAULT_MODEL
@@ -29,10 +29,28 @@ class HarvestSpec(Spec):
     out: str | None = Field(None, description="persist shards here; None streams straight into training")
 
 
+TOPK_ACTIVATIONS = ("topk", "batchtopk")
+
+
 class CLTShapeSpec(Spec):
     n_features: int = Field(256, ge=1)
     span: int | None = Field(None, ge=1, description="layers each decoder writes: None = full CLT, 1 = per-layer")
-    activation: Literal["jumprelu", "relu"] = "jumprelu"
+    activation: Literal["jumprelu", "relu", "topk", "batchtopk"] = Field(
+        "jumprelu", description="topk / batchtopk: training-time only (no sparsity penalty, L0 fixed by k); the CLT "
+        "is exported as JumpReLU with the running estimate of the smallest kept activation as every threshold")
+    k: int | None = Field(None, ge=1, description="topk: active latents per token and layer; batchtopk: the k·n "
+                                                  "largest of a batch of n tokens per layer")
+
+    @model_validator(mode="after")
+    def _k_with_topk(self):
+        if (self.activation in TOPK_ACTIVATIONS) != (self.k is not None):
+            raise ValueError("k is required by activation topk/batchtopk and taken by no other")
+        return self
+
+    @property
+    def file_activation(self) -> str:
+        """The activation of the exported CLT (circuit-tracer's format knows JumpReLU and ReLU only)."""
+        return "jumprelu" if self.activation in TOPK_ACTIVATIONS else self.activation
 
 
 class OptimSpec(Spec):

@@ -73,7 +73,7 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device() if spec.use_gpu else torch.device("cpu")
     fp_group, dp_group = _groups(fp, dp)
     lay = Layout(config["n_layers"], config["d_model"], spec.clt.n_features, spec.clt.span, spec.clt.activation,
-                 spec.harvest.read_point, fp, rank % fp, dp, rank // fp)
+                 spec.harvest.read_point, fp, rank % fp, dp, rank // fp, spec.clt.k)
     shard = Shard(lay, spec.optim, config["model_name"], fp_group, dp_group, device)
     steps = spec.optim.steps
     shape = (spec.optim.batch_tokens, lay.n_layers, lay.d_model)

@@ -59,7 +59,7 @@ def check_resumable(spec: TrainSpec, n_layers: int, d_model: int) -> None:
         raise CTRayError(f"unreadable checkpoint {states[-1]}: delete {run_dir} or use another name") from None
     want = {"n_layers": n_layers, "d_model": d_model, "n_features": spec.clt.n_features, "span": spec.clt.span,
             "activation": spec.clt.activation, "feature_input_hook": spec.harvest.read_point, "fp": spec.workers,
-            "dp": spec.data_parallel}
+            "dp": spec.data_parallel, "k": spec.clt.k}
     diff = [f"{k} {layout.get(k)!r} -> {v!r}" for k, v in want.items() if layout.get(k) != v]
     if diff:
         raise CTRayError(f"{run_dir} holds checkpoints of another run ({', '.join(diff)}): change `name` or "
@@ -71,8 +71,8 @@ def assemble(ckpt_dir: str, spec: TrainSpec, n_layers: int, d_model: int, model_
     state = json.load(open(os.path.join(ckpt_dir, CKPT_STATE)))
     sx, sy = torch.tensor(state["sx"]), torch.tensor(state["sy"])
     F_ = spec.clt.n_features
-    clt = CrossLayerTranscoder(n_layers, d_model, F_, spec.clt.span, spec.clt.activation, spec.harvest.read_point,
-                               model_name)
+    clt = CrossLayerTranscoder(n_layers, d_model, F_, spec.clt.span, spec.clt.file_activation,
+                               spec.harvest.read_point, model_name)
     with torch.no_grad():
         for f in range(spec.workers):
             lo, hi = feature_bounds(F_, spec.workers, f)
@@ -224,10 +224,10 @@ def _check_init(spec: TrainSpec, model) -> None:
     clt = load_clt(spec.init_from)
     clt.check_model(model.n_layers, model.d_model)
     spans = [min(spec.clt.span or model.n_layers, model.n_layers - l) for l in range(model.n_layers)]
-    if clt.d_tc != [spec.clt.n_features] * model.n_layers or clt.spans != spans or clt.activation != spec.clt.activation:
+    if clt.d_tc != [spec.clt.n_features] * model.n_layers or clt.spans != spans or clt.activation != spec.clt.file_activation:
         raise CTRayError(f"init_from {spec.init_from}: its shape ({clt.d_tc[0]} features/layer, spans {clt.spans}, "
                          f"{clt.activation}) differs from clt: in the spec ({spec.clt.n_features}, spans {spans}, "
-                         f"{spec.clt.activation})")
+                         f"{spec.clt.file_activation})")
 
 
 def held_out_tokens(spec: TrainSpec, model, n_tokens: int) -> torch.Tensor:

@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from ..clt.training import LossWeights, clt_loss, fvu, init_b_enc_from_data, init_clt
 from ..clt.transcoder import CrossLayerTranscoder
+from ..specs.train import TOPK_ACTIVATIONS
 
 
 def feature_bounds(n_features: int, n_shards: int, shard: int) -> tuple[int, int]:
@@ -51,6 +52,12 @@ class Layout:
     fp_idx: int = 0
     dp: int = 1
     dp_idx: int = 0
+    k: int | None = None  # activation topk / batchtopk: active latents per token and layer
+
+    @property
+    def clt_activation(self) -> str:
+        """The activation of the CLT object (and file): TopK trains a JumpReLU CLT whose thresholds it estimates."""
+        return "jumprelu" if self.activation in TOPK_ACTIVATIONS else self.activation
 
 
 class Shard:
@@ -62,10 +69,10 @@ class Shard:
         self.lo, self.hi = lo, hi
         # build the full CLT init from the seed, then keep this worker's slice: any sharding gives the same model
         full = CrossLayerTranscoder(layout.n_layers, layout.d_model, layout.n_features, layout.span,
-                                    layout.activation, layout.feature_input_hook, model_name)
+                                    layout.clt_activation, layout.feature_input_hook, model_name)
         init_clt(full, optim.seed, optim.threshold_init)
-        self.clt = CrossLayerTranscoder(layout.n_layers, layout.d_model, hi - lo, layout.span, layout.activation,
-                                        layout.feature_input_hook, model_name)
+        self.clt = CrossLayerTranscoder(layout.n_layers, layout.d_model, hi - lo, layout.span,
+                                        layout.clt_activation, layout.feature_input_hook, model_name)
         with torch.no_grad():
             for l in range(layout.n_layers):
                 self.clt.W_enc[l].copy_(full.W_enc[l][lo:hi])
@@ -82,8 +89,11 @@ class Shard:
 
     # ------------------------------------------------------------------------------------------------
     def init_from_data(self, xs: torch.Tensor) -> None:
-        """b_enc from the first batch (the full-model quantiles restricted to this slice are the same numbers)."""
-        init_b_enc_from_data(self.clt, xs, self.o.target_firing_rate)
+        """b_enc from the first batch (the full-model quantiles restricted to this slice are the same numbers). TopK
+        starts from half of the pre-activations positive (a data-centred zero bias) so that it has k to choose from
+        (at the JumpReLU firing rate most tokens would have fewer than k positive codes)."""
+        rate = 0.5 if self.lay.activation in TOPK_ACTIVATIONS else self.o.target_firing_rate
+        init_b_enc_from_data(self.clt, xs, rate)
 
     def init_from_clt(self, clt: CrossLayerTranscoder, sx: torch.Tensor, sy: torch.Tensor) -> None:
         """Warm start from an exported CLT: undo the export's folding of the activation scales (sx, sy of this
@@ -108,6 +118,17 @@ class Shard:
     def lambda_at(self, step: int, total: int) -> float:
         return self.o.lambda_final * min(1.0, step / max(1, self.o.lambda_ramp_frac * (total - 1)))
 
+    def _gather(self):
+        """TopK across feature shards: concatenate the candidates' last dimension over the shards (no gradient)."""
+        if self.lay.fp == 1:
+            return None
+
+        def gather(t):
+            parts = [torch.empty_like(t) for _ in range(self.lay.fp)]
+            dist.all_gather(parts, t.contiguous(), group=self.fp_group)
+            return torch.cat(parts, -1)
+        return gather
+
     def _reduce(self):
         if self.lay.fp == 1:
             return None
@@ -123,7 +144,9 @@ class Shard:
         sparse = self.o.sparse_decode
         if sparse == "auto":  # the gather only pays off when few features fire
             sparse = float(self.density.mean()) < 0.08 if self.step_no else False  # crossover ~8-10%: RESULTS.md
-        loss, parts, acts, y_hat = clt_loss(self.clt, xs, ys, w, sparse=sparse, reduce_recon=self._reduce())
+        topk = (self.lay.activation, self.lay.k) if self.lay.activation in TOPK_ACTIVATIONS else None
+        loss, parts, acts, y_hat = clt_loss(self.clt, xs, ys, w, sparse=sparse, reduce_recon=self._reduce(),
+                                            topk=topk, gather=self._gather())
         loss.backward()
         if self.lay.dp > 1:  # replicas of this slice average their gradients
             for p in self.clt.parameters():
@@ -133,6 +156,8 @@ class Shard:
         self._clip()
         self.opt.step()
         with torch.no_grad():
+            if topk is not None:  # thresholds of the exported JumpReLU: EMA of the smallest kept activation
+                self._update_topk_thresholds(parts["topk_threshold"])
             for l in range(self.lay.n_layers):
                 self.clt.threshold[l].clamp_(min=0.0)
             fired = torch.stack([(a > 0).float().mean(0) for a in acts])  # [L, F]
@@ -141,6 +166,24 @@ class Shard:
         stats = {"mse": parts["mse"], "sparsity": parts["sparsity"], "l0": fired.sum(-1)}  # mean active per token
         stats["y_hat"] = y_hat
         return stats
+
+    def _update_topk_thresholds(self, thr: torch.Tensor) -> None:
+        """θ_l of every feature := EMA (0.95, about the last 20 steps; the first step sets it) of the batch's
+        JumpReLU-equivalent threshold of layer l (`topk_mask`: its (k·n)-th largest pre-activation), averaged over
+        data-parallel replicas so that they agree. The export turns the CLT into a JumpReLU with these thresholds:
+        for BatchTopK the batch threshold of Bussmann et al. 2024 (the same codes on a batch whose (k·n)-th value
+        equals θ), for TopK a JumpReLU whose mean L0 is about k (per token it varies). The short EMA follows the
+        pre-activations' growth during training; the learning-rate decay at the end lets it settle."""
+        thr = thr.to(self.device, torch.float32)
+        if self.lay.dp > 1:
+            dist.all_reduce(thr, group=self.dp_group)
+            thr /= self.lay.dp
+        for l in range(self.lay.n_layers):
+            th = self.clt.threshold[l]
+            if self.step_no == 0:
+                th.fill_(float(thr[l]))
+            else:
+                th.mul_(0.95).add_(0.05 * thr[l])
 
     def _clip(self) -> None:
         """Clip by the global gradient norm: sharded parameters' squares summed over shards, b_dec counted once."""
