@@ -36,18 +36,19 @@ def bench_decode(args) -> None:
     torch.set_num_threads(args.threads)
     L, d, F = args.layers, args.d_model, args.features
     batches = [int(b) for b in str(args.batch).split(",")]
-    print(f"CLT {L} layers x {F} features, d_model {d}, span {args.span or 'full'}, JumpReLU, target L0 "
+    print(f"CLT {L} layers x {F} features, d_model {d}, span {args.span or 'full'}, {args.activation}, target L0 "
           f"{args.l0}/layer; whole trainer steps (Shard.step: loss, backward, clipping, fused Adam)")
     for n in batches:
         rates = {}
         for sparse in (False, True):
             optim = OptimSpec(steps=1000, batch_tokens=n, lambda_final=1e-3, sparse_decode=sparse)
-            shard = Shard(Layout(L, d, F, args.span, "jumprelu", "resid_mid"), optim)
+            topk = args.activation in ("topk", "batchtopk")
+            shard = Shard(Layout(L, d, F, args.span, args.activation, "resid_mid", k=args.l0 if topk else None), optim)
             g = torch.Generator().manual_seed(0)
             xs, ys = torch.randn(n, L, d, generator=g), torch.randn(n, L, d, generator=g)
-            with torch.no_grad():  # bias so that about `l0` features fire per token and layer
+            with torch.no_grad():  # bias so that about `l0` features fire per token and layer (TopK: k = l0)
                 clt = shard.clt
-                for l in range(L):
+                for l in range(L if not topk else 0):
                     h = xs[:, l] @ clt.W_enc[l].T
                     clt.b_enc[l].copy_(clt.threshold[l] - torch.quantile(h, 1 - args.l0 / F, dim=0))
             times = []
@@ -122,12 +123,25 @@ def bench_decode_kernel(args) -> None:
                     out[ls + k] = out[ls + k] + yk
             torch.autograd.backward(out, grads)
 
+        def forward_only(vals=vals, idx=idx, tok=tok):  # one pass over the active rows: the kernel's best pass
+            with torch.no_grad():
+                for ls in range(L):
+                    gather_decode(vals[ls].flatten(), clt.W_dec[ls].reshape(Fe, -1), tok, idx[ls].flatten(), n)
+
         t = {"dense": timed(lambda: run(decode_dense)), "sparse": timed(lambda: run(decode_sparse)),
-             "kernel": timed(kernel_only), "embedding_bag": timed(lambda: run(old_embedding_bag))}
+             "kernel": timed(kernel_only), "embedding_bag": timed(lambda: run(old_embedding_bag)),
+             "pass": timed(forward_only)}
         print(f"L0 {l0:4d}/layer: dense {t['dense']:7.1f} ms | sparse {t['sparse']:6.1f} ms "
               f"({t['dense'] / t['sparse']:5.1f}x) | kernel from indices {t['kernel']:6.1f} ms "
               f"({t['dense'] / t['kernel']:5.1f}x) | previous embedding_bag {t['embedding_bag']:6.1f} ms "
               f"({t['dense'] / t['embedding_bag']:4.1f}x)", flush=True)
+        # the bound: the dense products run at the GEMM's FLOP rate, the sparse ones at the rate rows stream through
+        # the cache (3 passes of nnz rows: forward, ∂/∂codes, ∂/∂W), so at best dense / (3 x one pass)
+        flop = 3 * 2 * n * Fe * sum(clt.spans) * d
+        rows = n * l0 * sum(clt.spans) * d * 4
+        print(f"           dense {flop / t['dense'] / 1e6:5.1f} GFLOP/s; one pass over the active rows "
+              f"{t['pass']:5.1f} ms = {rows / t['pass'] / 1e6:5.1f} GB/s; kernel {3 * rows / t['kernel'] / 1e6:5.1f} "
+              f"GB/s; bound dense / (3 passes) = {t['dense'] / (3 * t['pass']):5.1f}x", flush=True)
 
 
 def bench_shards(args) -> None:
@@ -180,6 +194,8 @@ def main() -> None:
     ap.add_argument("--features", type=int, default=2048)
     ap.add_argument("--span", type=int, default=None)
     ap.add_argument("--l0", type=int, default=32)
+    ap.add_argument("--activation", default="jumprelu", choices=["jumprelu", "topk", "batchtopk"],
+                    help="decode: the trained activation (topk/batchtopk: k = --l0)")
     ap.add_argument("--l0s", default="16,64,256", help="decode-kernel: L0s per layer, comma-separated")
     ap.add_argument("--batch", default="256", help="tokens per step; several comma-separated for `decode`")
     ap.add_argument("--steps", type=int, default=5)
