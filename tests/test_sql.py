@@ -26,8 +26,9 @@ def report(store, sid, rows: dict[str, str | None]) -> dict:
     """What a worker reports after its buffer of prompts `rows` (key -> graphs status; None: no graphs row)."""
     buf = RowBuffer(sweep_writer_configs(store), sid)
     for key, status in rows.items():
-        buf.add("nodes", [{"key": key, "node": 0, "kind": "feature", "kept": True}])
-        buf.add("edges", [{"key": key, "source": 0, "target": 0, "weight": 1.0}])
+        if status in ("ok", None):  # as a sweep worker: a graph's rows only for an ok prompt
+            buf.add("nodes", [{"key": key, "node": 0, "kind": "feature", "kept": True}])
+            buf.add("edges", [{"key": key, "source": 0, "target": 0, "weight": 1.0}])
         if status:
             buf.add("graphs", [{"key": key, "status": status}])
             buf.finish("prompts", key, ok=status == "ok")
@@ -54,7 +55,7 @@ def test_views_show_exactly_the_committed_rows(tmp_path):
     c2.commit()
     assert query("SELECT key FROM nodes ORDER BY key", str(tmp_path)).column("key").to_pylist() == ["a"]
     assert query("SELECT key FROM edges", str(tmp_path)).column("key").to_pylist() == ["a"]
-    assert query("SELECT count(*) n FROM raw_nodes", str(tmp_path)).column("n").to_pylist() == [3]
+    assert query("SELECT count(*) n FROM raw_nodes", str(tmp_path)).column("n").to_pylist() == [1]
     r = query("SELECT sweep_id, count(*) n FROM graphs GROUP BY 1 ORDER BY 1", str(tmp_path))
     assert r.to_pylist() == [{"sweep_id": "007", "n": 1}, {"sweep_id": "s", "n": 2}]
     assert r.schema.field("sweep_id").type == pa.string()
@@ -87,6 +88,10 @@ def test_a_round_cut_between_two_commits_is_recovered(tmp_path, monkeypatch):
         c.commit()
     monkeypatch.setattr(commit, "commit_files", real)
     assert query("SELECT count(*) n FROM raw_nodes", str(tmp_path)).column("n").to_pylist() == [3]
+    # readers hide the round's files (its graphs commit is missing), in SQL and through Store.read
+    assert query("SELECT key FROM nodes", str(tmp_path)).column("key").to_pylist() == ["a"]
+    assert query("SELECT count(*) n FROM edges", str(tmp_path)).column("n").to_pylist() == [1]
+    assert Store(str(tmp_path)).read("edges", "s").column("key").to_pylist() == ["a"]
     assert recover(st, "s", older_than_s=3600) == 0  # too recent: could be a live driver's round
     assert recover(st, "s") == 2  # one nodes file, one edges file
     assert query("SELECT key FROM raw_nodes", str(tmp_path)).column("key").to_pylist() == ["a"]

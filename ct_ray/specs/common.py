@@ -76,8 +76,13 @@ class CommitSpec(Spec):
     """How often the driver commits the workers' rows (one Iceberg snapshot per table and round): rows are visible,
     and safe from a driver crash, once committed. Fewer, larger rounds mean fewer, larger data files."""
 
-    every_prompts: int = Field(512, ge=1, description="commit once this many prompts are done and not committed")
-    every_seconds: float = Field(60.0, gt=0, description="... or this many seconds after the last commit")
+    every_seconds: float = Field(60.0, gt=0, description="commit this many seconds after the last commit")
+    every_mb: float = Field(256.0, gt=0, description="... or once the workers hold this many MB of rows not committed "
+                            "(Arrow bytes): rounds sized by time and bytes, so a fast sweep makes few, large files")
+    every_prompts: int | None = Field(None, ge=1, description="... or once this many prompts are done and not committed "
+                                      "(none by default)")
+    keep_snapshots: int = Field(20, ge=0, description="snapshots a running sweep keeps per table (older ones that "
+                                "recovery does not need are expired as it goes; 0: keep all)")
 
 
 class StorageSpec(Spec):

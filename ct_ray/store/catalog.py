@@ -31,7 +31,9 @@ CATALOG_NAME = "ct_ray"
 WAREHOUSE_DIR = "warehouse"
 TARGET_FILE_BYTES = 128 * 2**20
 # every table's properties: v2, zstd, 128 MB files, old metadata files removed as new ones are written, commit
-# retries for sweeps that commit to the same table at once (appends never conflict)
+# retries for sweeps that commit to the same table at once (appends never conflict), manifests merged on append (a
+# sweep's thousands of rounds plan from a few manifests), row groups of 128k rows (a key's rows in key-sorted files
+# are found from row-group statistics and read with little else)
 TABLE_PROPERTIES = {
     "format-version": "2",
     "write.parquet.compression-codec": "zstd",
@@ -41,6 +43,9 @@ TABLE_PROPERTIES = {
     "commit.retry.num-retries": "20",
     "commit.retry.min-wait-ms": "50",
     "commit.retry.max-wait-ms": "2000",
+    "commit.manifest-merge.enabled": "true",
+    "commit.manifest.min-count-to-merge": "16",
+    "write.parquet.row-group-limit": "131072",
 }
 _PASSWORD_RE = re.compile(r"^[a-z0-9+]+://[^/@:]*:[^/@]*@", re.I)
 
@@ -152,6 +157,18 @@ def partition_spec(name: str, schema):
                                         transform=IdentityTransform(), name=col))
 
 
+def sort_order(schema):
+    """Tables with a `key` column are sorted by it; others are unsorted."""
+    from pyiceberg.table.sorting import UNSORTED_SORT_ORDER, SortField, SortOrder
+    from pyiceberg.transforms import IdentityTransform
+
+    try:
+        fid = schema.find_field("key").field_id
+    except ValueError:
+        return UNSORTED_SORT_ORDER
+    return SortOrder(SortField(source_id=fid, transform=IdentityTransform()))
+
+
 def ensure_table(catalog, name: str, location: str):
     """Load a table, creating it (partitioned by identity on its partition column) when missing and adding any
     column the code's schema has that the table lacks (schema evolution by name: older files read as null)."""
@@ -164,6 +181,7 @@ def ensure_table(catalog, name: str, location: str):
         schema = iceberg_schema(name)
         try:
             table = catalog.create_table(ident, schema=schema, location=location, partition_spec=partition_spec(name, schema),
+                                         sort_order=sort_order(schema),
                                          properties={**TABLE_PROPERTIES, "ct_ray.schema_version": str(TABLES_SCHEMA_VERSION)})
         except TableAlreadyExistsError:  # created meanwhile by another process
             table = catalog.load_table(ident)
@@ -174,4 +192,25 @@ def ensure_table(catalog, name: str, location: str):
         with catalog.load_table(ident).transaction() as tx:
             tx.set_properties({"ct_ray.schema_version": str(TABLES_SCHEMA_VERSION)})
         table = catalog.load_table(ident)
+    missing = {k: v for k, v in TABLE_PROPERTIES.items() if k not in table.properties}
+    if missing:  # a store made by an older version: the properties it lacks (existing values are the user's)
+        with table.transaction() as tx:
+            tx.set_properties(missing)
+        table = catalog.load_table(ident)
+    if "key" in have and table.sort_order().is_unsorted:
+        _sort_by_key(table)
+        table = catalog.load_table(ident)
     return table
+
+
+def _sort_by_key(table) -> None:
+    """Declare the table sorted by `key` (what ct_ray's writers and `compact` do), so other engines' rewrites keep
+    one key's rows together and file statistics prune point reads."""
+    from pyiceberg.exceptions import CommitFailedException
+    from pyiceberg.transforms import IdentityTransform
+
+    try:
+        with table.update_sort_order() as u:
+            u.asc("key", IdentityTransform())
+    except CommitFailedException:  # set meanwhile by another process
+        pass

@@ -20,12 +20,12 @@ import warnings
 
 from ..errors import StorageError, one_line
 from .schemas import PARTITIONS, conform
+from .visibility import GRAPH_PARTS, PROP_BATCH, PROP_FIRST, PROP_SWEEP  # noqa: F401 (re-exported)
 from .writer import RowBuffer
 
 log = logging.getLogger(__name__)
-PROP_SWEEP, PROP_BATCH, PROP_FIRST = "ct-ray.sweep", "ct-ray.batch", "ct-ray.first-key"
 FAULT_ENV = "CT_RAY_FAULT_DRIVER_DIES"
-GRAPH_PARTS = ("nodes", "edges", "edge_heads", "qk_attributions")  # committed before graphs: the tables `recover` repairs
+KEEP_SNAPSHOTS = 20  # snapshots a running sweep keeps per table (more only for rounds recovery may still need)
 
 
 def _revive(files: list, spec_id: int) -> list:
@@ -53,7 +53,9 @@ def commit_files(store, name: str, add: list, properties: dict | None = None, de
                 warnings.simplefilter("ignore", UserWarning)
                 tx.delete(delete_where, snapshot_properties=props)
         upd = tx.update_snapshot(snapshot_properties=props)
-        with (upd.overwrite() if delete else upd.fast_append()) as op:
+        # appends merge manifests (table property commit.manifest-merge.enabled): the manifest list a commit writes
+        # and a reader plans from stays short however many rounds a sweep commits
+        with (upd.overwrite() if delete else upd.merge_append()) as op:
             for f in _revive(list(add), t.metadata.default_spec_id):
                 op.append_data_file(f)
             for f in delete or []:
@@ -95,50 +97,21 @@ def replace_partition(store, name: str, partition: str, rows, properties: dict |
     return len(files)
 
 
-def added_files(table, snapshot) -> set[str]:
-    """Paths of the data files a snapshot added."""
-    from pyiceberg.manifest import ManifestEntryStatus
-
-    out = set()
-    for m in snapshot.manifests(table.io):
-        if m.added_snapshot_id != snapshot.snapshot_id:
-            continue
-        for e in m.fetch_manifest_entry(table.io, discard_deleted=True):
-            if e.snapshot_id == snapshot.snapshot_id and e.status == ManifestEntryStatus.ADDED:
-                out.add(e.data_file.file_path)
-    return out
-
-
-def ok_keys(store, sweep_id: str) -> set[str]:
-    c = store.committed(sweep_id)
-    return {k for k, s in zip(c.column("key").to_pylist(), c.column("status").to_pylist()) if s == "ok"}
-
-
 def recover(store, sweep_id: str | None = None, committed: dict[str, set] | None = None, older_than_s: float = 0.0) -> int:
-    """Remove the nodes/edges files of rounds whose graphs commit never happened (of one sweep, or all);
-    `committed`: sweep id -> keys with an 'ok' graphs row, where the caller has them. Only
-    rounds older than `older_than_s` are touched: a live driver's round is between two commits for a moment.
-    Returns the number of files removed."""
-    now_ms = time.time() * 1000
+    """Remove the graph-part files of rounds whose graphs commit never happened (of one sweep, or all); readers
+    already hide them (visibility.py), this makes the tables say so for every engine. `committed`: sweep id -> keys
+    with an 'ok' graphs row, where the caller has them. Only rounds older than `older_than_s` are touched: a live
+    driver's round is between two commits for a moment. Returns the number of files removed."""
+    from .visibility import files_added_by, unconfirmed
+
     removed = 0
-    committed = dict(committed or {})
     for name in GRAPH_PARTS:
         t = store.existing_table(name)
-        if t is None:
+        if t is None or t.current_snapshot() is None:
             continue
-        orphans: dict[str, set[str]] = {}
-        for snap in t.metadata.snapshots:
-            p = snap.summary.additional_properties if snap.summary else {}
-            sid, first = p.get(PROP_SWEEP), p.get(PROP_FIRST)
-            if not sid or not first or sweep_id is not None and sid != sweep_id:
-                continue
-            if now_ms - snap.timestamp_ms < older_than_s * 1000:
-                continue
-            if sid not in committed:
-                committed[sid] = ok_keys(store, sid)
-            if first not in committed[sid]:
-                orphans.setdefault(sid, set()).update(added_files(t, snap))
-        for sid, paths in orphans.items():
+        orphans = unconfirmed(t, store.existing_table("graphs"), sweep_id, older_than_s, committed)
+        for sid in sorted(set(orphans.values())):
+            paths = files_added_by(t, [s for s, v in orphans.items() if v == sid])
             dead = [f for f in live_files(store, name, sid) if f.file_path in paths]
             if dead:
                 log.warning("table %s: removing %d data file(s) of an uncommitted round of sweep %s", name, len(dead), sid)
@@ -164,12 +137,15 @@ class Committer:
     already committed or already in the round, or whose perturbations are of keys with no graphs row (their prompt
     was lost with a worker). The caller re-runs the report's keys instead; its files are never committed."""
 
-    def __init__(self, store, sweep_id: str, committed_keys=(), perturbed_keys=(), replace_keys=(), lease=None):
-        self.store, self.sweep_id, self.lease = store, sweep_id, lease
+    def __init__(self, store, sweep_id: str, committed_keys=(), perturbed_keys=(), replace_keys=(), lease=None,
+                 keep_snapshots: int = KEEP_SNAPSHOTS, graphs_snapshot: int | None | str = "now"):
+        self.store, self.sweep_id, self.lease, self.keep_snapshots = store, sweep_id, lease, keep_snapshots
         self.keys = set(committed_keys)  # keys with a committed graphs row (not to be written again)
         self.replace = set(replace_keys)  # keys whose committed (error) row a new row replaces
         self.perturbed = set(perturbed_keys)  # keys with committed perturbation rows (of the current plan)
         self.driver_rows = RowBuffer({"graphs": store.writer_config("graphs")}, sweep_id)
+        # graphs snapshots up to here are checked (the caller's scan of the committed keys saw them)
+        self._seen = store.table("graphs").metadata.current_snapshot_id if graphs_snapshot == "now" else graphs_snapshot
         self._reset()
         self.rounds = 0
 
@@ -202,13 +178,36 @@ class Committer:
     def pending(self) -> int:
         return len(self.prompts) + len(self.perturbations) + self.driver_rows.pending
 
-    def _check_once(self, keys: set[str]) -> None:
+    def _others_committed(self, batch: str) -> bool:
+        """Did a round of this sweep other than ours land in `graphs` since the last check? Walks the snapshots
+        from the current one back to the last one checked (metadata only); True when it cannot tell."""
+        meta = self.store.table("graphs", refresh=False).metadata
+        by_id = {s.snapshot_id: s for s in meta.snapshots}
+        sid, seen, found = meta.current_snapshot_id, self._seen, False
+        while sid is not None and sid != seen:
+            snap = by_id.get(sid)
+            if snap is None:  # the walk left the kept history before reaching the last check
+                found = True
+                break
+            p = snap.summary.additional_properties if snap.summary else {}
+            if p.get(PROP_SWEEP) == self.sweep_id and p.get(PROP_BATCH) not in (None, batch) and "ct-ray.prompts" in p:
+                found = True
+            sid = snap.parent_snapshot_id
+        if sid is None and seen is not None:
+            found = True
+        self._seen = meta.current_snapshot_id
+        return found
+
+    def _check_once(self, keys: set[str], batch: str) -> None:
         """After a graphs commit: none of the round's keys may be there twice. Two drivers that raced past the lease
         both commit a key; both see it here, remove every row of it (idempotent) and stop, and the next run
-        recomputes it once."""
+        recomputes it once. Keys are read only when another round of this sweep landed since the last check: a
+        driver alone pays no scan of the committed keys (that scan grows with the sweep)."""
         from .lease import dedupe_keys, duplicated_keys
 
-        dup = duplicated_keys(self.store, self.sweep_id, keys) if keys else []
+        if not keys or not self._others_committed(batch):
+            return
+        dup = duplicated_keys(self.store, self.sweep_id, keys)
         if dup:
             dedupe_keys(self.store, self.sweep_id, dup)
             from ..errors import CTRayError
@@ -241,7 +240,7 @@ class Committer:
             commit_files(self.store, "graphs", self.files.get("graphs", []), props, delete_where=where)
             self.keys.update(self.prompts)
             self.replace.difference_update(self.prompts)
-            self._check_once(set(self.prompts) - set(replaced))
+            self._check_once(set(self.prompts) - set(replaced), batch)
         if self.perturbations:
             commit_files(self.store, "perturbations", self.files.get("perturbations", []),
                          {PROP_SWEEP: self.sweep_id, PROP_BATCH: batch, "ct-ray.graphs": len(self.perturbations)})
@@ -249,4 +248,9 @@ class Committer:
         out = {"prompts": len(self.prompts), "perturbations": len(self.perturbations)}
         self._reset()
         self.rounds += 1
+        if self.keep_snapshots and self.rounds % max(1, self.keep_snapshots // 2) == 0:
+            # bounded metadata: every commit rewrites the table's metadata with all its snapshots
+            from .visibility import expire_rounds
+
+            out["expired"] = expire_rounds(self.store, (*GRAPH_PARTS, "perturbations"), self.keep_snapshots)
         return out

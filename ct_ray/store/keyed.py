@@ -45,7 +45,8 @@ class KeyedRows:
             return
         self.metadata_json, self._meta, self._io = table.metadata.model_dump_json(), table.metadata, table.io
         try:
-            self.tasks = list(table.scan(row_filter=EqualTo("sweep_id", sweep_id)).plan_files())
+            self.tasks = store.visible(name, table, table.scan(row_filter=EqualTo("sweep_id", sweep_id)).plan_files(),
+                                       sweep_id)
             check_data_files(name, table.metadata.location, (t.file.file_path for t in self.tasks))
             scan = ArrowScan(table.metadata, table.io, table.schema().select("key"), AlwaysTrue())
             for i, task in enumerate(self.tasks):

@@ -2,10 +2,11 @@
 snapshot (planned by pyiceberg), locally and on object storage (through the fsspec filesystem, since DuckDB's httpfs
 and iceberg extensions cannot be installed offline).
 
-Views: `graphs` (every committed prompt row, ok or error), `nodes`, `edges`, `perturbations` (rows of keys whose
-graphs row is 'ok'), `raw_nodes`, `raw_edges`, `raw_perturbations` (every committed row), `features`,
-`train_metrics` and the analysis tables (`feature_stats`, `circuit_paths`, `supernodes`, `graph_diffs`). Every
-view has every column of the current schema (older files read as null). See docs/sql.md.
+Views: `graphs` (every committed prompt row, ok or error), `nodes`, `edges`, `edge_heads`, `qk_attributions`
+(without the data files of sweep rounds whose graphs commit is missing, see visibility.py: a key's rows show only
+with its ok graphs row, and the views are plain scans), `perturbations`, their `raw_` twins (every committed file),
+`features`, `train_metrics` and the analysis tables (`feature_stats`, `circuit_paths`, `supernodes`,
+`graph_diffs`). Every view has every column of the current schema (older files read as null). See docs/sql.md.
 
 The SQL text is untrusted: `query` runs exactly one read-only statement (checked on DuckDB's own parse, not by
 pattern), in a connection whose file access is limited to the planned data files (`allowed_paths`, external access
@@ -21,9 +22,10 @@ import pyarrow as pa
 from ..errors import CTRayError, StorageError, one_line
 from .confine import check_data_files
 from .schemas import SCHEMAS, TABLE_NAMES, empty_table
-from .tables import DEFAULT_STORE, PARTITION, Store
+from .tables import DEFAULT_STORE, Store
+from .visibility import GRAPH_PARTS
 
-FILTERED = ("nodes", "edges", "perturbations", "edge_heads", "qk_attributions")  # shown only for keys whose graphs row is ok
+FILTERED = ("nodes", "edges", "perturbations", "edge_heads", "qk_attributions")  # tables with a raw_ view too
 
 
 def _sql_str(s: str) -> str:
@@ -40,10 +42,7 @@ def _needed(sql: str | None) -> set[str]:
         names = {n.lower() for n in duckdb.get_table_names(sql)}
     except Exception:
         return set(TABLE_NAMES)
-    need = {n.removeprefix("raw_") for n in names if n.removeprefix("raw_") in TABLE_NAMES}
-    if need & set(FILTERED) & names:
-        need.add("graphs")
-    return need
+    return {n.removeprefix("raw_") for n in names if n.removeprefix("raw_") in TABLE_NAMES}
 
 
 def check_statement(sql: str) -> str:
@@ -96,21 +95,28 @@ def _explained(text: str):
         return None
 
 
-def data_files(store: Store, name: str) -> list[str]:
-    """URLs of the data files of a table's current snapshot (empty when the table has no commit yet)."""
+def data_files(store: Store, name: str) -> tuple[list[str], list[str]]:
+    """URLs of the data files of a table's current snapshot, as (shown, hidden): hidden are the files of sweep rounds
+    whose graphs commit is missing (visibility.py; only graph-part tables have them). Empty when nothing is
+    committed. Load graph-part tables before `graphs` (the reader's view of a round is then complete)."""
     t = store.existing_table(name)
     if t is None or t.current_snapshot() is None:
-        return []
+        return [], []
     try:
         tasks = list(t.scan().plan_files())
+        shown = store.visible(name, t, tasks)
+    except StorageError:
+        raise
     except Exception as e:
         raise StorageError(f"cannot plan table {name} of {store.url}: {one_line(e, 300)}") from e
     if any(task.delete_files for task in tasks):  # row-level deletes of another engine: not applied by read_parquet
         raise CTRayError(f"table {name} has row-level delete files (written by another engine): run "
                          f"'ct-ray tables compact' first")
-    paths = [task.file.file_path.removeprefix("file://") for task in tasks]
-    check_data_files(name, t.metadata.location, paths)
-    return paths
+    keep = {task.file.file_path for task in shown}
+    paths = [task.file.file_path.removeprefix("file://") for task in tasks if task.file.file_path in keep]
+    hidden = [task.file.file_path.removeprefix("file://") for task in tasks if task.file.file_path not in keep]
+    check_data_files(name, t.metadata.location, paths + hidden)
+    return paths, hidden
 
 
 MEMORY_ENV = "CT_RAY_SQL_MEMORY"  # DuckDB's memory limit for `ct-ray sql` (e.g. '4GB'); default MEMORY_FRACTION of RAM
@@ -147,28 +153,33 @@ def connect(url: str = DEFAULT_STORE, *, store: Store | None = None, sql: str | 
         con.register_filesystem(store.fs)
     need = _needed(sql)
     allowed: list[str] = []
+    order = [t for t in TABLE_NAMES if t in GRAPH_PARTS] + [t for t in TABLE_NAMES if t not in GRAPH_PARTS]
+    planned = {t: data_files(store, t) if t in need else ([], []) for t in order}  # graph parts before graphs
     for t in TABLE_NAMES:
-        empty = empty_table(SCHEMAS[t])
-        con.register(f"_empty_{t}", empty)
-        files = data_files(store, t) if t in need else []
-        src = f"_empty_{t}"
-        if files:
-            allowed += files
-            lst = "[" + ", ".join(_sql_str(f) for f in files) + "]"
-            # by name: files written before a column was added lack it; the empty relation brings every column
-            src = f"(SELECT * FROM read_parquet({lst}, union_by_name=true) UNION ALL BY NAME SELECT * FROM _empty_{t})"
+        con.register(f"_empty_{t}", empty_table(SCHEMAS[t]))
+        shown, hidden = planned[t]
+        allowed += shown + hidden
         cols = ", ".join(f'"{f.name}"' for f in SCHEMAS[t])
-        name = f"raw_{t}" if t in FILTERED else t
-        try:  # binding the view opens its files: a corrupt or unreachable one fails here
-            con.execute(f"CREATE VIEW {name} AS SELECT {cols} FROM {src}")
+        views = {t: shown}
+        if t in FILTERED:
+            views[f"raw_{t}"] = shown + hidden
+        try:  # binding a view opens its files: a corrupt or unreachable one fails here
+            for name, files in views.items():
+                con.execute(f"CREATE VIEW {name} AS SELECT {cols} FROM {_source(t, files)}")
         except (duckdb.Error, OSError) as e:
             con.close()
             raise StorageError(f"cannot read table {t} of {store.url}: {one_line(e)}") from e
-    for t in FILTERED:
-        con.execute(f"CREATE VIEW {t} AS SELECT r.* FROM raw_{t} r SEMI JOIN graphs g "
-                    f"ON r.{PARTITION} = g.{PARTITION} AND r.key = g.key AND g.status = 'ok'")
     _sandbox(con, allowed)
     return con
+
+
+def _source(t: str, files: list[str]) -> str:
+    """A relation over `files` with every column of table `t`'s current schema (older files lack the newer ones)."""
+    if not files:
+        return f"_empty_{t}"
+    lst = "[" + ", ".join(_sql_str(f) for f in files) + "]"
+    # by name: files written before a column was added lack it; the empty relation brings every column
+    return f"(SELECT * FROM read_parquet({lst}, union_by_name=true) UNION ALL BY NAME SELECT * FROM _empty_{t})"
 
 
 def _sandbox(con, files: list[str]) -> None:

@@ -191,7 +191,7 @@ class Store:
         have = {f.name for f in t.schema().fields}
         try:
             scan = t.scan(row_filter=expr, selected_fields=tuple(c for c in want if c in have))
-            tasks = list(scan.plan_files())
+            tasks = self.visible(name, t, scan.plan_files(), partition)
             check_data_files(name, t.metadata.location, (task.file.file_path for task in tasks))
             from pyiceberg.io.pyarrow import ArrowScan
 
@@ -201,6 +201,17 @@ class Store:
         except Exception as e:
             raise StorageError(f"cannot read table {name} of {self.url}: {one_line(e)}") from e
         return as_schema(out, schema)
+
+    def visible(self, name: str, table, tasks, partition: str | None = None) -> list:
+        """The planned `tasks` of `table` a reader may see: for a graph-part table, without the files of rounds
+        whose graphs commit is missing (visibility.py; `graphs` is loaded after `table`)."""
+        from .visibility import GRAPH_PARTS, hidden_files
+
+        tasks = list(tasks)
+        if name not in GRAPH_PARTS or not tasks:
+            return tasks
+        hidden = hidden_files(table, self.existing_table("graphs"), partition)
+        return [task for task in tasks if task.file.file_path not in hidden] if hidden else tasks
 
     def partitions(self, name: str) -> list[str]:
         """Partition values with committed rows (from the table's metadata only)."""

@@ -39,6 +39,21 @@ class TableWriter:
             raise StorageError(f"cannot write a data file of {self.name} under {self.metadata.location}: {msg}") from e
 
 
+def sorted_by_key(parts: list[pa.Table]) -> pa.Table:
+    """The parts as one table sorted by `key` (stable: a key's rows keep their order), so a data file's row groups
+    hold narrow key ranges and a point read skips the others by their statistics. Parts of one key each (what a
+    worker adds per prompt) are ordered whole, without sorting rows."""
+    import pyarrow.compute as pc
+
+    if not parts or "key" not in parts[0].column_names:
+        return pa.concat_tables(parts)
+    ranges = [pc.min_max(p.column("key")) for p in parts]
+    if all(r["min"] == r["max"] for r in ranges):
+        order = sorted(range(len(parts)), key=lambda i: ranges[i]["min"].as_py() or "")
+        return pa.concat_tables([parts[i] for i in order])
+    return pa.concat_tables(parts).sort_by("key")
+
+
 class RowBuffer:
     """A sweep worker's rows not yet reported to the driver, per table, with the keys they complete.
 
@@ -52,11 +67,13 @@ class RowBuffer:
         self.nbytes: dict[str, int] = dict.fromkeys(configs, 0)
         self.files: dict[str, list] = {t: [] for t in configs}
         self.done: dict[str, list[str]] = {"prompts": [], "perturbations": [], "ok": []}
+        self.round_bytes = 0  # Arrow bytes added since the last flush (the driver sizes its commit rounds by them)
 
     def add(self, name: str, rows: pa.Table | list[dict]) -> None:
         t = conform(rows, name, self.partition)
         self.rows[name].append(t)
         self.nbytes[name] += t.nbytes
+        self.round_bytes += t.nbytes
         if self.nbytes[name] >= self.flush_bytes:
             self._write(name)
 
@@ -74,7 +91,7 @@ class RowBuffer:
     def _write(self, name: str) -> None:
         parts, self.rows[name], self.nbytes[name] = self.rows[name], [], 0
         if parts:
-            self.files[name] += self.writers[name].write(pa.concat_tables(parts))
+            self.files[name] += self.writers[name].write(sorted_by_key(parts))
 
     def flush(self) -> dict:
         """Write every buffered row; return {'files': {table: [DataFile]}, 'prompts': keys, 'perturbations': keys}."""
@@ -83,6 +100,7 @@ class RowBuffer:
         out = {"files": {t: f for t, f in self.files.items() if f}, **self.done}
         self.files = {t: [] for t in self.files}
         self.done = {"prompts": [], "perturbations": [], "ok": []}
+        self.round_bytes = 0
         return out
 
 

@@ -153,12 +153,15 @@ class Driver(ActorPool):
     def maybe_commit(self, final: bool = False):
         if self.flushing:
             return
+        c = self.spec.commit
         waiting = sum(len(a["pending"]) for a in self.actors) + self.committer.driver_rows.pending
-        due = (waiting >= self.spec.commit.every_prompts
-               or time.monotonic() - self.last_commit >= self.spec.commit.every_seconds or final)
+        held = sum(a.get("buffered", 0) for a in self.actors if a["pending"])
+        due = (held >= c.every_mb * 2**20 or (c.every_prompts is not None and waiting >= c.every_prompts)
+               or time.monotonic() - self.last_commit >= c.every_seconds or final)
         if not waiting or not due:
             return
         for a in self.actors:
+            a["buffered"] = 0
             if a["pending"]:
                 ref = a["h"].flush.remote()
                 self.inflight[ref] = ("flush", set(a["pending"]), a)
@@ -184,6 +187,7 @@ class Driver(ActorPool):
 
     def on_done(self, kind, payload, a, out):
         result, bar = self.result, self.bar
+        a["buffered"] = out.get("buffered_bytes", a.get("buffered", 0))
         if kind == "prompt":
             it = payload
             a["pending"][it.key] = ("prompt", it, out["instance"])

@@ -143,6 +143,8 @@ def _run_sweep(spec: SweepSpec, store: Store, lease: SweepLease, t0: float, *, a
         "spec": spec.model_dump(mode="json", exclude={"prompts"}), "keys": [it.key for it in items]})
 
     # --- what is left: one scan of the committed keys (after removing rows of a round that never committed) ------
+    g = store.existing_table("graphs")
+    seen = g.metadata.current_snapshot_id if g is not None else None  # what the scan below sees, at least
     done = store.committed(sid)
     committed_keys = set(done.column("key").to_pylist())
     recover(store, sid, {sid: {k for k, s in zip(done.column("key").to_pylist(), done.column("status").to_pylist())
@@ -180,7 +182,11 @@ def _run_sweep(spec: SweepSpec, store: Store, lease: SweepLease, t0: float, *, a
         num_cpus=res.num_cpus, num_gpus=res.num_gpus, max_restarts=res.max_restarts, max_task_retries=0,
         runtime_env={"env_vars": env} if env else None, scheduling_strategy="SPREAD" if res.spread else "DEFAULT")
     retried = {it.key for it in todo if it.key in state}
-    committer = Committer(store, sid, committed_keys - retried, perturbed, retried, lease=lease)
+    committer = Committer(store, sid, committed_keys - retried, perturbed, retried, lease=lease, graphs_snapshot=seen,
+                          keep_snapshots=spec.commit.keep_snapshots)
+    # prompts run in key order: a round's keys are then a narrow slice of the key space, so each data file's key
+    # statistics let a point read (explorer, export) skip every other file (keys are hashes: the order is random)
+    todo.sort(key=lambda it: it.key)
     driver = Driver(ray, spec, actor_cls, worker_config(spec, store, device), committer, result,
                      _Progress(progress, len(items), result.skipped, sid), on_event, perturb_fn is not None)
     driver.run(todo, pert_todo)

@@ -203,7 +203,8 @@ class SweepWorker:
                 "key": key, "status": row["status"], "error_kind": row.get("error_kind"), "error": row.get("error"),
                 "n_nodes": row.get("n_nodes"), "n_features_pruned": row.get("n_features_pruned"),
                 "perturb_nodes": perturb_nodes, "worker": self.worker, "pid": os.getpid(),
-                "compute_seconds": t_compute, "seconds": time.perf_counter() - t_start}
+                "compute_seconds": t_compute, "seconds": time.perf_counter() - t_start,
+                "buffered_bytes": self.rows.round_bytes}
 
     def _remember(self, key, graph):
         self.cache[key] = graph
@@ -239,7 +240,8 @@ class SweepWorker:
         self.rows.finish("perturbations", key)
         bad = table.column("status").to_pylist().count("error")
         return {"instance": self.instance, "key": key, "status": "error" if bad else "ok", "rows": table.num_rows,
-                "cache_hit": hit, "worker": self.worker, "pid": os.getpid(), "seconds": time.perf_counter() - t0}
+                "cache_hit": hit, "worker": self.worker, "pid": os.getpid(), "seconds": time.perf_counter() - t0,
+                "buffered_bytes": self.rows.round_bytes}
 
 
 class _NoGraph:
