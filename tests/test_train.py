@@ -195,6 +195,26 @@ def test_two_feature_shards_equal_one_worker(harvested):
     assert m[-1]["fvu"] == pytest.approx(summary["final"]["fvu"]) and len(m[-1]["fvu_per_layer"]) == 2
 
 
+@pytest.mark.parametrize("mode", ["topk", "batchtopk"])
+def test_topk_two_feature_shards_equal_one_worker(harvested, mode):
+    """TopK / BatchTopK on 2 Ray workers (each chooses among all features through the candidates' all-gather) ==
+    one process; the export is a JumpReLU CLT with the running thresholds. Tolerance as for JumpReLU sharding."""
+    from ct_ray.train.local import train_local
+    from ct_ray.train.run import train
+
+    spec = _spec(harvested, activations=harvested["acts"], workers=2, name=f"shard2-{mode}", eval_tokens=0,
+                 metrics=None, clt={"activation": mode, "k": 4}, out=str(harvested["dir"] / f"clt_{mode}"),
+                 checkpoint=str(harvested["dir"] / f"ckpt_{mode}"))
+    summary = train(spec, progress=False)
+    ref, sx, sy, hist = train_local(spec, harvested["acts"], 2, 32)
+    clt = load_clt(spec.out)
+    assert clt.activation == "jumprelu" and all((t > 0).all() for t in clt.threshold)
+    _assert_exported_equals(clt, ref, sx, sy)
+    assert summary["final"]["l0"] == pytest.approx(hist[-1]["l0"], rel=1e-5)
+    if mode == "topk":
+        assert summary["final"]["l0"] == pytest.approx(2 * 4, abs=0.05)  # 2 layers x k
+
+
 def test_data_parallel_replicas_equal_one_worker_on_the_joint_batch(harvested):
     """data_parallel=2 (one feature shard, two replicas, gradients averaged) == one process stepping on the union
     of the two replicas' batches (global batches 2k and 2k+1). Tolerance as for feature sharding."""

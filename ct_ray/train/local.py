@@ -11,7 +11,7 @@ from .shard import Layout, Shard
 def train_local(spec: TrainSpec, activations: str, n_layers: int, d_model: int, model_name: str = "") -> tuple:
     """Returns (shard with the full CLT in scaled units, sx, sy, metric history)."""
     lay = Layout(n_layers, d_model, spec.clt.n_features, spec.clt.span, spec.clt.activation,
-                 spec.harvest.read_point)
+                 spec.harvest.read_point, k=spec.clt.k)
     shard = Shard(lay, spec.optim, model_name)
     feed = StoreFeed(activations, spec.optim.batch_tokens, spec.optim.seed, spec.optim.shuffle_buffer_tokens)
     sx, sy = feed.scales(d_model)
