@@ -145,8 +145,10 @@ class _GatherDecode(torch.autograd.Function):
       ∂/∂W      g_W[f] = Σ_{j: feat_j = f} vals_j · g[tok_j]: the same weighted `embedding_bag`, transposed (bags =
                 features, the nonzeros sorted by feature), so inactive rows get exact zeros and nothing is scattered.
     W: [n_features, span·d]; g_v and g_W equal the dense products' within float rounding (tests/test_train.py).
-    On this 2-core CPU, one thread, 2048 features x 576 x 1024 tokens: 6-24x faster than the dense matmuls for the
-    decoder's forward + backward at L0 64-16 (benchmarks/train.py decode-kernel, RESULTS.md)."""
+    On the 2-core CPU, one thread, 2048 features x 576 x 1024 tokens, forward + backward against the dense matmuls:
+    from given indices 17-18x at L0 16, 6x at L0 64; `decode_sparse` (which first finds the nonzeros of dense codes)
+    8x and 4x. Bound: each pass streams one decoder row per active code (~50-60 GB/s here), three passes in all
+    (benchmarks/train.py decode-kernel, benchmarks/HISTORY.md "Sparse decoding and TopK")."""
 
     @staticmethod
     def forward(ctx, vals, W, tok, feat, n: int):
