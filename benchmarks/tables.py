@@ -34,6 +34,7 @@ import argparse
 import collections
 import datetime as _dt
 import hashlib
+import itertools
 import json
 import math
 import multiprocessing as mp
@@ -55,7 +56,7 @@ import pyarrow as pa  # noqa: E402
 SID = "bench"
 SEED = 20261201
 N_NODES, N_EDGES = 150, 1500
-TARGET = {"count(*) edges": 2.0, "avg(completeness) graphs": 2.0, "resume planning": 5.0}
+TARGET = {"count(*) edges": 2.0, "avg(completeness) graphs": 2.0, "resume planning": 2.0}
 TARGET_S3 = dict.fromkeys(TARGET, 5.0)
 QUERIES = {"count(*) edges": "SELECT count(*) FROM edges",
            "avg(completeness) graphs": "SELECT avg(completeness_score) FROM graphs"}
@@ -126,11 +127,17 @@ def _ping(_=None) -> int:
     return os.getpid()
 
 
-def _work(lo: int, hi: int) -> tuple[dict, dict]:
-    """What a sweep worker does for prompts lo..hi-1 of a round, then the driver's flush."""
+def key_order(n: int) -> np.ndarray:
+    """Prompt indices 0..n-1 sorted by their key."""
+    keys = np.array([key_of(i) for i in range(n)])
+    return np.argsort(keys, kind="stable")
+
+
+def _work(indices) -> tuple[dict, dict]:
+    """What a sweep worker does for its prompts of a round, then the driver's flush."""
     buf = _W["buf"]
     t = collections.Counter()
-    for i in range(lo, hi):
+    for i in indices.tolist():
         c0, w0 = time.process_time(), time.perf_counter()
         key, row, nodes, edges = prompt_rows(i)
         c1, w1 = time.process_time(), time.perf_counter()
@@ -146,7 +153,7 @@ def _work(lo: int, hi: int) -> tuple[dict, dict]:
     report = buf.flush()
     t["flush_cpu"] += time.process_time() - c0
     t["flush_wall"] += time.perf_counter() - w0
-    t["n"] += hi - lo
+    t["n"] += len(indices)
     return report, dict(t)
 
 
@@ -168,10 +175,11 @@ def write_new(url: str, catalog: str | None, n: int, workers: int, round_prompts
         t0 = time.perf_counter()
         bounds = list(range(0, n, round_prompts)) + [n]
         rounds = collections.deque()
+        order = key_order(n)  # prompts in key order, as the sweep runner schedules them
 
         def submit(lo, hi):
             step = math.ceil((hi - lo) / workers)
-            rounds.append([ex.submit(_work, a, min(hi, a + step)) for a in range(lo, hi, step)])
+            rounds.append([ex.submit(_work, order[a:min(hi, a + step)]) for a in range(lo, hi, step)])
 
         def commit_oldest():
             for f in rounds.popleft():
@@ -196,8 +204,10 @@ def write_new(url: str, catalog: str | None, n: int, workers: int, round_prompts
             commit_oldest()
         wall = time.perf_counter() - t0
     return {"prompts": n, "workers": workers, "round": round_prompts, "rounds": len(commits), "wall_s": wall,
-            "startup_s": t_up, "prompts_per_s": n / wall, "commit_s": sum(commits),
+            "startup_s": t_up, "prompts_per_s": n / wall, "commit_s": sum(commits), "commits": commits,
             "commit_median_s": statistics.median(commits), "commit_max_s": max(commits),
+            "commit_first100_median_s": statistics.median(commits[:100]),
+            "commit_last100_median_s": statistics.median(commits[-100:]),
             **{k: v for k, v in times.items() if k != "n"}}
 
 
@@ -298,6 +308,68 @@ def time_new(url: str, catalog: str | None, n: int, repeats: int) -> dict:
     return out
 
 
+EXTRA = {  # the query set of a large store, each through ct_ray's SQL and through pyiceberg / Polars directly
+    "count(*) raw_edges": "SELECT count(*) FROM raw_edges",
+    "GROUP BY nodes": "SELECT layer, feature, count(*) n, avg(activation) a FROM nodes GROUP BY ALL ORDER BY n DESC "
+                      "LIMIT 10",
+    "nodes JOIN graphs": "SELECT n.layer, avg(g.replacement_score) r, count(*) c FROM nodes n JOIN graphs g "
+                         "USING (sweep_id, key) WHERE g.status = 'ok' GROUP BY 1 ORDER BY 1",
+    "one key's edges": "SELECT count(*), sum(weight) FROM edges WHERE key = '{key}'",
+}
+TARGET_EXTRA = {"GROUP BY nodes": 30.0, "one key's edges": 0.5}
+
+
+def time_extra(url: str, catalog: str | None, n: int, repeats: int, engines: bool = True) -> dict:
+    """EXTRA through `ct_ray.store.sql.query`; one key's rows through `Store.read`, pyiceberg and Polars; counts and
+    the GROUP BY through Polars (scan_iceberg, its native reader)."""
+    import polars as pl
+    from pyiceberg.expressions import EqualTo
+
+    from ct_ray.store.catalog import identifier
+    from ct_ray.store.sql import query
+    from ct_ray.store.tables import Store
+
+    os.environ.setdefault("POLARS_ICEBERG_PLANNER", "pyiceberg")
+    keys = (key_of((7 + j * 7919) % n) for j in itertools.count())  # a new key each time
+    out = {}
+
+    def run(name, fn, check=None):
+        med, mx, r = timed(fn, repeats)
+        if check is not None:
+            check(r)
+        out[name] = {"median_s": med, "max_s": mx}
+        print(f"    {name:<34} {med:7.3f} s", flush=True)
+
+    for name, sql in EXTRA.items():
+        def q(sql=sql):
+            return query(sql.format(key=next(keys)), store=Store(url, catalog=catalog))
+        if name.startswith("count"):
+            run(f"{name} (sql)", q, lambda r: r.column(0)[0].as_py() == n * N_EDGES or sys.exit("count mismatch"))
+        elif name.startswith("one key"):
+            run(f"{name} (sql)", q, lambda r: r.column(0)[0].as_py() == N_EDGES or sys.exit("point read mismatch"))
+        else:
+            run(f"{name} (sql)", q)
+    run("one key's edges (Store.read)", lambda: Store(url, catalog=catalog).read("edges", SID, keys=[next(keys)]),
+        lambda r: r.num_rows == N_EDGES or sys.exit("Store.read mismatch"))
+    if not engines:
+        return out
+
+    def table(name):
+        return Store(url, catalog=catalog).catalog.load_table(identifier(name))
+
+    run("one key's edges (pyiceberg)", lambda: table("edges").scan(row_filter=EqualTo("key", next(keys))).to_arrow(),
+        lambda r: r.num_rows == N_EDGES or sys.exit("pyiceberg mismatch"))
+    run("one key's edges (polars)", lambda: pl.scan_iceberg(table("edges"), reader_override="native")
+        .filter(pl.col("key") == next(keys)).select(pl.len()).collect(),
+        lambda r: r.item() == N_EDGES or sys.exit("polars mismatch"))
+    run("count(*) edges (polars)", lambda: pl.scan_iceberg(table("edges"), reader_override="native")
+        .select(pl.len()).collect(), lambda r: r.item() == n * N_EDGES or sys.exit("polars count mismatch"))
+    run("GROUP BY nodes (polars)", lambda: pl.scan_iceberg(table("nodes"), reader_override="native")
+        .group_by("layer", "feature").agg(pl.len().alias("n"), pl.col("activation").mean())
+        .sort("n", descending=True).head(10).collect())
+    return out
+
+
 def time_old(root: str, n: int, repeats: int, fs=None) -> dict:
     out = {}
     for name, sql in QUERIES.items():
@@ -362,20 +434,33 @@ def start_moto() -> tuple[object, str]:
     return server, endpoint
 
 
+class _SkipBaseline(Exception):
+    pass
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prompts", type=int, help="prompts in the big store (default 100000; 4000 with --s3)")
     ap.add_argument("--workers", type=int, default=4, help="worker processes, each with its RowBuffer")
-    ap.add_argument("--round", type=int, default=2000, help="prompts per commit round")
+    ap.add_argument("--round", type=int, help="prompts per commit round (default: what the sweep driver's byte rule "
+                    "gives, commit.every_mb of Arrow rows)")
     ap.add_argument("--baseline-prompts", type=int, help="prompts in the old-layout baseline (default 2000; 500 with --s3)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--s3", action="store_true", help="on a moto S3 server instead of a local directory")
     ap.add_argument("--no-compact", action="store_true")
+    ap.add_argument("--no-engines", action="store_true", help="skip the pyiceberg / Polars timings of the query set")
+    ap.add_argument("--no-baseline", action="store_true", help="skip the old-layout baseline")
     ap.add_argument("--dir", help="work directory (default: a temp dir, removed at the end)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     ap.add_argument("--json")
     args = ap.parse_args()
     n = args.prompts or (4000 if args.s3 else 100_000)
+    if args.round is None:
+        from ct_ray.specs.common import CommitSpec
+
+        _, row, nodes, edges = prompt_rows(0)
+        per_prompt = nodes.nbytes + edges.nbytes + pa.Table.from_pylist([row]).nbytes
+        args.round = max(1, int(CommitSpec().every_mb * 2**20 // per_prompt))
     n_old = args.baseline_prompts or (500 if args.s3 else 2000)
     work = Path(args.dir or tempfile.mkdtemp(prefix="ct_tables_bench_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -404,6 +489,8 @@ def main() -> int:
         print(f"  {fmt_files(res['files_before'])}", flush=True)
         res["queries"] = time_new(url, cat, n, args.repeats)
         print("  " + ", ".join(f"{k} {v['median_s']:.3f} s" for k, v in res["queries"].items()), flush=True)
+        if not args.s3:
+            res["extra"] = time_extra(url, cat, n, args.repeats, engines=not args.no_engines)
         if not args.s3 and not args.no_compact:
             try:
                 from ct_ray.store.maintenance import compact
@@ -418,6 +505,9 @@ def main() -> int:
                 res["files_after"] = file_stats(url, cat)
                 print(f"  compacted in {res['compact']['seconds']:.1f} s: {fmt_files(res['files_after'])}", flush=True)
                 res["queries_after"] = time_new(url, cat, n, args.repeats)
+                res["extra_after"] = time_extra(url, cat, n, args.repeats, engines=not args.no_engines)
+        if args.no_baseline:
+            raise _SkipBaseline
         # baseline: the old layout at n_old, and the new one at the same size
         print(f"baseline: {n_old} prompts, old layout and new", flush=True)
         old_root = str(work / "old")
@@ -430,6 +520,8 @@ def main() -> int:
         res["old_queries"] = time_old(old_root, n_old, args.repeats, fs)
         res["small_write"] = write_new(url_small, cat_small, n_old, args.workers, min(args.round, n_old), "new, small")
         res["small_queries"] = time_new(url_small, cat_small, n_old, args.repeats)
+    except _SkipBaseline:
+        pass
     finally:
         if server is not None:
             server.stop()
@@ -459,6 +551,9 @@ def report(res: dict, args) -> None:
         f"(RowBuffer.add {ms(w['add_cpu'], n):.2f} + flush to data files {ms(w['flush_cpu'], n):.2f}) "
         f"+ driver commit {ms(w['commit_s'], n):.3f} ms wall (median round {w['commit_median_s']:.2f} s, "
         f"max {w['commit_max_s']:.2f} s)",
+        f"        commit per round: median of the first 100 rounds {w['commit_first100_median_s']:.3f} s, of the last 100 "
+        f"{w['commit_last100_median_s']:.3f} s (ratio {w['commit_last100_median_s'] / w['commit_first100_median_s']:.2f}; "
+        f"bar <= 1.5)",
         f"files   {fmt_files(res['files_before'])}",
     ]
     if "compact" in res:
@@ -469,6 +564,22 @@ def report(res: dict, args) -> None:
             ok = all(v["per_128mib_ok"] for v in res["files_after"].values())
             lines.append(f"compact {c['seconds']:.1f} s -> {fmt_files(res['files_after'])}: "
                          f"{'<= 1 file per 128 MiB per partition: OK' if ok else 'MORE files than ceil(bytes/128 MiB)'}")
+    if "old_queries" not in res:
+        lines += ["", f"{'operation (fresh Store each)':<36}{'target':>8}{'new':>10}{'compacted':>11}"]
+        target = {**TARGET, **TARGET_EXTRA}
+        rows = {**res["queries"], **res.get("extra", {})}
+        after = {**res.get("queries_after", {}), **res.get("extra_after", {})}
+        for k, v in rows.items():
+            base = k.split(" (")[0]
+            tg = target.get(base)
+            a = after.get(k, {}).get("median_s")
+            ok = "" if tg is None else ("ok" if max(v["median_s"], a or 0) < tg else "MISSED")
+            lines.append(f"{k:<36}{(f'< {tg:g} s' if tg else ''):>8}{v['median_s']:>8.3f} s"
+                         f"{(f'{a:>9.3f} s' if a is not None else ''):>11}  {ok}")
+        lines.append(f"(medians of {args.repeats}; load average {res['load_avg_start']:.1f} -> {res['load_avg_end']:.1f}; "
+                     f"total {res['total_s']:.0f} s)")
+        print("\n".join(lines), flush=True)
+        return
     head = f"{'operation (fresh Store each)':<28}{'target':>8}{'new':>10}"
     if "queries_after" in res:
         head += f"{'compacted':>11}"

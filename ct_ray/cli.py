@@ -346,7 +346,7 @@ COMMANDS: dict[str, tuple[str | None, str, str]] = {
     "features": ("ct_ray.features.cli", "add_features",
                  "feature dashboards of a CLT (density, top contexts) into the features table"),
     "serve": ("ct_ray.explorer.cli", "add_serve", "the graph explorer in the browser (JSON API + page over the tables)"),
-    "tables": ("ct_ray.store.cli", "add_tables", "the result tables: list, compact, expire, vacuum, import"),
+    "tables": ("ct_ray.store.cli", "add_tables", "the result tables: list, compact, expire, vacuum, recover, import"),
     "export": ("ct_ray.attribution.export_cli", "add_export",
                "a sweep's graphs as circuit-tracer / Neuronpedia graph JSON files"),
     "analyze": ("ct_ray.analysis.run_cli", "add_analyze",

@@ -100,6 +100,15 @@ def cmd_vacuum(args) -> int:
     return 0
 
 
+def cmd_recover(args) -> int:
+    from .commit import recover
+
+    n = _run(recover, _store(args), args.sweep, older_than_s=parse_duration(args.older_than))
+    print(f"removed {n} data file(s) of sweep rounds whose graphs commit is missing"
+          + (f" (sweep {args.sweep})" if args.sweep else ""))
+    return 0
+
+
 def cmd_import(args) -> int:
     from .migrate import import_legacy
 
@@ -150,6 +159,15 @@ def add_tables(s) -> None:
     common(p, "3d", "delete only files last modified longer ago than this")
     p.add_argument("--dry-run", action="store_true", help="list what would be deleted, delete nothing")
     p.set_defaults(fn=cmd_vacuum)
+
+    p = tsub.add_parser("recover", help="remove the rows of sweep rounds cut between their commits (what ct_ray's "
+                        "readers already hide; for other engines)")
+    add_store_args(p)
+    p.add_argument("--sweep", help="only this sweep (default: all)")
+    p.add_argument("--older-than", default="10m", metavar="AGE",
+                   help="only rounds older than this: a live driver's round is between two commits for a moment "
+                        "(e.g. 10m, 0s; default 10m)")
+    p.set_defaults(fn=cmd_recover)
 
     p = tsub.add_parser("import", help="import a store of the older one-file-per-prompt layout into the tables")
     add_store_args(p)
