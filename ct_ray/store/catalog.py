@@ -144,8 +144,10 @@ def identifier(name: str) -> str:
 def iceberg_schema(name: str):
     """The Iceberg schema of a table (fresh field ids, in the Arrow schema's order)."""
     from pyiceberg.catalog import Catalog
+    from pyiceberg.schema import assign_fresh_schema_ids
 
-    return Catalog._convert_schema_if_needed(SCHEMAS[name])
+    # ids assigned here, as create_table will: the partition spec and sort order name their columns by id
+    return assign_fresh_schema_ids(Catalog._convert_schema_if_needed(SCHEMAS[name]))
 
 
 def partition_spec(name: str, schema):

@@ -193,6 +193,17 @@ def _task_batches(table, task):
         return scan.to_record_batches([task])
 
 
+def key_order(table):
+    """Sort key of a scan task: its file's lower bound of `key`. Workers write files sorted by key and a sweep runs
+    its prompts in key order, so files merged in this order give files (and row groups) of narrow, mostly disjoint
+    key ranges: a point read is pruned by their statistics without sorting a row here."""
+    try:
+        fid = table.schema().find_field("key").field_id
+    except ValueError:
+        return lambda task: b""
+    return lambda task: (task.file.lower_bounds or {}).get(fid) or b""
+
+
 def _rewrite(table, tasks: list, target_bytes: int) -> tuple[list, int]:
     """Write the rows of `tasks` (one partition) as new data files; returns (DataFiles, rows read)."""
     w = _RollingWriter(table, tasks[0].file.partition, target_bytes)
@@ -263,6 +274,7 @@ def compact(store, tables=None, target_bytes: int = TARGET_FILE_BYTES, older_tha
             deletes = any(task.delete_files for task in pick)
             if len(pick) < 2 and not deletes:
                 continue
+            pick.sort(key=key_order(t))
             label = f"{name}/{'/'.join(str(v) for v in part)}"
             try:
                 new, rows = _rewrite(t, pick, target_bytes)

@@ -1,9 +1,9 @@
 """A sweep partition's rows of one table, read data file by data file for the keys asked (export, analysis).
 
-Keys are hashes, so file statistics cannot prune a scan filtered by key: each `Store.read(keys=...)` reads the whole
-partition, and reading a sweep batch by batch would read it once per batch. Instead the files are planned once, each
-file's `key` column says which keys it holds, and a file is read only when keys it holds are asked for (a key's rows
-are written by one worker flush, so they usually sit in one file). `subset` keeps only what some keys need and
+Reading a sweep batch by batch through `Store.read(keys=...)` would plan the partition once per batch (and files of
+older stores, not sorted by key, are read whole). Instead the files are planned once, each file's `key` column says
+which keys it holds, and a file is read only when keys it holds are asked for (a key's rows are written by one
+worker flush, so they usually sit in one file). `subset` keeps only what some keys need and
 pickles without the catalog, so a Ray task can read its share of a sweep on its own.
 """
 
