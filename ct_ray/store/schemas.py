@@ -334,11 +334,13 @@ def conform(table: pa.Table | list[dict] | dict, name: str, partition: str | Non
         raise ValueError(f"columns not in the {name} schema v{TABLES_SCHEMA_VERSION}: {', '.join(unknown)}")
     part = PARTITIONS[name]
     cols = []
+    have = set(table.column_names)
     for f in schema:
         if f.name == part and partition is not None:
-            cols.append(pa.array([partition] * table.num_rows, pa.string()))
-        elif f.name in table.column_names:
-            cols.append(table.column(f.name).cast(f.type))
+            cols.append(pa.repeat(pa.scalar(partition, pa.string()), table.num_rows))
+        elif f.name in have:
+            c = table.column(f.name)
+            cols.append(c if c.type == f.type else c.cast(f.type))  # (a cast call per column per prompt adds up)
         else:
             cols.append(pa.nulls(table.num_rows, f.type))
     return pa.Table.from_arrays(cols, schema=schema)

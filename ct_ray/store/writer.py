@@ -27,16 +27,52 @@ class TableWriter:
         self.metadata = TableMetadataUtil.parse_raw(config["metadata"])
         self.io = load_file_io(properties=config["io"], location=self.metadata.location)
 
-    def write(self, rows: pa.Table) -> list:
+    def write(self, rows: pa.Table, partition: str | None = None) -> list:
+        """Data files of `rows`; `partition`: the value every row has in the table's (identity) partition column,
+        which spares splitting the rows by partition (a filter pass over them per file written)."""
         from pyiceberg.io.pyarrow import _dataframe_to_data_files
 
         if not rows.num_rows:
             return []
         try:
+            if partition is not None and self._one_field():
+                return list(self._write_partition(rows, partition))
             return list(_dataframe_to_data_files(self.metadata, rows, self.io))
         except Exception as e:
             msg = one_line(e, 300)
             raise StorageError(f"cannot write a data file of {self.name} under {self.metadata.location}: {msg}") from e
+
+    def _one_field(self) -> bool:
+        from pyiceberg.transforms import IdentityTransform
+
+        fields = self.metadata.spec().fields
+        return len(fields) == 1 and isinstance(fields[0].transform, IdentityTransform)
+
+    def _write_partition(self, rows: pa.Table, value: str):
+        """pyiceberg's writer (field ids, statistics, target size) for rows of one partition."""
+        import itertools
+        import uuid
+
+        from pyiceberg.io.pyarrow import bin_pack_arrow_table, pyarrow_to_schema, write_file
+        from pyiceberg.partitioning import PartitionFieldValue, PartitionKey
+        from pyiceberg.table import DOWNCAST_NS_TIMESTAMP_TO_US_ON_WRITE, TableProperties, WriteTask
+        from pyiceberg.utils.config import Config
+        from pyiceberg.utils.properties import property_as_int
+
+        meta, spec = self.metadata, self.metadata.spec()
+        schema = meta.schema()
+        target = property_as_int(meta.properties, TableProperties.WRITE_TARGET_FILE_SIZE_BYTES,
+                                 TableProperties.WRITE_TARGET_FILE_SIZE_BYTES_DEFAULT)
+        task_schema = pyarrow_to_schema(rows.schema, name_mapping=schema.name_mapping,
+                                        downcast_ns_timestamp_to_us=Config().get_bool(DOWNCAST_NS_TIMESTAMP_TO_US_ON_WRITE)
+                                        or False, format_version=meta.format_version)
+        key = PartitionKey(field_values=[PartitionFieldValue(field=spec.fields[0], value=value)], partition_spec=spec,
+                           schema=schema)
+        write_uuid, counter = uuid.uuid4(), itertools.count(0)
+        return write_file(self.io, meta, (
+            WriteTask(write_uuid=write_uuid, task_id=next(counter), record_batches=batches, partition_key=key,
+                      schema=task_schema)
+            for batches in bin_pack_arrow_table(rows.combine_chunks(), target)))
 
 
 def sorted_by_key(parts: list[pa.Table]) -> pa.Table:
@@ -91,7 +127,7 @@ class RowBuffer:
     def _write(self, name: str) -> None:
         parts, self.rows[name], self.nbytes[name] = self.rows[name], [], 0
         if parts:
-            self.files[name] += self.writers[name].write(sorted_by_key(parts))
+            self.files[name] += self.writers[name].write(sorted_by_key(parts), self.partition)
 
     def flush(self) -> dict:
         """Write every buffered row; return {'files': {table: [DataFile]}, 'prompts': keys, 'perturbations': keys}."""
