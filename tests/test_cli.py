@@ -156,7 +156,7 @@ def test_every_option_has_help_and_debug_goes_anywhere(capsys, tmp_path):
     assert p.parse_args(["--debug", "tables", "list"]).debug and p.parse_args(["tables", "list", "--debug"]).debug
     assert not p.parse_args(["tables", "list"]).debug
     assert main(["--version"]) == 0 and capsys.readouterr().out.strip() == f"ct-ray {__version__}"
-    for group, commands in ((["tables"], "list, compact, expire, vacuum, import"), (["clt"], "random, list"),
+    for group, commands in ((["tables"], "list, compact, expire, vacuum, recover, import"), (["clt"], "random, list"),
                             ([], "models, attribute")):
         code, out, err = _run(capsys, *group)
         assert code == 2 and out.startswith(f"usage: {' '.join(['ct-ray', *group])}"), out  # the group's help

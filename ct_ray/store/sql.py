@@ -32,17 +32,20 @@ def _sql_str(s: str) -> str:
     return "'" + s.replace("'", "''") + "'"
 
 
-def _needed(sql: str | None) -> set[str]:
-    """The tables a statement reads (all when it cannot tell), with what their views are built on."""
+def _views(sql: str | None) -> set[str]:
+    """The views a statement reads (all when it cannot tell): only those are bound to their files (binding opens
+    every file's footer)."""
+    every = set(TABLE_NAMES) | {f"raw_{t}" for t in FILTERED}
     if sql is None:
-        return set(TABLE_NAMES)
+        return every
     import duckdb
 
     try:
         names = {n.lower() for n in duckdb.get_table_names(sql)}
     except Exception:
-        return set(TABLE_NAMES)
-    return {n.removeprefix("raw_") for n in names if n.removeprefix("raw_") in TABLE_NAMES}
+        return every
+    return names & every
+
 
 
 def check_statement(sql: str) -> str:
@@ -151,7 +154,8 @@ def connect(url: str = DEFAULT_STORE, *, store: Store | None = None, sql: str | 
         raise CTRayError(f"bad memory limit {memory_limit or default_memory_limit()!r}: {one_line(e)}") from None
     if not store.local:
         con.register_filesystem(store.fs)
-    need = _needed(sql)
+    views = _views(sql)
+    need = {n.removeprefix("raw_") for n in views}
     allowed: list[str] = []
     order = [t for t in TABLE_NAMES if t in GRAPH_PARTS] + [t for t in TABLE_NAMES if t not in GRAPH_PARTS]
     planned = {t: data_files(store, t) if t in need else ([], []) for t in order}  # graph parts before graphs
@@ -160,12 +164,12 @@ def connect(url: str = DEFAULT_STORE, *, store: Store | None = None, sql: str | 
         shown, hidden = planned[t]
         allowed += shown + hidden
         cols = ", ".join(f'"{f.name}"' for f in SCHEMAS[t])
-        views = {t: shown}
+        made = {t: shown}
         if t in FILTERED:
-            views[f"raw_{t}"] = shown + hidden
+            made[f"raw_{t}"] = shown + hidden
         try:  # binding a view opens its files: a corrupt or unreachable one fails here
-            for name, files in views.items():
-                con.execute(f"CREATE VIEW {name} AS SELECT {cols} FROM {_source(t, files)}")
+            for name, files in made.items():
+                con.execute(f"CREATE VIEW {name} AS SELECT {cols} FROM {_source(t, files if name in views else [])}")
         except (duckdb.Error, OSError) as e:
             con.close()
             raise StorageError(f"cannot read table {t} of {store.url}: {one_line(e)}") from e
