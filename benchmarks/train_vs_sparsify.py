@@ -206,6 +206,8 @@ def affine_baseline(work: Path, read_point: str) -> dict:
     xe, ye = load_split(work, "eval", f"x_{read_point}"), load_split(work, "eval", "y")
     n, L, d = x.shape
     y_hat = np.empty_like(ye)
+    nt = min(4096, n)
+    y_hat_train = np.empty((nt, L, d), np.float32)
     for l in range(L):
         A = torch.zeros(d + 1, d + 1, dtype=torch.float64)
         B = torch.zeros(d + 1, d, dtype=torch.float64)
@@ -218,8 +220,12 @@ def affine_baseline(work: Path, read_point: str) -> dict:
         w = torch.linalg.solve(A, B)
         xe1 = torch.cat([torch.from_numpy(xe[:, l]).double(), torch.ones(len(xe), 1, dtype=torch.float64)], 1)
         y_hat[:, l] = (xe1 @ w).float().numpy()
+        xt1 = torch.cat([torch.from_numpy(np.array(x[:nt, l])).double(), torch.ones(nt, 1, dtype=torch.float64)], 1)
+        y_hat_train[:, l] = (xt1 @ w).float().numpy()
+    tr = evaluate(y[:nt], y_hat_train, None, None)
     return {"tool": "affine", "read_point": read_point, "level": "-", "train_tokens": n,
-            "fit_s": time.time() - t0, **evaluate(ye, y_hat, None, None)}
+            "fit_s": time.time() - t0, **evaluate(ye, y_hat, None, None), "train_fvu": tr["fvu"],
+            "train_fvu_per_layer": tr["fvu_per_layer"]}
 
 
 # ------------------------------------------------------------------------------------------------ ct_ray worker
@@ -292,10 +298,14 @@ def ct_worker(cfg: dict) -> dict:
                 y_hat_topk.append(((h * keep) @ clt.W_dec[l][:, 0] + clt.b_dec[l]) / sy[l])
         xt = load_split(work, "train", f"x_{rp}", True)
         fired_train = torch.zeros(L, cfg["latents"], dtype=torch.bool)
+        y_hat_train = []
         for i in range(0, len(xt), 4096):
             xc = torch.from_numpy(np.array(xt[i : i + 4096]))
             for l in range(L):
-                fired_train[l] |= (clt.encode(l, xc[:, l] * sx[l]) > 0).any(0)
+                a = clt.encode(l, xc[:, l] * sx[l])
+                fired_train[l] |= (a > 0).any(0)
+                if i == 0:  # the first training tokens: train-set FVU (overfitting)
+                    y_hat_train.append((a @ clt.W_dec[l][:, 0] + clt.b_dec[l]) / sy[l])
     extra = {}
     if topk:
         ye = torch.from_numpy(load_split(work, "eval", "y"))
@@ -305,7 +315,7 @@ def ct_worker(cfg: dict) -> dict:
             "last_batch": {k: last.get(k) for k in ("fvu", "fvu_per_layer", "l0_per_layer", "dead_frac")},
             "total_s": time.time() - t_start, **extra,
             "_pred": (torch.stack(y_hat, 1).numpy(), torch.stack(l0, 1).numpy(), torch.stack(fired).numpy(),
-                      fired_train.numpy())}
+                      fired_train.numpy(), torch.stack(y_hat_train, 1).numpy())}
 
 
 # ------------------------------------------------------------------------------------------------ sparsify worker
@@ -420,7 +430,7 @@ def sparsify_worker(cfg: dict) -> dict:
     trainer.fit()  # ends with its own save (schedule-free: the averaged weights)
     train_s = time.perf_counter() - t0
     xe = torch.from_numpy(load_split(work, "eval", "x_mlp_in"))
-    y_hat, l0, fired, fired_train = [], [], [], []
+    y_hat, l0, fired, fired_train, y_hat_train = [], [], [], [], []
     with torch.no_grad():
         for j, l in enumerate(layers):
             sae = SparseCoder.load_from_disk(Path(tc.save_dir) / "run" / f"layers.{l}.mlp")
@@ -436,19 +446,21 @@ def sparsify_worker(cfg: dict) -> dict:
                 enc = sae.encode(x[i : i + 4096, j])
                 ft[enc.top_indices[enc.top_acts > 0]] = True
             fired_train.append(ft)
+            y_hat_train.append(sae(x[:4096, j]).sae_out.float())  # the first training tokens: train-set FVU
     toks = trainer.global_step * rows_per_batch * (seq - 1 if live else seq)  # live: BOS excluded
     return {"steps": trainer.global_step, "train_tokens_seen": toks, "train_s": train_s,
             "tokens_per_s": toks / max(train_s, 1e-9), "config": {**opts, "batch_rows": rows_per_batch, "seq": seq},
             "total_s": time.time() - t_start,
             "_pred": (torch.stack(y_hat, 1).numpy(), torch.stack(l0, 1).numpy(), torch.stack(fired).numpy(),
-                      torch.stack(fired_train).numpy())}
+                      torch.stack(fired_train).numpy(), torch.stack(y_hat_train, 1).numpy())}
 
 
 def worker_main(which: str, cfg_path: str) -> None:
     cfg = json.loads(Path(cfg_path).read_text())
     res = (ct_worker if which == "_ct-worker" else sparsify_worker)(cfg)
-    y_hat, l0, fired, fired_train = res.pop("_pred")
-    np.savez(Path(cfg["out"]) / "pred.npz", y_hat=y_hat, l0=l0, fired=fired, fired_train=fired_train)
+    y_hat, l0, fired, fired_train, y_hat_train = res.pop("_pred")
+    np.savez(Path(cfg["out"]) / "pred.npz", y_hat=y_hat, l0=l0, fired=fired, fired_train=fired_train,
+             y_hat_train=y_hat_train)
     (Path(cfg["out"]) / "result.json").write_text(json.dumps(res, indent=1))
 
 
@@ -488,6 +500,9 @@ def run_one(args, tool: str, level, py: Path) -> dict:
     res = json.loads((out / "result.json").read_text())
     p = np.load(out / "pred.npz")
     ev = evaluate(load_split(args.work, "eval", "y"), p["y_hat"], p["l0"], p["fired"], p["fired_train"])
+    yt = load_split(args.work, "train", "y", True)[: len(p["y_hat_train"])]
+    tr = evaluate(yt, p["y_hat_train"], None, None)
+    ev |= {"train_fvu": tr["fvu"], "train_fvu_per_layer": tr["fvu_per_layer"]}
     row = {"tool": tool if tool == "ct_ray" else f"sparsify {args.sparsify_data}", "read_point": rp,
            "level": (f"k {level}" if isinstance(level, int) else f"λ {level}"),
            "activation": cfg.get("activation", "topk"), "wall_s": res["train_s"], "process_s": time.time() - t0,
@@ -521,6 +536,9 @@ def print_table(res: dict) -> None:
             f = r["fvu_topk_codes_per_layer"]
             print(f"{r['tool']} {r['level']}: FVU with the training-time {r['activation']} codes instead of the "
                   f"exported JumpReLU: {' / '.join(f'{v:.3f}' for v in f)} (mean {np.mean(f):.3f})")
+    print("train-set FVU (first 4,096 training positions), against held-out: " + "; ".join(
+        f"{r['tool']} ({r['read_point']}) {r['level']} {r['train_fvu']:.3f} vs {r['fvu']:.3f}".replace(" -", "")
+        for r in res["rows"] if "train_fvu" in r))
     print("dead: latents active on none of the training and held-out tokens; wall: the training loop; tokens/s: "
           "training token visits per second")
 
