@@ -81,7 +81,6 @@ SPARSIFY = "eai-sparsify==1.3.3"
 # what sparsify's modules import (its METADATA's Requires-Dist), pinned where the main venv has the same package
 SPARSIFY_IMPORTS = ["accelerate==1.15.0", "datasets", "einops", "natsort", "safetensors==0.8.0", "schedulefree",
                     "simple-parsing", "transformers==5.24.0", "huggingface_hub==2.4.0", "numpy==2.4.6"]
-SPLITS = ("train", "eval")
 
 
 # ------------------------------------------------------------------------------------------------ set-up
@@ -321,6 +320,7 @@ def ct_worker(cfg: dict) -> dict:
 # ------------------------------------------------------------------------------------------------ sparsify worker
 def sparsify_worker(cfg: dict) -> dict:
     """Runs in the sparsify venv (imports nothing of ct_ray)."""
+    import sparsify
     from sparsify import SparseCoder, TrainConfig, Trainer, TranscoderConfig
     from torch import nn
     from torch.utils.data import Dataset
@@ -450,6 +450,7 @@ def sparsify_worker(cfg: dict) -> dict:
     toks = trainer.global_step * rows_per_batch * (seq - 1 if live else seq)  # live: BOS excluded
     return {"steps": trainer.global_step, "train_tokens_seen": toks, "train_s": train_s,
             "tokens_per_s": toks / max(train_s, 1e-9), "config": {**opts, "batch_rows": rows_per_batch, "seq": seq},
+            "versions": {"sparsify": sparsify.__version__, "torch": torch.__version__},
             "total_s": time.time() - t_start,
             "_pred": (torch.stack(y_hat, 1).numpy(), torch.stack(l0, 1).numpy(), torch.stack(fired).numpy(),
                       torch.stack(fired_train).numpy(), torch.stack(y_hat_train, 1).numpy())}
@@ -565,7 +566,9 @@ def main_run(args) -> None:
            "sparsify_data": {"cached": "the same cached activations as ct_ray's, through sparsify's Trainer",
                              "live": "sparsify's Trainer running the model on the same contexts every step"}[
                                  args.sparsify_data],
-           "date": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "rows": rows}
+           "date": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "torch": torch.__version__,
+           "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                    text=True).stdout.strip(), "rows": rows}
     json_path = args.json or args.work / "results.json"
     for tool, level in plan:
         res["rows"].append(run_one(args, tool, level, py))
