@@ -450,6 +450,8 @@ def main() -> int:
     ap.add_argument("--no-compact", action="store_true")
     ap.add_argument("--no-engines", action="store_true", help="skip the pyiceberg / Polars timings of the query set")
     ap.add_argument("--no-baseline", action="store_true", help="skip the old-layout baseline")
+    ap.add_argument("--queries-only", metavar="JSON", help="time the queries on the store a previous run kept in --dir "
+                    "(no write; write figures from that run's JSON)")
     ap.add_argument("--dir", help="work directory (default: a temp dir, removed at the end)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     ap.add_argument("--json")
@@ -464,7 +466,7 @@ def main() -> int:
     n_old = args.baseline_prompts or (500 if args.s3 else 2000)
     work = Path(args.dir or tempfile.mkdtemp(prefix="ct_tables_bench_"))
     work.mkdir(parents=True, exist_ok=True)
-    for sub in ("new", "new_small", "old", "catalogs"):
+    for sub in ("new_small", "old", "catalogs") if args.queries_only else ("new", "new_small", "old", "catalogs"):
         shutil.rmtree(work / sub, ignore_errors=True)
     (work / "catalogs").mkdir()
     t_all = time.perf_counter()
@@ -484,7 +486,10 @@ def main() -> int:
     try:
         print(f"write: {n} prompts ({N_NODES} nodes, {N_EDGES} edges each), {args.workers} workers, "
               f"rounds of {args.round}, into {url}", flush=True)
-        res["write"] = write_new(url, cat, n, args.workers, min(args.round, n), "new")
+        if args.queries_only:  # the store a previous run left in --dir (its write figures are in that run's JSON)
+            res["write"] = json.loads(Path(args.queries_only).read_text())["write"]
+        else:
+            res["write"] = write_new(url, cat, n, args.workers, min(args.round, n), "new")
         res["files_before"] = file_stats(url, cat)
         print(f"  {fmt_files(res['files_before'])}", flush=True)
         res["queries"] = time_new(url, cat, n, args.repeats)
