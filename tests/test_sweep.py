@@ -165,6 +165,23 @@ def test_interrupted_driver_resumes_without_duplicates(ray_local, tiny_dir, clt_
     check_consistent(str(store), "resume", len(PROMPTS))
 
 
+def test_rounds_are_sized_by_bytes_and_files_by_key(ray_local, tiny_dir, clt_dir, tmp_path):
+    """commit.every_mb: a round once the workers hold that many bytes of rows (here about one prompt's), not a count;
+    prompts run in key order, so rounds hold increasing key ranges (their files' key bounds do not interleave)."""
+    from ct_ray.store.visibility import round_snapshots
+
+    store = tmp_path / "store"
+    spec = make_spec(tiny_dir, clt_dir, store, "bytes", PROMPTS[:6], resources={"workers": 1, "num_cpus": 1},
+                     commit={"every_mb": 0.0001, "every_seconds": 3600})
+    assert run_sweep(spec).ok == 6
+    check_consistent(str(store), "bytes", 6)
+    st = Store(str(store))
+    assert len(round_snapshots(st.table("edges"), "bytes")) >= 3  # several rounds, none forced by a count
+    files = sorted((f.lower_bounds[1], f.upper_bounds[1]) for f in
+                   (task.file for task in st.table("edges").scan().plan_files()))
+    assert all(hi <= lo2 for (_, hi), (lo2, _) in zip(files, files[1:]))
+
+
 def test_worker_start_failure_is_one_clear_error(ray_local, tiny_dir, tmp_path):
     from ct_ray.errors import CTRayError
 

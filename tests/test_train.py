@@ -47,6 +47,35 @@ def test_sparse_decode_equals_dense(span):
             torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("span", [None, 1, 2])
+def test_sparse_loss_gradients_equal_dense_thresholds_included(span):
+    """clt_loss with sparse decoding gives every parameter the dense path's gradient, JumpReLU's θ included: its
+    straight-through estimator reads the reconstruction gradient of inactive codes within the bandwidth (without
+    it θ only felt the sparsity term and drifted up)."""
+    from ct_ray.clt.training import LossWeights, clt_loss
+
+    clt = _random_clt(span).double()
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for t in clt.threshold:
+            t.copy_(torch.rand(t.shape, generator=g, dtype=torch.float64) * 2)
+    xs = torch.randn(24, 4, 16, generator=g, dtype=torch.float64)
+    ys = torch.randn(24, 4, 16, generator=g, dtype=torch.float64)
+    w = LossWeights(sparsity=0.1, c=1.0, preact=0.01, bandwidth=2.0)
+
+    def grads(sparse):
+        clt.zero_grad()
+        loss, *_ = clt_loss(clt, xs, ys, w, sparse=sparse)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in clt.named_parameters() if p.grad is not None}
+
+    (l0, dense), (l1, sparse) = grads(False), grads(True)
+    torch.testing.assert_close(l0, l1)
+    assert dense.keys() == sparse.keys() and any(n.startswith("threshold") for n in dense)
+    for n in dense:
+        torch.testing.assert_close(sparse[n], dense[n], rtol=1e-9, atol=1e-9, msg=n)
+
+
 @pytest.mark.parametrize("span", [1, 3])
 def test_gather_decode_kernel_matches_dense_products(span):
     """The sparse decoder kernel (forward, ∂/∂values, ∂/∂W) against the dense matmuls in float64, including tokens

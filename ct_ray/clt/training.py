@@ -201,14 +201,38 @@ class _Take(torch.autograd.Function):
         return out.index_copy_(0, flat, g).view(ctx.shape), None
 
 
-def decode_sparse(clt: CrossLayerTranscoder, acts: list[torch.Tensor], with_bias: bool = True) -> list[torch.Tensor]:
+class _BandGrad(torch.autograd.Function):
+    """Zeros [n, W.shape[1]] whose backward gives the activations the gradient the dense product would, g · Wᵀ, at
+    the positions of `band` (inactive codes within JumpReLU's bandwidth below θ) and nowhere else. The codes there
+    are 0, so the forward adds nothing and W gets no gradient; θ's straight-through estimator reads it (one dense
+    product per layer in the backward: the rest of the step stays sparse)."""
+
+    @staticmethod
+    def forward(ctx, a, W, band):
+        ctx.save_for_backward(W, band)
+        return a.new_zeros(a.shape[0], W.shape[1])
+
+    @staticmethod
+    def backward(ctx, g):
+        W, band = ctx.saved_tensors
+        return (g @ W.T).mul_(band), None, None
+
+
+def decode_sparse(clt: CrossLayerTranscoder, acts: list[torch.Tensor], with_bias: bool = True,
+                  band: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
     """Same result as `clt.decode`, touching only the decoder rows of active features, forward and backward
-    (`_GatherDecode`). The activations' gradient is nonzero only where they are (the dense product also gives one
-    where a code is 0: JumpReLU's straight-through estimator of θ reads it within the bandwidth, so θ's gradient
-    differs between the two paths; TopK's does not read it)."""
+    (`_GatherDecode`). The activations' gradient is then nonzero only where they are; the dense product also gives
+    one where a code is 0, which JumpReLU's straight-through estimator of θ reads within the bandwidth: `band`
+    (per layer, [n, F] bool: inactive codes within the bandwidth) adds exactly that gradient (`_BandGrad`), so θ's
+    gradient equals the dense path's (without it θ misses the reconstruction's pull down and only the sparsity
+    term's push up: thresholds drift up and latents die)."""
     n, d = acts[0].shape[0], clt.d_model
     out: list[torch.Tensor | None] = [None] * clt.n_layers
     for ls, a in enumerate(acts):
+        if band is not None and band[ls] is not None and a.requires_grad:
+            z = _BandGrad.apply(a, clt.W_dec[ls].reshape(clt.d_tc[ls], -1), band[ls]).view(n, clt.spans[ls], d)
+            for k, zk in enumerate(z.unbind(1)):
+                out[ls + k] = zk if out[ls + k] is None else out[ls + k] + zk
         flat = torch.nonzero((a != 0).view(-1)).squeeze(1)  # row-major: tokens sorted, as the bags need
         if flat.numel() == 0:
             continue
@@ -244,6 +268,7 @@ def clt_loss(clt: CrossLayerTranscoder, xs: torch.Tensor, ys: torch.Tensor, w: L
     them no gradient. `gather`: see `topk_mask`."""
     L = clt.n_layers
     norms = decoder_norms(clt)
+    band = None
     if topk is not None:
         acts, thr, preact = [], [], torch.zeros((), dtype=xs.dtype, device=xs.device)
         for l in range(L):
@@ -256,14 +281,21 @@ def clt_loss(clt: CrossLayerTranscoder, xs: torch.Tensor, ys: torch.Tensor, w: L
                 preact = preact + ((theta - h).clamp_min(0).sum(0) * norms[l]).sum() / h.shape[0]
         sparsity = torch.zeros((), dtype=xs.dtype, device=xs.device)
     elif clt.activation == "jumprelu":
-        acts, sp, pa = zip(*(_Codes.apply(clt.pre_activation(l, xs[:, l]), clt.threshold[l].to(xs.dtype), norms[l],
-                                          w.c, w.bandwidth) for l in range(L)))
+        hs = [clt.pre_activation(l, xs[:, l]) for l in range(L)]
+        acts, sp, pa = zip(*(_Codes.apply(h, clt.threshold[l].to(xs.dtype), norms[l], w.c, w.bandwidth)
+                             for l, h in enumerate(hs)))
         sparsity, preact = sum(sp), sum(pa)
+        if sparse:  # where θ's estimator needs the reconstruction gradient of a code that is 0 (see decode_sparse)
+            with torch.no_grad():
+                band = [((h - t) > -w.bandwidth / 2) & (h <= t) for h, t in
+                        ((h, clt.threshold[l].to(h.dtype)) for l, h in enumerate(hs))]
     else:
         acts = [torch.relu(clt.pre_activation(l, xs[:, l])) for l in range(L)]
         sparsity, preact = sum(torch.tanh(w.c * a * n).sum(-1).mean() for a, n in zip(acts, norms)), torch.zeros(())
-    dec = decode_sparse if sparse else decode_dense
-    recon = dec(clt, list(acts), with_bias=reduce_recon is None)
+    if sparse:
+        recon = decode_sparse(clt, list(acts), with_bias=reduce_recon is None, band=band)
+    else:
+        recon = decode_dense(clt, list(acts), with_bias=reduce_recon is None)
     y_hat = torch.stack(recon, 1)
     if reduce_recon is not None:  # one collective for all layers
         y_hat = reduce_recon(y_hat) + torch.stack(list(clt.b_dec))
