@@ -98,16 +98,19 @@ def _explained(text: str):
         return None
 
 
-def data_files(store: Store, name: str) -> tuple[list[str], list[str]]:
-    """URLs of the data files of a table's current snapshot, as (shown, hidden): hidden are the files of sweep rounds
-    whose graphs commit is missing (visibility.py; only graph-part tables have them). Empty when nothing is
-    committed. Load graph-part tables before `graphs` (the reader's view of a round is then complete)."""
+def data_files(store: Store, name: str) -> tuple[list[str], list[str], set[str]]:
+    """URLs of the data files of a table's current snapshot, as (shown, hidden, partial): hidden are the files of
+    sweep rounds whose graphs commit is missing (visibility.py; only graph-part tables have them), partial those
+    whose statistics do not show every column of the code's schema (written before a column was added, or by an
+    engine that keeps no column statistics). Empty when nothing is committed. Load graph-part tables before `graphs`
+    (the reader's view of a round is then complete)."""
     t = store.existing_table(name)
     if t is None or t.current_snapshot() is None:
-        return [], []
+        return [], [], set()
     try:
         tasks = list(t.scan().plan_files())
         shown = store.visible(name, t, tasks)
+        partial = _partial(t, name, tasks)
     except StorageError:
         raise
     except Exception as e:
@@ -119,7 +122,25 @@ def data_files(store: Store, name: str) -> tuple[list[str], list[str]]:
     paths = [task.file.file_path.removeprefix("file://") for task in tasks if task.file.file_path in keep]
     hidden = [task.file.file_path.removeprefix("file://") for task in tasks if task.file.file_path not in keep]
     check_data_files(name, t.metadata.location, paths + hidden)
-    return paths, hidden
+    return paths, hidden, {p.removeprefix("file://") for p in partial}
+
+
+def _partial(table, name: str, tasks) -> set[str]:
+    """Paths of the files that may lack a column of the code's schema: a file's column statistics (value counts,
+    by field id) name every column it holds, a nested column by its leaves."""
+    from pyiceberg.schema import index_name_by_id
+
+    names = index_name_by_id(table.schema())
+    ids: dict[str, set[int]] = {}
+    for fid, full in names.items():
+        ids.setdefault(full.split(".", 1)[0], set()).add(fid)
+    want = [ids.get(f.name, set()) for f in SCHEMAS[name]]
+    out = set()
+    for task in tasks:
+        have = set(task.file.value_counts or ()) | set(task.file.column_sizes or ())
+        if not all(w & have for w in want):
+            out.add(task.file.file_path)
+    return out
 
 
 MEMORY_ENV = "CT_RAY_SQL_MEMORY"  # DuckDB's memory limit for `ct-ray sql` (e.g. '4GB'); default MEMORY_FRACTION of RAM
@@ -158,10 +179,10 @@ def connect(url: str = DEFAULT_STORE, *, store: Store | None = None, sql: str | 
     need = {n.removeprefix("raw_") for n in views}
     allowed: list[str] = []
     order = [t for t in TABLE_NAMES if t in GRAPH_PARTS] + [t for t in TABLE_NAMES if t not in GRAPH_PARTS]
-    planned = {t: data_files(store, t) if t in need else ([], []) for t in order}  # graph parts before graphs
+    planned = {t: data_files(store, t) if t in need else ([], [], set()) for t in order}  # graph parts before graphs
     for t in TABLE_NAMES:
         con.register(f"_empty_{t}", empty_table(SCHEMAS[t]))
-        shown, hidden = planned[t]
+        shown, hidden, partial = planned[t]
         allowed += shown + hidden
         cols = ", ".join(f'"{f.name}"' for f in SCHEMAS[t])
         made = {t: shown}
@@ -169,7 +190,8 @@ def connect(url: str = DEFAULT_STORE, *, store: Store | None = None, sql: str | 
             made[f"raw_{t}"] = shown + hidden
         try:  # binding a view opens its files: a corrupt or unreachable one fails here
             for name, files in made.items():
-                con.execute(f"CREATE VIEW {name} AS SELECT {cols} FROM {_source(t, files if name in views else [])}")
+                src = _source(t, files if name in views else [], partial)
+                con.execute(f"CREATE VIEW {name} AS SELECT {cols} FROM {src}")
         except (duckdb.Error, OSError) as e:
             con.close()
             raise StorageError(f"cannot read table {t} of {store.url}: {one_line(e)}") from e
@@ -177,13 +199,20 @@ def connect(url: str = DEFAULT_STORE, *, store: Store | None = None, sql: str | 
     return con
 
 
-def _source(t: str, files: list[str]) -> str:
-    """A relation over `files` with every column of table `t`'s current schema (older files lack the newer ones)."""
+def _source(t: str, files: list[str], partial: set[str]) -> str:
+    """A relation over `files` with every column of table `t`'s current schema. Files that hold every column are
+    read as they are (DuckDB then answers count(*) from the footers and pushes filters down: 5x faster on a 10^6
+    prompt store); files of an older schema (`partial`) are matched by name, the missing columns as nulls."""
+    full = [f for f in files if f not in partial]
+    part = [f for f in files if f in partial]
+    lst = lambda fs: "[" + ", ".join(_sql_str(f) for f in fs) + "]"
     if not files:
         return f"_empty_{t}"
-    lst = "[" + ", ".join(_sql_str(f) for f in files) + "]"
+    if not part:
+        return f"read_parquet({lst(full)})"
     # by name: files written before a column was added lack it; the empty relation brings every column
-    return f"(SELECT * FROM read_parquet({lst}, union_by_name=true) UNION ALL BY NAME SELECT * FROM _empty_{t})"
+    older = f"SELECT * FROM read_parquet({lst(part)}, union_by_name=true) UNION ALL BY NAME SELECT * FROM _empty_{t}"
+    return f"({older}{f' UNION ALL BY NAME SELECT * FROM read_parquet({lst(full)})' if full else ''})"
 
 
 def _sandbox(con, files: list[str]) -> None:
