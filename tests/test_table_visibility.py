@@ -136,3 +136,25 @@ def test_worker_files_are_sorted_by_key(tmp_path):
     assert n.column("key").to_pylist() == ["a", "b", "b"] and n.column("node").to_pylist() == [2, 1, 3]
     assert Store(str(tmp_path)).table("edges").sort_order().fields[0].source_id == \
         Store(str(tmp_path)).table("edges").schema().find_field("key").field_id
+
+
+def test_sql_point_reads_plan_only_the_files_that_can_hold_the_key(tmp_path):
+    from ct_ray.store import sql as S
+
+    url = str(tmp_path)
+    st = Store(url)
+    c = Committer(st, "s")
+    for r in range(4):  # rounds of increasing key ranges, as a sweep in key order writes them
+        assert c.add(report(st, "s", {f"k{r}{i}": "ok" for i in range(3)}))
+        c.commit()
+    assert S._point_keys("SELECT * FROM edges WHERE key = 'k21' AND sweep_id = 's'") == ("edges", ["k21"])
+    assert S._point_keys("SELECT count(*) FROM raw_nodes n WHERE n.key IN ('a', 'b')") == ("raw_nodes", ["a", "b"])
+    for sql in ["SELECT * FROM edges WHERE key = 'a' OR weight > 0", "SELECT * FROM edges WHERE key > 'a'",
+                "WITH x AS (SELECT 1) SELECT * FROM edges WHERE key = 'a'", "SELECT * FROM edges, nodes WHERE key = 'a'",
+                "SELECT * FROM edges e WHERE other.key = 'a'", "SELECT * FROM edges WHERE key = 1"]:
+        assert S._point_keys(sql) is None, sql
+    assert len(S.data_files(st, "edges", ["k21"])[0]) == 1 < len(S.data_files(st, "edges")[0]) == 4
+    for sql in ["SELECT key, source FROM edges WHERE key = 'k21'", "SELECT key FROM nodes n WHERE n.key IN ('k00', 'k32')",
+                "SELECT count(*) FROM edges WHERE key = 'nothing'"]:
+        con = S.connect(url)  # every file planned: the reference
+        assert query(sql, url).to_pylist() == con.sql(sql).to_arrow_table().to_pylist(), sql

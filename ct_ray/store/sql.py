@@ -98,17 +98,70 @@ def _explained(text: str):
         return None
 
 
-def data_files(store: Store, name: str) -> tuple[list[str], list[str], set[str]]:
+def _point_keys(sql: str | None) -> tuple[str, list[str]] | None:
+    """(view, keys) when the statement is one SELECT from one view whose WHERE is a conjunction holding
+    `key = 'K'` or `key IN ('K', ...)`: then only the files whose key statistics can hold those keys are planned
+    (the WHERE still filters the rows, so this only skips files that cannot match). Read from DuckDB's own parse
+    tree; anything else (joins, CTEs, set operations, OR) plans every file."""
+    import json
+
+    import duckdb
+
+    if sql is None:
+        return None
+    try:
+        tree = json.loads(duckdb.execute("SELECT json_serialize_sql(?)", [sql]).fetchone()[0])
+        (stmt,) = tree["statements"]
+        node = stmt["node"]
+        src = node["from_table"]
+        if (node["type"] != "SELECT_NODE" or node.get("cte_map", {}).get("map") or src["type"] != "BASE_TABLE"
+                or src.get("schema_name") or src.get("catalog_name")):
+            return None
+        view = src["table_name"].lower()
+        names = {view, (src.get("alias") or "").lower()} - {""}
+
+        def is_key(e) -> bool:
+            cols = [c.lower() for c in e.get("column_names", [])] if e.get("class") == "COLUMN_REF" else []
+            return bool(cols) and cols[-1] == "key" and (len(cols) == 1 or len(cols) == 2 and cols[0] in names)
+
+        def text(e):
+            lit = e.get("literal") if e.get("class") == "CONSTANT" else None
+            return lit["text"] if isinstance(lit, dict) and lit.get("kind") == "STRING" else None
+
+        todo, conj = [node.get("where_clause")], []
+        while todo:
+            e = todo.pop()
+            if isinstance(e, dict) and e.get("type") == "CONJUNCTION_AND":
+                todo += e["children"]
+            elif isinstance(e, dict):
+                conj.append(e)
+        for e in conj:
+            if e.get("type") == "COMPARE_EQUAL":
+                for a, b in ((e["left"], e["right"]), (e["right"], e["left"])):
+                    if is_key(a) and text(b) is not None:
+                        return view, [text(b)]
+            if e.get("type") == "COMPARE_IN" and e.get("children") and is_key(e["children"][0]):
+                keys = [text(c) for c in e["children"][1:]]
+                if keys and None not in keys:
+                    return view, keys
+    except Exception:
+        return None
+    return None
+
+
+def data_files(store: Store, name: str, keys: list[str] | None = None) -> tuple[list[str], list[str], set[str]]:
     """URLs of the data files of a table's current snapshot, as (shown, hidden, partial): hidden are the files of
     sweep rounds whose graphs commit is missing (visibility.py; only graph-part tables have them), partial those
     whose statistics do not show every column of the code's schema (written before a column was added, or by an
     engine that keeps no column statistics). Empty when nothing is committed. Load graph-part tables before `graphs`
-    (the reader's view of a round is then complete)."""
+    (the reader's view of a round is then complete). `keys`: only the files whose key statistics may hold them."""
+    from pyiceberg.expressions import AlwaysTrue, In
+
     t = store.existing_table(name)
     if t is None or t.current_snapshot() is None:
         return [], [], set()
     try:
-        tasks = list(t.scan().plan_files())
+        tasks = list(t.scan(row_filter=In("key", keys) if keys else AlwaysTrue()).plan_files())
         shown = store.visible(name, t, tasks)
         partial = _partial(t, name, tasks)
     except StorageError:
@@ -177,9 +230,12 @@ def connect(url: str = DEFAULT_STORE, *, store: Store | None = None, sql: str | 
         con.register_filesystem(store.fs)
     views = _views(sql)
     need = {n.removeprefix("raw_") for n in views}
+    point = _point_keys(sql)  # a point read of one view: its table planned for those keys only
+    point = point if point and point[0] in views and "key" in SCHEMAS[point[0].removeprefix("raw_")].names else None
+    keys_of = {point[0].removeprefix("raw_"): point[1]} if point else {}
     allowed: list[str] = []
     order = [t for t in TABLE_NAMES if t in GRAPH_PARTS] + [t for t in TABLE_NAMES if t not in GRAPH_PARTS]
-    planned = {t: data_files(store, t) if t in need else ([], [], set()) for t in order}  # graph parts before graphs
+    planned = {t: data_files(store, t, keys_of.get(t)) if t in need else ([], [], set()) for t in order}  # parts first
     for t in TABLE_NAMES:
         con.register(f"_empty_{t}", empty_table(SCHEMAS[t]))
         shown, hidden, partial = planned[t]
