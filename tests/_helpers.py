@@ -29,3 +29,28 @@ def transcoder_set(d: Path, entries=None, d_model: int = 4, **tensors) -> Path:
     (d / "config.yaml").write_text(yaml.safe_dump({"model_kind": "transcoder_set",
                                                    "transcoders": entries or ["layer_0.safetensors"]}))
     return d
+
+
+def cut_round(store, sweep_id: str, keys, monkeypatch, committed=(), **committer_kw) -> None:
+    """A sweep round of `keys` whose driver dies between its nodes/edges commits and its graphs commit."""
+    import pytest
+
+    import ct_ray.store.commit as commit
+
+    from .test_sql import report
+
+    real = commit.commit_files
+
+    def dies_at_graphs(st, name, *a, **kw):
+        if name == "graphs":
+            raise KeyboardInterrupt
+        return real(st, name, *a, **kw)
+
+    monkeypatch.setattr(commit, "commit_files", dies_at_graphs)
+    try:
+        c = commit.Committer(store, sweep_id, set(committed), **committer_kw)
+        c.add(report(store, sweep_id, dict.fromkeys(keys, "ok")))
+        with pytest.raises(KeyboardInterrupt):
+            c.commit()
+    finally:
+        monkeypatch.setattr(commit, "commit_files", real)

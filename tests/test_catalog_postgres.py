@@ -125,7 +125,7 @@ def test_commit_round_in_a_postgres_catalog_with_the_warehouse_on_s3(postgres, s
         mine = query(f"SELECT sweep_id, key FROM {'raw_' + name if name != 'graphs' else name}", store=fresh)
         theirs = other.load_table(f"ct_ray.{name}").scan().to_arrow()
         assert rows(theirs) == rows(mine) and ("s1", "ghost") not in rows(theirs)
-        assert sum(rows(theirs).values()) == 3
+        assert sum(rows(theirs).values()) == (3 if name == "graphs" else 2)  # graph rows of the ok keys only
 
     # the catalog tables are the Iceberg JDBC catalog's: one iceberg_tables row per table, pointing at the
     # current metadata file on S3

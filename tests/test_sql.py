@@ -68,25 +68,13 @@ def test_views_show_exactly_the_committed_rows(tmp_path):
 def test_a_round_cut_between_two_commits_is_recovered(tmp_path, monkeypatch):
     """The driver dies after committing nodes and edges but before graphs: the re-run's recovery removes those
     files, so the keys' rows are there once after it."""
-    import ct_ray.store.commit as commit
+    from ._helpers import cut_round
 
     st = Store(str(tmp_path))
     c = Committer(st, "s")
     c.add(report(st, "s", {"a": "ok"}))
     c.commit()
-    real = commit.commit_files
-
-    def dies_at_graphs(store, name, *a, **kw):
-        if name == "graphs":
-            raise KeyboardInterrupt
-        return real(store, name, *a, **kw)
-
-    monkeypatch.setattr(commit, "commit_files", dies_at_graphs)
-    c = Committer(st, "s", {"a"})
-    c.add(report(st, "s", {"b": "ok", "c": "ok"}))
-    with pytest.raises(KeyboardInterrupt):
-        c.commit()
-    monkeypatch.setattr(commit, "commit_files", real)
+    cut_round(st, "s", ["b", "c"], monkeypatch, committed={"a"})
     assert query("SELECT count(*) n FROM raw_nodes", str(tmp_path)).column("n").to_pylist() == [3]
     # readers hide the round's files (its graphs commit is missing), in SQL and through Store.read
     assert query("SELECT key FROM nodes", str(tmp_path)).column("key").to_pylist() == ["a"]

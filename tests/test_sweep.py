@@ -176,7 +176,8 @@ def test_rounds_are_sized_by_bytes_and_files_by_key(ray_local, tiny_dir, clt_dir
     assert run_sweep(spec).ok == 6
     check_consistent(str(store), "bytes", 6)
     st = Store(str(store))
-    assert len(round_snapshots(st.table("edges"), "bytes")) >= 3  # several rounds, none forced by a count
+    # more than the final round, none forced by a count or a time (how many depends on when results arrive)
+    assert len(round_snapshots(st.table("edges"), "bytes")) >= 2
     files = sorted((f.lower_bounds[1], f.upper_bounds[1]) for f in
                    (task.file for task in st.table("edges").scan().plan_files()))
     assert all(hi <= lo2 for (_, hi), (lo2, _) in zip(files, files[1:]))

@@ -5,12 +5,12 @@ expires what recovery does not need; a driver alone never scans the committed ke
 import pyarrow as pa
 import pytest
 
-import ct_ray.store.commit as commit
 from ct_ray.store.commit import Committer, recover
 from ct_ray.store.sql import query
 from ct_ray.store.tables import Store
 from ct_ray.store.visibility import round_snapshots
 
+from ._helpers import cut_round
 from .test_sql import report
 
 
@@ -18,27 +18,10 @@ def keys_of(url, sql):
     return sorted(query(sql, url).column("key").to_pylist())
 
 
-def cut_round(st, sid, keys, monkeypatch):
-    """A round of `keys` whose driver dies between the nodes/edges and the graphs commit."""
-    real = commit.commit_files
-
-    def dies_at_graphs(store, name, *a, **kw):
-        if name == "graphs":
-            raise KeyboardInterrupt
-        return real(store, name, *a, **kw)
-
-    monkeypatch.setattr(commit, "commit_files", dies_at_graphs)
-    c = Committer(st, sid, keep_snapshots=0)
-    c.add(report(st, sid, dict.fromkeys(keys, "ok")))
-    with pytest.raises(KeyboardInterrupt):
-        c.commit()
-    monkeypatch.setattr(commit, "commit_files", real)
-
-
 def test_a_cut_round_stays_hidden_through_merged_manifests(tmp_path, monkeypatch):
     url = str(tmp_path)
     st = Store(url)
-    cut_round(st, "s", ["x", "y"], monkeypatch)
+    cut_round(st, "s", ["x", "y"], monkeypatch, keep_snapshots=0)
     c = Committer(st, "t", keep_snapshots=0)  # another sweep goes on: its appends merge the manifests
     for i in range(20):
         assert c.add(report(st, "t", {f"k{i}": "ok"}))
@@ -61,7 +44,7 @@ def test_expired_graphs_snapshots_keep_confirmed_rounds_visible(tmp_path, monkey
     for i in range(3):
         assert c.add(report(st, "s", {f"a{i}": "ok", f"b{i}": "error"}))
         c.commit()
-    cut_round(st, "s", ["z"], monkeypatch)
+    cut_round(st, "s", ["z"], monkeypatch, keep_snapshots=0)
     g = Store(url).table("graphs")
     old = [s.snapshot_id for s in g.metadata.snapshots if s.snapshot_id != g.metadata.current_snapshot_id]
     g.maintenance.expire_snapshots().by_ids(old).commit()
@@ -74,7 +57,7 @@ def test_expired_graphs_snapshots_keep_confirmed_rounds_visible(tmp_path, monkey
 def test_a_sweep_expires_what_recovery_does_not_need(tmp_path, monkeypatch):
     url = str(tmp_path)
     st = Store(url)
-    cut_round(st, "other", ["q"], monkeypatch)  # another sweep's cut round: its snapshots must stay
+    cut_round(st, "other", ["q"], monkeypatch, keep_snapshots=0)  # another sweep's cut round: its snapshots must stay
     c = Committer(st, "s", keep_snapshots=4)
     for i in range(30):
         assert c.add(report(st, "s", {f"k{i:02d}": "ok"}))

@@ -223,25 +223,13 @@ def test_vacuum_removes_orphans_and_keeps_every_referenced_file(tmp_path):
 
 
 def test_a_cut_round_is_recovered_by_compact_and_expire_only_after_the_grace_period(tmp_path, monkeypatch):
-    import ct_ray.store.commit as commit
+    from ._helpers import cut_round
 
     def cut_store(path) -> Store:
         """Key a committed, then a round (b, c) whose driver died between the nodes/edges and the graphs commit."""
         st = Store(str(path))
         commit_keys(st, "s", ["a"])
-        real = commit.commit_files
-
-        def dies_at_graphs(store, name, *a, **kw):
-            if name == "graphs":
-                raise KeyboardInterrupt
-            return real(store, name, *a, **kw)
-
-        monkeypatch.setattr(commit, "commit_files", dies_at_graphs)
-        c = Committer(st, "s", {"a"})
-        c.add(report(st, "s", {"b": "ok", "c": "ok"}))
-        with pytest.raises(KeyboardInterrupt):
-            c.commit()
-        monkeypatch.setattr(commit, "commit_files", real)
+        cut_round(st, "s", ["b", "c"], monkeypatch, committed={"a"})
         return st
 
     raw_keys = lambda st: query("SELECT key FROM raw_nodes ORDER BY key", store=st).column("key").to_pylist()  # noqa: E731

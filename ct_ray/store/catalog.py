@@ -194,7 +194,8 @@ def ensure_table(catalog, name: str, location: str):
         with catalog.load_table(ident).transaction() as tx:
             tx.set_properties({"ct_ray.schema_version": str(TABLES_SCHEMA_VERSION)})
         table = catalog.load_table(ident)
-    missing = {k: v for k, v in TABLE_PROPERTIES.items() if k not in table.properties}
+    # (format-version is the metadata's own field, not a property)
+    missing = {k: v for k, v in TABLE_PROPERTIES.items() if k not in table.properties and k != "format-version"}
     if missing:  # a store made by an older version: the properties it lacks (existing values are the user's)
         with table.transaction() as tx:
             tx.set_properties(missing)
