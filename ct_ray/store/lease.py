@@ -67,12 +67,16 @@ class SweepLease:
         return cur if isinstance(cur, dict) and "owner" in cur and "expires_at" in cur else None
 
     def _write(self, value: dict | None) -> None:
+        from pyiceberg.exceptions import CommitFailedException
+
         try:
             with self._table().transaction() as tx:
                 if value is None:
                     tx.remove_properties(self.prop)
                 else:
                     tx.set_properties({self.prop: json.dumps(value)})
+        except CommitFailedException:
+            raise  # another process changed the table at that instant: the caller reads the lease again
         except Exception as e:
             raise StorageError(f"cannot write the lease of sweep {self.sweep_id!r} in {self.store.url}'s catalog: "
                                f"{one_line(e)}") from e
@@ -92,9 +96,15 @@ class SweepLease:
     def acquire(self, wait_s: float = 0.0, settle_s: float = 0.3) -> SweepLease:
         deadline = time.monotonic() + wait_s
         while True:
+            from pyiceberg.exceptions import CommitFailedException
+
             cur = self.read()
             if self._free(cur):
-                self._write(self._record())
+                try:
+                    self._write(self._record())
+                except CommitFailedException:  # another driver (or a commit) at the same instant: look again
+                    time.sleep(0.05)
+                    continue
                 time.sleep(settle_s)  # another driver writing at the same instant: the last writer holds it
                 cur = self.read()
                 if cur is not None and cur["owner"] == self.owner:
@@ -113,15 +123,22 @@ class SweepLease:
         return {"owner": self.owner, "expires_at": time.time() + self.ttl_s, "ttl_s": self.ttl_s}
 
     def _beat(self) -> None:
+        from pyiceberg.exceptions import CommitFailedException
+
         while not self._stop.wait(self.ttl_s / 3):
-            try:
-                cur = self.read()
-                if cur is None or cur["owner"] != self.owner:
-                    self.lost = f"taken by {cur and cur['owner']}"
-                    return
-                self._write(self._record())
-            except Exception as e:  # a storage hiccup: the next beat tries again before the lease lapses
-                log.warning("sweep %s: lease heartbeat failed: %s", self.sweep_id, one_line(e))
+            for attempt in range(5):  # a commit of the driver's own landing at the same instant: read and write again
+                try:
+                    cur = self.read()
+                    if cur is None or cur["owner"] != self.owner:
+                        self.lost = f"taken by {cur and cur['owner']}"
+                        return
+                    self._write(self._record())
+                    break
+                except CommitFailedException:
+                    time.sleep(0.05 * 2**attempt)
+                except Exception as e:  # a storage hiccup: the next beat tries again before the lease lapses
+                    log.warning("sweep %s: lease heartbeat failed: %s", self.sweep_id, one_line(e))
+                    break
 
     def check(self) -> None:
         """Raise LeaseLost unless this driver still holds the lease (before each commit round)."""
@@ -139,7 +156,7 @@ class SweepLease:
             cur = self.read()
             if cur is not None and cur["owner"] == self.owner:
                 self._write(None)
-        except CTRayError as e:  # it lapses on its own
+        except Exception as e:  # it lapses on its own (a storage error, or a commit racing this one)
             log.warning("sweep %s: could not drop the lease: %s", self.sweep_id, e)
 
 
