@@ -134,10 +134,13 @@ def test_sql_point_reads_plan_only_the_files_that_can_hold_the_key(tmp_path):
     assert S._point_keys("SELECT count(*) FROM raw_nodes n WHERE n.key IN ('a', 'b')") == ("raw_nodes", ["a", "b"])
     for sql in ["SELECT * FROM edges WHERE key = 'a' OR weight > 0", "SELECT * FROM edges WHERE key > 'a'",
                 "WITH x AS (SELECT 1) SELECT * FROM edges WHERE key = 'a'", "SELECT * FROM edges, nodes WHERE key = 'a'",
-                "SELECT * FROM edges e WHERE other.key = 'a'", "SELECT * FROM edges WHERE key = 1"]:
+                "SELECT * FROM edges e WHERE other.key = 'a'", "SELECT * FROM edges WHERE key = 1",
+                "SELECT key FROM edges WHERE key = 'a' AND weight >= (SELECT avg(weight) FROM edges)",
+                "SELECT (SELECT count(*) FROM edges) n FROM edges WHERE key = 'a'"]:
         assert S._point_keys(sql) is None, sql
     assert len(S.data_files(st, "edges", ["k21"])[0]) == 1 < len(S.data_files(st, "edges")[0]) == 4
     for sql in ["SELECT key, source FROM edges WHERE key = 'k21'", "SELECT key FROM nodes n WHERE n.key IN ('k00', 'k32')",
-                "SELECT count(*) FROM edges WHERE key = 'nothing'"]:
+                "SELECT count(*) FROM edges WHERE key = 'nothing'",
+                "SELECT (SELECT count(*) FROM edges) n FROM edges WHERE key = 'k21'"]:
         con = S.connect(url)  # every file planned: the reference
         assert query(sql, url).to_pylist() == con.sql(sql).to_arrow_table().to_pylist(), sql

@@ -110,8 +110,8 @@ def recover(store, sweep_id: str | None = None, committed: dict[str, set] | None
         if t is None or t.current_snapshot() is None:
             continue
         orphans = unconfirmed(t, store.existing_table("graphs"), sweep_id, older_than_s, committed)
+        paths = files_added_by(t, orphans)
         for sid in sorted(set(orphans.values())):
-            paths = files_added_by(t, [s for s, v in orphans.items() if v == sid])
             dead = [f for f in live_files(store, name, sid) if f.file_path in paths]
             if dead:
                 log.warning("table %s: removing %d data file(s) of an uncommitted round of sweep %s", name, len(dead), sid)
@@ -252,5 +252,8 @@ class Committer:
             # bounded metadata: every commit rewrites the table's metadata with all its snapshots
             from .visibility import expire_rounds
 
-            out["expired"] = expire_rounds(self.store, (*GRAPH_PARTS, "perturbations"), self.keep_snapshots)
+            try:  # maintenance: the round is committed whatever happens here (the next expiry tries again)
+                out["expired"] = expire_rounds(self.store, (*GRAPH_PARTS, "perturbations"), self.keep_snapshots)
+            except Exception as e:
+                log.warning("sweep %s: could not expire old snapshots: %s", self.sweep_id, one_line(e))
         return out

@@ -115,7 +115,7 @@ def _point_keys(sql: str | None) -> tuple[str, list[str]] | None:
         node = stmt["node"]
         src = node["from_table"]
         if (node["type"] != "SELECT_NODE" or node.get("cte_map", {}).get("map") or src["type"] != "BASE_TABLE"
-                or src.get("schema_name") or src.get("catalog_name")):
+                or src.get("schema_name") or src.get("catalog_name") or _reads_more(node)):
             return None
         view = src["table_name"].lower()
         names = {view, (src.get("alias") or "").lower()} - {""}
@@ -147,6 +147,23 @@ def _point_keys(sql: str | None) -> tuple[str, list[str]] | None:
     except Exception:
         return None
     return None
+
+
+def _reads_more(tree) -> bool:
+    """Does the parse tree read a table besides its one FROM table, or hold a subquery (which could read the same
+    view unfiltered: pruning its files would change that subquery's answer)?"""
+    tables, todo = 0, [tree]
+    while todo:
+        e = todo.pop()
+        if isinstance(e, dict):
+            if e.get("type") == "BASE_TABLE":
+                tables += 1
+            if e.get("class") == "SUBQUERY" or e.get("type") == "SUBQUERY":
+                return True
+            todo += e.values()
+        elif isinstance(e, list):
+            todo += e
+    return tables != 1
 
 
 def data_files(store: Store, name: str, keys: list[str] | None = None) -> tuple[list[str], list[str], set[str]]:
