@@ -261,7 +261,8 @@ def ct_worker(cfg: dict) -> dict:
     topk = cfg["activation"] in ("topk", "batchtopk")
     optim = OptimSpec(steps=10**9, batch_tokens=cfg["batch_tokens"], lr=cfg["lr"],
                       lambda_final=0.0 if topk else cfg["lambda"], lambda_ramp_frac=cfg["lambda_ramp_frac"],
-                      shuffle_buffer_tokens=cfg["shuffle_buffer_tokens"], seed=cfg["seed"])
+                      shuffle_buffer_tokens=cfg["shuffle_buffer_tokens"], seed=cfg["seed"],
+                      **cfg.get("optim_opts", {}))
     shard = Shard(Layout(L, d, cfg["latents"], 1, cfg["activation"], rp, k=cfg["k"] if topk else None), optim)
     feed = StoreFeed(url, optim.batch_tokens, optim.seed, optim.shuffle_buffer_tokens)
     sx, sy = feed.scales(d)
@@ -469,7 +470,7 @@ def worker_main(which: str, cfg_path: str) -> None:
 def run_one(args, tool: str, level, py: Path) -> dict:
     if tool == "ct_ray":
         name = f"ct_ray-{args.ct_activation}{level}" if isinstance(level, int) else f"ct_ray-jumprelu-l{level}"
-        name += f"-{args.ct_read_point}"
+        name += f"-{args.ct_read_point}" + "".join(f"-{k}{v}" for k, v in args.ct_opt)
     else:
         name = f"sparsify-k{level}-{args.sparsify_data}"
     out = args.work / "runs" / name
@@ -483,7 +484,8 @@ def run_one(args, tool: str, level, py: Path) -> dict:
         cfg |= {"read_point": args.ct_read_point, "activation": act, "k": level if isinstance(level, int) else None,
                 "lambda": level if not isinstance(level, int) else 0.0, "lr": args.ct_lr,
                 "lambda_ramp_frac": args.ct_lambda_ramp_frac, "batch_tokens": args.batch_tokens,
-                "shuffle_buffer_tokens": args.ct_shuffle_buffer, "log_every": args.log_every}
+                "shuffle_buffer_tokens": args.ct_shuffle_buffer, "log_every": args.log_every,
+                "optim_opts": dict(args.ct_opt)}
         exe, which, rp = sys.executable, "_ct-worker", args.ct_read_point
     else:
         cfg |= {"k": level, "seq": 64, "data": args.sparsify_data, "sparsify_opts": dict(args.sparsify_opt),
@@ -505,6 +507,7 @@ def run_one(args, tool: str, level, py: Path) -> dict:
     tr = evaluate(yt, p["y_hat_train"], None, None)
     ev |= {"train_fvu": tr["fvu"], "train_fvu_per_layer": tr["fvu_per_layer"]}
     row = {"tool": tool if tool == "ct_ray" else f"sparsify {args.sparsify_data}", "read_point": rp,
+           "options": dict(args.ct_opt) if tool == "ct_ray" else dict(args.sparsify_opt),
            "level": (f"k {level}" if isinstance(level, int) else f"λ {level}"),
            "activation": cfg.get("activation", "topk"), "wall_s": res["train_s"], "process_s": time.time() - t0,
            **res, **ev}
@@ -610,6 +613,8 @@ def main() -> None:
     ap.add_argument("--sparsify-data", default="cached", choices=["cached", "live"],
                     help="cached: the same cached activations as ct_ray (the recipe comparison); live: sparsify's "
                          "Trainer runs SmolLM2 on the same contexts every step (BOS excluded, outliers kept)")
+    ap.add_argument("--ct-opt", action="append", default=[], metavar="KEY=VALUE",
+                    help="a ct_ray OptimSpec field (JSON value), e.g. auxk_alpha=0.03125 (repeatable)")
     ap.add_argument("--sparsify-opt", action="append", default=[], metavar="KEY=VALUE",
                     help="a sparsify TrainConfig field, e.g. auxk_alpha=0.03125 or optimizer=adam (repeatable)")
     ap.add_argument("--sparsify-venv", type=Path, default=HERE / ".venv-sparsify")
@@ -626,6 +631,7 @@ def main() -> None:
         except ValueError:
             opts.append((k, v))
     args.sparsify_opt = opts
+    args.ct_opt = [(k, json.loads(v)) for k, _, v in (kv.partition("=") for kv in args.ct_opt)]
     if args.what == "install":
         print(ensure_sparsify_venv(args.sparsify_venv, args.torch_spec))
     elif args.what == "harvest":

@@ -310,7 +310,12 @@ def _cmd_train(args) -> int:
               f"CE {r['ce_spliced']:.3f} (real {r['ce_real']:.3f})")
     if "held_out" in s:
         h = s["held_out"]
-        print(f"reconstruction on {h['eval_positions']} held-out tokens: fvu={h['fvu']:.3f} l0={h['l0']:.1f}")
+        print(f"reconstruction on {h['eval_positions']} held-out tokens: fvu={h['fvu']:.3f} l0={h['l0']:.1f} "
+              f"dead={h['dead_frac']:.3f}")
+    if "canary" in s:
+        c = s["canary"]
+        print(f"canary graphs ({c['canary_prompts']} prompts): replacement {c['replacement_score']:.3f}, "
+              f"completeness {c['completeness_score']:.3f}")
     print(f"CLT written to {s['out']}")
     return 0
 

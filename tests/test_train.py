@@ -145,7 +145,8 @@ def _spec(tmp, **kw):
             "clt": {"n_features": 32}, "optim": {"steps": 12, "batch_tokens": 128, "lr": 1e-3,
                                                  "shuffle_buffer_tokens": 512},
             "checkpoint": str(tmp["dir"] / "ckpt"), "checkpoint_every": 4, "metrics_every": 4,
-            "out": str(tmp["dir"] / "clt"), "metrics": str(tmp["dir"] / "train_metrics"), "eval_tokens": 64}
+            "out": str(tmp["dir"] / "clt"), "metrics": str(tmp["dir"] / "train_metrics"), "eval_tokens": 64,
+            "canary": []}
     for k, v in kw.items():
         base[k] = {**base[k], **v} if isinstance(v, dict) and isinstance(base.get(k), dict) else v
     return TrainSpec.model_validate(base)
@@ -205,7 +206,8 @@ def test_two_feature_shards_equal_one_worker(harvested):
     from ct_ray.train.local import train_local
     from ct_ray.train.run import train
 
-    spec = _spec(harvested, activations=harvested["acts"], workers=2, name="shard2", eval_tokens=64)
+    spec = _spec(harvested, activations=harvested["acts"], workers=2, name="shard2", eval_tokens=64,
+                 canary=["The capital of France is", "1 2 3 4"])
     summary = train(spec, progress=False)
     ref, sx, sy, hist = train_local(spec, harvested["acts"], 2, 32)
     _assert_exported_equals(load_clt(spec.out), ref, sx, sy)
@@ -216,6 +218,11 @@ def test_two_feature_shards_equal_one_worker(harvested):
     assert 0 <= rep["top1_agreement"] <= 1 and rep["kl"] >= 0 and rep["eval_tokens"] > 0
     assert held["eval_positions"] > 0 and len(held["fvu_per_layer"]) == 2
     assert 0 < held["fvu"] < 10 and held["l0"] >= 0
+    assert 0 <= held["dead_frac"] <= 1 and len(held["dead_frac_per_layer"]) == 2
+    # the canary prompts' graphs: what a user judges the CLT by (the same function the nightly gate scores with)
+    can = summary["canary"]
+    assert can["canary_prompts"] == 2 and 0 <= can["replacement_score"] <= 1 and 0 <= can["completeness_score"] <= 1
+    assert load_clt(spec.out).meta["metrics"]["canary"] == can
     # the metrics history is committed to the store's train_metrics table, visible to ct-ray sql
     from ct_ray.store.sql import query
 
@@ -227,12 +234,15 @@ def test_two_feature_shards_equal_one_worker(harvested):
 @pytest.mark.parametrize("mode", ["topk", "batchtopk"])
 def test_topk_two_feature_shards_equal_one_worker(harvested, mode):
     """TopK / BatchTopK on 2 Ray workers (each chooses among all features through the candidates' all-gather) ==
-    one process; the export is a JumpReLU CLT with the running thresholds. Tolerance as for JumpReLU sharding."""
+    one process; the export is a JumpReLU CLT with the running thresholds. Tolerance as for JumpReLU sharding.
+    BatchTopK runs with AuxK on (dead after one batch without firing): its dead counts are summed over the shards."""
     from ct_ray.train.local import train_local
     from ct_ray.train.run import train
 
+    aux = {"auxk_alpha": 0.03125, "dead_tokens": 128} if mode == "batchtopk" else {}
     spec = _spec(harvested, activations=harvested["acts"], workers=2, name=f"shard2-{mode}", eval_tokens=0,
                  metrics=None, clt={"activation": mode, "k": 4}, out=str(harvested["dir"] / f"clt_{mode}"),
+                 optim=aux,
                  checkpoint=str(harvested["dir"] / f"ckpt_{mode}"))
     summary = train(spec, progress=False)
     ref, sx, sy, hist = train_local(spec, harvested["acts"], 2, 32)
@@ -242,6 +252,8 @@ def test_topk_two_feature_shards_equal_one_worker(harvested, mode):
     assert summary["final"]["l0"] == pytest.approx(hist[-1]["l0"], rel=1e-5)
     if mode == "topk":
         assert summary["final"]["l0"] == pytest.approx(2 * 4, abs=0.05)  # 2 layers x k
+    else:  # AuxK took part (some latent missed a whole batch)
+        assert any("auxk_loss" in h for h in hist)
 
 
 def test_data_parallel_replicas_equal_one_worker_on_the_joint_batch(harvested):

@@ -139,3 +139,64 @@ def test_topk_spec_needs_k():
         parse(TrainSpec, {"clt": {"activation": "jumprelu", "k": 4}})
     s = parse(TrainSpec, {"clt": {"activation": "batchtopk", "k": 4}})
     assert s.clt.file_activation == "jumprelu"
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_auxk_gradient_reaches_only_dead_latents_and_matches_a_direct_sum(sparse):
+    """AuxK (Gao et al. 2024): the dead latents' top codes reconstruct the main error; its gradient reaches the
+    dead latents' encoder rows and decoder rows only, and its value is Σ_l ||ê_l − e_l||² / ||e_l − ē_l||² computed
+    by hand from the same codes. Sparse and dense decoders agree."""
+    from ct_ray.clt.training import auxk_loss
+
+    _, sh = _shard("batchtopk")
+    clt = sh.clt
+    g = torch.Generator().manual_seed(5)
+    xs, err = torch.randn(32, 3, 8, generator=g), torch.randn(32, 3, 8, generator=g)
+    dead = [torch.zeros(24, dtype=torch.bool) for _ in range(3)]
+    dead[0][[1, 5, 7, 20]] = True
+    dead[2][[0, 3]] = True
+    hs = [clt.pre_activation(l, xs[:, l]) for l in range(3)]
+    loss = auxk_loss(clt, hs, dead, [2, 0, 2], err, sparse)
+    loss.backward()
+    with torch.no_grad():  # by hand: each token's 2 largest positive dead pre-activations, decoded without bias
+        e_hat = torch.zeros_like(err)
+        for l in (0, 2):
+            h = torch.where(dead[l], hs[l], torch.zeros(()))
+            kth = h.topk(2, 1).values[:, -1:]
+            a = torch.where((h >= kth) & (h > 0), h, torch.zeros(()))
+            for k in range(clt.spans[l]):
+                e_hat[:, l + k] += a @ clt.W_dec[l][:, k]
+        var = (err - err.mean(0)).pow(2).sum(-1).sum(0)
+        want = ((e_hat - err).pow(2).sum(-1).sum(0) / var).sum()
+    assert float(loss.detach()) == pytest.approx(float(want), rel=1e-5)
+    for l in range(3):
+        grad = lambda p: p.grad if p.grad is not None else torch.zeros_like(p)
+        rows = grad(clt.W_enc[l]).abs().sum(1) > 0
+        assert not rows[~dead[l]].any()
+        assert rows.any() == (l != 1)  # layer 1 has no dead latents (k_aux 0)
+        assert not (grad(clt.W_dec[l]).flatten(1).abs().sum(1) > 0)[~dead[l]].any()
+
+
+def test_auxk_trains_latents_that_lose_every_token():
+    """A Shard whose first 12 latents of each layer lose every token to the others (those get b_enc + 20): without
+    AuxK (and without the pre-activation loss, which pushes every latent under θ up) their encoder rows never move;
+    with AuxK (α 1/32, dead after 64 tokens) they are trained from the step they count as dead. The revival itself
+    is measured on SmolLM2 (benchmarks/RESULTS.md, CLT training)."""
+    g = torch.Generator().manual_seed(6)
+    xs = torch.randn(64, 3, 8, generator=g)
+    ys = torch.randn(64, 3, 8, generator=g)
+    moved = {}
+    for alpha in (0.0, 1 / 32):
+        _, sh = _shard("batchtopk", steps=10, auxk_alpha=alpha, dead_tokens=64, preact=0.0)
+        sh.init_from_data(xs)
+        with torch.no_grad():
+            for l in range(3):
+                sh.clt.b_enc[l][12:] += 20.0
+        w0 = [w.detach()[:12].clone() for w in sh.clt.W_enc]
+        for _ in range(10):
+            stats = sh.step(xs, ys, 10)
+        moved[alpha] = [float((w.detach()[:12] - w_0).abs().amax(1).gt(0).float().mean())
+                        for w, w_0 in zip(sh.clt.W_enc, w0)]
+        assert ("auxk" in stats) == (alpha > 0)
+    assert moved[0.0] == [0.0] * 3 and all(m == 1.0 for m in moved[1 / 32]), moved
+    assert (sh.since_fired[:, :12] >= 64).all() and "since_fired" in sh.state_tensors()

@@ -69,13 +69,15 @@ def replacement_metrics(model, clt: CrossLayerTranscoder, tokens: torch.Tensor, 
 
 @torch.no_grad()
 def reconstruction_metrics(model, clt, tokens: torch.Tensor, batch: int = 8) -> dict:
-    """FVU (per layer and mean over layers) and L0 (active features per token, summed over layers), on the same
-    positions training uses (BOS and outlier tokens dropped), with the CLT's own read point."""
+    """FVU (per layer and mean over layers), L0 (active features per token, summed over layers) and the dead
+    fraction (features active on none of these positions; fewer tokens than training saw count more as dead), on
+    the same positions training uses (BOS and outlier tokens dropped), with the CLT's own read point."""
     L = clt.n_layers
     err = torch.zeros(L, dtype=torch.float64)
     sum_y = torch.zeros(L, clt.d_model, dtype=torch.float64)
     sum_y2 = torch.zeros(L, dtype=torch.float64)
     active = torch.zeros(L, dtype=torch.float64)
+    fired = [torch.zeros(f, dtype=torch.bool) for f in clt.d_tc]
     n = 0
     for i in range(0, len(tokens), batch):
         x, y = harvest_batch(model, tokens[i : i + batch], clt.feature_input_hook)
@@ -87,8 +89,12 @@ def reconstruction_metrics(model, clt, tokens: torch.Tensor, batch: int = 8) -> 
         sum_y += y.sum(0).double()
         sum_y2 += y.pow(2).sum(-1).sum(0).double()
         active += torch.stack([(a > 0).sum(0).sum() for a in acts]).double()
+        for f, a in zip(fired, acts):
+            f |= (a > 0).any(0)
         n += x.shape[0]
     var = (sum_y2 - sum_y.pow(2).sum(-1) / max(n, 1)).clamp_min(1e-12)
     fvu = err / var
     return {"fvu": float(fvu.mean()), "fvu_per_layer": fvu.tolist(), "l0": float(active.sum() / max(n, 1)),
-            "l0_per_layer": (active / max(n, 1)).tolist(), "eval_positions": n}
+            "l0_per_layer": (active / max(n, 1)).tolist(), "eval_positions": n,
+            "dead_frac": float(sum(int((~f).sum()) for f in fired) / max(1, sum(clt.d_tc))),
+            "dead_frac_per_layer": [float((~f).float().mean()) for f in fired]}

@@ -111,6 +111,7 @@ class LossWeights:
     c: float = 4.0
     preact: float = 3e-6
     bandwidth: float = 2.0
+    auxk: float = 0.0  # α of the AuxK loss (applied where `clt_loss` gets `aux`)
 
 
 class _RowNorm(torch.autograd.Function):
@@ -255,8 +256,31 @@ def decode_dense(clt: CrossLayerTranscoder, acts: list[torch.Tensor], with_bias:
     return out
 
 
+def auxk_loss(clt: CrossLayerTranscoder, hs: list[torch.Tensor], dead: list[torch.Tensor], k_aux: list[int],
+              err: torch.Tensor, sparse: bool, reduce_recon=None, gather=None) -> torch.Tensor:
+    """AuxK (Gao et al. 2024): each token's `k_aux[l]` largest positive pre-activations among the dead latents of
+    layer l (`dead[l]`, [F] bool) reconstruct the main reconstruction's error `err` ([n, L, d], no gradient);
+    Σ_l ||ê_l − e_l||² / ||e_l − ē_l||². The only gradient dead latents get: it pulls their encoders towards
+    directions the live latents miss. Layers with k_aux 0 take no part (every feature shard gets the same k_aux)."""
+    codes = []
+    for l, h in enumerate(hs):
+        if k_aux[l] <= 0:
+            codes.append(h.new_zeros(h.shape))
+            continue
+        hd = h.masked_fill(~dead[l], 0.0)
+        keep, _ = topk_mask(hd, "topk", k_aux[l], gather)
+        codes.append(hd * keep)
+    rec = decode_sparse(clt, codes, with_bias=False) if sparse else decode_dense(clt, codes, with_bias=False)
+    e_hat = torch.stack(rec, 1)
+    if reduce_recon is not None:
+        e_hat = reduce_recon(e_hat)
+    var = (err - err.mean(0)).pow(2).sum(-1).sum(0).clamp_min(1e-12)
+    return ((e_hat - err).pow(2).sum(-1).sum(0) / var).sum()
+
+
 def clt_loss(clt: CrossLayerTranscoder, xs: torch.Tensor, ys: torch.Tensor, w: LossWeights, sparse: bool = True,
-             reduce_recon=None, topk: tuple[str, int] | None = None, gather=None):
+             reduce_recon=None, topk: tuple[str, int] | None = None, gather=None,
+             aux: tuple[list[torch.Tensor], list[int]] | None = None):
     """xs, ys: [n, L, d] scaled inputs and targets. Returns (loss, parts dict, acts, ŷ).
 
     `reduce_recon(tensor)` lets a feature-sharded caller sum the partial reconstructions [n, L, d] across workers
@@ -265,14 +289,15 @@ def clt_loss(clt: CrossLayerTranscoder, xs: torch.Tensor, ys: torch.Tensor, w: L
     `topk = (mode, k)`: TopK / BatchTopK codes (`topk_mask`) instead of the CLT's own activation, no sparsity
     penalty (L0 is fixed by k); the pre-activation loss, when `w.preact > 0`, reads the CLT's thresholds (the running
     estimate of the smallest kept activation, which the caller keeps: `parts["topk_threshold"]`, [L]) and gives
-    them no gradient. `gather`: see `topk_mask`."""
+    them no gradient. `gather`: see `topk_mask`. `aux = (dead masks, k_aux per layer)`: adds `w.auxk` × `auxk_loss`."""
     L = clt.n_layers
     norms = decoder_norms(clt)
     band = None
     if topk is not None:
-        acts, thr, preact = [], [], torch.zeros((), dtype=xs.dtype, device=xs.device)
+        acts, thr, preact, hs = [], [], torch.zeros((), dtype=xs.dtype, device=xs.device), []
         for l in range(L):
             h = clt.pre_activation(l, xs[:, l])
+            hs.append(h)
             keep, t = topk_mask(h, topk[0], topk[1], gather)
             acts.append(h * keep)
             thr.append(t)
@@ -290,7 +315,8 @@ def clt_loss(clt: CrossLayerTranscoder, xs: torch.Tensor, ys: torch.Tensor, w: L
                 band = [((h - t) > -w.bandwidth / 2) & (h <= t) for h, t in
                         ((h, clt.threshold[l].to(h.dtype)) for l, h in enumerate(hs))]
     else:
-        acts = [torch.relu(clt.pre_activation(l, xs[:, l])) for l in range(L)]
+        hs = [clt.pre_activation(l, xs[:, l]) for l in range(L)]
+        acts = [torch.relu(h) for h in hs]
         sparsity, preact = sum(torch.tanh(w.c * a * n).sum(-1).mean() for a, n in zip(acts, norms)), torch.zeros(())
     if sparse:
         recon = decode_sparse(clt, list(acts), with_bias=reduce_recon is None, band=band)
@@ -302,6 +328,10 @@ def clt_loss(clt: CrossLayerTranscoder, xs: torch.Tensor, ys: torch.Tensor, w: L
     mse = (y_hat - ys).pow(2).sum(-1).mean(0).sum()  # Σ_l E||ŷ_l − y_l||²
     loss = mse + w.sparsity * sparsity + w.preact * preact
     parts = {"mse": mse.detach(), "sparsity": sparsity.detach(), "preact": preact.detach()}
+    if aux is not None and w.auxk > 0 and any(k > 0 for k in aux[1]):
+        la = auxk_loss(clt, hs, aux[0], aux[1], (ys - y_hat).detach(), sparse, reduce_recon, gather)
+        loss = loss + w.auxk * la
+        parts["auxk"] = la.detach()
     if topk is not None:
         parts["topk_threshold"] = torch.stack(thr).detach()
     return loss, parts, acts, y_hat.detach()

@@ -11,6 +11,7 @@ import math
 
 import torch
 
+from ..attribution.canary import canary_scores
 from ..clt.evaluate import reconstruction_metrics, replacement_metrics
 
 # direction of each metric: +1 higher is better, -1 lower is better
@@ -21,19 +22,6 @@ def eval_id(model: str, eval_spec: dict, canary: dict) -> str:
     """Identity of an evaluation (model + held-out set + canary prompts and attribution settings)."""
     blob = json.dumps({"model": model, "eval": eval_spec, "canary": canary}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-
-def canary_scores(model, clt, prompts: list[str], attribution: dict) -> dict:
-    """Mean replacement / completeness scores of the canary prompts' attribution graphs (full graphs)."""
-    from ..attribution.attribute import attribute
-
-    rep, comp = [], []
-    for p in prompts:
-        s = attribute(model, clt, p, **attribution).scores()
-        rep.append(s["replacement_score"])
-        comp.append(s["completeness_score"])
-    mean = lambda v: sum(v) / len(v) if v else math.nan
-    return {"replacement_score": mean(rep), "completeness_score": mean(comp), "canary_prompts": len(prompts)}
 
 
 def evaluate_clt(model, clt, tokens: torch.Tensor, prompts: list[str], attribution: dict) -> dict:

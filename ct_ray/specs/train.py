@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
 from .base import Spec
 from .common import DEFAULT_MODEL
+
+# what `ct-ray train` attributes at the end (the nightly retraining's default canary prompts too): short factual,
+# antonym and counting prompts whose graphs users look at first
+DEFAULT_CANARY = ("The capital of France is", "The opposite of hot is", "1 2 3 4 5 6 7",
+                  "The chemical symbol for gold is")
 
 
 class HarvestSpec(Spec):
@@ -70,6 +75,12 @@ class OptimSpec(Spec):
                                                  "under 8% of the features fire")
     shuffle_buffer_tokens: int = Field(8192, ge=1)
     seed: int = 0
+    auxk_alpha: float = Field(0.0, ge=0, description="weight of the AuxK loss (Gao et al. 2024): the dead latents' "
+                                                     "top codes reconstruct the residual error; 0 = off")
+    auxk_k: int | None = Field(None, ge=1, description="dead latents per token and layer the AuxK loss uses "
+                                                       "(default d_model / 2, at most the layer's dead count)")
+    dead_tokens: int = Field(100_000, ge=1, description="a latent that fired on none of the last this many "
+                                                       "training tokens is dead (AuxK's set)")
 
 
 class TrainSpec(Spec):
@@ -89,6 +100,9 @@ class TrainSpec(Spec):
     max_failures: int = Field(2, ge=0)
     metrics_every: int = Field(20, ge=1)
     eval_tokens: int = Field(1024, ge=0, description="held-out tokens for replacement-model metrics at the end")
+    canary: list[Annotated[str, Field(min_length=1, max_length=2000)]] = Field(list(DEFAULT_CANARY), max_length=64,
+                              description="prompts attributed at the end (full graphs): the mean replacement and "
+                                          "completeness scores are reported with the CLT; [] skips them")
     out: str = "ct_ray_data/clts/clt"
     metrics: str | None = Field("ct_ray_data", description="store URL whose train_metrics table gets the run's "
                                                        "metrics history (partition `run` = the run's name)")

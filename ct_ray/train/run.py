@@ -196,6 +196,10 @@ def train(spec: TrainSpec, *, progress: bool = True) -> dict:
         summary["replacement"] = replacement_metrics(model, clt, held_out)
         # the training metrics are of single batches (noisy): the reconstruction on all held-out tokens too
         summary["held_out"] = reconstruction_metrics(model, clt, held_out)
+    if spec.canary:  # what users judge a CLT by: how much of each canary graph's influence its features carry
+        from ..attribution.canary import canary_scores
+
+        summary["canary"] = canary_scores(model, clt, list(spec.canary), {})
     save_clt(clt, spec.out, extra={"spec": spec.model_dump(), "metrics": summary,
                                    "data": {"activations": activations, "corpus": spec.harvest.corpus}})
     if spec.metrics:

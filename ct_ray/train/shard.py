@@ -84,6 +84,7 @@ class Shard:
         # fused: one kernel over all parameters (CPU and CUDA); the per-tensor loop was ~2.6x slower on CPU
         self.opt = torch.optim.Adam(self.clt.parameters(), lr=optim.lr, betas=(0.9, 0.999), fused=True)
         self.density = torch.zeros(layout.n_layers, hi - lo, device=self.device)  # EMA of firing frequency
+        self.since_fired = torch.zeros(layout.n_layers, hi - lo, device=self.device)  # training tokens (AuxK)
         self.step_no = 0
         self.last_lambda = 0.0
 
@@ -145,8 +146,9 @@ class Shard:
         if sparse == "auto":  # the gather only pays off when few features fire
             sparse = float(self.density.mean()) < 0.08 if self.step_no else False  # crossover ~8-10%: RESULTS.md
         topk = (self.lay.activation, self.lay.k) if self.lay.activation in TOPK_ACTIVATIONS else None
+        w.auxk = self.o.auxk_alpha
         loss, parts, acts, y_hat = clt_loss(self.clt, xs, ys, w, sparse=sparse, reduce_recon=self._reduce(),
-                                            topk=topk, gather=self._gather())
+                                            topk=topk, gather=self._gather(), aux=self._aux())
         loss.backward()
         if self.lay.dp > 1:  # replicas of this slice average their gradients
             for p in self.clt.parameters():
@@ -162,10 +164,24 @@ class Shard:
                 self.clt.threshold[l].clamp_(min=0.0)
             fired = torch.stack([(a > 0).float().mean(0) for a in acts])  # [L, F]
             self.density.mul_(0.99).add_(0.01 * fired)
+            self.since_fired.add_(xs.shape[0]).masked_fill_(fired > 0, 0.0)
         self.step_no += 1
         stats = {"mse": parts["mse"], "sparsity": parts["sparsity"], "l0": fired.sum(-1)}  # mean active per token
+        if "auxk" in parts:
+            stats["auxk"] = parts["auxk"]
         stats["y_hat"] = y_hat
         return stats
+
+    def _aux(self):
+        """AuxK's dead masks and per-layer k (the same on every feature shard: dead counts summed over them)."""
+        if self.o.auxk_alpha <= 0:
+            return None
+        dead = self.since_fired >= self.o.dead_tokens  # [L, F_local]
+        n_dead = dead.sum(-1).float()
+        if self.lay.fp > 1:
+            dist.all_reduce(n_dead, group=self.fp_group)
+        k = self.o.auxk_k or self.lay.d_model // 2
+        return list(dead), [min(k, int(c)) for c in n_dead.tolist()]
 
     def _update_topk_thresholds(self, thr: torch.Tensor) -> None:
         """θ_l of every feature := EMA (0.95, about the last 20 steps; the first step sets it) of the batch's
@@ -216,7 +232,8 @@ class Shard:
                 dist.all_reduce(t, group=self.fp_group)
         f = fvu(stats["y_hat"], ys)
         n = float(self.lay.n_features)
-        return {"step": self.step_no, "loss_mse": float(stats["mse"]), "fvu": float(f.mean()), "l0": float(l0.sum()),
+        aux = {"auxk_loss": float(stats["auxk"])} if "auxk" in stats else {}
+        return aux | {"step": self.step_no, "loss_mse": float(stats["mse"]), "fvu": float(f.mean()), "l0": float(l0.sum()),
                 "fvu_per_layer": f.tolist(), "l0_per_layer": l0.tolist(),
                 "dead_frac": float(dead.sum() / (n * self.lay.n_layers)),
                 "dense_frac": float(dense.sum() / (n * self.lay.n_layers)),
@@ -234,6 +251,7 @@ class Shard:
             if "step" in st:
                 out[f"adam.{i}.step"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(1).clone()
         out["density"] = self.density.cpu().clone()
+        out["since_fired"] = self.since_fired.cpu().clone()
         out["step_no"] = torch.tensor([self.step_no], dtype=torch.int64)
         return out
 
@@ -245,4 +263,6 @@ class Shard:
                 self.opt.state[p] = {"step": t[f"adam.{i}.step"].reshape(()).clone(),
                                      "exp_avg": t[f"adam.{i}.exp_avg"], "exp_avg_sq": t[f"adam.{i}.exp_avg_sq"]}
         self.density = t["density"]
+        if "since_fired" in t:  # (checkpoints before AuxK: every latent counts as just fired)
+            self.since_fired = t["since_fired"]
         self.step_no = int(t["step_no"][0].item())
