@@ -120,10 +120,15 @@ def harvest(args) -> dict:
             "mask": "ct_ray training_mask on resid_mid (BOS position and >10x-median-norm tokens dropped)"}
     try:
         done = json.loads((d / "meta.json").read_text())
-        if all(done.get(k) == v for k, v in meta.items()):
-            return done
     except (OSError, ValueError):
-        pass
+        done = None
+    if done is not None:
+        diff = [f"{k} {done.get(k)!r} -> {v!r}" for k, v in meta.items() if done.get(k) != v]
+        if not diff:
+            return done
+        if args.what != "harvest":  # a run never silently replaces a cache that took minutes (or more) to build
+            sys.exit(f"train_vs_sparsify: {d} caches another harvest ({', '.join(diff)}): run `harvest` with "
+                     f"these options to replace it, or pass another --work")
     d.mkdir(parents=True, exist_ok=True)
     import shutil
 
