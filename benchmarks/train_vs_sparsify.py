@@ -4,6 +4,8 @@
         --json benchmarks/_work/train_vs_sparsify/results_480.json      # the 8-minute comparison (~40 min in all)
     .venv/bin/python benchmarks/train_vs_sparsify.py run --budget 900 --k 32,64 --threads 2 \
         --json benchmarks/_work/train_vs_sparsify/results_900.json      # the 15-minute one (the cache is reused)
+    ... --ct-read-point mlp_in --ct-opt auxk_alpha=0.03125 --ct-opt dead_tokens=16384
+                                       # ct_ray's recipe of RESULTS.md: BatchTopK on the MLP input, AuxK on
     ... --lambdas 0.04,0.028           # plus ct_ray's JumpReLU recipe at these λ (the first table)
     ... --sparsify-data live           # sparsify re-running SmolLM2 every step instead of reading the cache
     ... --ct-read-point mlp_in         # ct_ray reading the same point as sparsify
@@ -33,7 +35,8 @@ How each tool trains:
 - ct_ray: its trainer's own step (`ct_ray.train.shard.Shard.step`: loss, backward, clipping, fused Adam, sparse
   decoder) and data feed (`StoreFeed` over a ct_ray activation store written from the cache), in one process (the
   one-process path of `ct_ray.train.local`; Ray Train adds nothing with one worker). TopK / BatchTopK
-  (`--ct-activation`, k = the level) or JumpReLU with `--lambdas`. ct_ray's schedules are in steps; here the total
+  (`--ct-activation`, k = the level) or JumpReLU with `--lambdas`; `--ct-opt KEY=VALUE` sets any `OptimSpec` field
+  (AuxK: `auxk_alpha`, `dead_tokens`). ct_ray's schedules are in steps; here the total
   is re-estimated every step from the elapsed fraction of the budget, so the λ ramp and the final learning-rate
   decay follow wall time.
   Evaluated as exported: a JumpReLU with the thresholds ct_ray's export writes (`fvu_topk_codes_per_layer` in the
