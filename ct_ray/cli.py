@@ -313,9 +313,9 @@ def _cmd_train(args) -> int:
         print(f"reconstruction on {h['eval_positions']} held-out tokens: fvu={h['fvu']:.3f} l0={h['l0']:.1f} "
               f"dead={h['dead_frac']:.3f}")
     if "canary" in s:
-        c = s["canary"]
-        print(f"canary graphs ({c['canary_prompts']} prompts): replacement {c['replacement_score']:.3f}, "
-              f"completeness {c['completeness_score']:.3f}")
+        from .attribution.canary import canary_line
+
+        print(canary_line(s["canary"]))
     print(f"CLT written to {s['out']}")
     return 0
 

@@ -38,9 +38,9 @@ def run_demo(path: str | Path = "workflows/quickstart.yaml", address: str | None
         f = s["final"]
         print(f"      fvu {f['fvu']:.3f}, L0 {f['l0']:.1f}, harvest {s['harvest_s']:.0f} s, train {s['train_s']:.0f} s")
         if "canary" in s:
-            c = s["canary"]
-            print(f"      canary graphs ({c['canary_prompts']} prompts): replacement {c['replacement_score']:.3f}, "
-                  f"completeness {c['completeness_score']:.3f}")
+            from .attribution.canary import canary_line
+
+            print(f"      {canary_line(s['canary'])}")
     print(f"[2/4] sweep {spec.sweep.sweep_id!r}: attribution + pruning + perturbations -> {spec.sweep.storage.url}")
     r = run_sweep(spec.sweep, progress=progress)
     print(f"      {r.ok} attributed, {r.skipped} already done, {r.failed} failed, {r.perturbed} perturbation jobs "

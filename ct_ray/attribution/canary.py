@@ -17,3 +17,9 @@ def canary_scores(model, clt, prompts: list[str], attribution: dict) -> dict:
         comp.append(s["completeness_score"])
     mean = lambda v: sum(v) / len(v) if v else math.nan
     return {"replacement_score": mean(rep), "completeness_score": mean(comp), "canary_prompts": len(prompts)}
+
+
+def canary_line(c: dict) -> str:
+    """The one-line summary `ct-ray train` and the demo print."""
+    return (f"canary graphs ({c['canary_prompts']} prompts): replacement {c['replacement_score']:.3f}, "
+            f"completeness {c['completeness_score']:.3f}")

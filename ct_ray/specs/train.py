@@ -9,8 +9,8 @@ from pydantic import Field, model_validator
 from .base import Spec
 from .common import DEFAULT_MODEL
 
-# what `ct-ray train` attributes at the end (the nightly retraining's default canary prompts too): short factual,
-# antonym and counting prompts whose graphs users look at first
+# what `ct-ray train` attributes at the end (the same four prompts as workflows/nightly_retrain.yaml's canary): short
+# factual, antonym and counting prompts whose graphs users look at first
 DEFAULT_CANARY = ("The capital of France is", "The opposite of hot is", "1 2 3 4 5 6 7",
                   "The chemical symbol for gold is")
 
